@@ -1,0 +1,164 @@
+"""Backend dispatch: which implementation runs an op for the tensors at hand.
+
+Backends (../shared/DESIGN.md, "Layers"):
+  reference  pure PyTorch, always available, the ground truth
+  triton     Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set
+             before triton was imported (the interpreter: correctness, not speed)
+  cuda       the csrc CUDA kernels of regdrop_fast._C, CUDA tensors
+  cpu        the csrc C++ kernels of regdrop_fast._C, CPU tensors
+
+Choice per call: the `backend=` argument, else the REGDROP_FAST_BACKEND environment variable,
+else "auto". A backend named explicitly that cannot run raises BackendUnavailableError with the
+reason; "auto" picks the fastest one that can run and logs its fallback once per (op, reason).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "available",
+    "resolve",
+    "unavailable_reason",
+    "extension",
+]
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+ENV_VAR = "REGDROP_FAST_BACKEND"
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+_log = logging.getLogger("regdrop_fast")
+_logged_fallbacks: set = set()
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext "
+    "--inplace`) in an environment that has torch and a C++ compiler"
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says why."""
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return f"triton cannot be imported ({exc!r}); pip install 'triton>=3.4'"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_and_error():
+    try:
+        module = importlib.import_module("regdrop_fast._C")
+    except ImportError as exc:
+        return None, f"the C++ extension regdrop_fast._C is not built ({exc}); {BUILD_HINT}"
+    return module, None
+
+
+def extension():
+    """The compiled extension module, or raise BackendUnavailableError saying how to build it."""
+    module, error = _extension_and_error()
+    if module is None:
+        raise BackendUnavailableError(error)
+    return module
+
+
+def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """None if `name` can run tensors on `device` (any device if None), else the reason."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+    dev_type = None if device is None else torch.device(device).type
+    if name == "reference":
+        return None
+    if name == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if dev_type == "cpu" and not interpreter_enabled():
+            return ("triton runs CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
+                    "before triton is first imported")
+        if dev_type is None and not (interpreter_enabled() or torch.cuda.is_available()):
+            return "no CUDA device and TRITON_INTERPRET is not 1"
+        if dev_type not in (None, "cpu", "cuda"):
+            return f"triton backend does not run {dev_type} tensors"
+        return None
+    module, err = _extension_and_error()
+    if module is None:
+        return err
+    if name == "cpu":
+        if dev_type not in (None, "cpu"):
+            return f"the cpu backend runs CPU tensors, got {dev_type} tensors"
+        return None
+    # name == "cuda"
+    if not module.compiled_with_cuda():
+        return ("regdrop_fast._C was built without CUDA kernels (needs a CUDA build of torch and "
+                "nvcc at build time); rebuild on a CUDA machine: " + BUILD_HINT)
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    if dev_type not in (None, "cuda"):
+        return f"the cuda backend runs CUDA tensors, got {dev_type} tensors"
+    return None
+
+
+def available(device: Optional[torch.device] = None) -> list:
+    """Names of the backends that can run now (for tensors on `device`, if given)."""
+    return [name for name in BACKENDS if unavailable_reason(name, device) is None]
+
+
+def resolve(op: str, backend: Optional[str], device: torch.device,
+            implemented: Sequence[str] = BACKENDS) -> str:
+    """The backend that runs `op` on tensors of `device`.
+
+    `implemented` lists the backends this op has. Precedence: `backend` argument, then the
+    REGDROP_FAST_BACKEND environment variable, then auto.
+    """
+    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    requested = requested.strip().lower()
+    device = torch.device(device)
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(
+                f"backend must be one of {BACKENDS} or 'auto', got {requested!r}"
+                + ("" if backend is not None else f" (from ${ENV_VAR})"))
+        if requested not in implemented:
+            raise BackendUnavailableError(
+                f"{op} has no {requested!r} backend; it implements {tuple(implemented)}")
+        reason = unavailable_reason(requested, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {reason}")
+        return requested
+    order = _AUTO_ORDER.get(device.type, ("reference",))
+    skipped = []
+    for name in order:
+        if name not in implemented:
+            continue
+        reason = unavailable_reason(name, device)
+        if reason is None:
+            if skipped:
+                _log_fallback_once(op, name, skipped)
+            return name
+        skipped.append((name, reason))
+    raise BackendUnavailableError(f"{op}: no backend can run {device.type} tensors: {skipped}")
+
+
+def _log_fallback_once(op: str, chosen: str, skipped: Iterable) -> None:
+    key = (op, chosen, tuple(skipped))
+    if key in _logged_fallbacks:
+        return
+    _logged_fallbacks.add(key)
+    why = "; ".join(f"{name}: {reason}" for name, reason in skipped)
+    _log.warning("regdrop_fast: %s runs on the %r backend (%s)", op, chosen, why)

@@ -1,0 +1,89 @@
+"""Benchmark plumbing shared by benchmarks/bench_<op>.py and `regdrop-fast bench`.
+
+A bench script defines `run(ctx: BenchContext) -> None` and calls `ctx.record(...)` once per
+(implementation, case): baseline and ours measured in the same run, on the same device.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["BenchContext", "time_fn", "peak_memory_bytes"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
+            repeat: Optional[int] = None, budget_s: float = 0.5) -> dict:
+    """Median/p20/p80 wall time of fn() in milliseconds.
+
+    CUDA: triton.testing.do_bench (L2 flushed between runs). CPU: perf_counter over `repeat`
+    runs (default: as many as fit in `budget_s`, between 5 and 200)."""
+    if device.type == "cuda":
+        import triton.testing
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": med, "p20_ms": p20, "p80_ms": p80}
+    for _ in range(warmup):
+        fn()
+    if repeat is None:
+        start = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - start, 1e-6)
+        repeat = int(min(200, max(5, budget_s / once)))
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else samples * 9
+    return {"ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7]}
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak device memory allocated while fn() runs, above what was allocated before.
+
+    CUDA only (torch's caching allocator statistics); None on CPU, where torch keeps no
+    allocator statistics that could be reset per call."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+@dataclass
+class BenchContext:
+    """What a bench script gets: the device, the size regime and a sink for result rows."""
+
+    device: torch.device
+    quick: bool = False
+    rows: list = field(default_factory=list)
+
+    def measure(self, fn: Callable[[], object], **timing) -> dict:
+        result = time_fn(fn, self.device, **timing)
+        result["peak_mem_bytes"] = peak_memory_bytes(fn, self.device)
+        return result
+
+    def record(self, *, op: str, impl: str, baseline: str, case: str, dtype: str,
+               ms: float, bytes_moved: Optional[float] = None, flops: Optional[float] = None,
+               peak_mem_bytes: Optional[int] = None, **extra) -> dict:
+        """One result row. `impl` is what was timed, `baseline` the impl it is compared with
+        (equal to impl for the baseline's own row); bytes_moved/flops give GB/s and TFLOP/s."""
+        row = {"op": op, "impl": impl, "baseline": baseline, "case": case, "dtype": dtype,
+               "device": str(self.device), "ms": ms,
+               "gbps": None if bytes_moved is None else bytes_moved / (ms * 1e-3) / 1e9,
+               "tflops": None if flops is None else flops / (ms * 1e-3) / 1e12,
+               "peak_mem_bytes": peak_mem_bytes, **extra}
+        self.rows.append(row)
+        return row

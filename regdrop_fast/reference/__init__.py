@@ -1,0 +1,1 @@
+"""Pure-PyTorch references: the ground truth every kernel is tested against."""

@@ -1,0 +1,48 @@
+"""Test configuration: the Triton interpreter for CPU tensors, markers, device selection.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, before any
+test module imports regdrop_fast's kernels. Set REGDROP_TEST_DEVICE=cuda (gpu_check.sh does)
+to run the whole suite on CUDA tensors."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("REGDROP_TEST_DEVICE") == "cuda"
+                      else "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from regdrop_fast import backends  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    config.addinivalue_line("markers", "slow: long sweeps, excluded from `make test` by -m")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); "
+                                   "the same logic runs on CPU through the interpreter/C++ tests")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Device of the tensors under test: cpu (interpreter + C++), or cuda in gpu_check.sh."""
+    return torch.device(os.environ.get("REGDROP_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(scope="session")
+def kernel_backends(device):
+    """Non-reference backends that can run tensors of `device` here (triton, cpu, cuda)."""
+    return [name for name in backends.available(device) if name != "reference"]
+
+
+def require_backend(name: str, device) -> None:
+    """Skip (with the reason) when backend `name` cannot run on `device`."""
+    reason = backends.unavailable_reason(name, device)
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable: {reason}")
