@@ -1,0 +1,47 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv from scratch
+# (torch==2.13.0 is the CPU wheel on the CI machine's disk) and build the package in place.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.regdrop-installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test setup build pytest ctest check-cuda bench clean
+
+$(STAMP): requirements.txt setup.py pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Incremental (ninja) rebuild of regdrop_fast._C in place; the lock serializes parallel builds.
+build: setup
+	flock .build.lock $(PY) setup.py -q build_ext --inplace
+
+demo: build
+	HF_HUB_OFFLINE=1 $(VENV)/bin/regdrop-fast bench --quick --out bench_out
+
+test: build
+	$(MAKE) pytest
+	$(MAKE) ctest
+	$(MAKE) check-cuda
+
+pytest: build
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" -q tests
+
+# C++-only build of the core (no torch) and its tests.
+ctest:
+	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build cmake-build -j2
+	cd cmake-build && ctest --output-on-failure
+
+# nvcc compile-only pass over every csrc/*.cu (no GPU needed); skipped with a message without nvcc.
+check-cuda: setup
+	$(PY) tools/check_cuda.py
+
+bench: build
+	$(VENV)/bin/regdrop-fast bench --out bench_out
+
+clean:
+	rm -rf build cmake-build bench_out regdrop_fast/_C*.so .build.lock

@@ -1,0 +1,24 @@
+// The pybind11 module regdrop_fast._C. Ops register themselves with the dispatcher from their
+// own files (TORCH_LIBRARY_FRAGMENT(regdrop_fast, m) for schemas and CPU kernels,
+// TORCH_LIBRARY_IMPL(regdrop_fast, CUDA, m) in the .cu files) and are called as
+// torch.ops.regdrop_fast.<op>; importing this module loads them. This file only reports how
+// the module was built.
+#include <torch/extension.h>
+
+namespace {
+
+bool compiled_with_cuda() {
+#ifdef REGDROP_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "regdrop_fast C++/CUDA kernels (ops are registered under torch.ops.regdrop_fast)";
+  m.def("compiled_with_cuda", &compiled_with_cuda,
+        "True if the CUDA kernels (csrc/*.cu) were compiled into this module");
+}
