@@ -1,0 +1,158 @@
+"""Benchmark outputs: results.jsonl (appended), results.md and results.png (this run).
+
+Speedup = baseline ms / impl ms, both measured in the same run on the same device ("x faster";
+below 1 means slower). The PNG is drawn with matplotlib's Agg canvas directly, so no GUI
+backend and no global pyplot state are touched.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .runner import RunResult
+
+__all__ = ["add_speedups", "markdown", "plot", "write_outputs"]
+
+MIB = 1024 * 1024
+
+CPU_NOTE = (
+    "**CPU run.** Timed here: the PyTorch baselines, the pure-PyTorch reference and the C++ "
+    "(csrc) CPU kernels. Triton kernels run on CPU tensors only under the Triton interpreter "
+    "(TRITON_INTERPRET=1), a correctness tool: interpreter timings are NOT performance, so "
+    "Triton is not timed on CPU. GPU numbers come from `benchmarks/gpu_check.sh` on a CUDA "
+    "machine.")
+
+
+def _key(row: dict) -> tuple:
+    return row["op"], row["case"], row["dtype"]
+
+
+def add_speedups(rows: List[dict]) -> None:
+    """Set row["speedup"] = baseline ms / row ms from the baseline row of the same op, case and
+    dtype in these rows (None when that baseline was not measured)."""
+    by_impl = {(_key(r), r["impl"]): r for r in rows}
+    for row in rows:
+        base = by_impl.get((_key(row), row["baseline"]))
+        ok = base is not None and base["ms"] and row["ms"]
+        row["speedup"] = base["ms"] / row["ms"] if ok else None
+
+
+def _num(value: Optional[float], digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def _ms(row: dict) -> str:
+    text = _num(row["ms"], 4)
+    if row.get("p20_ms") is not None and row.get("p80_ms") is not None:
+        text += f" ({_num(row['p20_ms'], 3)}–{_num(row['p80_ms'], 3)})"
+    return text
+
+
+def _speedup(row: dict) -> str:
+    if row["impl"] == row["baseline"]:
+        return "baseline"
+    if row.get("speedup") is None:
+        return f"n/a ({row['baseline']} not measured)"
+    return f"{row['speedup']:.3g}x vs {row['baseline']}"
+
+
+def _mem(row: dict) -> str:
+    if row.get("peak_mem_bytes") is None:
+        return "n/a (CPU)" if row.get("device", "").startswith("cpu") else "n/a"
+    return f"{row['peak_mem_bytes'] / MIB:.1f} MiB"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _ops(rows: List[dict]) -> List[str]:
+    return list(dict.fromkeys(r["op"] for r in rows))
+
+
+def markdown(result: RunResult, device_type: str) -> str:
+    env = result.env
+    cuda = f" (CUDA {env['cuda_version']})" if env.get("cuda_version") else ""
+    lines = [
+        "# regdrop_fast benchmarks",
+        "",
+        f"- device: {device_type} — {env['device_name']}",
+        f"- torch {env['torch_version']}{cuda}, triton {env['triton_version'] or 'not installed'}, "
+        f"python {env['python_version']}",
+        f"- run {env['timestamp']}, {'quick' if env['quick'] else 'full'} sizes, benches: "
+        f"{', '.join(result.benches) or 'none'}",
+        "- ms: median (p20–p80) of many runs: triton.testing.do_bench on CUDA, perf_counter on "
+        "CPU; speedup = baseline ms / impl ms, measured in the same run (above 1 = faster); "
+        "GB/s = the bytes each bench counts (see its docstring) / median time",
+    ]
+    if device_type == "cpu":
+        lines.append(f"- CPU threads: {env.get('cpu_threads')}")
+        lines += ["", CPU_NOTE]
+    if not env.get("cpp_extension"):
+        lines += ["", "C++ extension regdrop_fast._C is not built: no `cpu`/`cuda` rows "
+                      "(build it with `make build`)."]
+    for op in _ops(result.rows):
+        lines += ["", f"## {op}", "",
+                  "| case | dtype | impl | ms (p20–p80) | speedup | GB/s | peak mem | notes |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in (r for r in result.rows if r["op"] == op):
+            cells = [row["case"], row["dtype"], row["impl"], _ms(row), _speedup(row),
+                     _num(row.get("gbps")), _mem(row), row.get("note") or ""]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if not result.rows:
+        lines += ["", "No results were recorded."]
+    if result.failures:
+        lines += ["", "## Failed benches", ""]
+        lines += [f"- `{f.bench}`: {_cell(f.error)} (traceback on stderr)"
+                  for f in result.failures]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[dict], path: Path, title: str) -> None:
+    """One panel per op: grouped bars of median ms, one bar per impl per (case, dtype)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ops = _ops(rows)
+    fig = Figure(figsize=(9, 3.6 * max(1, len(ops))), layout="constrained")
+    FigureCanvasAgg(fig)
+    if not ops:
+        fig.text(0.5, 0.5, "no results recorded", ha="center", va="center")
+    axes = fig.subplots(len(ops), 1, squeeze=False)[:, 0] if ops else []
+    for ax, op in zip(axes, ops):
+        op_rows = [r for r in rows if r["op"] == op]
+        groups = list(dict.fromkeys((r["case"], r["dtype"]) for r in op_rows))
+        impls = list(dict.fromkeys(r["impl"] for r in op_rows))
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            ms = {(r["case"], r["dtype"]): r["ms"] for r in op_rows if r["impl"] == impl}
+            xs = [i + (k - (len(impls) - 1) / 2) * width for i, g in enumerate(groups) if g in ms]
+            ax.bar(xs, [ms[g] for g in groups if g in ms], width, label=impl)
+        one_dtype = len({g[1] for g in groups}) == 1
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([c if one_dtype else f"{c}\n{d}" for c, d in groups], fontsize=8)
+        values = [r["ms"] for r in op_rows if r["ms"] and r["ms"] > 0]
+        if values and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+        ax.set_ylabel("ms (median, lower is better)")
+        ax.set_title(f"{op} — {title}", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def write_outputs(result: RunResult, out_dir: Path, device_type: str) -> Dict[str, Path]:
+    """Append rows to results.jsonl, (re)write results.md and results.png; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    add_speedups(result.rows)
+    paths = {"jsonl": out_dir / "results.jsonl", "md": out_dir / "results.md",
+             "png": out_dir / "results.png"}
+    with open(paths["jsonl"], "a", encoding="utf-8") as f:
+        for row in result.rows:
+            f.write(json.dumps(row, default=str) + "\n")
+    paths["md"].write_text(markdown(result, device_type), encoding="utf-8")
+    plot(result.rows, paths["png"], f"{device_type}: {result.env['device_name']}")
+    return paths

@@ -1,0 +1,163 @@
+"""Runs the bench scripts `benchmarks/bench_<op>.py`: discover, import by path, call `run(ctx)`.
+
+A bench that raises (on import or while running) is reported with its traceback and the others
+still run; the rows it recorded before failing are kept. Every row gets the run's environment
+(device name, torch/triton/python versions, timestamp, quick flag) so a results.jsonl that grows
+over many runs and machines stays self-describing.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .. import backends
+from . import BenchContext
+
+__all__ = ["BenchFailure", "RunResult", "find_benches", "select", "environment", "run_benches"]
+
+_BENCH_FILE = re.compile(r"^bench_(\w+)\.py$")
+
+
+@dataclass
+class BenchFailure:
+    bench: str
+    error: str  # one line: exception type and message
+    traceback: str
+
+
+@dataclass
+class RunResult:
+    env: dict
+    rows: List[dict] = field(default_factory=list)
+    failures: List[BenchFailure] = field(default_factory=list)
+    benches: List[str] = field(default_factory=list)
+
+
+def find_benches(bench_dir: Path) -> Dict[str, Path]:
+    """{op: path} for every bench_<op>.py directly in bench_dir, sorted by op."""
+    found = {}
+    for path in sorted(Path(bench_dir).iterdir()):
+        match = _BENCH_FILE.match(path.name)
+        if match and path.is_file():
+            found[match.group(1)] = path
+    return found
+
+
+def _cpu_model_name() -> str:
+    """The CPU's marketing name: /proc/cpuinfo, else lscpu, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except Exception:  # a missing or broken triton must not stop CPU benchmarks
+        return None
+    return getattr(triton, "__version__", None)
+
+
+def environment(device: torch.device, quick: bool) -> dict:
+    """Fields added to every row of this run."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_model_name()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "device_name": name,
+        "torch_version": torch.__version__,
+        "triton_version": _triton_version(),
+        "python_version": platform.python_version(),
+        "cuda_version": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "cpp_extension": backends.unavailable_reason("cpu") is None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "timestamp": now.isoformat(timespec="seconds"),
+        "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"),
+        "quick": bool(quick),
+    }
+
+
+def _load(op: str, path: Path):
+    name = f"regdrop_fast_bench_{op}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    # registered while it runs so dataclasses/pickling inside the script resolve its module
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    if not callable(getattr(module, "run", None)):
+        raise TypeError(f"{path} defines no run(ctx) function")
+    return module
+
+
+def run_benches(benches: Dict[str, Path], device: torch.device, quick: bool,
+                log=print) -> RunResult:
+    """Run each bench in order; failures are collected, never raised."""
+    result = RunResult(env=environment(device, quick), benches=list(benches))
+    for op, path in benches.items():
+        ctx = BenchContext(device=device, quick=quick)
+        start = time.perf_counter()
+        log(f"[bench] {op}: {path}")
+        try:
+            _load(op, path).run(ctx)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit from a script is a failure too, not our exit
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr, end="")
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+            result.failures.append(BenchFailure(op, error, tb))
+            log(f"[bench] {op}: FAILED after {time.perf_counter() - start:.1f} s ({error}); "
+                f"{len(ctx.rows)} row(s) recorded before the failure are kept")
+        else:
+            log(f"[bench] {op}: {len(ctx.rows)} row(s) in {time.perf_counter() - start:.1f} s")
+        finally:
+            sys.modules.pop(f"regdrop_fast_bench_{op}", None)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for row in ctx.rows:
+            result.rows.append({"bench": op, **row, **result.env})
+    return result
+
+
+def select(available: Dict[str, Path], ops: Optional[Sequence[str]]) -> Dict[str, Path]:
+    """The benches named by --ops (all when None), in the order given; ValueError on unknown."""
+    if not ops:
+        return dict(available)
+    unknown = [op for op in ops if op not in available]
+    if unknown:
+        raise ValueError(f"--ops: no bench_<op>.py for {unknown}; available: "
+                         f"{sorted(available) or 'none'}")
+    return {op: available[op] for op in dict.fromkeys(ops)}
