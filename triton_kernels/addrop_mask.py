@@ -1,0 +1,214 @@
+"""AD-DROP keep mask in Triton: attribution row, exact top-p threshold, Philox drop, bit packing.
+
+For each (batch b, head h, query row i) over the valid_len[b] real keys (semantics and the
+reference: regdrop_fast/reference/addrop.py):
+  B[i, j]   = dO[i]·V[j]  (tl.dot, fp32 accumulation; or read from an attribution tensor)
+  threshold = value at ascending index rank[b] = floor((1 − p)·valid_len[b]) of the real keys
+  keep[i,j] = real(j) AND (B[i,j] < threshold OR philox_word(b·H·Lq·Lk + h·Lq·Lk + i·Lk + j)
+              >= floor(q·2^32))
+and writes keep as bits [B,H,Lq,ceil(Lk/32)] int32 (bit j of word w = key 32w + j). drop="low"
+uses −B. No [B,H,Lq,Lk] float tensor is written.
+
+Exact selection: each score maps to an int32 sort key with the same order (fp32 bit pattern,
+negatives' magnitude bits flipped, −0 folded into +0); the rank-th smallest key is found by a
+32-step bisection on the key's bits (count of keys below each probe), then candidates are the
+keys >= it, so ties are included exactly like the sort-based reference.
+
+Two paths (constexpr RESIDENT): when the padded row fits one tile, a program computes its
+BLOCK_M rows' scores once and bisects in registers; otherwise it streams key tiles, recomputing
+each tile's scores (dO·Vᵀ or attribution loads) for each of the 33 passes.
+
+Memory traffic per (b,h): dO and V read once per BLOCK_M rows (resident; ×33 from L2 when
+streamed), key padding mask Lk bytes, mask written Lq·Lk/8 bytes. Attribution input instead:
+Lq·Lk·elt bytes read (×33 when streamed). Launch grid: (cdiv(Lq, BLOCK_M), B·H).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .philox import philox_word
+
+INT32_MAX: tl.constexpr = 2147483647
+SIGN_BIT: tl.constexpr = 2147483648
+BLOCK_M_ROWS = 16  # query rows per program (tl.dot needs at least 16)
+RESIDENT_MAX_ELEMS = 32768  # BLOCK_M x padded row held in registers by the resident path
+STREAM_BLOCK_N = 256  # key tile of the streamed path on GPU
+
+
+@triton.jit
+def mask_element_index(b, h, H, Lq, Lk, offs_m, offs_n):
+    """int64 flat index of elements (b, h, offs_m, offs_n) in [B,H,Lq,Lk]: the Philox index."""
+    row = (b * H + h) * Lq + offs_m.to(tl.int64)
+    return row[:, None] * Lk + offs_n[None, :]
+
+
+@triton.jit
+def _sort_key(score, DROP_LOW: tl.constexpr):
+    """int32 keys ordered like the fp32 scores (−score for DROP_LOW); −0 and +0 share a key."""
+    if DROP_LOW:
+        score = -score
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, offs_m, start_n,
+               s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
+               FROM_ATTR: tl.constexpr, HAS_KPM: tl.constexpr, DROP_LOW: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Sort keys [BLOCK_M, BLOCK_N] of one key tile (INT32_MAX where not a real key), the real-key
+    flags and the key offsets."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_k = offs_n < Lk
+    if FROM_ATTR:
+        ptrs = src_ptr + b * s_b + h * s_h + offs_m[:, None] * s_m + offs_n[None, :] * s_n
+        score = tl.load(ptrs, mask=(offs_m[:, None] < Lq) & in_k[None, :], other=0.0)
+        score = score.to(tl.float32)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        vt_ptrs = v_ptr + b * v_b + h * v_h + offs_n[None, :] * v_n + offs_d[:, None]
+        vt = tl.load(vt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)
+        score = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    real = in_k
+    if HAS_KPM:
+        flags = tl.load(kpm_ptr + b * kpm_b + offs_n, mask=in_k, other=0)
+        real = real & (flags != 0)
+    key = tl.where(real[None, :], _sort_key(score, DROP_LOW), INT32_MAX)
+    return key, real, offs_n
+
+
+@triton.jit
+def _store_keep_bits(words_ptr, key, real, thr, offs_m, offs_n, start_n, b, h, H, Lq, Lk, W,
+                     seed_lo, seed_hi, step, stream, drop_threshold,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """keep = real AND (key < thr OR word >= drop_threshold), packed 32 keys per int32 word."""
+    index = mask_element_index(b, h, H, Lq, Lk, offs_m, offs_n)
+    word = philox_word(seed_lo, seed_hi, index, step, stream)
+    spared = word.to(tl.int64) >= drop_threshold
+    keep = real[None, :] & ((key < thr[:, None]) | spared)
+    bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_N // 32, 32))
+    shifts = tl.arange(0, 32)
+    # distinct bits never carry, so the sum is the bitwise OR (bit 31 wraps to the sign bit)
+    packed = tl.sum(bits << shifts[None, None, :], axis=2)
+    offs_w = start_n // 32 + tl.arange(0, BLOCK_N // 32)
+    row = (b * H + h) * Lq + offs_m.to(tl.int64)
+    ptrs = words_ptr + row[:, None] * W + offs_w[None, :]
+    tl.store(ptrs, packed, mask=(offs_m[:, None] < Lq) & (offs_w[None, :] < W))
+
+
+@triton.jit
+def addrop_mask_kernel(
+    src_ptr,  # FROM_ATTR: attribution [B,H,Lq,Lk]; else dO [B,H,Lq,D] (last stride 1)
+    v_ptr,  # V [B,H,Lk,D] (last stride 1); unused when FROM_ATTR
+    kpm_ptr,  # uint8 [B,Lk], 1 = real key; unused unless HAS_KPM
+    rank_ptr,  # int32 [B]: ascending index of the threshold among the real keys
+    words_ptr,  # int32 [B,H,Lq,W] output bits, contiguous
+    s_b, s_h, s_m, s_n,  # strides of src (s_n unused for dO)
+    v_b, v_h, v_n,  # strides of V
+    kpm_b,  # row stride of the key padding mask
+    H, Lq, Lk, D, W,  # heads, query/key lengths, head dim, words per row
+    seed_lo, seed_hi, step, stream,  # Philox key halves, counter words 2 and 3
+    drop_threshold,  # floor(q * 2^32): a candidate is dropped iff its word is below it
+    FROM_ATTR: tl.constexpr,  # read B from an attribution tensor instead of dO·Vᵀ
+    HAS_KPM: tl.constexpr,  # a key padding mask is given
+    DROP_LOW: tl.constexpr,  # select the lowest attributions (bisect on −B)
+    RESIDENT: tl.constexpr,  # the whole padded row is one tile (BLOCK_N >= Lk)
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key tile (multiple of 32)
+    BLOCK_D: tl.constexpr,  # padded head dim (>= 16)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, so B is not computed in tf32
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rank = tl.load(rank_ptr + b)
+    drop_thr = tl.cast(drop_threshold, tl.int64)
+    if FROM_ATTR:
+        do = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        do_ptrs = src_ptr + b * s_b + h * s_h + offs_m[:, None] * s_m + offs_d[None, :]
+        do = tl.load(do_ptrs, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+    if RESIDENT:
+        key, real, offs_n = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, offs_m, 0,
+                                       s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
+                                       FROM_ATTR, HAS_KPM, DROP_LOW, BLOCK_N, BLOCK_D,
+                                       DOT_PRECISION)
+    # bisection on the key bits in the unsigned domain u = key + 2^31: the largest u with
+    # count(keys < u) <= rank is the rank-th smallest key
+    ans = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    for i in range(32):
+        probe = ans | (tl.full((BLOCK_M,), 1, tl.int64) << (31 - i))
+        probe_key = (probe - SIGN_BIT).to(tl.int32)
+        if RESIDENT:
+            below = tl.sum((key < probe_key[:, None]).to(tl.int32), axis=1)
+        else:
+            below = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for start_n in range(0, Lk, BLOCK_N):
+                tkey, _, _ = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, offs_m, start_n,
+                                        s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
+                                        FROM_ATTR, HAS_KPM, DROP_LOW, BLOCK_N, BLOCK_D,
+                                        DOT_PRECISION)
+                below += tl.sum((tkey < probe_key[:, None]).to(tl.int32), axis=1)
+        ans = tl.where(below <= rank, probe, ans)
+    thr = (ans - SIGN_BIT).to(tl.int32)
+    if RESIDENT:
+        _store_keep_bits(words_ptr, key, real, thr, offs_m, offs_n, 0, b, h, H, Lq, Lk, W,
+                         seed_lo, seed_hi, step, stream, drop_thr, BLOCK_M, BLOCK_N)
+    else:
+        for start_n in range(0, Lk, BLOCK_N):
+            tkey, treal, toffs = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, offs_m, start_n,
+                                            s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk,
+                                            D, FROM_ATTR, HAS_KPM, DROP_LOW, BLOCK_N, BLOCK_D,
+                                            DOT_PRECISION)
+            _store_keep_bits(words_ptr, tkey, treal, thr, offs_m, toffs, start_n, b, h, H, Lq,
+                             Lk, W, seed_lo, seed_hi, step, stream, drop_thr, BLOCK_M, BLOCK_N)
+
+
+def keep_mask_bits(attr, v, key_padding_mask, rank, drop_threshold: int, seed: int, step: int,
+                   stream: int, drop_low: bool, block_n=None) -> torch.Tensor:
+    """Launcher: int32 bits [B,H,Lq,ceil(Lk/32)].
+
+    attr: a [B,H,Lq,Lk] attribution tensor (v None) or dO [B,H,Lq,D] with v [B,H,Lk,D] (last
+    stride 1, same dtype); key_padding_mask: uint8/bool [B,Lk] or None; rank: int32 [B];
+    drop_threshold = floor(q·2^32). block_n forces the streamed path with that key tile (tests)."""
+    from_attr = v is None
+    if from_attr:
+        batch, heads, lq, lk = attr.shape
+        d = 1
+        s_b, s_h, s_m, s_n = attr.stride()
+        v_b = v_h = v_n = 0
+        v = attr
+    else:
+        batch, heads, lq, d = attr.shape
+        lk = v.shape[2]
+        s_b, s_h, s_m, s_n = attr.stride()
+        v_b, v_h, v_n, _ = v.stride()
+    n_words = triton.cdiv(lk, 32)
+    words = torch.empty(batch, heads, lq, n_words, dtype=torch.int32, device=attr.device)
+    if words.numel() == 0:
+        return words
+    lk_pad = max(32, triton.next_power_of_2(lk))
+    resident = block_n is None and BLOCK_M_ROWS * lk_pad <= RESIDENT_MAX_ELEMS
+    tile_n = lk_pad if resident else (block_n or STREAM_BLOCK_N)
+    if tile_n % 32:
+        raise ValueError(f"block_n must be a multiple of 32, got {tile_n}")
+    has_kpm = key_padding_mask is not None
+    kpm = key_padding_mask.view(torch.uint8) if has_kpm else rank
+    kpm_b = key_padding_mask.stride(0) if has_kpm else 0
+    precision = "ieee" if attr.dtype == torch.float32 else "tf32"
+    elems = BLOCK_M_ROWS * tile_n
+    num_warps = 8 if elems >= 16384 else 4
+    grid = (triton.cdiv(lq, BLOCK_M_ROWS), batch * heads)
+    addrop_mask_kernel[grid](
+        attr, v, kpm, rank, words,
+        s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b,
+        heads, lq, lk, d, n_words,
+        seed & 0xFFFFFFFF, seed >> 32, step, stream, drop_threshold,
+        FROM_ATTR=from_attr, HAS_KPM=has_kpm, DROP_LOW=drop_low, RESIDENT=resident,
+        BLOCK_M=BLOCK_M_ROWS, BLOCK_N=tile_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        DOT_PRECISION=precision, num_warps=num_warps)
+    return words
