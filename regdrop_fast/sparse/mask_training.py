@@ -1,0 +1,147 @@
+"""Mask training (REFERENCE.md, Sparse & robust): frozen pre-trained weights, trainable scores.
+
+Keep iff score > φ. Initialization per matrix (or over all target matrices, scope="global"):
+  hard  the smallest-|W| fraction s gets score 0, the rest 2φ, threshold φ (φ = 0.01)
+  soft  score = |W|, φ = the kth smallest score, k = round(s·n)
+φ is reset to the kth value of the scores at the current target sparsity every `interval`
+steps (official Δt), or every step with `topk_every_step=True`. Target sparsity follows the
+cubic schedule s_t = s_f + (s_i − s_f)(1 − (t − t0)/(t_f − t0))³ (constant s_f without a
+schedule). Scores get dScore = dW_eff ⊙ W (straight-through) from the masked linear.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from .._checks import check_int, check_prob
+from .prepare import masked_modules, prepare
+
+__all__ = ["cubic_sparsity", "kth_threshold", "MaskTrainer"]
+
+
+def _check_sparsity(name: str, value) -> float:
+    return check_prob(name, value, low_open=False, high_open=True)
+
+
+def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int) -> float:
+    """Cubic gradual sparsity: `initial` until `start`, `final` from `end` on."""
+    initial = _check_sparsity("initial", initial)
+    final = _check_sparsity("final", final)
+    if end <= start:
+        raise ValueError(f"end must be > start, got start={start}, end={end}")
+    if step <= start:
+        return initial
+    if step >= end:
+        return final
+    return final + (initial - final) * (1.0 - (step - start) / (end - start)) ** 3
+
+
+def _num_pruned(sparsity: float, n: int) -> int:
+    return min(n, int(sparsity * n + 0.5))
+
+
+def kth_threshold(values: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """fp32 [1] threshold φ with round(sparsity·n) of `values` at or below it (the kth smallest;
+    -inf when nothing is pruned), so `values > φ` keeps the rest when values are distinct."""
+    flat = values.detach().reshape(-1).float()
+    k = _num_pruned(sparsity, flat.numel())
+    if k == 0:
+        return torch.full((1,), float("-inf"), device=flat.device)
+    return flat.kthvalue(k).values.reshape(1)
+
+
+class MaskTrainer:
+    """Initializes the scores of a model and keeps φ on the sparsity schedule.
+
+    Call `step()` once per optimizer step (after `optimizer.step()`). The scores to optimize
+    are `parameters()` (AdamW, weight decay 0, the fine-tuning lr in the paper).
+
+    sparsity: final target s_f in [0, 1). initial_sparsity: s_i of the cubic schedule (default
+    s_f: no schedule), also the sparsity of the initialization. start/end: t0/t_f of the
+    schedule (end required when s_i != s_f). interval: Δt between φ resets (steps).
+    scope: "local" (φ per matrix) or "global" (one φ over all target matrices).
+    """
+
+    def __init__(self, model: nn.Module, sparsity: float, *, targets: Optional[Iterable[str]] = None,
+                 initial_sparsity: Optional[float] = None, init: str = "hard", phi: float = 0.01,
+                 scope: str = "local", interval: int = 1, topk_every_step: bool = False,
+                 start: int = 0, end: Optional[int] = None, backend: Optional[str] = None,
+                 freeze: bool = True):
+        self.final = _check_sparsity("sparsity", sparsity)
+        self.initial = (self.final if initial_sparsity is None
+                        else _check_sparsity("initial_sparsity", initial_sparsity))
+        if init not in ("hard", "soft"):
+            raise ValueError(f"init must be 'hard' or 'soft', got {init!r}")
+        if scope not in ("local", "global"):
+            raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
+        if not phi > 0:
+            raise ValueError(f"phi must be > 0, got {phi}")
+        self.interval = check_int("interval", interval, 1, 2**62)
+        self.start = check_int("start", start, 0, 2**62)
+        if self.initial != self.final and end is None:
+            raise ValueError("end (t_f of the cubic schedule) is required when initial_sparsity "
+                             "differs from sparsity")
+        self.end = None if end is None else check_int("end", end, self.start + 1, 2**62)
+        self.scope, self.topk_every_step = scope, topk_every_step
+        prepare(model, targets, kind="scores", backend=backend, freeze=freeze)
+        self.modules = {n: m for n, m in masked_modules(model).items() if m.kind == "scores"}
+        self.t = 0
+        self._initialize(init, float(phi))
+
+    def parameters(self) -> list:
+        return [m.mask_scores for m in self.modules.values()]
+
+    def sparsity_at(self, step: int) -> float:
+        if self.end is None:
+            return self.final
+        return cubic_sparsity(step, self.initial, self.final, self.start, self.end)
+
+    @torch.no_grad()
+    def _initialize(self, init: str, phi: float) -> None:
+        magnitudes = {n: m.weight.detach().abs().float() for n, m in self.modules.items()}
+        for name, mag in magnitudes.items():
+            if torch.isnan(mag).any():
+                raise ValueError(f"weight of {name} contains NaN")
+        if init == "soft":
+            for name, module in self.modules.items():
+                module.mask_scores.copy_(magnitudes[name])
+            self.reset_thresholds(self.initial)
+            return
+        cuts = self._cuts(magnitudes, self.initial)
+        for name, module in self.modules.items():
+            module.mask_scores.copy_(torch.where(magnitudes[name] > cuts[name], 2.0 * phi, 0.0))
+            module.mask_threshold.fill_(phi)
+
+    def _cuts(self, values: dict, sparsity: float) -> dict:
+        if self.scope == "global":
+            phi = kth_threshold(torch.cat([v.reshape(-1) for v in values.values()]), sparsity)
+            return {name: phi for name in values}
+        return {name: kth_threshold(v, sparsity) for name, v in values.items()}
+
+    @torch.no_grad()
+    def reset_thresholds(self, sparsity: Optional[float] = None) -> float:
+        """Set φ to the kth value of the scores at `sparsity` (default: the schedule's now)."""
+        sparsity = self.sparsity_at(self.t) if sparsity is None else _check_sparsity(
+            "sparsity", sparsity)
+        scores = {n: m.mask_scores.detach() for n, m in self.modules.items()}
+        for name, s in scores.items():
+            if torch.isnan(s).any():
+                raise ValueError(f"mask scores of {name} contain NaN")
+        for name, phi in self._cuts(scores, sparsity).items():
+            self.modules[name].mask_threshold.copy_(phi)
+        return sparsity
+
+    def step(self) -> bool:
+        """Advance one step; reset φ if this step is on the Δt grid (or always with top-k).
+        Returns whether φ was reset."""
+        self.t += 1
+        if self.topk_every_step or (self.t - self.start) % self.interval == 0:
+            self.reset_thresholds()
+            return True
+        return False
+
+    def sparsity(self) -> dict:
+        """{name: fraction of pruned weights} under the current thresholds."""
+        return {n: 1.0 - m.keep_mask().float().mean().item() for n, m in self.modules.items()}
