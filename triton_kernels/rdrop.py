@@ -1,0 +1,244 @@
+"""R-Drop loss in Triton: CE of both passes + symmetric KL, loss and both gradients in one call.
+
+Per row r (V classes, label y, P_i = softmax(z_i), D = z1 - z2, a = alpha / 2):
+    E1 = E_P1[D],  E2 = E_P2[-D]                      (then KL12 + KL21 = E1 + E2)
+    loss_r = ce * (lse1 - z1[y] + lse2 - z2[y]) + a * (E1 + E2)
+    dL/dz1 = ce * (P1 - onehot(y)) + a * ((P1 - P2) + P1 * (D - E1))
+    dL/dz2 = ce * (P2 - onehot(y)) + a * ((P2 - P1) + P2 * (-D - E2))
+(the REFERENCE.md form P1 * (logP1 - logP2 - KL12) with the lse terms cancelled: D - E1 needs no
+lse, so logits of 1e4 lose no digits to cancellation against lse). Gradients are multiplied by a
+per-row weight w_r: `scale` (1/n_valid for "mean", 1 otherwise) on rows that count, 0 on rows
+labelled ignore_index.
+
+rdrop_fwd_kernel, grid cdiv(N, BLOCK_N): a program owns BLOCK_N rows. Pass 1 runs online over
+V blocks: running max m, s = sum exp(z - m) and t = sum exp(z - m) * D for both logits (fp32).
+Pass 2 (NEED_GRAD) walks the row again and writes both gradients in the gradient dtype; when V
+fits one block (ONE_BLOCK) it reuses the registers of pass 1, otherwise it re-reads the row
+(mostly from L2 on a GPU). Bytes: 2 reads + 2 writes per element of [N, V] in the logits' dtype
+(+ a re-read of both when V > one block), 4 B/row of fp32 loss, nothing [N, V] in fp32. The
+gradient buffers may alias the logits (the fused-linear form overwrites its chunk of logits).
+
+rdrop_scale_grads_kernel, grid (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)): the backward. Multiplies the
+saved gradients in place by grad_output (a scalar, or one value per row); a tile whose
+grad_output is exactly 1 (the usual `loss.backward()`) is skipped on the device, so the common
+backward moves no [N, V] bytes and needs no host sync.
+
+Non-finite logits are not checked here (that needs a host sync: see `check_finite` in
+regdrop_fast.rdrop): a row with +-inf or NaN gets a NaN loss and NaN gradients, never a finite
+wrong value. A label outside [0, V) that is not ignore_index also gives that row a NaN loss and
+NaN gradients (the label is never used as an address).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .utils import calculate_settings
+
+MAX_BLOCK_V = 4096  # columns of one block: 2 fp32 tiles of it stay in registers in pass 2
+MAX_TILE = 4096  # rows * columns of one program's tile when V is small
+
+
+@triton.jit
+def _load_pair(z1_row, z2_row, rows_c, cols, n_cols):
+    """A [BLOCK_N, BLOCK_V] block of both logits in fp32 (-inf past V) and D = z1 - z2 (0 past
+    V, computed from the zero-filled loads so no inf - inf is ever formed)."""
+    mask = (rows_c[:, None] >= 0) & (cols[None, :] < n_cols)
+    r1 = tl.load(z1_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r2 = tl.load(z2_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.where(mask, r1, float("-inf"))
+    x2 = tl.where(mask, r2, float("-inf"))
+    return x1, x2, r1 - r2
+
+
+@triton.jit
+def _online_update(m, s, t, x, d):
+    """Fold a block into the running (max, sum exp, sum exp * d) of each row."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    e = tl.exp(x - m_new[:, None])
+    c = tl.exp(m - m_new)
+    return m_new, s * c + tl.sum(e, axis=1), t * c + tl.sum(e * d, axis=1)
+
+
+@triton.jit
+def _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w, alpha_half,
+                HAS_CE: tl.constexpr):
+    """Both gradient tiles of a block (fp32), weighted per row by w."""
+    p1 = tl.exp(x1 - m1[:, None]) * inv_s1[:, None]
+    p2 = tl.exp(x2 - m2[:, None]) * inv_s2[:, None]
+    g1 = alpha_half * ((p1 - p2) + p1 * (d - e1[:, None]))
+    g2 = alpha_half * ((p2 - p1) - p2 * (d + e2[:, None]))
+    if HAS_CE:
+        hit = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+        g1 += p1 - hit
+        g2 += p2 - hit
+    return g1 * w[:, None], g2 * w[:, None]
+
+
+@triton.jit
+def rdrop_fwd_kernel(
+    z1_ptr, z2_ptr,  # logits [N, V], last-dim stride 1
+    g1_ptr, g2_ptr,  # gradient outputs [N, V] (may alias z1_ptr / z2_ptr)
+    labels_ptr,  # int32/int64 [N] (unused without HAS_LABELS)
+    loss_ptr,  # fp32 [N]: per-row loss, 0 on ignored rows
+    scale_ptr,  # fp32 [1]: gradient weight of a counted row (1/n_valid for "mean")
+    z1_stride, z2_stride, g1_stride, g2_stride,  # row strides in elements
+    n_rows, n_cols,  # N, V
+    alpha_half,  # alpha / 2
+    ignore_index,  # label of rows that count for nothing
+    HAS_LABELS: tl.constexpr,  # labels given: CE targets and ignore_index
+    HAS_CE: tl.constexpr,  # add the two cross-entropy terms
+    NEED_GRAD: tl.constexpr,  # write the gradients (pass 2)
+    ONE_BLOCK: tl.constexpr,  # V <= BLOCK_V: the whole row stays in registers
+    BLOCK_N: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # columns per block
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    rows_c = tl.minimum(rows, n_rows - 1)  # tail rows read a real row, never store
+    cols0 = tl.arange(0, BLOCK_V)
+    z1_row = z1_ptr + rows_c * z1_stride
+    z2_row = z2_ptr + rows_c * z2_stride
+
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + rows_c).to(tl.int64)
+        valid = row_ok & (y != ignore_index)
+    else:
+        y = tl.zeros([BLOCK_N], dtype=tl.int64)
+        valid = row_ok
+    label_ok = (y >= 0) & (y < n_cols)
+    bad = valid & (label_ok == 0)  # only meaningful with HAS_CE
+
+    m1 = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m2 = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if ONE_BLOCK:
+        x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols0, n_cols)
+        m1, s1, t1 = _online_update(m1, s1, t1, x1, d)
+        m2, s2, t2 = _online_update(m2, s2, t2, x2, -d)
+    else:
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + cols0
+            x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols, n_cols)
+            m1, s1, t1 = _online_update(m1, s1, t1, x1, d)
+            m2, s2, t2 = _online_update(m2, s2, t2, x2, -d)
+
+    inv_s1 = 1.0 / s1
+    inv_s2 = 1.0 / s2
+    e1 = t1 * inv_s1  # E_P1[z1 - z2]
+    e2 = t2 * inv_s2  # E_P2[z2 - z1]
+    row = alpha_half * (e1 + e2)
+    if HAS_CE:
+        take = valid & label_ok
+        zy1 = tl.load(z1_row + y, mask=take, other=0.0).to(tl.float32)
+        zy2 = tl.load(z2_row + y, mask=take, other=0.0).to(tl.float32)
+        row += (m1 - zy1 + tl.log(s1)) + (m2 - zy2 + tl.log(s2))
+    row = tl.where(valid, row, 0.0)
+    if HAS_CE:
+        row = tl.where(bad, float("nan"), row)
+    tl.store(loss_ptr + rows, row, mask=row_ok)
+
+    if NEED_GRAD:
+        w = tl.where(valid, tl.load(scale_ptr), 0.0)
+        if HAS_CE:
+            w = tl.where(bad, float("nan"), w)
+        g1_row = g1_ptr + rows * g1_stride
+        g2_row = g2_ptr + rows * g2_stride
+        if ONE_BLOCK:
+            g1, g2 = _grad_block(x1, x2, d, cols0, m1, inv_s1, m2, inv_s2, e1, e2, y, w,
+                                 alpha_half, HAS_CE)
+            smask = row_ok[:, None] & (cols0[None, :] < n_cols)
+            tl.store(g1_row[:, None] + cols0[None, :], g1.to(g1_ptr.dtype.element_ty), mask=smask)
+            tl.store(g2_row[:, None] + cols0[None, :], g2.to(g2_ptr.dtype.element_ty), mask=smask)
+        else:
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + cols0
+                x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols, n_cols)
+                g1, g2 = _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w,
+                                     alpha_half, HAS_CE)
+                smask = row_ok[:, None] & (cols[None, :] < n_cols)
+                tl.store(g1_row[:, None] + cols[None, :], g1.to(g1_ptr.dtype.element_ty), mask=smask)
+                tl.store(g2_row[:, None] + cols[None, :], g2.to(g2_ptr.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def rdrop_scale_grads_kernel(
+    g1_ptr, g2_ptr,  # saved gradients [N, V], scaled in place
+    go_ptr,  # grad_output: one fp value ([] or [N])
+    g1_stride, g2_stride,  # row strides
+    go_stride,  # 0 for a scalar grad_output, else its row stride
+    n_rows, n_cols,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n_rows
+    go = tl.load(go_ptr + rows * go_stride, mask=row_ok, other=1.0).to(tl.float32)
+    if tl.max(tl.where(go != 1.0, 1, 0), axis=0) > 0:
+        mask = row_ok[:, None] & (cols[None, :] < n_cols)
+        p1 = g1_ptr + rows[:, None] * g1_stride + cols[None, :]
+        p2 = g2_ptr + rows[:, None] * g2_stride + cols[None, :]
+        a = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p1, (a * go[:, None]).to(g1_ptr.dtype.element_ty), mask=mask)
+        b = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p2, (b * go[:, None]).to(g2_ptr.dtype.element_ty), mask=mask)
+
+
+def _tile(n_rows: int, n_cols: int, block_v=None):
+    """(BLOCK_N, BLOCK_V, num_warps): small-V rows are packed BLOCK_N to a program while
+    keeping >= ~512 programs for parallelism; long rows get one program each."""
+    if block_v is None:
+        block_v, num_warps = calculate_settings(n_cols, MAX_BLOCK_V)
+    else:
+        if block_v < 1 or block_v & (block_v - 1):
+            raise ValueError(f"block_v must be a power of two, got {block_v}")
+        num_warps = calculate_settings(block_v, block_v)[1]
+    block_n = max(1, min(MAX_TILE // block_v, triton.next_power_of_2(triton.cdiv(n_rows, 512))))
+    if block_n * block_v >= 2048:
+        num_warps = max(num_warps, 8 if block_n * block_v >= 4096 else 4)
+    return block_n, block_v, num_warps
+
+
+def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, scale, need_grad, g1=None, g2=None,
+                  block_v=None):
+    """Launch the fused forward on 2-D logits [N, V] (last-dim stride 1).
+
+    labels: int [N] or None. scale: fp32 tensor [1] on the device (gradient weight of a counted
+    row). g1/g2: gradient outputs (default: new tensors like the logits; pass z1/z2 to write
+    in place). Returns (row_loss fp32 [N], g1, g2); g1/g2 are None without need_grad."""
+    n_rows, n_cols = z1.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=z1.device)
+    if need_grad:
+        g1 = torch.empty_like(z1) if g1 is None else g1
+        g2 = torch.empty_like(z2) if g2 is None else g2
+    block_n, block_v, num_warps = _tile(n_rows, n_cols, block_v)
+    has_labels = labels is not None
+    grid = (triton.cdiv(n_rows, block_n),)
+    rdrop_fwd_kernel[grid](
+        z1, z2, g1 if need_grad else z1, g2 if need_grad else z2,
+        labels if has_labels else loss, loss, scale,
+        z1.stride(0), z2.stride(0),
+        g1.stride(0) if need_grad else 0, g2.stride(0) if need_grad else 0,
+        n_rows, n_cols, float(alpha) * 0.5, int(ignore_index),
+        HAS_LABELS=has_labels, HAS_CE=bool(ce and has_labels), NEED_GRAD=bool(need_grad),
+        ONE_BLOCK=n_cols <= block_v, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
+    return loss, (g1 if need_grad else None), (g2 if need_grad else None)
+
+
+def rdrop_scale_grads_(g1, g2, grad_output):
+    """g1, g2 *= grad_output in place (scalar or per-row [N]); tiles with grad_output == 1 are
+    skipped on the device."""
+    n_rows, n_cols = g1.shape
+    go = grad_output.reshape(-1)
+    go_stride = 0 if go.numel() == 1 else go.stride(0)
+    block_v = min(triton.next_power_of_2(n_cols), MAX_BLOCK_V)
+    block_n = max(1, min(MAX_TILE // block_v, triton.next_power_of_2(n_rows)))
+    num_warps = calculate_settings(block_n * block_v, MAX_TILE)[1]
+    grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_v))
+    rdrop_scale_grads_kernel[grid](g1, g2, go, g1.stride(0), g2.stride(0), go_stride,
+                                   n_rows, n_cols, BLOCK_N=block_n, BLOCK_V=block_v,
+                                   num_warps=num_warps)
+    return g1, g2
