@@ -1,0 +1,128 @@
+"""Attention under an AD-DROP keep mask: `masked_attention(q, k, v, keep=None, ...)`.
+
+  O = dropout(softmax(scale·Q·Kᵀ + mask)) · V,   q/k/v [B,H,L,D] -> O [B,H,Lq,D]
+where positions whose keep bit is 0, pad keys and False entries of a bool mask get −inf; a row
+with nothing left gives O = 0 and zero gradients (never NaN). Differentiable w.r.t. q, k, v
+(not the masks). The triton backend is flash-attention style: no L² tensor in memory, only O
+and the row logsumexp are saved.
+
+Masks: `keep` a PackedMask [B,H,Lq,Lk] (1 = keep, from `keep_mask`); `attn_mask` either bool
+[B,Lk] key padding (True = attend, the HF attention_mask convention) or a 4-D bool (True =
+attend) or additive float mask broadcastable to [B,H,Lq,Lk] ([B,1|H,Lq|1,Lk]).
+
+Attention-probability dropout (dropout_p > 0): probability (b,h,i,j) is kept iff
+philox_words(seed, b·H·Lq·Lk + h·Lq·Lk + i·Lk + j, step, stream) < floor((1 − dropout_p)·2^32)
+and kept ones are scaled by 1/(1 − dropout_p); the softmax normalizer is the undropped one. The
+backward pass regenerates the same decisions from (seed, step, stream).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends
+from .._checks import UINT32_MAX, UINT64_MAX, check_int, check_prob, check_tensor
+from ..masks import PackedMask, unpack_mask
+from ..reference import addrop as _ref
+
+__all__ = ["masked_attention"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _MaskedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, keep_words, kpm, am, scale, dropout_p, seed, step, stream):
+        from ..triton_kernels import masked_attention as _tk
+        masks = _tk.MaskArgs(keep_words, kpm, am, q)
+        out, lse = _tk.masked_attention_forward(q, k, v, masks, scale, dropout_p, seed, step,
+                                                stream)
+        ctx.save_for_backward(q, k, v, out, lse, keep_words, kpm, am)
+        ctx.config = (scale, dropout_p, seed, step, stream)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from ..triton_kernels import masked_attention as _tk
+        q, k, v, out, lse, keep_words, kpm, am = ctx.saved_tensors
+        masks = _tk.MaskArgs(keep_words, kpm, am, q)
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        dq, dk, dv = _tk.masked_attention_backward(grad_out, q, k, v, out, lse, masks,
+                                                   *ctx.config)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _split_attn_mask(attn_mask, shape, device):
+    """(key padding bool [B,Lk] or None, 4-D mask broadcast to [B,H,Lq,Lk] or None)."""
+    if attn_mask is None:
+        return None, None
+    check_tensor("attn_mask", attn_mask, ndim=(2, 4), device=device)
+    batch, heads, lq, lk = shape
+    if attn_mask.dim() == 2:
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(f"a 2-D attn_mask is a key padding mask and must be bool [B, Lk], "
+                            f"got {attn_mask.dtype}")
+        if tuple(attn_mask.shape) != (batch, lk):
+            raise ValueError(f"a 2-D attn_mask must have shape [B, Lk] = {(batch, lk)}, got "
+                             f"{tuple(attn_mask.shape)}")
+        return attn_mask, None
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    for size, full, name in zip(attn_mask.shape, shape, ("B", "H", "Lq", "Lk")):
+        if size not in (1, full):
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                             f"to [B,H,Lq,Lk] = {tuple(shape)} (dim {name})")
+    return None, attn_mask.expand(shape)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     keep: Optional[PackedMask] = None, attn_mask: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None, dropout_p: float = 0.0, seed: int = 0,
+                     step: int = 0, stream: int = 0, backend: Optional[str] = None):
+    """Attention [B,H,Lq,D] with the AD-DROP keep mask (see the module docstring).
+
+    scale defaults to D^-0.5; dropout_p in [0, 1); seed in [0, 2^64), step and stream in
+    [0, 2^32) name the dropout's Philox stream (independent of the mask's)."""
+    check_tensor("q", q, dtypes=_FLOATS, ndim=4)
+    check_tensor("k", k, dtypes=_FLOATS, ndim=4, device=q.device)
+    check_tensor("v", v, dtypes=_FLOATS, ndim=4, device=q.device)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, heads, lq, d = q.shape
+    lk = k.shape[2]
+    if k.shape != (batch, heads, lk, d) or v.shape != k.shape:
+        raise ValueError(f"k and v must be [B,H,Lk,D] with B,H,D of q {tuple(q.shape)}, got k "
+                         f"{tuple(k.shape)} and v {tuple(v.shape)}")
+    if min(batch, heads, lq, lk, d) == 0:
+        raise ValueError(f"q, k, v must be non-empty (empty batch, heads, length or head dim), "
+                         f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    shape = (batch, heads, lq, lk)
+    if keep is not None:
+        if not isinstance(keep, PackedMask):
+            raise TypeError(f"keep must be a PackedMask (from keep_mask) or None, got "
+                            f"{type(keep).__name__}")
+        if tuple(keep.shape) != shape:
+            raise ValueError(f"keep must have shape [B,H,Lq,Lk] = {shape}, got "
+                             f"{tuple(keep.shape)}")
+        if keep.device != q.device:
+            raise ValueError(f"keep must be on {q.device}, got {keep.device}")
+    kpm, am = _split_attn_mask(attn_mask, shape, q.device)
+    if scale is None:
+        scale = d ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    dropout_p = check_prob("dropout_p", dropout_p, low_open=False, high_open=True)
+    seed = check_int("seed", seed, 0, UINT64_MAX)
+    step = check_int("step", step, 0, UINT32_MAX)
+    stream = check_int("stream", stream, 0, UINT32_MAX)
+    name = backends.resolve("masked_attention", backend, q.device,
+                            implemented=("reference", "triton"))
+    if name == "reference":
+        dense = None if keep is None else unpack_mask(keep, backend="reference")
+        return _ref.masked_attention(q, k, v, dense, attn_mask, float(scale), dropout_p, seed,
+                                     step, stream)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    keep_words = None if keep is None else keep.words.contiguous()
+    return _MaskedAttention.apply(q, k, v, keep_words, kpm, am, float(scale), dropout_p, seed,
+                                  step, stream)
