@@ -1,0 +1,177 @@
+"""Fused masked linear (triton_kernels/masked_linear.py) vs the reference F.linear(x, W*M, b)."""
+import pytest
+import torch
+
+from conftest import require_backend
+from regdrop_fast.masks import pack_mask
+from regdrop_fast.reference import masked_linear as ref
+from regdrop_fast.sparse import masked_linear
+
+SHAPES = [  # (leading dims of x, out N, in K): none a multiple of the 32-wide interpreter tiles
+    ((37,), 45, 70),
+    ((2, 5), 33, 100),
+    ((1,), 1, 1),
+]
+
+
+def _inputs(lead, n, k, device, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g).to(device)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(device)
+    b = torch.randn(n, generator=g).to(device)
+    scores = torch.randn(n, k, generator=g).to(device)
+    phi = 0.2
+    keep = scores > phi
+    keep[n // 2] = False  # an all-pruned row
+    if kind == "packed":
+        return x, w, b, pack_mask(keep.cpu(), backend="reference").to(device), None
+    scores[n // 2] = phi - 1.0
+    return x, w, b, scores, phi
+
+
+def _run(backend, x, w, b, mask, phi, dy, train_w=True):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(train_w)
+    b = b.clone().requires_grad_(True)
+    leaves = [x, w, b]
+    if isinstance(mask, torch.Tensor):
+        mask = mask.clone().requires_grad_(True)
+        leaves.append(mask)
+    y = masked_linear(x, w, mask, b, threshold=phi, backend=backend)
+    need = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(y, need, dy)
+    return y, dict(zip([id(t) for t in need], grads)), leaves
+
+
+def _ref64(x, w, b, mask, phi, dy):
+    """float64 reference outputs and grads (x, w, b[, scores])."""
+    leaves = [t.double().requires_grad_(True) for t in (x, w, b)]
+    kwargs = {}
+    if isinstance(mask, torch.Tensor):
+        s = mask.double().requires_grad_(True)
+        leaves.append(s)
+        kwargs = {"scores": s, "threshold": phi}
+    else:
+        kwargs = {"words": mask.words}
+    y = ref.masked_linear(leaves[0], leaves[1], bias=leaves[2], **kwargs)
+    return (y,) + torch.autograd.grad(y, leaves, dy.double())
+
+
+def _close(got, want, name):
+    scale = max(want.abs().max().item(), 1.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * scale,
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("lead,n,k", SHAPES)
+@pytest.mark.parametrize("kind", ["packed", "scores"])
+def test_triton_matches_reference_fwd_bwd(device, lead, n, k, kind):
+    require_backend("triton", device)
+    x, w, b, mask, phi = _inputs(lead, n, k, device, kind)
+    dy = torch.randn(*lead, n, generator=torch.Generator().manual_seed(1)).to(device)
+    y, grads, leaves = _run("triton", x, w, b, mask, phi, dy)
+    want = _ref64(x, w, b, mask, phi, dy)
+    _close(y, want[0], "y")
+    for name, leaf, ref_grad in zip(["dx", "dW", "db", "dScore"], leaves, want[1:]):
+        _close(grads[id(leaf)], ref_grad, name)
+
+
+@pytest.mark.parametrize("kind", ["packed", "scores"])
+def test_all_pruned_rows_output_bias(device, kind, kernel_backends):
+    x, w, b, mask, phi = _inputs((9,), 20, 40, device, kind)
+    for backend in ["reference"] + [n for n in kernel_backends if n == "triton"]:
+        y = masked_linear(x, w, mask, b, threshold=phi, backend=backend)
+        assert torch.equal(y[:, 10], b[10].expand(9)), backend
+        assert torch.isfinite(y).all()
+
+
+def test_ste_and_masked_weight_grad_formulas(device):
+    """dScore = (dyᵀx) ⊙ W (straight-through) and dW = (dyᵀx) ⊙ M, checked by hand."""
+    x, w, b, scores, phi = _inputs((13,), 11, 17, device, "scores")
+    dy = torch.randn(13, 11).to(device)
+    backends_here = ["reference"] + (["triton"] if _triton_ok(device) else [])
+    for backend in backends_here:
+        y, grads, leaves = _run(backend, x, w, b, scores, phi, dy)
+        g = dy.double().T @ x.double()
+        keep = (scores > phi).double()
+        _close(grads[id(leaves[3])], g * w.double(), f"{backend} dScore")
+        _close(grads[id(leaves[1])], g * keep, f"{backend} dW")
+        assert (grads[id(leaves[1])][keep == 0] == 0).all()
+
+
+def test_frozen_weight_gets_no_grad_and_scores_still_train(device):
+    require_backend("triton", device)
+    x, w, b, scores, phi = _inputs((8,), 9, 35, device, "scores")
+    dy = torch.randn(8, 9).to(device)
+    y, grads, leaves = _run("triton", x, w, b, scores, phi, dy, train_w=False)
+    want = _ref64(x, w, b, scores, phi, dy)
+    assert id(leaves[1]) not in grads
+    _close(grads[id(leaves[3])], want[4], "dScore")
+    _close(grads[id(leaves[0])], want[1], "dx")
+
+
+def test_reference_gradcheck_packed():
+    x, w, b, mask, _ = _inputs((4,), 5, 7, "cpu", "packed")
+    args = [t.double().requires_grad_(True) for t in (x, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda x_, w_, b_: ref.masked_linear(x_, w_, bias=b_, words=mask.words), args)
+
+
+def test_no_weight_sized_copy_saved(device):
+    """The fused op saves x, W and the mask source, never a W ⊙ M tensor."""
+    require_backend("triton", device)
+    x, w, b, mask, _ = _inputs((6,), 40, 64, device, "packed")
+    w.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        masked_linear(x, w, mask, b, backend="triton")
+    weight_sized = [t for t in saved if t.shape == w.shape and t.is_floating_point()]
+    assert len(weight_sized) == 1 and weight_sized[0].data_ptr() == w.data_ptr()
+
+
+def _triton_ok(device):
+    from regdrop_fast import backends
+    return backends.unavailable_reason("triton", device) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cuda(dtype):
+    x, w, b, mask, phi = _inputs((64,), 96, 160, "cuda", "scores")
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    dy = torch.randn(64, 96, device="cuda", dtype=dtype)
+    y, grads, leaves = _run("triton", x, w, b, mask, phi, dy)
+    want = _ref64(x, w, b, mask, phi, dy)
+    torch.testing.assert_close(y.double(), want[0], rtol=1e-2, atol=1e-2)
+    for leaf, ref_grad in zip(leaves, want[1:]):
+        torch.testing.assert_close(grads[id(leaf)].double(), ref_grad, rtol=1e-2, atol=2e-2)
+
+
+def test_bad_input():
+    x, w, b, mask, _ = _inputs((3,), 8, 40, "cpu", "packed")
+    other = pack_mask(torch.ones(8, 41, dtype=torch.bool), backend="reference")
+    with pytest.raises(ValueError, match="mask must have the weight's shape"):
+        masked_linear(x, w, other, b)
+    with pytest.raises(ValueError, match=r"mask \(scores\) must have the weight's shape"):
+        masked_linear(x, w, torch.zeros(8, 39), b, threshold=0.0)
+    nan_scores = torch.zeros(8, 40)
+    nan_scores[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        masked_linear(x, w, nan_scores, b, threshold=0.0)
+    with pytest.raises(ValueError, match="threshold is required"):
+        masked_linear(x, w, torch.zeros(8, 40), b)
+    with pytest.raises(ValueError, match="threshold must not be NaN"):
+        masked_linear(x, w, torch.zeros(8, 40), b, threshold=float("nan"))
+    with pytest.raises(ValueError, match="in_features=40"):
+        masked_linear(x[:, :39], w, mask, b)
+    with pytest.raises(TypeError, match="same dtype"):
+        masked_linear(x.half(), w, mask, b)
+    with pytest.raises(TypeError, match=r"mask \(scores\) must have dtype"):
+        masked_linear(x, w, torch.ones(8, 40, dtype=torch.bool), b, threshold=0.0)
+    with pytest.raises(TypeError, match="mask must be a PackedMask or a scores tensor"):
+        masked_linear(x, w, [[1.0]], b)
