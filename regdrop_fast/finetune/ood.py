@@ -1,0 +1,64 @@
+"""Out-of-distribution evaluation sets (HANS, PAWS, FEVER-Symmetric style) read from local files.
+
+The file is read through the same loader as the training data. Its labels are either in the
+training label set, or it is a two-way entailment set (HANS: entailment / non-entailment)
+evaluated on a three-way NLI model, where neutral and contradiction predictions count as
+non-entailment (the HANS convention for MNLI models).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import batches as B
+from . import distributed as D
+from .data import load_table
+from .errors import FinetuneError
+
+NON_ENTAILMENT = "non-entailment"
+
+
+class OODSet:
+    def __init__(self, path: str, texts: list, labels: list, collapse_to: list = None):
+        self.path, self.texts, self.labels = path, texts, labels
+        self.collapse_to = collapse_to  # model class id -> OOD class id, or None (same ids)
+        self.features = None
+
+    @torch.no_grad()
+    def evaluate(self, job) -> dict:
+        if self.features is None:
+            self.features = B.tokenize(job.tokenizer, self.texts, job.config.max_length)
+        job.model.eval()
+        correct = count = 0.0
+        collapse = (torch.tensor(self.collapse_to, device=job.device)
+                    if self.collapse_to is not None else None)
+        for rows in B.eval_batches(self.features, job.info.rank, job.info.world_size,
+                                   max(64, job.local_batch)):
+            batch = B.to_device(job.collate([self.features[i] for i in rows],
+                                            [self.labels[i] for i in rows]), job.device)
+            logits = job.model(**B.model_inputs(batch)).logits.float()
+            predicted = logits.argmax(-1)
+            if collapse is not None:
+                predicted = collapse[predicted]
+            correct += (predicted == batch["labels"]).sum().item()
+            count += len(rows)
+        correct, count = D.all_reduce_sum(job.info, [correct, count], job.device)
+        return {"ood_accuracy": correct / max(count, 1)}
+
+
+def load_ood(path: str, train_table, label_set) -> OODSet:
+    try:
+        table = load_table(path, list(train_table.text_cols), None, what="OOD evaluation file")
+    except FinetuneError as exc:
+        if "no column" not in str(exc):
+            raise
+        table = load_table(path, None, None, what="OOD evaluation file")
+    labels = sorted(set(table.labels))
+    if set(labels) <= set(label_set.names):
+        return OODSet(path, table.texts, label_set.encode(table.labels, path))
+    if set(labels) <= {"entailment", NON_ENTAILMENT} and "entailment" in label_set.names:
+        ood_ids = {"entailment": 0, NON_ENTAILMENT: 1}
+        collapse = [0 if name == "entailment" else 1 for name in label_set.names]
+        return OODSet(path, table.texts, [ood_ids[x] for x in table.labels], collapse)
+    raise FinetuneError(f"OOD evaluation file {path}: labels {', '.join(labels)} are neither in the "
+                        f"training label set ({', '.join(label_set.names)}) nor entailment/"
+                        f"{NON_ENTAILMENT} for an NLI model")
