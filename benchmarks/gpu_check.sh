@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# The one command for a CUDA machine that already has torch, triton and transformers installed
+# and no network: builds the CUDA extension in place, runs `pytest -m cuda` and the whole suite
+# on CUDA tensors, runs `regdrop-fast bench`, and writes everything into OUTDIR:
+#   env.txt                       nvidia-smi, compiler and package versions
+#   build.log, imports.log        extension build; import of every module without the interpreter
+#   pytest_cuda.{log,xml}         pytest -m cuda (junit xml)
+#   pytest_all.{log,xml}          the whole suite with REGDROP_TEST_DEVICE=cuda, TRITON_INTERPRET=0
+#   bench.log, results.{jsonl,md,png}
+#   summary.txt                   one line per stage: ok / FAILED / SKIPPED, seconds
+# results.md is also copied to benchmarks/results/<device-name>-<date>.md.
+#
+# Every stage runs even when an earlier one failed; the exit status is 1 if any failed.
+# A time budget (default 480 s, ~8 min on an H100) bounds the whole run: each stage gets a
+# timeout out of what is left, keeping a reserve for the stages after it.
+set -uo pipefail
+
+usage() {
+    cat >&2 <<'EOF'
+usage: bash benchmarks/gpu_check.sh OUTDIR [--quick] [--ops "OP ..."] [--with-slow] [--budget SECONDS]
+  --quick          quick benchmark sizes (default: full sizes)
+  --ops "OP ..."   only these benches (bench_<op>.py), e.g. --ops "philox masks"
+  --with-slow      include tests marked slow in the whole-suite run
+  --budget S       wall-clock budget for all stages in seconds (default 480)
+Environment: PYTHON (default python, else python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+EOF
+    exit 2
+}
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SELF="$ROOT/benchmarks/gpu_check.sh"
+
+# ---------------------------------------------------------------- stages (run as `__stage NAME`)
+stage_env() {
+    {
+        echo "# gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "## git"; git -C "$ROOT" rev-parse HEAD 2>&1; git -C "$ROOT" status --short 2>&1
+        echo "## nvidia-smi"; nvidia-smi 2>&1
+        echo "## nvcc"; nvcc --version 2>&1 || echo "nvcc not on PATH"
+        echo "## c++"; c++ --version 2>&1 | head -1
+        echo "## python packages"
+        "$PY" - <<'PYEOF' 2>&1
+import platform, sys
+print("python", platform.python_version(), sys.executable)
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn",
+      torch.backends.cudnn.version())
+print("cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+for name in ("triton", "transformers", "numpy", "matplotlib", "ninja", "setuptools", "pytest",
+             "hypothesis"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "?"))
+    except Exception as exc:
+        print(name, "NOT IMPORTABLE:", exc)
+PYEOF
+    } > "$OUT/env.txt"
+    cat "$OUT/env.txt"
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+}
+
+stage_build() {
+    export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+        # only this device's architecture: a fraction of the compile time of torch's default list
+        local arch
+        arch="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))')" \
+            && export TORCH_CUDA_ARCH_LIST="$arch"
+    fi
+    echo "MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<torch default>}"
+    cd "$ROOT" || return 1
+    # editable install: builds regdrop_fast._C in place and maps regdrop_fast.triton_kernels;
+    # --no-index: there is no network, never wait on it
+    if "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .; then
+        :
+    else
+        echo "pip install -e . failed; building the extension in place with setup.py"
+        "$PY" setup.py build_ext --inplace || return 1
+    fi
+    "$PY" - <<'PYEOF'
+import sys
+from regdrop_fast import backends
+reason = backends.unavailable_reason("cuda", "cuda")
+print("cuda backend:", "available" if reason is None else reason)
+sys.exit(0 if reason is None else 1)
+PYEOF
+}
+
+stage_imports() {
+    # every module imported without TRITON_INTERPRET: the kernels must compile for the GPU
+    cd "$ROOT" || return 1
+    env -u TRITON_INTERPRET "$PY" - <<'PYEOF'
+import importlib, pkgutil, sys
+import torch
+from regdrop_fast import backends
+failed = []
+# triton_kernels is mapped from another folder, so it is walked on its own
+for package in ("regdrop_fast", "regdrop_fast.triton_kernels"):
+    path = importlib.import_module(package).__path__
+    for info in pkgutil.walk_packages(path, package + "."):
+        if info.name.endswith("__main__"):  # runs the CLI on import
+            continue
+        try:
+            importlib.import_module(info.name)
+            print("ok  ", info.name)
+        except Exception as exc:
+            failed.append(info.name)
+            print("FAIL", info.name, repr(exc))
+print("available backends for cuda tensors:", backends.available(torch.device("cuda")))
+sys.exit(1 if failed else 0)
+PYEOF
+}
+
+stage_pytest_cuda() {
+    cd "$ROOT" || return 1
+    REGDROP_TEST_DEVICE=cuda TRITON_INTERPRET=0 "$PY" -m pytest -m cuda -q tests \
+        --junitxml="$OUT/pytest_cuda.xml"
+    local rc=$?
+    if (( rc == 5 )); then
+        echo "no test is marked cuda: nothing to run"
+        return 0
+    fi
+    return $rc
+}
+
+stage_pytest_all() {
+    cd "$ROOT" || return 1
+    local marker=(-m "not slow")
+    [[ "$WITH_SLOW" == 1 ]] && marker=()
+    REGDROP_TEST_DEVICE=cuda TRITON_INTERPRET=0 "$PY" -m pytest "${marker[@]}" -q tests \
+        --junitxml="$OUT/pytest_all.xml"
+}
+
+stage_bench() {
+    cd "$ROOT" || return 1
+    local args=(bench --device cuda --out "$OUT")
+    [[ "$QUICK" == 1 ]] && args+=(--quick)
+    # shellcheck disable=SC2206  # OPS is a space/comma separated list of op names
+    [[ -n "$OPS" ]] && args+=(--ops ${OPS//,/ })
+    if command -v regdrop-fast > /dev/null; then
+        env -u TRITON_INTERPRET regdrop-fast "${args[@]}"
+    else
+        env -u TRITON_INTERPRET "$PY" -m regdrop_fast "${args[@]}"
+    fi
+}
+
+if [[ "${1:-}" == "__stage" ]]; then
+    "stage_$2"
+    exit $?
+fi
+
+# ---------------------------------------------------------------- arguments
+[[ $# -ge 1 && "$1" != -* ]] || usage
+OUT="$1"; shift
+QUICK=0; OPS=""; WITH_SLOW=0; BUDGET=480
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --ops) [[ $# -ge 2 ]] || usage; OPS="$2"; shift ;;
+        --with-slow) WITH_SLOW=1 ;;
+        --budget) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || usage; BUDGET="$2"; shift ;;
+        *) echo "unknown argument: $1" >&2; usage ;;
+    esac
+    shift
+done
+mkdir -p "$OUT" || exit 2
+OUT="$(cd "$OUT" && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    PYTHON="$(command -v python || command -v python3)"
+fi
+PY="$PYTHON"
+unset TRITON_INTERPRET
+export OUT PY QUICK OPS WITH_SLOW HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INPUT=1
+
+# ---------------------------------------------------------------- driver
+START=$SECONDS
+FAILED=0
+: > "$OUT/summary.txt"
+
+# run_stage NAME CAP_S RESERVE_S: run stage NAME with a timeout of at most CAP_S seconds, keeping
+# RESERVE_S for the stages after it (both given for the default 480 s budget and scaled with it);
+# log to OUTDIR/NAME.log
+run_stage() {
+    local name=$1 cap=$(( $2 * BUDGET / 480 )) reserve=$(( $3 * BUDGET / 480 ))
+    local left=$(( BUDGET - (SECONDS - START) - reserve ))
+    local limit=$(( left < cap ? left : cap ))
+    local status t0=$SECONDS rc
+    if (( limit < 15 )); then
+        status="SKIPPED (time budget of ${BUDGET}s spent)"
+        FAILED=1
+    else
+        echo "==== $name (timeout ${limit}s) ===="
+        timeout --kill-after=15 "$limit" bash "$SELF" __stage "$name" 2>&1 | tee "$OUT/$name.log"
+        rc=${PIPESTATUS[0]}
+        if (( rc == 0 )); then
+            status="ok"
+        elif (( rc == 124 || rc == 137 )); then
+            status="FAILED (timed out after ${limit}s)"
+            FAILED=1
+        else
+            status="FAILED (exit $rc)"
+            FAILED=1
+        fi
+    fi
+    printf '%-12s %-40s %4ds  %s\n' "$name" "$status" $(( SECONDS - t0 )) "$OUT/$name.log" \
+        | tee -a "$OUT/summary.txt"
+}
+
+run_stage env 60 420
+run_stage build 240 200
+run_stage imports 60 200
+run_stage pytest_cuda 90 160
+run_stage pytest_all 240 80
+run_stage bench 600 5
+
+if [[ -s "$OUT/results.md" ]]; then
+    device="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null \
+        || echo unknown-gpu)"
+    slug="$(echo "$device" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')"
+    dest="$ROOT/benchmarks/results/${slug}-$(date -u +%Y-%m-%d).md"
+    [[ -e "$dest" ]] && dest="${dest%.md}-$(date -u +%H%M%S).md"
+    cp "$OUT/results.md" "$dest" && echo "copied results.md to $dest" | tee -a "$OUT/summary.txt"
+else
+    echo "no results.md: nothing copied to benchmarks/results/" | tee -a "$OUT/summary.txt"
+    FAILED=1
+fi
+
+echo "==== summary ($(( SECONDS - START ))s, budget ${BUDGET}s) ===="
+cat "$OUT/summary.txt"
+exit $FAILED

@@ -1,0 +1,213 @@
+"""`regdrop-fast bench`: the real quick benches end to end, failure isolation, argument errors,
+and a syntax check of benchmarks/gpu_check.sh."""
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from regdrop_fast import backends
+from regdrop_fast.benchmarking.cli import default_bench_dir
+from regdrop_fast.cli import main
+
+REQUIRED_KEYS = {
+    "bench", "op", "impl", "baseline", "case", "dtype", "shape", "device", "ms", "p20_ms",
+    "p80_ms", "gbps", "peak_mem_bytes", "speedup", "device_name", "torch_version",
+    "triton_version", "python_version", "timestamp", "run_id", "quick",
+}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(argv):
+    """main(argv) in-process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _table_rows(md, op):
+    """The data rows of the markdown table under `## op`, as lists of cells."""
+    section = md.split(f"## {op}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("| ")][2:]  # header, rule
+    return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, device):
+    out = tmp_path_factory.mktemp("bench_out")
+    code, stdout, stderr = _run(["bench", "--quick", "--ops", "philox", "masks", "--out",
+                                 str(out), "--device", device.type])
+    return code, out, stdout, stderr
+
+
+def test_quick_benches_succeed_and_print_the_table(quick_run):
+    code, out, stdout, stderr = quick_run
+    assert code == 0, stderr
+    md = (out / "results.md").read_text()
+    assert stdout == md
+    for op in ("philox_keep_mask", "pack_mask", "unpack_mask"):
+        assert f"## {op}" in md
+
+
+def test_jsonl_rows_have_required_keys(quick_run, device):
+    _, out, _, _ = quick_run
+    rows = _rows(out / "results.jsonl")
+    assert rows
+    for row in rows:
+        missing = REQUIRED_KEYS - row.keys()
+        assert not missing, f"row {row['op']}/{row['impl']} lacks {sorted(missing)}"
+        assert row["quick"] is True
+        assert row["ms"] > 0 and row["p20_ms"] <= row["p80_ms"]
+        assert row["torch_version"] == torch.__version__
+        assert row["device"].startswith(device.type)
+        assert row["bench"] in ("philox", "masks")
+    assert len({row["run_id"] for row in rows}) == 1
+
+
+def test_every_available_backend_is_benchmarked(quick_run, device):
+    _, out, _, _ = quick_run
+    impls = {(r["op"], r["impl"]) for r in _rows(out / "results.jsonl")}
+    ours = backends.available(device)
+    if device.type == "cpu":
+        ours = [n for n in ours if n != "triton"]  # the interpreter is never timed
+    for name in ours:
+        assert ("philox_keep_mask", f"bernoulli_keep[{name}]") in impls
+        assert ("pack_mask", f"pack_mask[{name}]") in impls
+        assert ("unpack_mask", f"unpack_mask[{name}]") in impls
+    for baseline in (("philox_keep_mask", "torch.rand<p"), ("philox_keep_mask", "torch.bernoulli_"),
+                     ("pack_mask", "bool.clone()"), ("unpack_mask", "bool.clone()")):
+        assert baseline in impls
+    if device.type == "cpu":
+        assert not any("[triton]" in impl for _, impl in impls)
+
+
+def test_speedup_is_baseline_over_impl_in_the_same_run(quick_run):
+    _, out, _, _ = quick_run
+    rows = _rows(out / "results.jsonl")
+    ms = {(r["op"], r["case"], r["impl"]): r["ms"] for r in rows}
+    for row in rows:
+        expected = ms[(row["op"], row["case"], row["baseline"])] / row["ms"]
+        assert row["speedup"] == pytest.approx(expected)
+        if row["gbps"] is not None:
+            assert row["gbps"] > 0
+
+
+def test_markdown_has_a_row_per_impl_and_the_environment(quick_run, device):
+    _, out, _, _ = quick_run
+    md = (out / "results.md").read_text()
+    rows = _rows(out / "results.jsonl")
+    assert rows[0]["device_name"] in md and torch.__version__ in md
+    for op in {r["op"] for r in rows}:
+        table = _table_rows(md, op)
+        impls = [r["impl"] for r in rows if r["op"] == op]
+        assert [cells[2] for cells in table] == impls
+        for cells, row in zip(table, (r for r in rows if r["op"] == op)):
+            assert cells[0] == row["case"]
+            if row["impl"] == row["baseline"]:
+                assert cells[4] == "baseline"
+            else:
+                assert f"x vs {row['baseline']}" in cells[4]
+    if device.type == "cpu":
+        assert "interpreter timings are NOT performance" in md
+
+
+def test_png_is_a_valid_image(quick_run):
+    _, out, _, _ = quick_run
+    data = (out / "results.png").read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    import matplotlib.image
+    image = matplotlib.image.imread(out / "results.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+GOOD_BENCH = """
+def run(ctx):
+    import torch
+    x = torch.ones(1000, device=ctx.device)
+    for impl, fn in (("base", x.clone), ("ours", lambda: x + 1)):
+        ctx.record(op="toy", impl=impl, baseline="base", case="n=1000", dtype="float32",
+                   shape=[1000], bytes_moved=8000, **ctx.measure(fn, warmup=1, repeat=5))
+"""
+
+
+@pytest.fixture()
+def toy_benches(tmp_path):
+    bench_dir = tmp_path / "benches"
+    bench_dir.mkdir()
+    (bench_dir / "bench_good.py").write_text(GOOD_BENCH)
+    (bench_dir / "bench_broken.py").write_text(
+        "def run(ctx):\n    raise RuntimeError('boom: deliberately broken bench')\n")
+    (bench_dir / "bench_noimport.py").write_text("import a_module_that_does_not_exist\n")
+    (bench_dir / "not_a_bench.py").write_text("raise SystemExit('must not be imported')\n")
+    return bench_dir
+
+
+def test_failing_bench_gives_nonzero_exit_but_others_report(toy_benches, tmp_path, device):
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(["bench", "--bench-dir", str(toy_benches), "--out", str(out),
+                                 "--device", device.type])
+    assert code == 1
+    assert "boom: deliberately broken bench" in stderr  # the traceback is shown
+    rows = _rows(out / "results.jsonl")
+    assert {(r["bench"], r["impl"]) for r in rows} == {("good", "base"), ("good", "ours")}
+    md = (out / "results.md").read_text()
+    assert stdout == md
+    assert [c[2] for c in _table_rows(md, "toy")] == ["base", "ours"]
+    failed = md.split("## Failed benches", 1)[1]
+    assert "`broken`" in failed and "RuntimeError" in failed
+    assert "`noimport`" in failed and "ModuleNotFoundError" in failed
+    assert (out / "results.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_results_jsonl_is_appended(toy_benches, tmp_path, device):
+    out = tmp_path / "out"
+    argv = ["bench", "--bench-dir", str(toy_benches), "--ops", "good", "--out", str(out),
+            "--device", device.type]
+    assert _run(argv)[0] == 0
+    assert _run(argv)[0] == 0
+    rows = _rows(out / "results.jsonl")
+    assert len(rows) == 4 and len({r["run_id"] for r in rows}) == 2
+
+
+def test_unknown_op_is_an_argument_error(toy_benches, tmp_path):
+    code, _, stderr = _run(["bench", "--bench-dir", str(toy_benches), "--ops", "good", "nope",
+                            "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2
+    assert "nope" in stderr and "good" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_bench_dir_is_a_clear_error(tmp_path):
+    code, _, stderr = _run(["bench", "--bench-dir", str(tmp_path / "absent"), "--out",
+                            str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2 and "absent" in stderr and "not found" in stderr
+
+
+def test_default_bench_dir_is_the_repository_benchmarks():
+    bench_dir = default_bench_dir()
+    assert (bench_dir / "bench_philox.py").is_file()
+    assert (bench_dir / "bench_masks.py").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    code, _, stderr = _run(["bench", "--device", "cuda", "--out", str(tmp_path / "out")])
+    assert code == 2 and "CUDA" in stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_gpu_check_script_is_valid_bash():
+    script = default_bench_dir() / "gpu_check.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr.lower()
