@@ -1,0 +1,80 @@
+"""Hugging Face Trainer integration: R-Drop as a `compute_loss` override.
+
+    class MyTrainer(RDropTrainerMixin, Trainer): ...   # or use RDropTrainer directly
+    trainer = MyTrainer(model=model, args=args, train_dataset=ds, rdrop_alpha=0.5)
+
+Works with any model whose output carries logits: sequence classification ([B, V] logits,
+[B] labels), token classification ([B, T, V], -100 on padding/sub-words) and regression heads
+(num_labels = 1 / problem_type "regression", float labels). Training steps run `rdrop_forward`;
+evaluation (model.eval()) runs the Trainer's ordinary single-pass loss. When the Trainer passes
+`num_items_in_batch` and treats the loss as normalized by it (gradient accumulation over
+token counts), the R-Drop loss is summed and divided by that count, like the model's own loss.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from transformers import Trainer
+
+from .forward import rdrop_forward
+
+
+class RDropTrainerMixin:
+    """Mix in before `transformers.Trainer`. Keyword options (also class attributes):
+    rdrop_alpha (KL weight), rdrop_passes (m), rdrop_mode ("duplicate" | "twice"),
+    rdrop_every (k), rdrop_backend."""
+
+    rdrop_alpha: float = 1.0
+    rdrop_passes: int = 2
+    rdrop_mode: str = "duplicate"
+    rdrop_every: int = 1
+    rdrop_backend: Optional[str] = None
+
+    def __init__(self, *args, rdrop_alpha: Optional[float] = None,
+                 rdrop_passes: Optional[int] = None, rdrop_mode: Optional[str] = None,
+                 rdrop_every: Optional[int] = None, rdrop_backend: Optional[str] = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, value in (("rdrop_alpha", rdrop_alpha), ("rdrop_passes", rdrop_passes),
+                            ("rdrop_mode", rdrop_mode), ("rdrop_every", rdrop_every),
+                            ("rdrop_backend", rdrop_backend)):
+            if value is not None:
+                setattr(self, name, value)
+
+    def _rdrop_task(self, model) -> Optional[str]:
+        config = getattr(self.accelerator.unwrap_model(model), "config", None)
+        problem = getattr(config, "problem_type", None)
+        if problem == "multi_label_classification":
+            raise ValueError("RDropTrainerMixin supports single-label classification and "
+                             "regression, got problem_type='multi_label_classification'")
+        if problem == "regression" or getattr(config, "num_labels", None) == 1:
+            return "regression"
+        return None
+
+    def _loss_normalized_by_items(self, num_items_in_batch) -> bool:
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = bool(getattr(self, "model_accepts_loss_kwargs", False))
+        return scaled and num_items_in_batch is not None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        by_items = self._loss_normalized_by_items(num_items_in_batch)
+        out = rdrop_forward(model, inputs, alpha=self.rdrop_alpha, passes=self.rdrop_passes,
+                            mode=self.rdrop_mode, every=self.rdrop_every,
+                            step=self.state.global_step, task=self._rdrop_task(model),
+                            reduction="sum" if by_items else "mean", backend=self.rdrop_backend)
+        loss = out.loss
+        if by_items:
+            loss = loss / num_items_in_batch
+            if getattr(self.args, "average_tokens_across_devices", False):
+                # num_items_in_batch counts every rank's items (the Trainer does the same)
+                tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                loss = loss * (self.accelerator.num_processes // tp_size)
+        return (loss, out.outputs) if return_outputs else loss
+
+
+class RDropTrainer(RDropTrainerMixin, Trainer):
+    """`transformers.Trainer` training with R-Drop (see RDropTrainerMixin)."""
