@@ -1,0 +1,73 @@
+"""Fixtures for the finetune tests: a tiny random BERT with a tokenizer built from a small
+vocab file, and tiny CSV files of a learnable two-class task, written to a tmp folder."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+WORDS = ["good", "bad", "great", "awful", "movie", "film", "plot", "boring", "fun", "the", "a",
+         "is", "was", "very", "not", "premise", "says", "yes", "no"]
+POSITIVE, NEGATIVE = ["good", "great", "fun"], ["bad", "awful", "boring"]
+
+
+def make_tiny_bert(folder: Path, dropout: float = 0.1, tokenizer: bool = True) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers.utils import logging as hf_logging
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=64,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    hf_logging.disable_progress_bar()
+    BertForSequenceClassification(config).save_pretrained(folder)
+    if tokenizer:
+        BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    else:
+        (folder / "vocab.txt").unlink()
+    hf_logging.enable_progress_bar()
+    return folder
+
+
+def review_rows(n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        cue = rng.choice(POSITIVE if label == "pos" else NEGATIVE)
+        words = rng.sample(WORDS[4:15], rng.randint(2, 6)) + [cue]
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "sentiment": label, "id": len(rows)})
+    return rows
+
+
+def write_csv(path: Path, rows: list, delimiter: str = ",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_task(folder: Path, n_train: int = 32, n_eval: int = 16, dropout: float = 0.1) -> dict:
+    """{'model', 'train', 'eval'} paths: CSV columns review, sentiment (pos/neg), id."""
+    model = make_tiny_bert(folder / "model", dropout=dropout)
+    train = write_csv(folder / "train.csv", review_rows(n_train, 1))
+    evaluation = write_csv(folder / "eval.csv", review_rows(n_eval, 2))
+    return {"model": str(model), "train": str(train), "eval": str(evaluation)}
+
+
+def base_args(task: dict, out: Path, *extra) -> list:
+    return ["finetune", "--model", task["model"], "--train", task["train"], "--eval", task["eval"],
+            "--text-cols", "review", "--label-col", "sentiment", "--output-dir", str(out),
+            "--device", "cpu", *map(str, extra)]
