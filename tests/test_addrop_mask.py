@@ -1,0 +1,248 @@
+"""AD-DROP attribution and keep mask: Triton kernel vs the sort-based reference, bit for bit."""
+import math
+
+import pytest
+import torch
+from conftest import require_backend
+
+from regdrop_fast._checks import keep_threshold
+from regdrop_fast.addrop.attribution import attribution
+from regdrop_fast.addrop.mask import keep_mask
+from regdrop_fast.masks import unpack_mask
+from regdrop_fast.reference import addrop as ref
+from regdrop_fast.reference.philox import philox_words
+
+
+def _padding(batch, lk, gen, device, all_pad_sample=None):
+    """bool [B,Lk] with a random number of real keys per sample (at least one, unless it is
+    the all-pad sample), real keys first like HF right padding."""
+    lengths = torch.randint(1, lk + 1, (batch,), generator=gen)
+    if all_pad_sample is not None:
+        lengths[all_pad_sample] = 0
+    return (torch.arange(lk)[None, :] < lengths[:, None]).to(device)
+
+
+def _assert_same_bits(got, want):
+    if not torch.equal(got.words, want.words):
+        diff = (unpack_mask(got, backend="reference") != unpack_mask(want, backend="reference"))
+        first = diff.nonzero()[:5].tolist()
+        raise AssertionError(f"{int(diff.sum())} mask bits differ, first at {first}")
+
+
+@pytest.mark.parametrize("lq,lk,d", [(1, 1, 16), (7, 7, 32), (33, 33, 16), (5, 40, 16)])
+def test_attribution_is_grad_of_target_wrt_attention_map(lq, lk, d):
+    gen = torch.Generator().manual_seed(lq * 100 + lk)
+    q, k, v = (torch.randn(2, 2, n, d, generator=gen) for n in (lq, lk, lk))
+    weight = torch.randn(2, 2, lq, d, generator=gen)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-1).requires_grad_()
+    out = probs @ v
+    target = (out * weight).sum() + out.square().sum()
+    d_out, d_probs = torch.autograd.grad(target, (out, probs))
+    torch.testing.assert_close(attribution(d_out, v), d_probs, rtol=1e-5, atol=1e-5)
+
+
+CASES = [  # (lq, lk, p, q, drop, all_pad_sample)
+    (1, 1, 0.3, 0.2, "high", None),
+    (7, 7, 0.5, 0.7, "low", 1),
+    (33, 33, 0.1, 0.5, "high", 0),
+    (64, 64, 0.9, 0.3, "high", None),
+    (6, 70, 0.37, 1.0, "low", None),
+    (17, 45, 0.63, 0.0, "high", 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lq,lk,p,q,drop,all_pad", CASES)
+def test_mask_from_attribution_bit_identical(device, lq, lk, p, q, drop, all_pad, dtype):
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(lq * 1000 + lk)
+    attr = torch.randn(2, 2, lq, lk, generator=gen).to(device, dtype)
+    kpm = _padding(2, lk, gen, device, all_pad)
+    args = dict(p=p, q=q, key_padding_mask=kpm, seed=2**40 + lk, step=3, stream=lq, drop=drop)
+    got = keep_mask(attr, backend="triton", **args)
+    _assert_same_bits(got, keep_mask(attr, backend="reference", **args))
+    assert got.shape == (2, 2, lq, lk)
+
+
+@pytest.mark.parametrize("drop", ["high", "low"])
+def test_mask_with_many_ties_bit_identical(device, drop):
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(7)
+    # few distinct values, with -0.0 and +0.0 mixed: ties straddle the threshold in most rows
+    attr = (torch.randint(-2, 3, (2, 3, 9, 37), generator=gen).float() * 0.5).to(device)
+    attr[attr == 0] = torch.where(torch.rand((attr == 0).sum().item(), generator=gen) < 0.5,
+                                  -0.0, 0.0).to(device)
+    kpm = _padding(2, 37, gen, device)
+    args = dict(p=0.3, q=0.5, key_padding_mask=kpm, seed=11, drop=drop)
+    _assert_same_bits(keep_mask(attr, backend="triton", **args),
+                      keep_mask(attr, backend="reference", **args))
+
+
+@pytest.mark.parametrize("lq,lk,d", [(7, 33, 16), (33, 64, 32)])
+def test_mask_from_dO_v_bit_identical(device, lq, lk, d):
+    """Small-integer dO and V make every dot product exact in fp32, whatever the summation
+    order, so the kernel's B equals the reference's and the masks must agree bit for bit.
+    (fp32 only here: the interpreter's tl.dot does not handle bf16; bf16 runs under cuda.)"""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(lq + lk + d)
+    dO = torch.randint(-3, 4, (2, 2, lq, d), generator=gen).float().to(device)
+    v = torch.randint(-3, 4, (2, 2, lk, d), generator=gen).float().to(device)
+    kpm = _padding(2, lk, gen, device)
+    for drop in ("high", "low"):
+        args = dict(p=0.3, q=0.4, key_padding_mask=kpm, seed=5, step=1, stream=2, drop=drop)
+        _assert_same_bits(keep_mask((dO, v), backend="triton", **args),
+                          keep_mask((dO, v), backend="reference", **args))
+
+
+@pytest.mark.parametrize("from_pair", [False, True])
+def test_streamed_path_bit_identical(device, from_pair):
+    """Rows longer than one tile: the kernel re-streams key tiles for each bisection pass."""
+    require_backend("triton", device)
+    from regdrop_fast.triton_kernels import addrop_mask as tk
+    gen = torch.Generator().manual_seed(3)
+    lq, lk, d = 5, 75, 16
+    dO = torch.randint(-3, 4, (2, 2, lq, d), generator=gen).float().to(device)
+    v = torch.randint(-3, 4, (2, 2, lk, d), generator=gen).float().to(device)
+    kpm = _padding(2, lk, gen, device)
+    p, q = 0.45, 0.6
+    rank = ref.threshold_rank(ref.valid_lengths(kpm, 2, lk, device), p).to(torch.int32)
+    src, src_v = ((dO, v) if from_pair else (attribution(dO, v), None))
+    words = tk.keep_mask_bits(src, src_v, kpm, rank, keep_threshold(q), 9, 4, 1, False,
+                              block_n=32)
+    want = keep_mask((dO, v), p, q, kpm, seed=9, step=4, stream=1, backend="reference")
+    assert torch.equal(words, want.words)
+
+
+def test_reference_threshold_and_philox_contract(device):
+    """All-tied rows make every real key a candidate, so keep = real AND word >= floor(q·2^32)
+    with the word of the element's flat index in [B,H,Lq,Lk]: checked against the Philox
+    reference directly, not through the mask reference."""
+    require_backend("triton", device)
+    shape = (2, 3, 5, 40)
+    attr = torch.ones(shape, device=device)
+    kpm = torch.ones(2, 40, dtype=torch.bool, device=device)
+    kpm[1, 25:] = False
+    seed, step, stream, q = 2**33 + 17, 6, 4, 0.35
+    got = unpack_mask(keep_mask(attr, 0.2, q, kpm, seed=seed, step=step, stream=stream,
+                                backend="triton"), backend="reference")
+    index = torch.arange(math.prod(shape), dtype=torch.int64).view(shape)
+    words = philox_words(seed, index, step, stream).to(device)
+    assert torch.equal(got, kpm[:, None, None, :] & (words >= keep_threshold(q)))
+
+
+def test_candidate_fraction_and_drop_rate(device):
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(1)
+    batch, heads, lq, lk, p = 2, 2, 64, 64, 0.3
+    attr = torch.randn(batch, heads, lq, lk, generator=gen).to(device)
+    kpm = torch.ones(batch, lk, dtype=torch.bool, device=device)
+    kpm[1, 41:] = False
+    valid = kpm.sum(-1).cpu()
+    rank = ref.threshold_rank(valid, p)
+    real = kpm[:, None, None, :].expand(batch, heads, lq, lk).cpu()
+    # q = 1 drops every candidate: exactly rank real keys are kept per row (no ties), and
+    # they are the lowest attributions
+    keep_all_drop = unpack_mask(keep_mask(attr, p, 1.0, kpm, backend="triton")).cpu()
+    assert torch.equal(keep_all_drop.sum(-1), rank.view(batch, 1, 1).expand(batch, heads, lq))
+    a = attr.cpu()
+    kept_max = a.masked_fill(~keep_all_drop, -math.inf).amax(-1)
+    dropped_min = a.masked_fill(keep_all_drop | ~real, math.inf).amin(-1)
+    assert bool((kept_max < dropped_min).all())
+    # q = 0 drops nothing; pad keys are never kept
+    assert torch.equal(unpack_mask(keep_mask(attr, p, 0.0, kpm, backend="triton")).cpu(), real)
+    # 0 < q < 1: about q of the candidates are dropped
+    keep = unpack_mask(keep_mask(attr, p, 0.4, kpm, seed=123, backend="triton")).cpu()
+    candidates = real & ~keep_all_drop
+    dropped = (candidates & ~keep).sum().item() / candidates.sum().item()
+    assert abs(dropped - 0.4) < 0.03
+    assert torch.equal(keep & ~candidates, real & ~candidates)
+
+
+def test_all_pad_sample_and_single_key(device):
+    require_backend("triton", device)
+    attr = torch.randn(3, 2, 4, 1, device=device)
+    kpm = torch.tensor([[True], [False], [True]], device=device)
+    keep = unpack_mask(keep_mask(attr, 0.5, 1.0, kpm, backend="triton"))
+    assert not keep[1].any()
+    # one real key: rank floor(0.5·1) = 0 makes it the threshold, a candidate, dropped (q = 1)
+    assert not keep.any()
+    keep = unpack_mask(keep_mask(attr, 0.5, 0.0, kpm, backend="triton"))
+    assert keep[0].all() and keep[2].all() and not keep[1].any()
+
+
+def test_pair_and_tensor_inputs_agree_on_reference():
+    gen = torch.Generator().manual_seed(4)
+    dO, v = torch.randn(2, 2, 6, 16, generator=gen), torch.randn(2, 2, 9, 16, generator=gen)
+    a = keep_mask((dO, v), 0.3, 0.5, seed=1, backend="reference")
+    b = keep_mask(attribution(dO, v), 0.3, 0.5, seed=1, backend="reference")
+    assert torch.equal(a.words, b.words)
+
+
+def test_threshold_rank_clamps_to_last_real_key():
+    valid = torch.tensor([0, 1, 10, 7])
+    assert ref.threshold_rank(valid, 0.3).tolist() == [0, 0, 7, 4]
+    assert ref.threshold_rank(valid, 1e-18).tolist() == [0, 0, 9, 6]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(p=0.0), ValueError, "p must be in"),
+    (dict(p=1.0), ValueError, "p must be in"),
+    (dict(q=1.5), ValueError, "q must be in"),
+    (dict(q=-0.1), ValueError, "q must be in"),
+    (dict(drop="middle"), ValueError, "drop"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, "key_padding_mask"),
+    (dict(key_padding_mask=torch.ones(2, 6, dtype=torch.long)), TypeError, "key_padding_mask"),
+    (dict(attr=torch.randn(2, 3, 6)), ValueError, "attr"),
+    (dict(attr=torch.ones(2, 2, 3, 6, dtype=torch.long)), TypeError, "attr"),
+    (dict(attr=torch.randn(0, 2, 3, 6)), ValueError, "empty"),
+    (dict(attr=(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 6, 8, dtype=torch.float64))),
+     TypeError, "same dtype"),
+    (dict(attr=(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 6, 4))), ValueError, "v must be"),
+    (dict(attr=(torch.randn(2, 2, 3, 8),)), ValueError, "pair"),
+])
+def test_bad_input(kwargs, error, match):
+    args = dict(attr=torch.randn(2, 2, 3, 6), p=0.3, q=0.2, backend="reference")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        keep_mask(**args)
+
+
+def test_triton_rejects_float64():
+    require_backend("triton", "cpu")
+    with pytest.raises(TypeError, match="float64"):
+        keep_mask(torch.randn(1, 1, 2, 3, dtype=torch.float64), 0.3, 0.2, backend="triton")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(6))
+def test_random_sweep_bit_identical(device, trial):
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(100 + trial)
+    batch, heads = (int(x) for x in torch.randint(1, 4, (2,), generator=gen))
+    lq, lk = (int(x) for x in torch.randint(1, 130, (2,), generator=gen))
+    p = float(torch.rand((), generator=gen)) * 0.98 + 0.01
+    q = float(torch.rand((), generator=gen))
+    attr = torch.randn(batch, heads, lq, lk, generator=gen).to(device)
+    kpm = _padding(batch, lk, gen, device, 0 if trial % 2 else None)
+    for drop in ("high", "low"):
+        args = dict(p=p, q=q, key_padding_mask=kpm, seed=trial, step=trial, drop=drop)
+        _assert_same_bits(keep_mask(attr, backend="triton", **args),
+                          keep_mask(attr, backend="reference", **args))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lk", [128, 512, 2048, 3000])
+def test_cuda_bf16_masks(lk):
+    """bf16 dO/V on the GPU (resident rows up to 2048 keys, streamed beyond): bit-identical
+    for exact integer inputs; bf16 attribution tensors are exact in fp32 as well."""
+    gen = torch.Generator().manual_seed(lk)
+    dO = torch.randint(-3, 4, (2, 4, 64, 64), generator=gen).to("cuda", torch.bfloat16)
+    v = torch.randint(-3, 4, (2, 4, lk, 64), generator=gen).to("cuda", torch.bfloat16)
+    kpm = _padding(2, lk, gen, "cuda", 1)
+    args = dict(p=0.3, q=0.2, key_padding_mask=kpm, seed=3, step=2, stream=1)
+    _assert_same_bits(keep_mask((dO, v), backend="triton", **args),
+                      keep_mask((dO, v), backend="reference", **args))
+    attr = torch.randn(2, 4, 64, lk, generator=gen).to("cuda", torch.bfloat16)
+    _assert_same_bits(keep_mask(attr, backend="triton", **args),
+                      keep_mask(attr, backend="reference", **args))

@@ -1,0 +1,203 @@
+"""Masked flash attention (Triton, fwd + bwd) vs eager reference attention with the unpacked
+AD-DROP mask, key padding, 4-D masks and Philox attention dropout."""
+import pytest
+import torch
+from conftest import require_backend
+
+from regdrop_fast.addrop.attention import masked_attention
+from regdrop_fast.addrop.mask import keep_mask
+from regdrop_fast.masks import PackedMask, pack_mask, unpack_mask
+from regdrop_fast.reference import addrop as ref
+
+
+def _inputs(batch, heads, lq, lk, d, device, gen, dtype=torch.float32):
+    return [torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64).to(device, dtype)
+            for n in (lq, lk, lk)]
+
+
+def _run(fn, q, k, v, grad, **kwargs):
+    """Output and (dq, dk, dv) of fn(q, k, v, **kwargs) for the upstream gradient `grad`."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, **kwargs)
+    out.backward(grad.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _compare(q, k, v, keep=None, rtol=1e-5, atol=1e-5, **kwargs):
+    """Triton fp32 vs the reference in fp64 (same masks, same Philox dropout decisions)."""
+    gen = torch.Generator().manual_seed(99)
+    grad = torch.randn(*q.shape, generator=gen, dtype=torch.float64).to(q.device)
+    got = _run(masked_attention, q, k, v, grad, keep=keep, backend="triton", **kwargs)
+    dense = None if keep is None else unpack_mask(keep, backend="reference")
+    ref_kwargs = dict(kwargs)
+    if kwargs.get("attn_mask") is not None and kwargs["attn_mask"].is_floating_point():
+        ref_kwargs["attn_mask"] = kwargs["attn_mask"].double()
+    want = _run(ref.masked_attention, q.double(), k.double(), v.double(), grad, keep=dense,
+                **ref_kwargs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    return got
+
+
+def _padding(batch, lk, lengths, device):
+    return torch.arange(lk)[None, :].expand(batch, lk).lt(torch.tensor(lengths)[:, None]).to(device)
+
+
+def test_plain_attention_matches_eager(device):
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(0)
+    _compare(*_inputs(2, 2, 33, 33, 16, device, gen))
+
+
+def test_keep_mask_and_padding_with_an_all_pad_sample(device):
+    """Sample 1 has no real key: its rows are fully masked -> zeros and zero gradients."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _inputs(2, 2, 20, 20, 32, device, gen)
+    kpm = _padding(2, 20, [13, 0], device)
+    keep = keep_mask(torch.randn(2, 2, 20, 20, generator=gen).to(device), 0.4, 0.8, kpm,
+                     seed=3, backend="reference")
+    out, dq, dk, dv = _compare(q, k, v, keep=keep, attn_mask=kpm)
+    for t in (out, dq, dk, dv):
+        assert torch.count_nonzero(t[1]) == 0
+    assert torch.count_nonzero(out[0]) == out[0].numel()
+
+
+def test_dropout_with_keep_mask_and_padding(device):
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _inputs(2, 2, 33, 33, 16, device, gen)
+    kpm = _padding(2, 33, [33, 21], device)
+    keep = keep_mask(torch.randn(2, 2, 33, 33, generator=gen).to(device), 0.3, 0.5, kpm,
+                     backend="reference")
+    _compare(q, k, v, keep=keep, attn_mask=kpm, dropout_p=0.25, seed=2**35 + 1, step=7,
+             stream=3)
+
+
+def test_single_query_and_key(device):
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _inputs(2, 2, 1, 1, 16, device, gen)
+    keep = pack_mask(torch.tensor([True, False]).view(2, 1, 1, 1).expand(2, 2, 1, 1)
+                     .contiguous().to(device))
+    out = _compare(q, k, v, keep=keep)[0]
+    torch.testing.assert_close(out[0], v[0])
+    assert torch.count_nonzero(out[1]) == 0
+
+
+def test_4d_bool_mask_and_lq_ne_lk(device):
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = _inputs(2, 2, 7, 40, 16, device, gen)
+    attn_mask = (torch.rand(2, 1, 7, 40, generator=gen) < 0.7).to(device)
+    attn_mask[0, 0, 3] = False  # one fully masked row
+    keep = keep_mask(torch.randn(2, 2, 7, 40, generator=gen).to(device), 0.5, 0.5,
+                     backend="reference")
+    out = _compare(q, k, v, keep=keep, attn_mask=attn_mask)[0]
+    assert torch.count_nonzero(out[0, :, 3]) == 0
+
+
+def test_additive_mask_and_strided_inputs(device):
+    """Additive float mask with −inf entries; q/k/v as transposed views of [B,L,H,D] (HF)."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2)
+               for t in _inputs(2, 3, 18, 18, 16, device, gen))
+    assert not q.is_contiguous()
+    bias = torch.randn(2, 1, 18, 18, generator=gen).to(device)
+    bias[:, :, :, 15:] = float("-inf")
+    _compare(q, k, v, attn_mask=bias, scale=0.3)
+
+
+def test_dropout_decisions_follow_the_philox_contract(device):
+    """q = 0 makes the attention uniform and v = I exposes each kept probability:
+    out[b,h,i,j] = Z[b,h,i,j] / ((1 − p)·Lk). Z must equal the reference's Philox decisions
+    (word < floor((1 − p)·2^32) at the element's flat index) and drop about p of them."""
+    require_backend("triton", device)
+    batch, heads, lq, lk, p = 2, 2, 48, 16, 0.3
+    q = torch.zeros(batch, heads, lq, 16, device=device)
+    k = torch.randn(batch, heads, lk, 16, device=device)
+    v = torch.eye(lk, 16, device=device).expand(batch, heads, lk, 16).contiguous()
+    args = dict(dropout_p=p, seed=77, step=5, stream=2)
+    out = masked_attention(q, k, v, backend="triton", **args)
+    kept = out * (1 - p) * lk > 0.5
+    want = ref.dropout_keep((batch, heads, lq, lk), p, 77, 5, 2, device)
+    assert torch.equal(kept, want)
+    assert abs(1 - kept.float().mean().item() - p) < 0.03
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / ((1 - p) * lk)))
+    other = masked_attention(q, k, v, backend="triton", **dict(args, step=6))
+    assert not torch.equal(other, out)
+
+
+def test_reference_backend_through_public_api():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = _inputs(1, 2, 5, 9, 16, "cpu", gen)
+    kpm = _padding(1, 9, [6], "cpu")
+    keep = keep_mask(torch.randn(1, 2, 5, 9, generator=gen), 0.3, 1.0, kpm, backend="reference")
+    out = masked_attention(q, k, v, keep, attn_mask=kpm, backend="reference")
+    dense = unpack_mask(keep) & kpm[:, None, None, :]
+    scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~dense, float("-inf"))
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ v)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(q=torch.randn(2, 3, 16)), ValueError, "q must have 4"),
+    (dict(k=torch.randn(1, 2, 5, 16, dtype=torch.float64)), TypeError, "k must have dtype"),
+    (dict(k=torch.randn(1, 2, 5, 16).half()), TypeError, "share a dtype"),
+    (dict(v=torch.randn(1, 2, 6, 16)), ValueError, "k and v must be"),
+    (dict(k=torch.randn(1, 2, 5, 8), v=torch.randn(1, 2, 5, 8)), ValueError, "k and v must be"),
+    (dict(q=torch.randn(0, 2, 4, 16), k=torch.randn(0, 2, 5, 16), v=torch.randn(0, 2, 5, 16)),
+     ValueError, "non-empty"),
+    (dict(keep=torch.ones(1, 2, 4, 5, dtype=torch.bool)), TypeError, "PackedMask"),
+    (dict(keep=PackedMask(torch.zeros(1, 2, 4, 1, dtype=torch.int32), (1, 2, 4, 6))),
+     ValueError, "keep must have shape"),
+    (dict(attn_mask=torch.ones(1, 4, dtype=torch.bool)), ValueError, "2-D attn_mask"),
+    (dict(attn_mask=torch.ones(1, 5)), TypeError, "key padding"),
+    (dict(attn_mask=torch.ones(1, 2, 4, 5, dtype=torch.long)), TypeError, "attn_mask"),
+    (dict(attn_mask=torch.ones(1, 3, 4, 5, dtype=torch.bool)), ValueError, "broadcast"),
+    (dict(attn_mask=torch.ones(1, 5, dtype=torch.bool)[0]), ValueError, "attn_mask"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(scale=-1.0), ValueError, "scale"),
+    (dict(step=2**32), ValueError, "step"),
+])
+def test_bad_input(kwargs, error, match):
+    args = dict(q=torch.randn(1, 2, 4, 16), k=torch.randn(1, 2, 5, 16),
+                v=torch.randn(1, 2, 5, 16), backend="reference")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        masked_attention(**args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lq,lk,d,dropout_p", [(64, 64, 32, 0.0), (50, 37, 32, 0.1),
+                                               (64, 100, 16, 0.5)])
+def test_larger_shapes(device, lq, lk, d, dropout_p):
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(lq + lk)
+    q, k, v = _inputs(2, 2, lq, lk, d, device, gen)
+    kpm = _padding(2, lk, [lk, lk // 3], device)
+    keep = keep_mask(torch.randn(2, 2, lq, lk, generator=gen).to(device), 0.3, 0.6, kpm,
+                     seed=lq, backend="reference")
+    _compare(q, k, v, keep=keep, attn_mask=kpm, dropout_p=dropout_p, seed=1, step=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lq,lk,dropout_p", [(128, 128, 0.0), (512, 512, 0.1), (200, 333, 0.0)])
+def test_cuda_bf16(lq, lk, dropout_p):
+    """bf16 kernel error vs the fp64 reference within 3x the error of eager bf16 + 1e-2."""
+    gen = torch.Generator().manual_seed(lq)
+    q, k, v = _inputs(2, 4, lq, lk, 64, "cuda", gen, torch.bfloat16)
+    kpm = _padding(2, lk, [lk, lk // 2], "cuda")
+    keep = keep_mask((q, k), 0.3, 0.5, kpm, seed=3, backend="triton")
+    grad = torch.randn(2, 4, lq, 64, generator=gen, dtype=torch.float64).cuda()
+    args = dict(attn_mask=kpm, dropout_p=dropout_p, seed=5)
+    dense = unpack_mask(keep)
+    got = _run(masked_attention, q, k, v, grad, keep=keep, backend="triton", **args)
+    want = _run(ref.masked_attention, q.double(), k.double(), v.double(), grad, keep=dense,
+                **args)
+    eager = _run(ref.masked_attention, q, k, v, grad, keep=dense, upcast=False, **args)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, want, eager):
+        err = (a.double() - b).abs().max().item()
+        eager_err = (c.double() - b).abs().max().item()
+        assert err <= 3 * eager_err + 1e-2, f"{name}: kernel {err}, eager bf16 {eager_err}"
