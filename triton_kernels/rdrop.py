@@ -187,23 +187,27 @@ def rdrop_scale_grads_kernel(
         tl.store(p2, (b * go[:, None]).to(g2_ptr.dtype.element_ty), mask=mask)
 
 
-def _tile(n_rows: int, n_cols: int, block_v=None):
+def _tile(n_rows: int, n_cols: int, block_v=None, block_n=None):
     """(BLOCK_N, BLOCK_V, num_warps): small-V rows are packed BLOCK_N to a program while
-    keeping >= ~512 programs for parallelism; long rows get one program each."""
+    keeping >= ~512 programs for parallelism; long rows get one program each. block_v/block_n
+    override the choice (powers of two; tests use them to reach every code path)."""
     if block_v is None:
         block_v, num_warps = calculate_settings(n_cols, MAX_BLOCK_V)
     else:
         if block_v < 1 or block_v & (block_v - 1):
             raise ValueError(f"block_v must be a power of two, got {block_v}")
         num_warps = calculate_settings(block_v, block_v)[1]
-    block_n = max(1, min(MAX_TILE // block_v, triton.next_power_of_2(triton.cdiv(n_rows, 512))))
+    if block_n is None:
+        block_n = max(1, min(MAX_TILE // block_v, triton.next_power_of_2(triton.cdiv(n_rows, 512))))
+    elif block_n < 1 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
     if block_n * block_v >= 2048:
         num_warps = max(num_warps, 8 if block_n * block_v >= 4096 else 4)
     return block_n, block_v, num_warps
 
 
 def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, scale, need_grad, g1=None, g2=None,
-                  block_v=None):
+                  block_v=None, block_n=None):
     """Launch the fused forward on 2-D logits [N, V] (last-dim stride 1).
 
     labels: int [N] or None. scale: fp32 tensor [1] on the device (gradient weight of a counted
@@ -214,7 +218,7 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, scale, need_grad, g1=
     if need_grad:
         g1 = torch.empty_like(z1) if g1 is None else g1
         g2 = torch.empty_like(z2) if g2 is None else g2
-    block_n, block_v, num_warps = _tile(n_rows, n_cols, block_v)
+    block_n, block_v, num_warps = _tile(n_rows, n_cols, block_v, block_n)
     has_labels = labels is not None
     grid = (triton.cdiv(n_rows, block_n),)
     rdrop_fwd_kernel[grid](

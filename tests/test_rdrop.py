@@ -1,0 +1,313 @@
+"""rdrop_loss: every backend vs autograd of the float64 reference (loss and both gradients),
+edge cases, bad input, torch.compile without graph breaks."""
+import pytest
+import torch
+
+from conftest import require_backend
+from regdrop_fast import rdrop_loss, RDropLoss
+from regdrop_fast.reference.rdrop import (rdrop_grads_reference, rdrop_loss_reference,
+                                          rdrop_regression_reference)
+
+TOLS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def assert_rel(actual, expected, tol, what):
+    """Normwise relative error: max|a - e| <= tol * max|e| (+ a tiny floor for zeros)."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= tol * scale + 1e-12, f"{what}: max abs err {err:.3e} vs tol {tol} * {scale:.3e}"
+
+
+def make_inputs(shape, device, dtype=torch.float32, scale=3.0, ignore_frac=0.25, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_classes = shape[-1]
+    z1 = (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+    z2 = (z1.float().cpu() + torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
+    labels = torch.randint(0, n_classes, shape[:-1], generator=gen)
+    labels[torch.rand(shape[:-1], generator=gen) < ignore_frac] = -100
+    return z1, z2, labels.to(device)
+
+
+def run_backend(z1, z2, labels, backend, grad_seed=1, **kw):
+    a = z1.detach().clone().requires_grad_(True)
+    b = z2.detach().clone().requires_grad_(True)
+    loss = rdrop_loss(a, b, labels, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(grad_seed)
+    go = (torch.rand(loss.shape, generator=gen) + 0.5).to(loss.device)
+    loss.backward(go)
+    return loss, a.grad, b.grad, go
+
+
+def check_against_reference(z1, z2, labels, backend, dtype, **kw):
+    loss, g1, g2, go = run_backend(z1, z2, labels, backend, **kw)
+    ref, r1, r2 = rdrop_grads_reference(z1, z2, labels, grad_output=go, **kw)
+    tol = TOLS[dtype]
+    assert loss.dtype == torch.float32
+    assert g1.dtype == dtype and g2.dtype == dtype
+    assert_rel(loss, ref, tol, "loss")
+    assert_rel(g1, r1, tol, "grad logits1")
+    assert_rel(g2, r2, tol, "grad logits2")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("n_classes", [3, 257, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fp32_matches_float64_reference(device, backend, n_classes, reduction):
+    require_backend(backend, device)
+    z1, z2, labels = make_inputs((7, n_classes), device, seed=n_classes)
+    check_against_reference(z1, z2, labels, backend, torch.float32, alpha=0.7,
+                            reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_1e2(device, backend, dtype):
+    require_backend(backend, device)
+    z1, z2, labels = make_inputs((2, 3, 257), device, dtype=dtype)
+    check_against_reference(z1, z2, labels, backend, dtype, alpha=1.3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("ce,with_labels", [(True, True), (False, True), (True, False)])
+def test_three_dim_ce_flag_and_no_labels(device, backend, ce, with_labels):
+    require_backend(backend, device)
+    z1, z2, labels = make_inputs((2, 5, 33), device, seed=3)
+    labels = labels if with_labels else None
+    check_against_reference(z1, z2, labels, backend, torch.float32, alpha=2.0, ce=ce,
+                            reduction="none")
+    check_against_reference(z1, z2, labels, backend, torch.float32, alpha=2.0, ce=ce)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_extreme_logits(device, backend):
+    require_backend(backend, device)
+    gen = torch.Generator().manual_seed(5)
+    z1 = (torch.randint(-1, 2, (6, 257), generator=gen) * 1e4).float().to(device)
+    z2 = (torch.randn(6, 257, generator=gen) * 1e4).to(device)
+    z2[0] = z1[0]  # identical extreme rows: KL exactly 0
+    labels = torch.randint(0, 257, (6,), generator=gen).to(device)
+    check_against_reference(z1, z2, labels, backend, torch.float32, alpha=0.5)
+
+
+def test_kernel_paths_multi_block_and_row_tiles(device):
+    """The launcher's loop over V blocks and multi-row tiles (tail rows, ignored rows)."""
+    require_backend("triton", device)
+    from regdrop_fast.triton_kernels.rdrop import rdrop_forward
+
+    for n_classes, block_v, block_n in [(1000, 256, 1), (257, 64, 4), (3, 4, 8), (1000, 1024, 2)]:
+        z1, z2, labels = make_inputs((10, n_classes), device, seed=block_v)
+        scale = torch.full((1,), 0.25, device=device)
+        rows, g1, g2 = rdrop_forward(z1, z2, labels, 0.9, -100, True, scale, True,
+                                     block_v=block_v, block_n=block_n)
+        ref, r1, r2 = rdrop_grads_reference(z1, z2, labels, alpha=0.9, reduction="none",
+                                            grad_output=torch.full((10,), 0.25))
+        assert_rel(rows, ref, 1e-5, f"row loss V={n_classes}")
+        assert_rel(g1, r1, 1e-5, f"grad1 V={n_classes}")
+        assert_rel(g2, r2, 1e-5, f"grad2 V={n_classes}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_gives_zero(device, backend, reduction):
+    require_backend(backend, device)
+    z1, z2, _ = make_inputs((4, 9), device)
+    labels = torch.full((4,), -100, device=device)
+    loss, g1, g2, _ = run_backend(z1, z2, labels, backend, reduction=reduction)
+    assert torch.equal(loss.cpu(), torch.zeros_like(loss).cpu())
+    assert torch.equal(g1.cpu(), torch.zeros_like(g1).cpu())
+    assert torch.equal(g2.cpu(), torch.zeros_like(g2).cpu())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ignore_index_rows_and_custom_ignore(device, backend):
+    require_backend(backend, device)
+    z1, z2, labels = make_inputs((8, 11), device, ignore_frac=0.0)
+    labels[::3] = 5
+    loss, g1, g2, _ = run_backend(z1, z2, labels, backend, ignore_index=5, reduction="none")
+    ignored = (labels == 5).cpu()
+    assert (loss.detach().cpu()[ignored] == 0).all() and (loss.detach().cpu()[~ignored] > 0).all()
+    assert (g1.cpu()[ignored] == 0).all() and (g2.cpu()[ignored] == 0).all()
+    check_against_reference(z1, z2, labels, backend, torch.float32, ignore_index=5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_identical_passes_have_zero_kl(device, backend):
+    require_backend(backend, device)
+    z1, _, labels = make_inputs((5, 17), device)
+    kl = rdrop_loss(z1, z1.clone(), labels, ce=False, backend=backend)
+    assert abs(kl.item()) < 1e-6
+    ce_only = rdrop_loss(z1, z1.clone(), labels, alpha=0.0, backend=backend, reduction="sum")
+    expected = 2 * torch.nn.functional.cross_entropy(z1, labels, reduction="sum")
+    assert abs(ce_only.item() - expected.item()) <= 1e-5 * expected.item()
+
+
+def test_reference_backend_closed_form_matches_autograd_fp64(device):
+    z1, z2, labels = make_inputs((6, 13), device)
+    a = z1.double().requires_grad_(True)
+    b = z2.double().requires_grad_(True)
+    loss = rdrop_loss(a, b, labels, alpha=0.8, backend="reference")
+    loss.backward()
+    assert loss.dtype == torch.float64
+    ref, r1, r2 = rdrop_grads_reference(z1, z2, labels, alpha=0.8)
+    assert_rel(a.grad, r1, 1e-12, "closed-form grad1")
+    assert_rel(b.grad, r2, 1e-12, "closed-form grad2")
+    assert torch.autograd.gradcheck(
+        lambda x, y: rdrop_loss_reference(x, y, labels[:3], alpha=0.8),
+        (z1[:3, :5].double().requires_grad_(True), z2[:3, :5].double().requires_grad_(True)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_regression_head(device, backend):
+    require_backend(backend, device)
+    gen = torch.Generator().manual_seed(2)
+    p1 = torch.randn(6, 1, generator=gen).to(device).requires_grad_(True)
+    p2 = torch.randn(6, 1, generator=gen).to(device).requires_grad_(True)
+    y = torch.randn(6, generator=gen).to(device)
+    loss = rdrop_loss(p1, p2, y, alpha=0.3, backend=backend)
+    loss.backward()
+    a, b = p1.detach().double().requires_grad_(True), p2.detach().double().requires_grad_(True)
+    ref = rdrop_regression_reference(a, b, y.double(), alpha=0.3)
+    ref.backward()
+    expected = (0.3 * (a - b).square() + (a[:, 0] - y.double())[:, None].square()
+                + (b[:, 0] - y.double())[:, None].square()).mean()
+    assert_rel(ref, expected, 1e-12, "regression reference")
+    assert_rel(loss, ref, 1e-6, "regression loss")
+    assert_rel(p1.grad, a.grad, 1e-6, "regression grad1")
+    assert_rel(p2.grad, b.grad, 1e-6, "regression grad2")
+
+
+def test_module_matches_functional(device):
+    z1, z2, labels = make_inputs((4, 7), device)
+    module = RDropLoss(alpha=0.4, reduction="sum")
+    assert torch.equal(module(z1, z2, labels), rdrop_loss(z1, z2, labels, alpha=0.4,
+                                                          reduction="sum"))
+    assert "alpha=0.4" in repr(module)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_grad_and_partial_grad(device, backend):
+    require_backend(backend, device)
+    z1, z2, labels = make_inputs((4, 7), device)
+    with torch.no_grad():
+        plain = rdrop_loss(z1, z2, labels, backend=backend)
+    a = z1.clone().requires_grad_(True)
+    loss = rdrop_loss(a, z2, labels, backend=backend)
+    loss.backward()
+    _, r1, _ = rdrop_grads_reference(z1, z2, labels)
+    assert_rel(plain, loss.detach(), 1e-6, "no_grad loss")
+    assert_rel(a.grad, r1, 1e-5, "grad with one side frozen")
+
+
+def test_triton_backward_twice_is_refused(device):
+    require_backend("triton", device)
+    z1, z2, labels = make_inputs((4, 7), device)
+    a = z1.clone().requires_grad_(True)
+    loss = rdrop_loss(a, z2, labels, backend="triton")
+    loss.backward(torch.tensor(2.0, device=device), retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward(torch.tensor(2.0, device=device))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs_name_the_argument(device, backend):
+    require_backend(backend, device)
+    z1, z2, labels = make_inputs((4, 7), device)
+    cases = [
+        (dict(logits2=z2[:, :6]), ValueError, "logits2"),
+        (dict(labels=labels[:3]), ValueError, "labels"),
+        (dict(labels=labels.float()), TypeError, "labels"),
+        (dict(alpha=-0.1), ValueError, "alpha"),
+        (dict(alpha=float("nan")), ValueError, "alpha"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(logits1=z1[:0], logits2=z2[:0], labels=labels[:0]), ValueError, "empty"),
+        (dict(logits1=z1.long(), logits2=z2.long()), TypeError, "logits1"),
+        (dict(logits2=z2.double()), TypeError, "logits2"),
+        (dict(labels=torch.tensor([0, 1, 7, 2], device=device)), ValueError, "labels"),
+        (dict(labels=torch.tensor([0, -1, 2, 2], device=device)), ValueError, "labels"),
+        (dict(logits1=z1[:, :1], logits2=z2[:, :1]), ValueError, "V=1"),
+        (dict(logits1=z1[:, :1], logits2=z2[:, :1], labels=labels.float(),
+              task="classification"), ValueError, "logits1"),
+        (dict(task="ranking"), ValueError, "task"),
+    ]
+    for override, error, match in cases:
+        kw = {**dict(logits1=z1, logits2=z2, labels=labels, backend=backend), **override}
+        with pytest.raises(error, match=match):
+            rdrop_loss(**kw)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf arithmetic in the interpreter
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_logits(device, value):
+    z1, z2, labels = make_inputs((4, 7), device, ignore_frac=0.0)
+    z1[1, 3] = value
+    with pytest.raises(ValueError, match="logits1 contains inf or NaN"):
+        rdrop_loss(z1, z2, labels, backend="reference")
+    with pytest.raises(ValueError, match="logits1"):
+        rdrop_loss_reference(z1, z2, labels)
+    if torch.device(device).type == "cpu" and "triton" not in _available(device):
+        return
+    with pytest.raises(ValueError, match="logits1 contains inf or NaN"):
+        rdrop_loss(z1, z2, labels, backend="triton", check_finite=True)
+    # documented kernel behaviour without the check: that row's loss and gradients are NaN
+    a = z1.clone().requires_grad_(True)
+    rows = rdrop_loss(a, z2, labels, backend="triton", reduction="none")
+    rows.sum().backward()
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3]]).all()
+    assert torch.isnan(a.grad[1]).all() and torch.isfinite(a.grad[[0, 2, 3]]).all()
+
+
+def test_unchecked_out_of_range_label_gives_nan_row(device):
+    require_backend("triton", device)
+    z1, z2, labels = make_inputs((4, 7), device, ignore_frac=0.0)
+    labels[2] = 9
+    rows = rdrop_loss(z1, z2, labels, backend="triton", reduction="none", check_labels=False)
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
+
+
+def _available(device):
+    from regdrop_fast import backends
+    return backends.available(device)
+
+
+def _compiled_step(z1, z2, labels, backend):
+    def step(a, b, y):
+        return rdrop_loss(a, b, y, alpha=0.5, backend=backend) * 2.0
+    return step
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_has_no_graph_break(device, backend):
+    require_backend(backend, device)
+    import torch._dynamo
+
+    z1, z2, labels = make_inputs((5, 9), device)
+    step = _compiled_step(z1, z2, labels, backend)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(z1, z2, labels)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a = z1.clone().requires_grad_(True)
+    b = z2.clone().requires_grad_(True)
+    loss = compiled(a, b, labels)
+    loss.backward()
+    ref, r1, r2 = rdrop_grads_reference(z1, z2, labels, alpha=0.5,
+                                        grad_output=torch.tensor(2.0))
+    assert_rel(loss, 2 * ref, 1e-5, "compiled loss")
+    assert_rel(a.grad, r1, 1e-5, "compiled grad1")
+    assert_rel(b.grad, r2, 1e-5, "compiled grad2")
+
+
+def test_backend_environment_variable(device, monkeypatch):
+    from regdrop_fast.backends import BackendUnavailableError
+
+    z1, z2, labels = make_inputs((3, 5), device)
+    monkeypatch.setenv("REGDROP_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="rdrop_loss has no 'cuda' backend"):
+        rdrop_loss(z1, z2, labels)
+    monkeypatch.setenv("REGDROP_FAST_BACKEND", "reference")
+    assert torch.isfinite(rdrop_loss(z1, z2, labels))
