@@ -17,7 +17,7 @@ set -uo pipefail
 
 usage() {
     cat >&2 <<'EOF'
-usage: bash benchmarks/gpu_check.sh OUTDIR [--quick] [--ops "OP ..."] [--with-slow] [--budget SECONDS]
+usage: bash benchmarks/gpu_check.sh OUTDIR [--quick] [--ops "OP ..."] [--with-slow] [--budget S]
   --quick          quick benchmark sizes (default: full sizes)
   --ops "OP ..."   only these benches (bench_<op>.py), e.g. --ops "philox masks"
   --with-slow      include tests marked slow in the whole-suite run
@@ -47,7 +47,8 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn",
       torch.backends.cudnn.version())
 print("cuda available", torch.cuda.is_available())
 if torch.cuda.is_available():
-    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+    print("device", torch.cuda.get_device_name(0),
+          "capability", torch.cuda.get_device_capability(0))
 for name in ("triton", "transformers", "numpy", "matplotlib", "ninja", "setuptools", "pytest",
              "hypothesis"):
     try:

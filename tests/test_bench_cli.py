@@ -211,3 +211,25 @@ def test_gpu_check_script_is_valid_bash():
     assert result.returncode == 0, result.stderr
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr.lower()
+
+
+def test_markdown_of_a_cuda_run_shows_copy_share_and_missing_backends():
+    # the CUDA-only parts of the report, from a synthetic run (no GPU needed)
+    from regdrop_fast.benchmarking.report import add_speedups, markdown
+    from regdrop_fast.benchmarking.runner import RunResult
+
+    env = {"device_name": "Some GPU", "torch_version": "2.x", "triton_version": "3.x",
+           "python_version": "3.12", "cuda_version": "12.8", "timestamp": "t", "quick": False,
+           "copy_gbps": 1000.0, "unavailable_backends": {"cuda": "built without CUDA kernels"}}
+    common = {"op": "toy", "case": "n=8", "dtype": "bool", "baseline": "base",
+              "device": "cuda", "p20_ms": None, "p80_ms": None}
+    rows = [dict(common, impl="base", ms=2.0, gbps=250.0, peak_mem_bytes=3 * 2 ** 20),
+            dict(common, impl="ours", ms=0.5, gbps=500.0, peak_mem_bytes=2 ** 20)]
+    add_speedups(rows)
+    md = markdown(RunResult(env=env, rows=rows, benches=["toy"]), "cuda")
+    assert "NOT performance" not in md
+    assert "`cuda`: built without CUDA kernels" in md
+    assert "GB/s (% of copy)" in md
+    table = _table_rows(md, "toy")
+    assert table[1][2:] == ["ours", "0.5", "4x vs base", "500 (50%)", "1.0 MiB", ""]
+    assert table[0][4:7] == ["baseline", "250 (25%)", "3.0 MiB"]

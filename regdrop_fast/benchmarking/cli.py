@@ -1,4 +1,6 @@
-"""`regdrop-fast bench`: run benchmarks/bench_<op>.py, write results.jsonl/.md/.png, print the table.
+"""`regdrop-fast bench`: run the bench_<op>.py scripts; write results.jsonl/.md/.png.
+
+The markdown table is also printed to stdout; progress and tracebacks go to stderr.
 
 Exit status: 0 when every bench ran, 1 when any failed (the others still report), 2 for bad
 arguments (unknown op, missing bench directory, CUDA asked for but absent).

@@ -59,6 +59,13 @@ def _speedup(row: dict) -> str:
     return f"{row['speedup']:.3g}x vs {row['baseline']}"
 
 
+def _gbps(row: dict, ceiling: Optional[float]) -> str:
+    if row.get("gbps") is None:
+        return "n/a"
+    share = f" ({100 * row['gbps'] / ceiling:.0f}%)" if ceiling else ""
+    return _num(row["gbps"]) + share
+
+
 def _mem(row: dict) -> str:
     if row.get("peak_mem_bytes") is None:
         return "n/a (CPU)" if row.get("device", "").startswith("cpu") else "n/a"
@@ -86,21 +93,31 @@ def markdown(result: RunResult, device_type: str) -> str:
         f"{', '.join(result.benches) or 'none'}",
         "- ms: median (p20–p80) of many runs: triton.testing.do_bench on CUDA, perf_counter on "
         "CPU; speedup = baseline ms / impl ms, measured in the same run (above 1 = faster); "
-        "GB/s = the bytes each bench counts (see its docstring) / median time",
+        "GB/s = the bytes each bench counts (see its docstring) / median time"
+        + (f", with its share of this device's measured copy bandwidth "
+           f"({_num(env['copy_gbps'])} GB/s, read + write of a 1 GiB copy)"
+           if env.get("copy_gbps") else ""),
     ]
     if device_type == "cpu":
-        lines.append(f"- CPU threads: {env.get('cpu_threads')}")
+        load = env.get("load_avg_1m")
+        lines.append(f"- CPU threads: {env.get('cpu_threads')} of {env.get('cpu_count')} cores; "
+                     f"1-minute load average at start: "
+                     f"{'n/a' if load is None else f'{load:.1f}'} (other work on the machine "
+                     f"makes CPU timings noisy: see the p20–p80 spread)")
         lines += ["", CPU_NOTE]
-    if not env.get("cpp_extension"):
-        lines += ["", "C++ extension regdrop_fast._C is not built: no `cpu`/`cuda` rows "
-                      "(build it with `make build`)."]
+    missing = env.get("unavailable_backends") or {}
+    if missing:
+        lines += ["", "Backends not benchmarked (no rows for them):", ""]
+        lines += [f"- `{name}`: {_cell(reason)}" for name, reason in missing.items()]
+    gbps_title = "GB/s (% of copy)" if env.get("copy_gbps") else "GB/s"
     for op in _ops(result.rows):
         lines += ["", f"## {op}", "",
-                  "| case | dtype | impl | ms (p20–p80) | speedup | GB/s | peak mem | notes |",
+                  f"| case | dtype | impl | ms (p20–p80) | speedup | {gbps_title} | peak mem "
+                  "| notes |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in (r for r in result.rows if r["op"] == op):
             cells = [row["case"], row["dtype"], row["impl"], _ms(row), _speedup(row),
-                     _num(row.get("gbps")), _mem(row), row.get("note") or ""]
+                     _gbps(row, env.get("copy_gbps")), _mem(row), row.get("note") or ""]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     if not result.rows:
         lines += ["", "No results were recorded."]

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import backends
-from . import BenchContext
+from . import BenchContext, time_fn
 
 __all__ = ["BenchFailure", "RunResult", "find_benches", "select", "environment", "run_benches"]
 
@@ -82,6 +82,22 @@ def _triton_version() -> Optional[str]:
     return getattr(triton, "__version__", None)
 
 
+def copy_bandwidth_gbps(device: torch.device) -> Optional[float]:
+    """Achieved GB/s (read + write) of a 1 GiB device-to-device copy: the measured ceiling that
+    the GB/s of memory-bound kernels is compared with (DESIGN.md, "Benchmarks").
+
+    CUDA only: on a CPU the bench tensors sit partly in cache and the machine is shared, so a
+    DRAM copy figure would be no ceiling for them (None)."""
+    if device.type != "cuda":
+        return None
+    src = torch.ones(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device)["ms"]
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / (ms * 1e-3) / 1e9
+
+
 def environment(device: torch.device, quick: bool) -> dict:
     """Fields added to every row of this run."""
     if device.type == "cuda":
@@ -96,11 +112,19 @@ def environment(device: torch.device, quick: bool) -> dict:
         "python_version": platform.python_version(),
         "cuda_version": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),
-        "cpp_extension": backends.unavailable_reason("cpu") is None,
+        "cpu_count": os.cpu_count(),
+        # other work on the machine distorts CPU timings; kept so a reader can judge them
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # kernel backends this device could have and why any cannot run (their rows are absent)
+        "unavailable_backends": {
+            name: backends.unavailable_reason(name, device)
+            for name in (("cpu",) if device.type == "cpu" else ("triton", "cuda"))
+            if backends.unavailable_reason(name, device) is not None},
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "timestamp": now.isoformat(timespec="seconds"),
         "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"),
         "quick": bool(quick),
+        "copy_gbps": copy_bandwidth_gbps(device),
     }
 
 
@@ -137,7 +161,7 @@ def run_benches(benches: Dict[str, Path], device: torch.device, quick: bool,
         except BaseException as exc:  # SystemExit from a script is a failure too, not our exit
             tb = traceback.format_exc()
             print(tb, file=sys.stderr, end="")
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+            error = type(exc).__name__ + (f": {str(exc).splitlines()[0]}" if str(exc) else "")
             result.failures.append(BenchFailure(op, error, tb))
             log(f"[bench] {op}: FAILED after {time.perf_counter() - start:.1f} s ({error}); "
                 f"{len(ctx.rows)} row(s) recorded before the failure are kept")
