@@ -110,6 +110,8 @@ class ADDropAttention:
             try:
                 yield self.records
             finally:
+                # the caller keeps the yielded dict; the state drops its graph references
+                self.records = {}
                 self.materialize = False
                 self.output_scale = {}
                 self.active = self.layers
