@@ -14,9 +14,11 @@ negatives' magnitude bits flipped, −0 folded into +0); the rank-th smallest ke
 32-step bisection on the key's bits (count of keys below each probe), then candidates are the
 keys >= it, so ties are included exactly like the sort-based reference.
 
-Two paths (constexpr RESIDENT): when the padded row fits one tile, a program computes its
-BLOCK_M rows' scores once and bisects in registers; otherwise it streams key tiles, recomputing
-each tile's scores (dO·Vᵀ or attribution loads) for each of the 33 passes.
+Two paths (constexpr RESIDENT): when the padded row fits one tile (16 rows x the row in
+registers, and V's [D, row] dot operand within 64 KiB of shared memory: Lk <= 512 for bf16
+D=64), a program computes its rows' scores once and bisects in registers; otherwise it streams
+key tiles (64 rows per program on GPU), recomputing each tile's scores (dO·Vᵀ or attribution
+loads) for each of the 33 passes: 33x the dot FLOPs, traded for no L² scratch.
 
 Memory traffic per (b,h): dO and V read once per BLOCK_M rows (resident; ×33 from L2 when
 streamed), key padding mask Lk bytes, mask written Lq·Lk/8 bytes. Attribution input instead:
@@ -30,9 +32,11 @@ from .philox import philox_word
 
 INT32_MAX: tl.constexpr = 2147483647
 SIGN_BIT: tl.constexpr = 2147483648
-BLOCK_M_ROWS = 16  # query rows per program (tl.dot needs at least 16)
-RESIDENT_MAX_ELEMS = 32768  # BLOCK_M x padded row held in registers by the resident path
-STREAM_BLOCK_N = 256  # key tile of the streamed path on GPU
+RESIDENT_BLOCK_M = 16  # query rows per program on the resident path (tl.dot needs >= 16)
+RESIDENT_MAX_ELEMS = 32768  # BLOCK_M x padded row of scores and keys held in registers
+RESIDENT_MAX_OPERAND = 65536  # bytes of the [D, padded row] V operand staged in shared memory
+STREAM_BLOCK_M = 64  # streamed path on GPU: more rows per program amortize the V re-reads
+STREAM_BLOCK_N = 128
 
 
 @triton.jit
@@ -192,23 +196,29 @@ def keep_mask_bits(attr, v, key_padding_mask, rank, drop_threshold: int, seed: i
     if words.numel() == 0:
         return words
     lk_pad = max(32, triton.next_power_of_2(lk))
-    resident = block_n is None and BLOCK_M_ROWS * lk_pad <= RESIDENT_MAX_ELEMS
-    tile_n = lk_pad if resident else (block_n or STREAM_BLOCK_N)
+    block_d = max(16, triton.next_power_of_2(d))
+    resident = block_n is None and RESIDENT_BLOCK_M * lk_pad <= RESIDENT_MAX_ELEMS and (
+        from_attr or block_d * lk_pad * attr.element_size() <= RESIDENT_MAX_OPERAND)
+    if resident:
+        block_m, tile_n = RESIDENT_BLOCK_M, lk_pad
+    else:
+        # the interpreter gains nothing from big tiles; tests force small ones via block_n
+        block_m = RESIDENT_BLOCK_M if attr.device.type == "cpu" else STREAM_BLOCK_M
+        tile_n = block_n or STREAM_BLOCK_N
     if tile_n % 32:
         raise ValueError(f"block_n must be a multiple of 32, got {tile_n}")
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask.view(torch.uint8) if has_kpm else rank
     kpm_b = key_padding_mask.stride(0) if has_kpm else 0
     precision = "ieee" if attr.dtype == torch.float32 else "tf32"
-    elems = BLOCK_M_ROWS * tile_n
-    num_warps = 8 if elems >= 16384 else 4
-    grid = (triton.cdiv(lq, BLOCK_M_ROWS), batch * heads)
+    num_warps = 8 if block_m * tile_n >= 8192 else 4
+    grid = (triton.cdiv(lq, block_m), batch * heads)
     addrop_mask_kernel[grid](
         attr, v, kpm, rank, words,
         s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b,
         heads, lq, lk, d, n_words,
         seed & 0xFFFFFFFF, seed >> 32, step, stream, drop_threshold,
         FROM_ATTR=from_attr, HAS_KPM=has_kpm, DROP_LOW=drop_low, RESIDENT=resident,
-        BLOCK_M=BLOCK_M_ROWS, BLOCK_N=tile_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=block_m, BLOCK_N=tile_n, BLOCK_D=block_d,
         DOT_PRECISION=precision, num_warps=num_warps)
     return words

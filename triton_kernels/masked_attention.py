@@ -308,12 +308,14 @@ class MaskArgs:
         self.flags = dict(HAS_KEEP=self.has_keep, HAS_KPM=self.has_kpm, MASK_KIND=self.kind)
 
 
-def _settings(q):
-    """Tiles: small ones under the interpreter (exercise the loops), FA2-like ones on GPU."""
-    d = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(d))
+def _settings(q, kernel: str):
+    """(tile sizes, num_warps) of "fwd", "dkdv" or "dq": small tiles under the interpreter
+    (they exercise the loops), FlashAttention-2-like ones on GPU (not tuned on hardware yet)."""
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     if q.device.type == "cpu":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d), 1
+    if kernel == "fwd":
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d), 8
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d), 4 if block_d <= 64 else 8
 
 
@@ -330,7 +332,7 @@ def masked_attention_forward(q, k, v, masks: MaskArgs, scale: float, dropout_p: 
     lk = k.shape[2]
     out = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=q.device)
-    blocks, num_warps = _settings(q)
+    blocks, num_warps = _settings(q, "fwd")
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(lq, blocks["BLOCK_M"]), batch * heads)
     masked_attention_fwd_kernel[grid](
@@ -348,9 +350,9 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
     """(dq, dk, dv), contiguous, in q's dtype. `do` needs last stride 1."""
     batch, heads, lq, d = q.shape
     lk = k.shape[2]
-    blocks, num_warps = _settings(q)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     delta = torch.empty_like(lse)
+    blocks, num_warps = _settings(q, "dq")
     grid_m = (triton.cdiv(lq, blocks["BLOCK_M"]), batch * heads)
     masked_attention_bwd_delta_kernel[grid_m](
         out, do, delta, *do.stride()[:3], heads, lq, d,
@@ -361,9 +363,10 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
     common = (*masks.args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
               *do.stride()[:3], heads, lq, lk, d, scale * math.log2(math.e), scale,
               *_dropout_args(dropout_p, seed, step, stream))
-    flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, **blocks, DOT_PRECISION=precision,
-                 num_warps=num_warps)
-    masked_attention_bwd_dkdv_kernel[(triton.cdiv(lk, blocks["BLOCK_N"]), batch * heads)](
-        q, k, v, do, lse, delta, dk, dv, *common, **flags)
-    masked_attention_bwd_dq_kernel[grid_m](q, k, v, do, lse, delta, dq, *common, **flags)
+    flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=precision)
+    kv_blocks, kv_warps = _settings(q, "dkdv")
+    masked_attention_bwd_dkdv_kernel[(triton.cdiv(lk, kv_blocks["BLOCK_N"]), batch * heads)](
+        q, k, v, do, lse, delta, dk, dv, *common, **flags, **kv_blocks, num_warps=kv_warps)
+    masked_attention_bwd_dq_kernel[grid_m](q, k, v, do, lse, delta, dq, *common, **flags,
+                                           **blocks, num_warps=num_warps)
     return dq, dk, dv
