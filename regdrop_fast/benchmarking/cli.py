@@ -76,7 +76,10 @@ def main(args: argparse.Namespace) -> int:
                                 log=lambda msg: print(msg, file=sys.stderr, flush=True))
     paths = report.write_outputs(result, args.out, device.type)
     print(paths["md"].read_text(encoding="utf-8"), end="")
-    print(f"wrote {paths['jsonl']} (appended), {paths['md']}, {paths['png']}", file=sys.stderr)
+    written = [f"{paths['jsonl']} (appended)", str(paths["md"])]
+    if paths["png"]:
+        written.append(str(paths["png"]))
+    print("wrote " + ", ".join(written), file=sys.stderr)
     if result.failures:
         names = ", ".join(f.bench for f in result.failures)
         print(f"regdrop-fast bench: {len(result.failures)} bench(es) failed: {names}",

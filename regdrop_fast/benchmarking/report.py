@@ -7,6 +7,7 @@ backend and no global pyplot state are touched.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -134,7 +135,7 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
     ops = _ops(rows)
-    fig = Figure(figsize=(9, 3.6 * max(1, len(ops))), layout="constrained")
+    fig = Figure(figsize=(9, 3.6 * max(1, len(ops))))
     FigureCanvasAgg(fig)
     if not ops:
         fig.text(0.5, 0.5, "no results recorded", ha="center", va="center")
@@ -157,11 +158,13 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
         ax.set_ylabel("ms (median, lower is better)")
         ax.set_title(f"{op} — {title}", fontsize=10)
         ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def write_outputs(result: RunResult, out_dir: Path, device_type: str) -> Dict[str, Path]:
-    """Append rows to results.jsonl, (re)write results.md and results.png; return the paths."""
+    """Append rows to results.jsonl, (re)write results.md and results.png; return the paths
+    (png None when matplotlib is missing, as it may be on a preinstalled GPU machine)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     add_speedups(result.rows)
@@ -171,5 +174,11 @@ def write_outputs(result: RunResult, out_dir: Path, device_type: str) -> Dict[st
         for row in result.rows:
             f.write(json.dumps(row, default=str) + "\n")
     paths["md"].write_text(markdown(result, device_type), encoding="utf-8")
-    plot(result.rows, paths["png"], f"{device_type}: {result.env['device_name']}")
+    try:
+        import matplotlib  # noqa: F401  (only the plot needs it)
+    except ImportError:
+        print("matplotlib is not installed: results.png not written", file=sys.stderr)
+        paths["png"] = None
+    else:
+        plot(result.rows, paths["png"], f"{device_type}: {result.env['device_name']}")
     return paths

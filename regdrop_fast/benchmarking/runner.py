@@ -101,12 +101,14 @@ def copy_bandwidth_gbps(device: torch.device) -> Optional[float]:
 def environment(device: torch.device, quick: bool) -> dict:
     """Fields added to every row of this run."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        device_name = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_model_name()
+        device_name = _cpu_model_name()
+    kernel_backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    unavailable = {b: backends.unavailable_reason(b, device) for b in kernel_backends}
     now = datetime.datetime.now(datetime.timezone.utc)
     return {
-        "device_name": name,
+        "device_name": device_name,
         "torch_version": torch.__version__,
         "triton_version": _triton_version(),
         "python_version": platform.python_version(),
@@ -116,10 +118,7 @@ def environment(device: torch.device, quick: bool) -> dict:
         # other work on the machine distorts CPU timings; kept so a reader can judge them
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         # kernel backends this device could have and why any cannot run (their rows are absent)
-        "unavailable_backends": {
-            name: backends.unavailable_reason(name, device)
-            for name in (("cpu",) if device.type == "cpu" else ("triton", "cuda"))
-            if backends.unavailable_reason(name, device) is not None},
+        "unavailable_backends": {b: why for b, why in unavailable.items() if why is not None},
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "timestamp": now.isoformat(timespec="seconds"),
         "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"),
