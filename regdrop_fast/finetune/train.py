@@ -170,14 +170,22 @@ class Job:
             self.optimizer = owner[0].make_optimizer(self, groups)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr)
-        warmup = int(self.config.warmup_ratio * self.total_steps)
-        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
-        def schedule(step: int) -> float:  # linear warmup then linear decay to 0
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+    def _lr_factor(self, step: int) -> float:
+        """Linear warmup over --warmup-ratio of the steps, then linear decay to 0."""
+        warmup = int(self.config.warmup_ratio * self.total_steps)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
+
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimizer (and schedule, at the current step) after a method changed the
+        parameter set or masks (IMP prunes)."""
+        self._make_optimizer()
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self._lr_factor(self.global_step)
+        self.scheduler.last_epoch = self.global_step
 
     # -- steps ----------------------------------------------------------------------------------
     def forward(self, batch: dict, model=None) -> torch.Tensor:

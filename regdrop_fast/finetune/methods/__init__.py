@@ -59,7 +59,8 @@ def parse_methods(spec: str) -> list:
 
 def role_text(role: str) -> str:
     return {"forward": "replace the training forward pass",
-            "optimizer": "need their own optimizer"}.get(role, f"take the role {role!r}")
+            "optimizer": "need their own optimizer",
+            "weights": "put masks on the weight matrices"}.get(role, f"take the role {role!r}")
 
 
 def build_methods(spec: str, config, require: bool = True) -> list:
