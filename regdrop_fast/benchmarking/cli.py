@@ -31,12 +31,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="small shapes (well under a minute on a 2-core CPU)")
     parser.add_argument("--ops", nargs="+", metavar="OP",
                         help="benches to run, by the <op> of bench_<op>.py (default: all found)")
-    parser.add_argument("--out", type=Path, default=Path("bench_out"),
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), metavar="DIR",
                         help="output directory for results.jsonl/.md/.png (default: bench_out)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to benchmark (default: cuda if available, else cpu)")
-    parser.add_argument("--bench-dir", type=Path, default=None,
+    parser.add_argument("--bench-dir", type=Path, default=None, metavar="DIR",
                         help="directory holding bench_<op>.py (default: the repository's "
                              "benchmarks/ next to the package source)")
     parser.set_defaults(func=main)
