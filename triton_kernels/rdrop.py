@@ -106,7 +106,7 @@ def rdrop_fwd_kernel(
         y = tl.zeros([BLOCK_N], dtype=tl.int64)
         valid = row_ok
     label_ok = (y >= 0) & (y < n_cols)
-    bad = valid & (label_ok == 0)  # only meaningful with HAS_CE
+    bad = valid & ((y < 0) | (y >= n_cols))  # only meaningful with HAS_CE
 
     m1 = tl.full([BLOCK_N], float("-inf"), tl.float32)
     m2 = tl.full([BLOCK_N], float("-inf"), tl.float32)
