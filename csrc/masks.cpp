@@ -27,8 +27,8 @@ void check_pack_mask_args(const at::Tensor& mask) {
 void check_unpack_mask_args(const at::Tensor& words, int64_t n) {
   TORCH_CHECK_TYPE(words.scalar_type() == at::kInt,
                    "unpack_mask: words must be an int32 tensor, got ", words.scalar_type());
-  TORCH_CHECK_VALUE(words.dim() == 2, "unpack_mask: words must be 2-d [rows, ceil(n/32)], got shape ",
-                    words.sizes());
+  TORCH_CHECK_VALUE(words.dim() == 2,
+                    "unpack_mask: words must be 2-d [rows, ceil(n/32)], got shape ", words.sizes());
   TORCH_CHECK_VALUE(n >= 0, "unpack_mask: n must be >= 0, got ", n);
   TORCH_CHECK_VALUE(words.size(1) == num_words(n), "unpack_mask: words must have ", num_words(n),
                     " columns for n = ", n, ", got shape ", words.sizes());
