@@ -199,16 +199,17 @@ def _launch(kernel, tuned, device, rows, row_block, cols, col_block, args, **fla
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    # IEEE only matters for fp32 tiles; 16-bit tiles take the default ("tf32" is a no-op there)
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _mask_args(words, scores, phi, device):
     """(words, scores, phi) pointers with placeholders for the unused source."""
-    from_scores = scores is not None
-    if from_scores:
-        return torch.empty(1, dtype=torch.int32, device=device), scores, phi, 0, scores.stride(0), True
+    if scores is not None:
+        words = torch.empty(1, dtype=torch.int32, device=device)
+        return words, scores, phi, 0, scores.stride(0), True
     phi = torch.zeros(1, dtype=torch.float32, device=device)
     return words, phi, phi, words.stride(0), 0, False
 

@@ -195,7 +195,8 @@ def train_bias_model(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y) + 0.5 * weight_decay * model.linear.weight.square().sum()
+        penalty = 0.5 * weight_decay * model.linear.weight.square().sum()
+        loss = F.cross_entropy(model(x), y) + penalty
         loss.backward()
         return loss
 

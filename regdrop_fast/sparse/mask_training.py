@@ -79,7 +79,8 @@ class MaskTrainer:
     scope: "local" (φ per matrix) or "global" (one φ over all target matrices).
     """
 
-    def __init__(self, model: nn.Module, sparsity: float, *, targets: Optional[Iterable[str]] = None,
+    def __init__(self, model: nn.Module, sparsity: float, *,
+                 targets: Optional[Iterable[str]] = None,
                  initial_sparsity: Optional[float] = None, init: str = "hard", phi: float = 0.01,
                  scope: str = "local", interval: int = 1, topk_every_step: bool = False,
                  start: int = 0, end: Optional[int] = None, backend: Optional[str] = None,
