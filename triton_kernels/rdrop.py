@@ -35,7 +35,8 @@ import triton.language as tl
 from .utils import calculate_settings
 
 MAX_BLOCK_V = 4096  # columns of one block: 2 fp32 tiles of it stay in registers in pass 2
-MAX_TILE = 4096  # rows * columns of one program's tile when V is small
+MAX_ROW_TILE = 1024  # rows * columns of one program's tile when V is small
+MAX_TILE = 4096  # elements of one program's tile in the scaling kernel
 
 
 @triton.jit
@@ -188,21 +189,26 @@ def rdrop_scale_grads_kernel(
 
 
 def _tile(n_rows: int, n_cols: int, block_v=None, block_n=None):
-    """(BLOCK_N, BLOCK_V, num_warps): small-V rows are packed BLOCK_N to a program while
-    keeping >= ~512 programs for parallelism; long rows get one program each. block_v/block_n
-    override the choice (powers of two; tests use them to reach every code path)."""
+    """(BLOCK_N, BLOCK_V, num_warps). Small-V rows are packed BLOCK_N to a program (tile up to
+    MAX_ROW_TILE elements) while keeping >= ~512 programs; long rows get one program each.
+    num_warps: the kernel keeps ~6 fp32 values live per element, so it takes more warps than
+    calculate_settings gives a one-tensor kernel: 8 elements per thread for a single row, 2 for
+    a multi-row tile (per-row state adds up there). With these, ptxas for sm_90 reports 30-64
+    registers and no spills over V in 2..128256 (bf16 and fp32). block_v/block_n override the
+    choice (powers of two; tests use them to reach every code path)."""
     if block_v is None:
-        block_v, num_warps = calculate_settings(n_cols, MAX_BLOCK_V)
-    else:
-        if block_v < 1 or block_v & (block_v - 1):
-            raise ValueError(f"block_v must be a power of two, got {block_v}")
-        num_warps = calculate_settings(block_v, block_v)[1]
+        block_v = calculate_settings(n_cols, MAX_BLOCK_V)[0]
+    elif block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
     if block_n is None:
-        block_n = max(1, min(MAX_TILE // block_v, triton.next_power_of_2(triton.cdiv(n_rows, 512))))
+        block_n = max(1, min(MAX_ROW_TILE // block_v,
+                             triton.next_power_of_2(triton.cdiv(n_rows, 512))))
     elif block_n < 1 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
-    if block_n * block_v >= 2048:
-        num_warps = max(num_warps, 8 if block_n * block_v >= 4096 else 4)
+    if block_n == 1:
+        num_warps = min(16, max(1, block_v // 256))
+    else:
+        num_warps = min(16, max(1, block_n * block_v // 64))
     return block_n, block_v, num_warps
 
 
