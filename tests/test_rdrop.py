@@ -311,3 +311,50 @@ def test_backend_environment_variable(device, monkeypatch):
         rdrop_loss(z1, z2, labels)
     monkeypatch.setenv("REGDROP_FAST_BACKEND", "reference")
     assert torch.isfinite(rdrop_loss(z1, z2, labels))
+
+
+_SM90_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from regdrop_fast.triton_kernels import rdrop as K
+
+def sig(dt):
+    s = {n: "*" + dt for n in ("z1_ptr", "z2_ptr", "g1_ptr", "g2_ptr")}
+    s.update(labels_ptr="*i64", loss_ptr="*fp32", scale_ptr="*fp32", z1_stride="i64",
+             z2_stride="i64", g1_stride="i64", g2_stride="i64", n_rows="i32", n_cols="i32",
+             alpha_half="fp32", ignore_index="i64")
+    s.update({k: "constexpr" for k in ("HAS_LABELS", "HAS_CE", "NEED_GRAD", "ONE_BLOCK",
+                                       "BLOCK_N", "BLOCK_V")})
+    return s
+
+target = GPUTarget("cuda", 90, 32)
+for dt, n_rows, n_cols in [("bf16", 8192, 2), ("fp32", 64, 1000), ("bf16", 64, 128256)]:
+    bn, bv, nw = K._tile(n_rows, n_cols)
+    src = ASTSource(fn=K.rdrop_fwd_kernel, signature=sig(dt), constexprs=dict(
+        HAS_LABELS=True, HAS_CE=True, NEED_GRAD=True, ONE_BLOCK=n_cols <= bv, BLOCK_N=bn,
+        BLOCK_V=bv))
+    triton.compile(src, target=target, options={"num_warps": nw})
+src = ASTSource(fn=K.rdrop_scale_grads_kernel, signature=dict(
+    g1_ptr="*bf16", g2_ptr="*bf16", go_ptr="*fp32", g1_stride="i64", g2_stride="i64",
+    go_stride="i64", n_rows="i32", n_cols="i32", BLOCK_N="constexpr", BLOCK_V="constexpr"),
+    constexprs=dict(BLOCK_N=1, BLOCK_V=4096))
+triton.compile(src, target=target, options={"num_warps": 8})
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The kernels as a GPU compiles them (not the interpreter): Triton -> PTX -> cubin for an
+    H100, which needs no GPU, only Triton's bundled NVIDIA backend."""
+    import os
+    import subprocess
+    import sys
+
+    triton_backends = pytest.importorskip("triton.backends")
+    if "nvidia" not in getattr(triton_backends, "backends", {}):
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -121,3 +121,14 @@ def test_non_finite_hidden_raises_on_reference(device):
     h1[2, 0] = float("inf")
     with pytest.raises(ValueError, match="inf or NaN"):
         fused_linear_rdrop_loss(h1, h2, w, b, labels, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_grad_forward(device, backend):
+    require_backend(backend, device)
+    h1, h2, w, b, labels = make_linear((7,), 8, 9, device)
+    with torch.no_grad():
+        loss = fused_linear_rdrop_loss(h1, h2, w, b, labels, backend=backend, chunk_size=3)
+    ref = fused_linear_rdrop_loss_reference(h1.double(), h2.double(), w.double(), b.double(),
+                                            labels)
+    assert_rel(loss, ref, 1e-5, "no-grad loss")

@@ -86,6 +86,7 @@ class _FusedLinearRDrop(torch.autograd.Function):
         need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_w = ctx.needs_input_grad[2]
         need_b = bias is not None and ctx.needs_input_grad[3]
+        need_grad = need_h or need_w or need_b
         acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         grad_h1 = torch.empty_like(h1) if need_h else None
         grad_h2 = torch.empty_like(h2) if need_h else None
@@ -104,12 +105,13 @@ class _FusedLinearRDrop(torch.autograd.Function):
                 if check_finite:
                     check_rdrop_values(z1, z2, None, ignore_index, "classification")
                 rows, g1, g2 = kernels.rdrop_forward(z1, z2, y, alpha, ignore_index, ce, scale,
-                                                     True, g1=z1, g2=z2)
+                                                     need_grad, g1=z1, g2=z2)
                 total += rows.sum()
             else:
                 part, g1, g2 = _reference_forward(z1, z2, y, alpha, ignore_index, "sum", ce,
-                                                  "classification", check_finite, True)
-                g1, g2 = g1 * scale.to(g1.dtype), g2 * scale.to(g2.dtype)
+                                                  "classification", check_finite, need_grad)
+                if need_grad:
+                    g1, g2 = g1 * scale.to(g1.dtype), g2 * scale.to(g2.dtype)
                 total += part.to(torch.float32)
             if need_h:
                 torch.mm(g1, weight, out=grad_h1[start:stop])
