@@ -162,6 +162,17 @@ def test_all_pad_rows_and_length_one(kind):
         assert not keep[torch.tensor(lengths) == 0].any()
 
 
+@pytest.mark.parametrize("kind", ["gradient", "integrated_gradients"])
+def test_step_under_bf16_autocast(kind):
+    model = tiny_model("bert", dropout=0.1, seed=16)
+    batch = batch_of(model, [6, 3], 6, seed=16)
+    ad = addrop.ADDrop(model, layers=(0, 1), attribution=kind, ig_steps=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ad.step(None, batch)
+    assert torch.isfinite(out.loss) and out.masks[0].density < 1.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_minilm_step_reference_and_triton_agree():
     from conftest import require_backend
     require_backend("triton", torch.device("cpu"))

@@ -131,9 +131,12 @@ class ADDrop:
         target = self.target(logits, batch)
         outs = [records[layer].out for layer in self.layers]
         grads = torch.autograd.grad(target, outs, allow_unused=True)
-        return {layer: ((torch.zeros_like(out) if g is None else g), records[layer].value,
-                        records[layer].key_padding)
-                for layer, out, g in zip(self.layers, outs, grads)}
+        result = {}
+        for layer, out, g in zip(self.layers, outs, grads):
+            value = records[layer].value
+            dO = torch.zeros_like(out) if g is None else g
+            result[layer] = (dO.to(value.dtype), value, records[layer].key_padding)
+        return result
 
     def _integrated_gradients(self, model, batch) -> dict:
         """{layer: (A ⊙ mean_k ∂target_k/∂A, key padding)}, official IGA (eval mode)."""
@@ -154,7 +157,7 @@ class ADDrop:
                     g = torch.zeros_like(record.out) if g is None else g
                     term = g.float() * (alpha / self.ig_steps)
                     mean_grad = term if mean_grad is None else mean_grad + term
-                attr = record.probs * _attribution(mean_grad, record.value)
+                attr = record.probs * _attribution(mean_grad, record.value.float())
                 result[layer] = (attr, record.key_padding)
         finally:
             model.train(was_training)
