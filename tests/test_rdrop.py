@@ -273,7 +273,7 @@ def _available(device):
     return backends.available(device)
 
 
-def _compiled_step(z1, z2, labels, backend):
+def _compiled_step(backend):
     def step(a, b, y):
         return rdrop_loss(a, b, y, alpha=0.5, backend=backend) * 2.0
     return step
@@ -285,7 +285,7 @@ def test_torch_compile_has_no_graph_break(device, backend):
     import torch._dynamo
 
     z1, z2, labels = make_inputs((5, 9), device)
-    step = _compiled_step(z1, z2, labels, backend)
+    step = _compiled_step(backend)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(step)(z1, z2, labels)
     assert explanation.graph_break_count == 0, explanation.break_reasons

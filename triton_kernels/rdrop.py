@@ -160,8 +160,10 @@ def rdrop_fwd_kernel(
                 g1, g2 = _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w,
                                      alpha_half, HAS_CE)
                 smask = row_ok[:, None] & (cols[None, :] < n_cols)
-                tl.store(g1_row[:, None] + cols[None, :], g1.to(g1_ptr.dtype.element_ty), mask=smask)
-                tl.store(g2_row[:, None] + cols[None, :], g2.to(g2_ptr.dtype.element_ty), mask=smask)
+                tl.store(g1_row[:, None] + cols[None, :], g1.to(g1_ptr.dtype.element_ty),
+                         mask=smask)
+                tl.store(g2_row[:, None] + cols[None, :], g2.to(g2_ptr.dtype.element_ty),
+                         mask=smask)
 
 
 @triton.jit

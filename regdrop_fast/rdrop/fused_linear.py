@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 
 from ..reference.rdrop import check_rdrop_inputs, check_rdrop_values
@@ -39,7 +38,8 @@ def _check_linear_args(hidden1, hidden2, weight, bias, labels, chunk_size):
                          f"{weight.shape[1]}, got {tuple(hidden1.shape)}")
     for name, t in (("hidden2", hidden2), ("weight", weight)):
         if t.dtype != hidden1.dtype:
-            raise TypeError(f"{name} must have the dtype of hidden1 ({hidden1.dtype}), got {t.dtype}")
+            raise TypeError(f"{name} must have the dtype of hidden1 ({hidden1.dtype}), "
+                            f"got {t.dtype}")
         if t.device != hidden1.device:
             raise ValueError(f"{name} must be on the device of hidden1 ({hidden1.device}), got "
                              f"{t.device}")
@@ -64,7 +64,9 @@ def _check_linear_args(hidden1, hidden2, weight, bias, labels, chunk_size):
 
 def default_chunk_size(n_rows: int, hidden: int, n_classes: int) -> int:
     """About N * H / V rows, a power of two: chunk logits as large as the hidden states."""
-    return min(n_rows, triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(n_classes, hidden))))
+    ratio = -(-n_classes // hidden)
+    rows = -(-n_rows // ratio)
+    return min(n_rows, 1 << (rows - 1).bit_length())
 
 
 class _FusedLinearRDrop(torch.autograd.Function):
@@ -87,7 +89,8 @@ class _FusedLinearRDrop(torch.autograd.Function):
         need_w = ctx.needs_input_grad[2]
         need_b = bias is not None and ctx.needs_input_grad[3]
         need_grad = need_h or need_w or need_b
-        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        acc_dtype = torch.float32 if half else weight.dtype
         grad_h1 = torch.empty_like(h1) if need_h else None
         grad_h2 = torch.empty_like(h2) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_w else None

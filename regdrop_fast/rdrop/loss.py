@@ -6,6 +6,12 @@ logits tensor); its backward only scales the saved gradients by grad_output. Reg
 torch.library.custom_op with a fake implementation, so torch.compile traces `rdrop_loss` as one
 node without graph breaks, and the data-dependent checks (labels in range, finite logits) run
 inside the op where they cannot break the graph.
+
+Backward on the triton backend, eager: the saved gradients are scaled in place by a kernel that
+skips tiles whose grad_output is exactly 1, so `loss.backward()` moves no [N, V] bytes and the
+gradients become the logits' .grad without a copy; a second backward through the same graph is
+refused. Under a compiler trace (torch.compile's AOT backward) the scaling is the out-of-place
+product `g * grad_output`, which the compiler fuses.
 """
 from __future__ import annotations
 

@@ -41,12 +41,14 @@ def check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_
         raise ValueError(f"logits2 must have the shape of logits1 {tuple(logits1.shape)}, "
                          f"got {tuple(logits2.shape)}")
     if logits1.dtype != logits2.dtype:
-        raise TypeError(f"logits2 must have the dtype of logits1 ({logits1.dtype}), got {logits2.dtype}")
+        raise TypeError(f"logits2 must have the dtype of logits1 ({logits1.dtype}), "
+                        f"got {logits2.dtype}")
     if logits1.device != logits2.device:
         raise ValueError(f"logits2 must be on the device of logits1 ({logits1.device}), "
                          f"got {logits2.device}")
     if logits1.numel() == 0:
-        raise ValueError(f"logits1 must not be empty (empty batch), got shape {tuple(logits1.shape)}")
+        raise ValueError(f"logits1 must not be empty (empty batch), "
+                         f"got shape {tuple(logits1.shape)}")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     if not alpha >= 0 or alpha == float("inf"):
@@ -87,7 +89,8 @@ def check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_
     else:
         if labels is not None:
             if not labels.is_floating_point():
-                raise TypeError(f"labels must be a floating tensor for regression, got {labels.dtype}")
+                raise TypeError(f"labels must be a floating tensor for regression, "
+                                f"got {labels.dtype}")
             allowed = {tuple(logits1.shape)}
             if n_classes == 1:
                 allowed.add(tuple(logits1.shape[:-1]))
