@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from regdrop_fast import addrop, backends
-from regdrop_fast.reference import addrop as ref
 
 P, Q, SEED = 0.3, 0.2, 1234
 HEADS, HEAD_DIM = 12, 64

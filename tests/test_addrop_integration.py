@@ -15,7 +15,7 @@ from regdrop_fast.addrop import integration
 TINY = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64)
 def tiny_model(kind="bert", head="sequence", num_labels=2, seed=0, dropout=0.0, **overrides):
-    """A random tiny BERT/RoBERTa/ELECTRA with a sequence or token classification head."""
+    """A random tiny BERT/RoBERTa/ELECTRA/DistilBERT with a sequence or token head."""
     import transformers as tf
     classes = {
         "bert": (tf.BertConfig, tf.BertForSequenceClassification, tf.BertForTokenClassification),
@@ -24,6 +24,14 @@ def tiny_model(kind="bert", head="sequence", num_labels=2, seed=0, dropout=0.0, 
         "electra": (tf.ElectraConfig, tf.ElectraForSequenceClassification,
                     tf.ElectraForTokenClassification),
     }
+    if kind == "distilbert":
+        config = tf.DistilBertConfig(vocab_size=TINY["vocab_size"], dim=32, n_layers=2, n_heads=4,
+                                     hidden_dim=37, max_position_embeddings=64,
+                                     dropout=dropout, attention_dropout=dropout,
+                                     num_labels=num_labels, **overrides)
+        torch.manual_seed(seed)
+        return (tf.DistilBertForSequenceClassification if head == "sequence"
+                else tf.DistilBertForTokenClassification)(config)
     config_cls, seq_cls, tok_cls = classes[kind]
     kwargs = dict(TINY, num_labels=num_labels, hidden_dropout_prob=dropout,
                   attention_probs_dropout_prob=dropout, **overrides)
@@ -135,7 +143,7 @@ def _unpatched_and_enabled(model, **enable_kwargs):
 
 
 # -- plain attention after enable ----------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra", "distilbert"])
 def test_enable_plain_forward_equals_unpatched(kind):
     model = tiny_model(kind, dropout=0.1)
     reference, model = _unpatched_and_enabled(model, layers=(0, 1))
@@ -260,6 +268,19 @@ def test_masked_pass_uses_each_layers_mask():
     torch.testing.assert_close(masked[1], plain[1], rtol=1e-5, atol=1e-6)
     assert (masked[2] - plain[2]).abs().max() > 1e-3
     assert (masked_first[1] - plain[1]).abs().max() > 1e-3
+
+
+def test_split_mask_of_structured_masks():
+    assert integration._split_mask(None) == (None, None)
+    pad = torch.tensor([[True, True, False], [True, False, False]])
+    view = pad[:, None, None, :].expand(2, 1, 1, 3)
+    key_padding, attn_mask = integration._split_mask(view)
+    assert torch.equal(key_padding, pad) and torch.equal(attn_mask, pad)
+    banded = torch.ones(2, 1, 3, 3, dtype=torch.bool).tril() & pad[:, None, None, :]
+    key_padding, attn_mask = integration._split_mask(banded)
+    assert torch.equal(key_padding, pad) and attn_mask is banded
+    with pytest.raises(TypeError, match="bool masks"):
+        integration._split_mask(torch.zeros(2, 1, 1, 3))
 
 
 def test_disable_restores_previous_implementation():

@@ -150,6 +150,15 @@ def test_regression_and_token_steps_run(task, head, labels):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("kind", ["roberta", "distilbert"])
+def test_step_runs_on_other_encoders(kind):
+    model = tiny_model(kind, dropout=0.1, seed=17)
+    batch = batch_of(model, [6, 4], 6, seed=17)
+    out = addrop.ADDrop(model, layers=(0, 1), p=0.5, q=0.5).step(None, batch)
+    assert torch.isfinite(out.loss) and all(m.density < 1.0 for m in out.masks.values())
+    assert model.base_model.embeddings.word_embeddings.weight.grad is not None
+
+
 @pytest.mark.parametrize("kind", ["gradient", "integrated_gradients", "attention", "random"])
 def test_all_pad_rows_and_length_one(kind):
     model = tiny_model("electra", dropout=0.1, seed=10)

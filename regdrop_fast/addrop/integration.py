@@ -50,8 +50,8 @@ RANDOM_STREAM = 2 << 20
 # where the layer list and, inside a layer, the self-attention module live
 LAYER_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers")
 ATTENTION_PATHS = ("attention.self", "self_attn", "attn", "attention")
-SUPPORTED = ("BERT, RoBERTa, ELECTRA (and encoders of the same layout: XLM-RoBERTa, CamemBERT, "
-             "DistilBERT, ...), or any non-causal encoder whose attention calls transformers' "
+SUPPORTED = ("BERT, RoBERTa, ELECTRA, DistilBERT (and encoders of the same layout: XLM-RoBERTa, "
+             "CamemBERT, ...), or any non-causal encoder whose attention calls transformers' "
              "AttentionInterface (class attribute _supports_attention_backend = True) with "
              f"layers at one of {LAYER_PATHS} and self-attention at one of {ATTENTION_PATHS}")
 _STATE_ATTR = "_regdrop_addrop"
@@ -197,7 +197,10 @@ def _split_mask(attention_mask):
 
 
 def _sdpa_mask(attn_mask):
-    return attn_mask[:, None, None, :] if attn_mask is not None and attn_mask.dim() == 2 else attn_mask
+    """A [B,Lk] key padding as the broadcastable [B,1,1,Lk] SDPA takes; others unchanged."""
+    if attn_mask is not None and attn_mask.dim() == 2:
+        return attn_mask[:, None, None, :]
+    return attn_mask
 
 
 def _eager_probs(query, key, attn_mask, scaling):

@@ -13,9 +13,9 @@ Pass 2 runs the model with layer i masked by keep mask i; only its loss is back-
 Attribution kinds:
   gradient             B = dO·Vᵀ = ∂target/∂A_drop (default; never materialized)
   integrated_gradients per chosen layer, m = ig_steps forwards in eval mode with that layer's
-                       attention output scaled by α = k/m (k = 1..m), pseudo labels recomputed at
-                       each α; attribution = A ⊙ mean_k(∂target_k/∂A) where ∂target/∂A at α is
-                       α·dO_α·Vᵀ (the official IGA: the hook scales the output after the map).
+                       attention output scaled by α = k/m (k = 1..m), pseudo labels recomputed
+                       at each α; attribution = A ⊙ mean_k(∂target_k/∂A), where ∂target/∂A at
+                       α is α·dO_α·Vᵀ (the official IGA hook scales the output after the map).
                        Materializes A and the attribution [B,H,L,L] per layer: small sizes.
   attention            A_drop itself (pass 1 without backward; materializes A [B,H,L,L]).
   random               the official RD mask: a real key is a candidate with probability p and a
