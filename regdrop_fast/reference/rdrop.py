@@ -229,7 +229,8 @@ def rdrop_grads_reference(logits1, logits2, labels=None, alpha=1.0, ignore_index
     z2 = logits2.detach().double().requires_grad_(True)
     with torch.enable_grad():
         loss = rdrop_loss_reference(z1, z2, labels, alpha, ignore_index, reduction, ce)
-        go = torch.ones_like(loss) if grad_output is None else grad_output.double()
+        go = (torch.ones_like(loss) if grad_output is None
+              else grad_output.to(device=loss.device, dtype=loss.dtype))
         g1, g2 = torch.autograd.grad(loss, (z1, z2), go, allow_unused=True)
     g1 = torch.zeros_like(z1) if g1 is None else g1
     g2 = torch.zeros_like(z2) if g2 is None else g2
