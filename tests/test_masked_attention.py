@@ -36,7 +36,8 @@ def _compare(q, k, v, keep=None, rtol=1e-5, atol=1e-5, **kwargs):
                 **ref_kwargs)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert not torch.isnan(a).any(), f"{name} has NaN"
-        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{name}: {m}")
     return got
 
 

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from .philox import philox_word
 
-INT32_MAX: tl.constexpr = 2147483647
-SIGN_BIT: tl.constexpr = 2147483648
+INT32_MAX = tl.constexpr(2147483647)
+SIGN_BIT = tl.constexpr(2147483648)
 RESIDENT_BLOCK_M = 16  # query rows per program on the resident path (tl.dot needs >= 16)
 RESIDENT_MAX_ELEMS = 32768  # BLOCK_M x padded row of scores and keys held in registers
 RESIDENT_MAX_OPERAND = 65536  # bytes of the [D, padded row] V operand staged in shared memory

@@ -26,24 +26,41 @@ import triton.language as tl
 from .addrop_mask import mask_element_index
 from .philox import philox_word
 
-LOG2E: tl.constexpr = 1.4426950408889634
-MASK_NONE: tl.constexpr = 0
-MASK_BOOL: tl.constexpr = 1
-MASK_ADDITIVE: tl.constexpr = 2
+LOG2E = tl.constexpr(1.4426950408889634)
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)
+MASK_ADDITIVE = tl.constexpr(2)
 
 
 @triton.jit
-def _masked_scores(s, offs_m, offs_n, b, h, Lq, Lk,
+def _keep_bits(row_ptr, offs_m, Lq, start_n, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """bool [BLOCK_M, BLOCK_N]: keep bits of keys start_n .. start_n + BLOCK_N − 1 (start_n a
+    multiple of 32), read as BLOCK_N/32 words per row: one [BLOCK_M] load per word, so no
+    per-key pointers (registers) and no 32x repeated loads."""
+    cols = tl.arange(0, BLOCK_N)
+    bits = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for c in tl.static_range(BLOCK_N // 32):
+        # the word test as a block: a scalar bool in the mask trips the interpreter
+        in_row = (offs_m < Lq) & (offs_m * 0 + start_n + 32 * c < Lk)
+        word = tl.load(row_ptr + start_n // 32 + c, mask=in_row, other=0)
+        bits = tl.where((cols // 32 == c)[None, :], word[:, None] >> (cols % 32)[None, :], bits)
+    return (bits & 1) != 0
+
+
+@triton.jit
+def _masked_scores(s, offs_m, start_n, b, h, Lq, Lk,
                    keep_ptr, keep_b, keep_h, keep_m,
                    kpm_ptr, kpm_b,
                    am_ptr, am_b, am_h, am_m, am_n,
-                   HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
-    """Scores (base-2 units) with the additive mask added and −inf where not allowed."""
+                   HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores (base-2 units) of keys start_n .. start_n + BLOCK_N − 1 with the additive mask
+    added and −inf where not allowed."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     if HAS_KEEP:
-        words = tl.load(keep_ptr + b * keep_b + h * keep_h + offs_m[:, None] * keep_m
-                        + (offs_n // 32)[None, :], mask=allowed, other=0)
-        allowed = allowed & (((words >> (offs_n % 32)[None, :]) & 1) != 0)
+        allowed = allowed & _keep_bits(keep_ptr + b * keep_b + h * keep_h + offs_m * keep_m,
+                                       offs_m, Lq, start_n, Lk, BLOCK_M, BLOCK_N)
     if HAS_KPM:
         real = tl.load(kpm_ptr + b * kpm_b + offs_n, mask=offs_n < Lk, other=0)
         allowed = allowed & (real != 0)[None, :]
@@ -52,7 +69,7 @@ def _masked_scores(s, offs_m, offs_n, b, h, Lq, Lk,
                    + offs_n[None, :] * am_n)
         if MASK_KIND == MASK_BOOL:
             allowed = allowed & (tl.load(am_ptrs, mask=allowed, other=0) != 0)
-        else:
+        if MASK_KIND == MASK_ADDITIVE:
             s = s + tl.load(am_ptrs, mask=allowed, other=0.0).to(tl.float32) * LOG2E
     return tl.where(allowed, s, float("-inf"))
 
@@ -103,9 +120,9 @@ def masked_attention_fwd_kernel(
         kt = tl.load(k_ptr + b * k_b + h * k_h + offs_n[None, :] * k_n + offs_d[:, None],
                      mask=in_n[None, :] & in_d[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = _masked_scores(s, offs_m, offs_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h, keep_m,
+        s = _masked_scores(s, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h, keep_m,
                            kpm_ptr, kpm_b, am_ptr, am_b, am_h, am_m, am_n,
-                           HAS_KEEP, HAS_KPM, MASK_KIND)
+                           HAS_KEEP, HAS_KPM, MASK_KIND, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # rows with nothing allowed yet: subtract 0 so exp2 gives 0, not NaN from −inf − −inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -153,17 +170,19 @@ def masked_attention_bwd_delta_kernel(
 
 
 @triton.jit
-def _bwd_tile(q, do, kt, vt, lse, delta, offs_m, offs_n, b, h, H, Lq, Lk, qk_scale,
+def _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk, qk_scale,
               keep_ptr, keep_b, keep_h, keep_m, kpm_ptr, kpm_b,
               am_ptr, am_b, am_h, am_m, am_n,
               seed_lo, seed_hi, step, stream, keep_thr, dropout_scale,
               HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(P ⊙ Z/(1−dropout_p), dS) of one [BLOCK_M, BLOCK_N] tile, recomputed from Q, K, lse."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-    s = _masked_scores(s, offs_m, offs_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h, keep_m,
+    s = _masked_scores(s, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h, keep_m,
                        kpm_ptr, kpm_b, am_ptr, am_b, am_h, am_m, am_n,
-                       HAS_KEEP, HAS_KPM, MASK_KIND)
+                       HAS_KEEP, HAS_KPM, MASK_KIND, BLOCK_M, BLOCK_N)
     p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
@@ -198,7 +217,8 @@ def masked_attention_bwd_dkdv_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
     in_n = offs_n < Lk
@@ -219,11 +239,11 @@ def masked_attention_bwd_dkdv_kernel(
                      mask=mask_md, other=0.0)
         lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=in_m, other=float("inf"))
         delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=in_m, other=0.0)
-        p_drop, ds = _bwd_tile(q, do, kt, vt, lse, delta, offs_m, offs_n, b, h, H, Lq, Lk,
+        p_drop, ds = _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk,
                                qk_scale, keep_ptr, keep_b, keep_h, keep_m, kpm_ptr, kpm_b,
                                am_ptr, am_b, am_h, am_m, am_n, seed_lo, seed_hi, step, stream,
                                keep_thr, dropout_scale, HAS_KEEP, HAS_KPM, MASK_KIND,
-                               HAS_DROPOUT, DOT_PRECISION)
+                               HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
         dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     row = bh * Lk + offs_n
@@ -275,11 +295,11 @@ def masked_attention_bwd_dq_kernel(
                      mask=in_n[None, :] & in_d[:, None], other=0.0)
         vt = tl.load(v_ptr + b * v_b + h * v_h + offs_n[None, :] * v_n + offs_d[:, None],
                      mask=in_n[None, :] & in_d[:, None], other=0.0)
-        _, ds = _bwd_tile(q, do, kt, vt, lse, delta, offs_m, offs_n, b, h, H, Lq, Lk,
+        _, ds = _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk,
                           qk_scale, keep_ptr, keep_b, keep_h, keep_m, kpm_ptr, kpm_b,
                           am_ptr, am_b, am_h, am_m, am_n, seed_lo, seed_hi, step, stream,
                           keep_thr, dropout_scale, HAS_KEEP, HAS_KPM, MASK_KIND,
-                          HAS_DROPOUT, DOT_PRECISION)
+                          HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
     row = bh * Lq + offs_m
     tl.store(dq_ptr + row[:, None] * D + offs_d[None, :],
@@ -296,12 +316,13 @@ class MaskArgs:
         self.has_keep = keep_words is not None
         self.has_kpm = kpm is not None
         if am is None:
-            self.kind = 0
+            self.kind, am_t = MASK_NONE.value, dummy
+        elif am.dtype == torch.bool:
+            self.kind, am_t = MASK_BOOL.value, am.view(torch.uint8)
         else:
-            self.kind = 1 if am.dtype == torch.bool else 2
+            self.kind, am_t = MASK_ADDITIVE.value, am
         keep = keep_words if self.has_keep else dummy
         kpm_t = kpm.contiguous().view(torch.uint8) if self.has_kpm else dummy
-        am_t = (am.view(torch.uint8) if self.kind == 1 else am) if am is not None else dummy
         keep_strides = keep_words.stride()[:3] if self.has_keep else (0, 0, 0)
         self.args = (keep, *keep_strides, kpm_t, kpm_t.stride(0) if self.has_kpm else 0,
                      am_t, *(am.stride() if am is not None else (0, 0, 0, 0)))
@@ -310,12 +331,17 @@ class MaskArgs:
 
 def _settings(q, kernel: str):
     """(tile sizes, num_warps) of "fwd", "dkdv" or "dq": small tiles under the interpreter
-    (they exercise the loops), FlashAttention-2-like ones on GPU (not tuned on hardware yet)."""
+    (they exercise the loops), FlashAttention-2-like ones on GPU (not tuned on hardware yet).
+    BLOCK_N is a multiple of 32: a key tile covers whole words of the keep bits."""
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     if q.device.type == "cpu":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d), 1
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d), 1
+    if q.dtype == torch.float32:  # exact-fp32 ("ieee") dots: a correctness path, small tiles
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d), 4
     if kernel == "fwd":
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d), 8
+    if kernel == "dkdv":  # 8 warps: dK, dV accumulators plus the recomputed tiles fit registers
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d), 8
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d), 4 if block_d <= 64 else 8
 
 
