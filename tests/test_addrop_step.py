@@ -182,11 +182,11 @@ def test_step_under_bf16_autocast(kind):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_minilm_step_reference_and_triton_agree():
+def test_minilm_step_reference_and_triton_agree(device):
     from conftest import require_backend
-    require_backend("triton", torch.device("cpu"))
-    base = no_dropout(load_minilm(seed=1))
-    batch = batch_of(base, [6, 4], 6, seed=11)
+    require_backend("triton", device)
+    base = no_dropout(load_minilm(seed=1)).to(device)
+    batch = {k: v.to(device) for k, v in batch_of(base, [6, 4], 6, seed=11).items()}
     results = {}
     for backend in ("reference", "triton"):
         model = copy.deepcopy(base)
@@ -194,12 +194,18 @@ def test_minilm_step_reference_and_triton_agree():
                             backend=backend).step(None, batch)
         results[backend] = (out, _grads(model))
     (ref_out, ref_grads), (tri_out, tri_grads) = results["reference"], results["triton"]
+    # interpreter: bit-identical masks; a GPU's tensor-core dot may round B = dO·Vᵀ apart from
+    # torch's matmul and swap a near-tie at the threshold
+    exact = device.type == "cpu"
     for layer in (0, 1):
-        assert torch.equal(ref_out.masks[layer].words, tri_out.masks[layer].words)
-    torch.testing.assert_close(tri_out.loss, ref_out.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(tri_out.logits, ref_out.logits, rtol=1e-5, atol=1e-5)
+        differing = (ref_out.masks[layer].unpack() != tri_out.masks[layer].unpack()).sum().item()
+        assert differing == 0 if exact else differing <= 1e-3 * ref_out.masks[layer].numel()
+    tol = dict(rtol=1e-5, atol=1e-5) if exact else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(tri_out.loss, ref_out.loss, **tol)
+    torch.testing.assert_close(tri_out.logits, ref_out.logits, **tol)
     for name in ("bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"):
-        torch.testing.assert_close(tri_grads[name], ref_grads[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tri_grads[name], ref_grads[name],
+                                   rtol=10 * tol["rtol"], atol=tol["atol"])
 
 
 def test_step_bad_input():
