@@ -26,7 +26,10 @@ def extension_config():
         return [], {}
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and bool(cuda_sources)
                  and os.environ.get("REGDROP_FAST_NO_CUDA", "0") != "1")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch >= 2.10 headers use C++20; older releases (down to 2.6) build as C++17
+    torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    std = "-std=c++20" if torch_version >= (2, 10) else "-std=c++17"
+    cxx_flags = ["-O3", std, "-fopenmp"]
     macros = [("REGDROP_WITH_CUDA", "1")] if with_cuda else []
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
@@ -34,7 +37,7 @@ def extension_config():
             "regdrop_fast._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+                                "nvcc": ["-O3", std, "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension(

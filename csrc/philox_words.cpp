@@ -49,12 +49,61 @@ at::Tensor philox_words_cpu(const at::Tensor& index, int64_t seed_lo, int64_t se
 }
 
 }  // namespace
+
+// Shared with the CUDA kernel: out is a contiguous bool tensor, threshold in [0, 2^32].
+void check_philox_keep_args(const at::Tensor& out, int64_t offset, int64_t seed_lo,
+                            int64_t seed_hi, int64_t step, int64_t stream, int64_t threshold) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kBool,
+                   "philox_keep_: out must be a bool tensor, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "philox_keep_: out must be contiguous");
+  TORCH_CHECK_VALUE(offset >= 0, "philox_keep_: offset must be >= 0, got ", offset);
+  TORCH_CHECK_VALUE(threshold >= 0 && threshold <= INT64_C(0x100000000),
+                    "philox_keep_: threshold must be in [0, 2^32], got ", threshold);
+  const at::Tensor empty_index = at::empty({0}, out.options().dtype(at::kLong));
+  check_philox_words_args(empty_index, seed_lo, seed_hi, step, stream);
+}
+
+namespace {
+
+// Keep decisions of elements offset .. offset+numel-1 without an index or word tensor: 1 B
+// written per element, one Philox block per 4 elements.
+at::Tensor& philox_keep_cpu(at::Tensor& out, int64_t offset, int64_t seed_lo, int64_t seed_hi,
+                            int64_t step, int64_t stream, int64_t threshold) {
+  check_philox_keep_args(out, offset, seed_lo, seed_hi, step, stream, threshold);
+  bool* out_ptr = out.mutable_data_ptr<bool>();
+  const int64_t n = out.numel();
+  const uint64_t seed = (static_cast<uint64_t>(seed_hi) << 32) | static_cast<uint64_t>(seed_lo);
+  const auto step32 = static_cast<uint32_t>(step);
+  const auto stream32 = static_cast<uint32_t>(stream);
+  const auto limit = static_cast<uint64_t>(threshold);
+  const int64_t first_block = offset >> 2;
+  const int64_t last_block = (offset + n + 3) >> 2;
+  at::parallel_for(first_block, last_block, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const PhiloxOut words = philox_block(seed, static_cast<uint64_t>(block) << 2, step32,
+                                           stream32);
+      for (int lane = 0; lane < 4; ++lane) {
+        const int64_t i = (block << 2) + lane - offset;
+        if (i >= 0 && i < n) {
+          out_ptr[i] = words.w[lane] < limit;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
 }  // namespace regdrop
 
 TORCH_LIBRARY_FRAGMENT(regdrop_fast, m) {
   m.def("philox_words(Tensor index, int seed_lo, int seed_hi, int step, int stream) -> Tensor");
+  m.def(
+      "philox_keep_(Tensor(a!) out, int offset, int seed_lo, int seed_hi, int step, int stream, "
+      "int threshold) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(regdrop_fast, CPU, m) {
   m.impl("philox_words", &regdrop::philox_words_cpu);
+  m.impl("philox_keep_", &regdrop::philox_keep_cpu);
 }

@@ -31,7 +31,8 @@ def philox_words(seed: int, index: torch.Tensor, step: int = 0, stream: int = 0,
     stream = check_int("stream", stream, 0, UINT32_MAX)
     check_tensor("index", index, dtypes=_INT_DTYPES)
     index = index.to(torch.int64).contiguous()
-    if index.numel() and int(index.min()) < 0:
+    # the range check syncs with the device: done on CPU tensors only, off the GPU hot path
+    if index.device.type == "cpu" and index.numel() and int(index.min()) < 0:
         raise ValueError(f"index must be non-negative global element indices, got min "
                          f"{int(index.min())}")
     name = backends.resolve("philox_words", backend, index.device)
@@ -53,10 +54,26 @@ def bernoulli_keep(shape, keep_prob: float, seed: int, step: int = 0, stream: in
                    offset: int = 0, device="cpu", backend: Optional[str] = None) -> torch.Tensor:
     """bool keep mask of `shape` for elements offset .. offset+numel-1 of a stream."""
     keep_prob = check_prob("keep_prob", keep_prob, low_open=False, high_open=False)
+    seed = check_int("seed", seed, 0, UINT64_MAX)
+    step = check_int("step", step, 0, UINT32_MAX)
+    stream = check_int("stream", stream, 0, UINT32_MAX)
     offset = check_int("offset", offset, 0, 2**62)
+    shape = tuple(int(size) for size in shape)
     numel = 1
     for size in shape:
-        numel *= int(size)
-    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    words = philox_words(seed, index, step, stream, backend=backend)
-    return keep_mask_from_words(words, keep_prob).reshape(tuple(shape))
+        numel *= size
+    device = torch.device(device)
+    threshold = keep_threshold(keep_prob)
+    name = backends.resolve("bernoulli_keep", backend, device)
+    if name == "reference":
+        index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+        keep = keep_mask_from_words(_ref.philox_words(seed, index, step, stream), keep_prob)
+    elif name == "triton":
+        from .triton_kernels import philox as _tk
+        keep = _tk.philox_keep(numel, offset, seed, step, stream, threshold, device)
+    else:
+        backends.extension()
+        keep = torch.empty(numel, dtype=torch.bool, device=device)
+        torch.ops.regdrop_fast.philox_keep_(keep, offset, seed & 0xFFFFFFFF, seed >> 32, step,
+                                            stream, threshold)
+    return keep.reshape(shape)

@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); "
                                    "the same logic runs on CPU through the interpreter/C++ tests")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
 

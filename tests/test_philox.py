@@ -134,6 +134,18 @@ def test_bernoulli_keep_uses_the_contract_words(device):
     assert torch.equal(mask.cpu(), (words < keep_threshold(0.7)).view(3, 5))
 
 
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("offset,n", [(0, 1), (1, 7), (2**33 + 3, 70), (5, 1030)])
+def test_bernoulli_keep_fused_kernels_match_the_words(backend, offset, n, device):
+    """The fused keep kernels (one Philox block per 4 elements, any offset alignment) decide
+    exactly as word < floor(p * 2^32) on the contract's words."""
+    require_backend(backend, device)
+    mask = rng.bernoulli_keep((n,), 0.37, seed=2**35 + 11, step=4, stream=3, offset=offset,
+                              device=device, backend=backend)
+    words = ref_words(2**35 + 11, torch.arange(offset, offset + n), 4, 3)
+    assert torch.equal(mask.cpu(), words < keep_threshold(0.37))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_chunking_invariance(backend, device):
     """Words of a slice of the indices equal the slice of the words: shards draw the same bits."""

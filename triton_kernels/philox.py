@@ -15,10 +15,10 @@ import triton.language as tl
 
 from .utils import calculate_settings
 
-PHILOX_KEY_A: tl.constexpr = 0x9E3779B9
-PHILOX_KEY_B: tl.constexpr = 0xBB67AE85
-PHILOX_ROUND_A: tl.constexpr = 0xD2511F53
-PHILOX_ROUND_B: tl.constexpr = 0xCD9E8D57
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 
 
 @triton.jit
@@ -80,3 +80,44 @@ def philox_words(seed: int, index: torch.Tensor, step: int, stream: int) -> torc
     philox_words_kernel[grid](flat, out, n, seed & 0xFFFFFFFF, seed >> 32, step, stream,
                               BLOCK=block, num_warps=num_warps)
     return out.reshape(index.shape)
+
+
+@triton.jit
+def philox_keep_kernel(
+    out_ptr,  # uint8 [n]: a bool tensor viewed as bytes
+    n,  # elements
+    offset,  # global index of element 0 in its stream
+    seed_lo, seed_hi,  # the 64-bit seed as two uint32 halves
+    step, stream,  # counter words 2 and 3
+    threshold,  # int64 floor(keep_prob * 2^32): keep iff word < threshold
+    BLOCK: tl.constexpr,  # Philox counters (4 elements each) per program
+):
+    """Keep decisions without an index or word tensor: one Philox block per 4 elements, 1 B
+    written per element; grid = cdiv(counters spanned, BLOCK)."""
+    counter = (offset >> 2) + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    zero = c0 * 0
+    w0, w1, w2, w3 = philox4x32(c0, c1, zero + tl.cast(step, tl.uint32),
+                                zero + tl.cast(stream, tl.uint32), tl.cast(seed_lo, tl.uint32),
+                                tl.cast(seed_hi, tl.uint32))
+    first = counter * 4 - offset  # local position of lane 0
+    for lane in tl.static_range(4):
+        word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+        pos = first + lane
+        keep = word.to(tl.int64) < threshold
+        tl.store(out_ptr + pos, keep.to(tl.uint8), mask=(pos >= 0) & (pos < n))
+
+
+def philox_keep(n: int, offset: int, seed: int, step: int, stream: int, threshold: int,
+                device) -> torch.Tensor:
+    """Launcher: bool [n] keep decisions of elements offset .. offset+n-1."""
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    if n == 0:
+        return out
+    counters = ((offset + n + 3) >> 2) - (offset >> 2)
+    block, num_warps = calculate_settings(min(counters, 1024))
+    grid = (triton.cdiv(counters, block),)
+    philox_keep_kernel[grid](out.view(torch.uint8), n, offset, seed & 0xFFFFFFFF, seed >> 32, step,
+                             stream, threshold, BLOCK=block, num_warps=num_warps)
+    return out
