@@ -13,9 +13,9 @@ from regdrop_fast.sparse.masked_linear import MaskedLinear
 transformers = pytest.importorskip("transformers")
 
 
-def _tiny(config_cls, **kw):
-    cfg = config_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, vocab_size=100, num_labels=3, **kw)
+def _tiny(config_cls, hidden=32, intermediate=64):
+    cfg = config_cls(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=intermediate, vocab_size=100, num_labels=3)
     torch.manual_seed(0)
     return transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
 
@@ -224,8 +224,9 @@ def test_imp_prunes_to_schedule_and_rewinds(scope):
 
 def test_imp_pruned_weights_stay_zero_through_masked_adamw():
     masked_adamw = _masked_adamw()
-    model = _tiny(transformers.BertConfig).train()
-    imp = IterativeMagnitudePruner(model, 0.3, rate=0.1, backend="reference")
+    # widths that are not multiples of 32: packed rows end in a partial word
+    model = _tiny(transformers.BertConfig, hidden=36, intermediate=70).train()
+    imp = IterativeMagnitudePruner(model, 0.2, rate=0.1, backend="reference")
     batches = _batches(4, 100, "cpu", seed=1)
     for _ in range(imp.num_iterations):
         imp.prune()
@@ -233,7 +234,10 @@ def test_imp_pruned_weights_stay_zero_through_masked_adamw():
         opt = masked_adamw(list(model.parameters()), masks, lr=1e-2, weight_decay=0.01)
         for step in range(20):
             ids, labels = batches[step % len(batches)]
-            model(input_ids=ids, labels=labels).loss.backward()
+            # a term on the raw weights gives pruned entries a nonzero gradient too: only the
+            # optimizer's mask keeps them at 0
+            direct = sum(m.weight.sum() for m in imp.modules.values())
+            (model(input_ids=ids, labels=labels).loss + 1e-3 * direct).backward()
             opt.step()
             opt.zero_grad()
             for m in imp.modules.values():
@@ -241,7 +245,7 @@ def test_imp_pruned_weights_stay_zero_through_masked_adamw():
                 assert (m.weight[~keep] == 0).all()
                 assert (m.weight[keep] != 0).any()
     report = sparsity_report(model)
-    assert report["overall"] == pytest.approx(0.3, abs=1e-3)
+    assert report["overall"] == pytest.approx(0.2, abs=1e-3)
 
 
 def test_sparsity_report_plain_model_counts_zeros():
