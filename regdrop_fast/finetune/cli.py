@@ -50,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int, help=f"(default: {D.epochs}; demo: 2)")
     tr.add_argument("--batch-size", type=int, help=f"global batch, split over processes "
                     f"(default: {D.batch_size})")
-    tr.add_argument("--lr", type=float, help=f"peak learning rate (default: {D.lr}; demo: 5e-5)")
+    tr.add_argument("--lr", type=float, help=f"peak learning rate (default: {D.lr}; demo: 2e-4)")
     tr.add_argument("--weight-decay", type=float, help=f"(default: {D.weight_decay})")
     tr.add_argument("--warmup-ratio", type=float, help=f"linear warmup fraction, then linear "
                     f"decay (default: {D.warmup_ratio})")
@@ -117,7 +117,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-DEMO_OVERRIDES = {"epochs": 2, "lr": 5e-5, "max_length": 64, "output_dir": "finetune_demo_out"}
+DEMO_OVERRIDES = {"epochs": 2, "lr": 2e-4, "max_length": 64, "output_dir": "finetune_demo_out"}
 
 
 def config_from_args(args) -> tuple:
@@ -140,9 +140,10 @@ def main(args) -> int:
         if compare:
             from .demo import run_demo
             return run_demo(config)
+        from .distributed import launched_env
         from .train import run_finetune
         summary = run_finetune(config)
-        if summary is not None:
+        if launched_env().is_main:
             print(f"eval accuracy {summary['eval_accuracy']:.4f}; wrote {summary['output_dir']}/"
                   "{metrics.jsonl,summary.md,summary.json,curves.png}")
         return 0

@@ -109,5 +109,6 @@ def wrap_model(model, info: DistInfo, device):
         return model
     from torch.nn.parallel import DistributedDataParallel
     device_ids = [device.index] if device.type == "cuda" else None
-    # frozen parameters (mask training) and heads unused by some steps must not stall reduction
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    # every trainable parameter takes part in each step (frozen ones are skipped by DDP), so
+    # the unused-parameter graph walk is not needed
+    return DistributedDataParallel(model, device_ids=device_ids)

@@ -55,14 +55,17 @@ class ChildTuningD(_ChildTuning):
         masks = None
         if job.info.is_main:
             loader = job.train_loader(self.config.fisher_batches)
-            masks = self.module.fisher_mask(job.model, loader, self.config.reserve_p)
-            masks = {name: m.to("cpu") for name, m in masks.items()}
+            by_param = self.module.fisher_mask(job.model, loader, self.config.reserve_p)
+            # by name, on the CPU: parameters do not cross process boundaries
+            masks = {name: by_param[p].to("cpu") for name, p in job.model.named_parameters()
+                     if by_param.get(p) is not None}
         masks = D.broadcast_object(job.info, masks)
         self.fisher = {name: m.to(job.device) for name, m in masks.items()}
 
     def _masks(self, job):
-        named = dict(job.model.named_parameters())
-        return {named[name]: mask for name, mask in self.fisher.items()}
+        # every parameter gets an entry: None = always fully updated (embeddings, head)
+        return {p: self.fisher.get(name) for name, p in job.model.named_parameters()
+                if p.requires_grad}
 
     def state_dict(self) -> dict:
         return {"masks": dict(self.fisher)}
