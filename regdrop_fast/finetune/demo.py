@@ -65,6 +65,7 @@ def plot_comparison(out: Path, runs: dict) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for name, history in runs.items():
@@ -74,6 +75,7 @@ def plot_comparison(out: Path, runs: dict) -> Path:
         ax_acc.plot(epochs, [r["eval_accuracy"] for r in history], "o-", label=name)
     for ax, label in ((ax_loss, "loss"), (ax_acc, "eval accuracy")):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -74,6 +74,7 @@ def plot_curves(output_dir, history: list, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -84,6 +85,7 @@ def plot_curves(output_dir, history: list, title: str) -> Path:
                 ax.plot([e for e, v in zip(epochs, values) if v is not None],
                         [v for v in values if v is not None], style, label=f"{split} {label}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -1,0 +1,105 @@
+"""The finetune methods through transformers' Trainer (`make_trainer`), composed like --method,
+on a tiny random BERT: the right mixins and optimizer, ChildTuning-D's Fisher mask limiting the
+first update to reserve_p of the encoder weights, mask training moving only the scores."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+
+from finetune_helpers import make_tiny_bert, review_rows  # noqa: E402
+from regdrop_fast.finetune.config import FinetuneConfig  # noqa: E402
+from regdrop_fast.finetune.errors import FinetuneError  # noqa: E402
+from regdrop_fast.finetune.methods import build_methods  # noqa: E402
+from regdrop_fast.finetune.methods.base import MethodUnavailable  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+    folder = make_tiny_bert(tmp_path_factory.mktemp("trainer") / "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = review_rows(16, 4)
+    encoded = tokenizer([r["review"] for r in rows])
+    data = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
+             "labels": int(r["sentiment"] == "pos")} for i, r in enumerate(rows)]
+    return folder, data, DataCollatorWithPadding(tokenizer)
+
+
+def _trainer(parts, tmp_path, method, config=None, steps=2):
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+    from regdrop_fast.finetune.hf_trainer import make_trainer
+    for name in method.split(","):
+        try:
+            build_methods(name, FinetuneConfig())
+        except MethodUnavailable as exc:
+            pytest.skip(str(exc))
+    folder, data, collator = parts
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=steps,
+                             per_device_train_batch_size=8, learning_rate=1e-2, weight_decay=0.0,
+                             warmup_steps=0, lr_scheduler_type="constant", report_to=[],
+                             save_strategy="no", logging_strategy="no", seed=1,
+                             disable_tqdm=True)
+    return make_trainer(method, config, model=model, args=args, train_dataset=data,
+                        data_collator=collator)
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_rdrop_with_childtuning_f(parts, tmp_path):
+    trainer = _trainer(parts, tmp_path, "rdrop,childtuning-f", FinetuneConfig(reserve_p=0.5))
+    from regdrop_fast.childtuning import ChildTuningAdamW
+    from regdrop_fast.rdrop import RDropTrainerMixin
+    assert isinstance(trainer, RDropTrainerMixin) and trainer.rdrop_alpha == 0.5
+    before = _snapshot(trainer.model)
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                      else trainer.optimizer, ChildTuningAdamW)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_childtuning_d_first_update_touches_reserve_p_of_encoder(parts, tmp_path):
+    trainer = _trainer(parts, tmp_path, "childtuning-d",
+                       FinetuneConfig(reserve_p=0.3, fisher_batches=2), steps=1)
+    before = _snapshot(trainer.model)
+    trainer.train()
+    changed = total = 0
+    for name, p in trainer.model.named_parameters():
+        if "layer" in name:
+            changed += (p.detach() != before[name]).sum().item()
+            total += p.numel()
+        elif name.startswith("classifier"):
+            assert not torch.equal(p, before[name])  # unmasked: always updated
+    assert 0.2 < changed / total <= 0.3 + 1e-3
+
+
+def test_addrop_and_mask_training(parts, tmp_path):
+    trainer = _trainer(parts, tmp_path / "a", "addrop",
+                       FinetuneConfig(addrop_cross_tuning=False, addrop_p=0.5))
+    from regdrop_fast.addrop import ADDropTrainerMixin
+    assert isinstance(trainer, ADDropTrainerMixin) and trainer.addrop_active()
+    trainer.train()
+    trainer = _trainer(parts, tmp_path / "m", "mask-train", FinetuneConfig(sparsity=0.5))
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+               if "mask_scores" not in n}
+    trainer.train()
+    assert trainer.mask_trainer.t == 2
+    for name, p in trainer.model.named_parameters():
+        if name in weights:
+            assert torch.equal(p, weights[name]), name
+
+
+@pytest.mark.parametrize("method, config, match", [
+    ("imp", None, "imp is not available through the Trainer"),
+    ("rdrop,addrop", None, "both replace the training forward pass"),
+    ("none", FinetuneConfig(debias="poe"), "--debias is not available through the Trainer"),
+])
+def test_trainer_refuses_what_it_cannot_run(method, config, match):
+    from regdrop_fast.finetune.hf_trainer import make_trainer
+    with pytest.raises(FinetuneError, match=match):
+        make_trainer(method, config)
