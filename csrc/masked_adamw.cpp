@@ -380,9 +380,11 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     }
     t.step = static_cast<uint32_t>(steps[i]);
     t.stream = static_cast<uint32_t>(streams[i]);
-    t.s = AdamScalars{static_cast<float>(beta1), static_cast<float>(beta2),
-                      static_cast<float>(eps), static_cast<float>(lr_wd),
-                      static_cast<float>(step_sizes[i]), static_cast<float>(bc2_sqrts[i])};
+    t.s = AdamScalars{static_cast<float>(beta1),        static_cast<float>(beta2),
+                      static_cast<float>(1.0 - beta1),  static_cast<float>(1.0 - beta2),
+                      static_cast<float>(eps),          static_cast<float>(lr_wd),
+                      static_cast<float>(1.0 - lr_wd),  static_cast<float>(step_sizes[i]),
+                      static_cast<float>(bc2_sqrts[i])};
     for (int64_t b = 0; b < p.numel(); b += kChunk) {
       segs.push_back(Seg{static_cast<int>(i), b, std::min<int64_t>(b + kChunk, p.numel())});
     }

@@ -21,11 +21,15 @@ constexpr int kDropUpdate = 1;  // moments see g; the parameter change is multip
 constexpr int kPrune = 2;       // dropped: parameter set to exactly 0, moments untouched
 
 // Group and per-tensor scalars, already in fp32.
+// 1-beta and 1-lr*wd are rounded from double on the host: 1.0f - 0.999f is 1.3e-5 off.
 struct AdamScalars {
   float beta1;
   float beta2;
+  float one_minus_beta1;
+  float one_minus_beta2;
   float eps;
   float lr_wd;      // lr * weight_decay
+  float decay;      // 1 - lr * weight_decay
   float step_size;  // paper: lr*sqrt(bc2)/bc1; torch: lr/bc1
   float bc2_sqrt;   // torch only: sqrt(bc2)
 };
@@ -39,8 +43,8 @@ template <int kAction>
 REGDROP_HD void adam_moments(float g, float m, float v, float factor, const AdamScalars& s,
                              float& m1, float& v1) {
   if (kAction == kDropGrad) g *= factor;
-  m1 = s.beta1 * m + (1.0f - s.beta1) * g;
-  v1 = s.beta2 * v + (1.0f - s.beta2) * g * g;
+  m1 = s.beta1 * m + s.one_minus_beta1 * g;
+  v1 = s.beta2 * v + s.one_minus_beta2 * g * g;
 }
 
 // New parameter from the new moments (`sqrt_v1` = sqrt(v1)). For kPrune the caller keeps the
@@ -53,7 +57,7 @@ REGDROP_HD float adam_param(float p, float m1, float sqrt_v1, float factor, bool
     p1 = p - s.step_size * (m1 / (sqrt_v1 + s.eps));
     p1 = p1 - s.lr_wd * p1;
   } else {
-    p1 = p * (1.0f - s.lr_wd) - s.step_size * (m1 / (sqrt_v1 / s.bc2_sqrt + s.eps));
+    p1 = p * s.decay - s.step_size * (m1 / (sqrt_v1 / s.bc2_sqrt + s.eps));
   }
   if (kAction == kPrune) return keep ? p1 : 0.0f;
   if (kAction == kDropUpdate) return p + factor * (p1 - p);

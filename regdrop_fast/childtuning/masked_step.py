@@ -1,0 +1,74 @@
+"""One fused masked AdamW step over a list of tensors, dispatched to a backend.
+
+Backends: reference (regdrop_fast/reference/masked_adamw.py), cpu (csrc/masked_adamw.cpp,
+OpenMP), cuda (csrc/masked_adamw.cu, one multi-tensor launch per dtype bucket), triton
+(triton_kernels/masked_adamw.py, one launch per tensor). On CUDA tensors "auto" prefers the
+multi-tensor CUDA kernel when the extension has it (one launch for the whole group), then
+Triton, then the reference.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .. import backends
+from .._checks import keep_threshold
+from ..reference import masked_adamw as _ref
+
+OP = "masked_adamw"
+IMPLEMENTED = ("reference", "triton", "cpu", "cuda")
+ACTION_CODES = {name: code for code, name in enumerate(_ref.ACTIONS)}
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    requested = backend if backend is not None else os.environ.get(backends.ENV_VAR, "auto")
+    if (requested.strip().lower() == "auto" and torch.device(device).type == "cuda"
+            and backends.unavailable_reason("cuda", device) is None):
+        return "cuda"
+    return backends.resolve(OP, backend, device, implemented=IMPLEMENTED)
+
+
+def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
+                      masks: Sequence[Optional[torch.Tensor]], mask_kinds: Sequence[int],
+                      steps: Sequence[int], index_offsets: Sequence[int], streams: Sequence[int],
+                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                      seed: int, reserve_p: float, action: str, semantics: str,
+                      backend: Optional[str] = None) -> None:
+    """In-place step of `params`, `exp_avgs`, `exp_avg_sqs` (the arguments of
+    reference.masked_adamw.masked_adamw_step). All tensors contiguous, on one device, params
+    and grads of one dtype; the optimizer checks its inputs before calling this."""
+    if not params:
+        return
+    name = resolve_backend(backend, params[0].device)
+    if name == "reference":
+        _ref.masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks=masks,
+                               mask_kinds=mask_kinds, steps=steps, index_offsets=index_offsets,
+                               streams=streams, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                               weight_decay=weight_decay, seed=seed, reserve_p=reserve_p,
+                               action=action, semantics=semantics, upcast=False)
+        return
+    scalars = [_ref.step_scalars(semantics, lr, beta1, beta2, t) for t in steps]
+    step_sizes = [s[0] for s in scalars]
+    bc2_sqrts = [s[1] for s in scalars]
+    lr_wd = lr * weight_decay
+    paper = semantics == "paper"
+    code = ACTION_CODES[action]
+    if name == "triton":
+        from ..triton_kernels import masked_adamw as _tk
+        _tk.masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks=masks,
+                              mask_kinds=mask_kinds, steps=steps, index_offsets=index_offsets,
+                              streams=streams, step_sizes=step_sizes, bc2_sqrts=bc2_sqrts,
+                              beta1=beta1, beta2=beta2, eps=eps, lr_wd=lr_wd, seed=seed,
+                              threshold=keep_threshold(reserve_p), inv_p=1.0 / reserve_p,
+                              action=code, paper=paper)
+        return
+    backends.extension()
+    empty = params[0].new_empty(0, dtype=torch.int32)
+    words = [m if m is not None else empty for m in masks]
+    torch.ops.regdrop_fast.masked_adamw_(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), words, list(mask_kinds),
+        list(steps), list(index_offsets), list(streams), step_sizes, bc2_sqrts, beta1, beta2,
+        eps, lr_wd, seed & 0xFFFFFFFF, seed >> 32, reserve_p, code, paper)

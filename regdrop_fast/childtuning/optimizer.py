@@ -1,0 +1,422 @@
+"""ChildTuningAdamW and MaskedAdamW: AdamW whose step is one fused masked kernel.
+
+ChildTuning (Xu et al., EMNLP 2021) updates a "child network" only:
+  mode="F"  every step draws a fresh Bernoulli(reserve_p) keep mask per element and scales kept
+            gradients by 1/reserve_p. The mask is never stored: the kernel draws it from the
+            Philox contract, keep(i) = philox_words(seed, i, step, stream) < floor(reserve_p*2^32)
+            with i the element's global flat index, step the parameter's step count after this
+            step's increment (state["step"], 1 on the first step) and stream
+            `optimizer.mask_stream(param)`. Zero bytes of mask memory, identical on every
+            backend, rank and shard.
+  mode="D"  a fixed mask per parameter (from `fisher_mask`), bit-packed (1 bit per element).
+  mode=None plain AdamW through the same kernel.
+semantics="paper" reproduces the official ChildTuningAdamW (mask g, Adam moments of the masked
+g, HF bias correction lr*sqrt(bc2)/bc1 with sqrt(v)+eps, decay after the update);
+semantics="torch" is torch.optim.AdamW's formula with the mask. drop="update" masks the
+parameter change instead of the gradient (moments see every gradient). The official code also
+overwrites p.grad with the masked gradient; here p.grad is left as it was (saves 4 B/param of
+writes), the parameters and moments are the same.
+
+Streams: a parameter's stream is crc32 of its name when the optimizer was given named
+parameters (`model.named_parameters()`), else its position in param-group order (0, 1, ...).
+Both are the same on every rank and after a resume; `mask_stream(param)` returns it.
+
+NaN/inf gradients propagate, as in torch.optim.AdamW and the official code: the element's m,
+v and weight become NaN/inf (a dropped element multiplies its gradient by 0, still NaN).
+Skip such steps with torch.amp.GradScaler, or check the gradients before step(). Pruned
+weights of MaskedAdamW stay exactly 0 whatever the gradient.
+
+Sharded parameters (DTensor, FSDP2 `fully_shard`): the kernel runs on the local shard with
+global element indices, so masks do not depend on the sharding. Supported placements: Shard(0)
+and Replicate.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Optional
+
+import torch
+
+from .._checks import UINT64_MAX, check_int, check_prob
+from ..masks import PackedMask, pack_mask, unpack_mask
+from ..reference import masked_adamw as _ref
+from .masked_step import IMPLEMENTED, masked_adamw_step
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch without the public DTensor API
+    DTensor = Replicate = Shard = None
+
+__all__ = ["ChildTuningAdamW", "MaskedAdamW"]
+
+_MODES = (None, "F", "D")
+_DROPS = ("grad", "update")
+_EXTRA_KEY = "regdrop_fast"
+
+
+def _check_hparams(lr, betas, eps, weight_decay):
+    if not (isinstance(lr, (int, float)) and lr >= 0.0):
+        raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0.0):
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0.0):
+        raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.to_local()
+    return t
+
+
+def _global_offset(p: torch.Tensor) -> int:
+    """Global flat index of the first local element of `p` (0 unless p is a sharded DTensor)."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return 0
+    for placement in p.placements:
+        if not (isinstance(placement, Replicate) or (isinstance(placement, Shard)
+                                                     and placement.dim == 0)):
+            raise ValueError(f"params: DTensor placements must be Shard(0) or Replicate for "
+                             f"masks keyed on global indices, got {p.placements}")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
+                                                                p.placements)
+    row = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+    return int(offset[0]) * row if p.dim() > 0 else 0
+
+
+def _flat_words(mask, param: torch.Tensor, label: str) -> torch.Tensor:
+    """int32 words of `mask` as one flat bit stream over the parameter's elements."""
+    shape = tuple(param.shape)
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"masks[{label}] must be a PackedMask or a bool tensor, got dtype "
+                            f"{mask.dtype}")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"masks[{label}] has shape {tuple(mask.shape)}, the parameter has "
+                             f"shape {shape}")
+        return pack_mask(mask.reshape(-1)).words
+    if not isinstance(mask, PackedMask):
+        raise TypeError(f"masks[{label}] must be a PackedMask, a bool tensor or None, got "
+                        f"{type(mask).__name__}")
+    if tuple(mask.shape) != (shape if shape else (1,)):
+        raise ValueError(f"masks[{label}] has shape {tuple(mask.shape)}, the parameter has "
+                         f"shape {shape}")
+    if mask.shape[-1] % 32 == 0:  # rows fill whole words: the packed rows are the flat stream
+        return mask.words.reshape(-1).contiguous()
+    return pack_mask(unpack_mask(mask).reshape(-1)).words
+
+
+class ChildTuningAdamW(torch.optim.Optimizer):
+    """AdamW with ChildTuning's gradient mask, one fused kernel per step.
+
+    Args:
+        params: parameters, param groups, or named parameters (`model.named_parameters()`;
+            names set the Philox streams and name parameters in errors).
+        lr, betas, eps, weight_decay: AdamW hyperparameters (defaults of the official code).
+        mode: "F" (task-free, random mask each step), "D" (task-driven, fixed `masks`) or None.
+        reserve_p: keep probability of mode F, in (0, 1]; the F gradient is scaled by 1/p.
+        drop: "grad" (the paper) or "update" (mask the parameter change).
+        semantics: "paper" (the official update order) or "torch" (torch.optim.AdamW's).
+        seed: Philox seed in [0, 2^64); None draws one from torch's generator (broadcast from
+            rank 0 when torch.distributed is initialized).
+        masks: mode D: {parameter or name: PackedMask | bool tensor | None} covering every
+            parameter (None = always fully updated, e.g. embeddings and classifier; this is
+            what `fisher_mask` returns), or a list aligned with the parameters.
+        backend: "reference" | "cpu" | "cuda" | "triton" | None (auto).
+    """
+
+    _mode_choices = _MODES
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, mode: Optional[str] = "F", reserve_p: float = 0.3,
+                 drop: str = "grad", semantics: str = "paper", seed: Optional[int] = None,
+                 masks=None, backend: Optional[str] = None):
+        _check_hparams(lr, betas, eps, weight_decay)
+        self._check_mode(mode, reserve_p, drop, semantics)
+        if backend is not None and backend not in ("auto",) + IMPLEMENTED:
+            raise ValueError(f"backend must be one of {IMPLEMENTED}, 'auto' or None, got "
+                             f"{backend!r}")
+        self.backend = backend
+        self.seed = self._resolve_seed(seed)
+        self._streams = {}
+        self._names = {}
+        self._mask_words = {}
+        self._constructed = False
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        mode=mode, reserve_p=reserve_p, drop=drop, semantics=semantics)
+        super().__init__(params, defaults)
+        self._attach_masks(masks)
+        self._constructed = True
+
+    # ---- configuration -------------------------------------------------------------------
+    def _check_mode(self, mode, reserve_p, drop, semantics):
+        if mode not in self._mode_choices:
+            raise ValueError(f"mode must be one of {self._mode_choices}, got {mode!r}")
+        check_prob("reserve_p", reserve_p, low_open=True, high_open=False)
+        if drop not in _DROPS:
+            raise ValueError(f"drop must be one of {_DROPS}, got {drop!r}")
+        if semantics not in _ref.SEMANTICS:
+            raise ValueError(f"semantics must be one of {_ref.SEMANTICS}, got {semantics!r}")
+
+    @staticmethod
+    def _resolve_seed(seed) -> int:
+        if seed is not None:
+            return check_int("seed", seed, 0, UINT64_MAX)
+        drawn = int(torch.randint(0, 2**62, (1,)).item())
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            box = [drawn]
+            dist.broadcast_object_list(box, src=0)
+            drawn = int(box[0])
+        return drawn
+
+    def add_param_group(self, param_group: dict) -> None:
+        for key in ("lr", "betas", "eps", "weight_decay", "mode", "reserve_p", "drop",
+                    "semantics"):
+            param_group.setdefault(key, self.defaults[key])
+        _check_hparams(param_group["lr"], param_group["betas"], param_group["eps"],
+                       param_group["weight_decay"])
+        self._check_mode(param_group["mode"], param_group["reserve_p"], param_group["drop"],
+                         param_group["semantics"])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names")
+        first = sum(len(g["params"]) for g in self.param_groups[:-1])
+        for i, p in enumerate(group["params"]):
+            name = names[i] if names is not None else None
+            self._names[p] = name if name is not None else (
+                f"param_groups[{len(self.param_groups) - 1}]['params'][{i}] "
+                f"(shape {tuple(p.shape)})")
+            self._streams[p] = (zlib.crc32(name.encode()) if name is not None else first + i)
+        if self._constructed and group["mode"] == "D":
+            raise ValueError("a mode='D' param group cannot be added after construction: "
+                             "pass all groups and their masks to the constructor")
+
+    def mask_stream(self, param: torch.Tensor) -> int:
+        """The Philox stream of `param` (see the module docstring)."""
+        if param not in self._streams:
+            raise ValueError("param is not a parameter of this optimizer")
+        return self._streams[param]
+
+    def _flat_params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _attach_masks(self, masks) -> None:
+        params = self._flat_params()
+        needs = {p for g in self.param_groups if g["mode"] == "D" for p in g["params"]}
+        if masks is None:
+            if needs:
+                raise ValueError("mode='D' needs masks= (e.g. from regdrop_fast.fisher_mask): "
+                                 "one entry per parameter, None for a parameter updated fully")
+            return
+        by_param = self._masks_by_param(masks, params)
+        for p in needs:
+            if p not in by_param:
+                raise ValueError(f"mode='D': parameter {self._names[p]} has no entry in masks; "
+                                 f"give it a mask, or None to update it fully")
+        for p, mask in by_param.items():
+            if mask is not None:
+                words = _flat_words(mask, p, self._names[p])
+                self._mask_words[p] = words.to(_local(p).device)
+
+    def _masks_by_param(self, masks, params) -> dict:
+        if isinstance(masks, dict):
+            by_name = {name: p for p, name in self._names.items()}
+            ids = {id(p): p for p in params}
+            out = {}
+            for key, mask in masks.items():
+                if isinstance(key, str):
+                    if key not in by_name:
+                        raise ValueError(f"masks has an entry for {key!r}, which is not a "
+                                         f"parameter name of this optimizer")
+                    out[by_name[key]] = mask
+                elif isinstance(key, torch.Tensor) and id(key) in ids:
+                    out[ids[id(key)]] = mask
+                else:
+                    raise ValueError(f"masks has a key that is not a parameter of this "
+                                     f"optimizer (a {type(key).__name__}"
+                                     + (f" of shape {tuple(key.shape)})" if isinstance(
+                                         key, torch.Tensor) else ")")
+                                     + "; were the masks computed on another model instance?")
+            return out
+        if isinstance(masks, (list, tuple)):
+            if len(masks) != len(params):
+                raise ValueError(f"masks as a list must have one entry per parameter "
+                                 f"({len(params)}), got {len(masks)}")
+            return dict(zip(params, masks))
+        raise TypeError(f"masks must be a dict, a list or None, got {type(masks).__name__}")
+
+    # ---- the step ------------------------------------------------------------------------
+    def _mask_kind(self, group, p) -> int:
+        if group["mode"] == "F":
+            return _ref.MASK_PHILOX
+        if group["mode"] is not None and p in self._mask_words:
+            return _ref.MASK_BITS
+        return _ref.MASK_NONE
+
+    def _action(self, group) -> str:
+        return group["drop"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group) -> None:
+        buckets = {}
+        device = None
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            name = self._names[p]
+            grad = p.grad
+            if grad.is_sparse or _local(grad).is_sparse:
+                raise ValueError(f"{type(self).__name__} does not support sparse gradients "
+                                 f"(parameter {name})")
+            local_p = _local(p)
+            if device is None:
+                device = local_p.device
+            elif local_p.device != device:
+                raise ValueError(f"all parameters of a param group must be on one device: "
+                                 f"{name} is on {local_p.device}, others on {device}")
+            local_g = _local(grad)
+            if local_g.device != device:
+                raise ValueError(f"the gradient of {name} is on {local_g.device}, the "
+                                 f"parameter on {device}")
+            if local_p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"parameter {name} must be float32, bfloat16 or float16, got "
+                                f"{local_p.dtype}")
+            if local_g.dtype != local_p.dtype:
+                raise TypeError(f"the gradient of {name} has dtype {local_g.dtype}, the "
+                                f"parameter {local_p.dtype}; they must match")
+            if not local_p.is_contiguous():
+                raise ValueError(f"parameter {name} must be contiguous")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
+                                                    memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                       memory_format=torch.contiguous_format)
+            state["step"] += 1
+            kind = self._mask_kind(group, p)
+            bucket = buckets.setdefault(local_p.dtype, {k: [] for k in (
+                "params", "grads", "m", "v", "masks", "kinds", "steps", "offsets", "streams")})
+            bucket["params"].append(local_p)
+            bucket["grads"].append(local_g.contiguous())
+            bucket["m"].append(_local(state["exp_avg"]))
+            bucket["v"].append(_local(state["exp_avg_sq"]))
+            bucket["masks"].append(self._mask_words.get(p) if kind == _ref.MASK_BITS else None)
+            bucket["kinds"].append(kind)
+            bucket["steps"].append(int(state["step"]))
+            bucket["offsets"].append(_global_offset(p))
+            bucket["streams"].append(self._streams[p])
+        beta1, beta2 = group["betas"]
+        for bucket in buckets.values():
+            masked_adamw_step(
+                bucket["params"], bucket["grads"], bucket["m"], bucket["v"],
+                masks=bucket["masks"], mask_kinds=bucket["kinds"], steps=bucket["steps"],
+                index_offsets=bucket["offsets"], streams=bucket["streams"], lr=group["lr"],
+                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                seed=self.seed, reserve_p=group["reserve_p"], action=self._action(group),
+                semantics=group["semantics"], backend=self.backend)
+
+    # ---- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus the seed, the streams and the packed masks (flat
+        int32 words keyed by the parameter's index in param-group order)."""
+        sd = super().state_dict()
+        params = self._flat_params()
+        sd[_EXTRA_KEY] = {
+            "seed": self.seed,
+            "streams": [self._streams[p] for p in params],
+            "masks": {i: self._mask_words[p].clone() for i, p in enumerate(params)
+                      if p in self._mask_words},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Inverse of state_dict(); the moments stay float32 whatever the parameter dtype, so a
+        resumed run is bit-identical to an uninterrupted one."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_EXTRA_KEY, None)
+        if extra is None:
+            raise ValueError(f"state_dict has no {_EXTRA_KEY!r} entry (seed, streams, masks): "
+                             f"it was not saved by {type(self).__name__}")
+        params = self._flat_params()
+        if list(extra["streams"]) != [self._streams[p] for p in params]:
+            raise ValueError("state_dict: the saved Philox streams differ from this "
+                             "optimizer's (different parameters, names or order)")
+        moments = {}
+        state = {}
+        for key, value in state_dict["state"].items():
+            value = dict(value)
+            moments[key] = {k: value.pop(k) for k in ("exp_avg", "exp_avg_sq") if k in value}
+            state[key] = value
+        state_dict["state"] = state
+        super().load_state_dict(state_dict)
+        for key, saved in moments.items():
+            p = params[int(key)]
+            for k, value in saved.items():
+                target = torch.zeros_like(p, dtype=torch.float32,
+                                          memory_format=torch.contiguous_format)
+                _local(target).copy_(_local(value) if isinstance(value, torch.Tensor) else value)
+                self.state[p][k] = target
+        self.seed = int(extra["seed"])
+        self._mask_words = {params[int(i)]: w.to(_local(params[int(i)]).device).clone()
+                            for i, w in extra["masks"].items()}
+
+
+class MaskedAdamW(ChildTuningAdamW):
+    """AdamW on a sparse subnetwork: pruned weights (mask bit 0) are set to exactly 0 by every
+    step and their m, v are left untouched; kept weights follow AdamW.
+
+    Args:
+        params: parameters, param groups or named parameters.
+        masks: {parameter or name: PackedMask | bool tensor | None} or a list aligned with the
+            parameters (None entries). Parameters without a mask are updated densely (biases,
+            LayerNorm, ...). 1 = keep, as in regdrop_fast.masks.
+        lr, betas, eps, weight_decay: torch.optim.AdamW's defaults.
+        semantics: "torch" (default, torch.optim.AdamW) or "paper" (HF/official order).
+    """
+
+    _mode_choices = ("sparse",)
+
+    def __init__(self, params, masks, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, semantics: str = "torch", seed: Optional[int] = 0,
+                 backend: Optional[str] = None):
+        if masks is None:
+            raise ValueError("MaskedAdamW needs masks= (dict or list of PackedMask/bool/None)")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         mode="sparse", reserve_p=1.0, drop="grad", semantics=semantics,
+                         seed=seed, masks=masks, backend=backend)
+
+    def _attach_masks(self, masks) -> None:
+        params = self._flat_params()
+        for p, mask in self._masks_by_param(masks, params).items():
+            if mask is not None:
+                self._mask_words[p] = _flat_words(mask, p, self._names[p]).to(_local(p).device)
+
+    def _action(self, group) -> str:
+        return "prune"
+
+    @torch.no_grad()
+    def apply_masks_(self) -> None:
+        """Set the pruned weights to 0 now (step() does it for parameters with a gradient)."""
+        for p, words in self._mask_words.items():
+            local = _local(p)
+            keep = _ref.keep_bits(_ref.MASK_BITS, local.numel(), _global_offset(p), seed=0,
+                                  step=0, stream=0, reserve_p=1.0, words=words,
+                                  device=local.device)
+            local.mul_(keep.view(local.shape).to(local.dtype))
+
