@@ -231,12 +231,16 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             out = {}
             for key, mask in masks.items():
                 if isinstance(key, str):
+                    if key not in by_name and mask is None:
+                        continue
                     if key not in by_name:
                         raise ValueError(f"masks has an entry for {key!r}, which is not a "
                                          f"parameter name of this optimizer")
                     out[by_name[key]] = mask
                 elif isinstance(key, torch.Tensor) and id(key) in ids:
                     out[ids[id(key)]] = mask
+                elif mask is None:  # "always update" for a parameter this optimizer lacks
+                    continue
                 else:
                     raise ValueError(f"masks has a key that is not a parameter of this "
                                      f"optimizer (a {type(key).__name__}"
@@ -273,23 +277,19 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group) -> None:
-        buckets = {}
+        # validate every parameter before touching any state, so a bad input changes nothing
+        live = [p for p in group["params"] if p.grad is not None]
         device = None
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        for p in live:
             name = self._names[p]
-            grad = p.grad
-            if grad.is_sparse or _local(grad).is_sparse:
+            if p.grad.is_sparse or _local(p.grad).is_sparse:
                 raise ValueError(f"{type(self).__name__} does not support sparse gradients "
                                  f"(parameter {name})")
-            local_p = _local(p)
-            if device is None:
-                device = local_p.device
-            elif local_p.device != device:
+            local_p, local_g = _local(p), _local(p.grad)
+            device = local_p.device if device is None else device
+            if local_p.device != device:
                 raise ValueError(f"all parameters of a param group must be on one device: "
                                  f"{name} is on {local_p.device}, others on {device}")
-            local_g = _local(grad)
             if local_g.device != device:
                 raise ValueError(f"the gradient of {name} is on {local_g.device}, the "
                                  f"parameter on {device}")
@@ -301,6 +301,8 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                                 f"parameter {local_p.dtype}; they must match")
             if not local_p.is_contiguous():
                 raise ValueError(f"parameter {name} must be contiguous")
+        buckets = {}
+        for p in live:
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = 0
@@ -310,10 +312,11 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                                                        memory_format=torch.contiguous_format)
             state["step"] += 1
             kind = self._mask_kind(group, p)
+            local_p = _local(p)
             bucket = buckets.setdefault(local_p.dtype, {k: [] for k in (
                 "params", "grads", "m", "v", "masks", "kinds", "steps", "offsets", "streams")})
             bucket["params"].append(local_p)
-            bucket["grads"].append(local_g.contiguous())
+            bucket["grads"].append(_local(p.grad).contiguous())
             bucket["m"].append(_local(state["exp_avg"]))
             bucket["v"].append(_local(state["exp_avg_sq"]))
             bucket["masks"].append(self._mask_words.get(p) if kind == _ref.MASK_BITS else None)
