@@ -2,7 +2,7 @@
 
 As the official code: the model in train mode, one pass over the data with the gold-label
 loss; per batch each selected parameter's gradient is clipped to norm `max_grad_norm`
-separately and F += grad^2; F /= number of batches. Threshold = the (1 - reserve_p) percentile
+separately and F += grad^2 / number of batches. Threshold = the (1 - reserve_p) percentile
 of F (np.percentile's linear rule) over all selected parameters together (scope="global") or
 per tensor; keep = F >= threshold (ties kept). The threshold is found on the device with one
 torch.kthvalue over the concatenated values: nothing but the threshold goes to the host.
@@ -125,6 +125,14 @@ def fisher_mask(model: torch.nn.Module, dataloader, reserve_p: float,
         raise ValueError("no parameter selected for the Fisher mask (the default selects "
                          "names containing 'layer'; pass params=)")
     fisher = {p: torch.zeros_like(p, dtype=torch.float32) for _, p in selected}
+    # the official code adds grad^2 / len(dataloader) per batch: same rounding when the length
+    # is known, else the sum is divided by the batch count at the end
+    try:
+        known = len(dataloader)
+    except TypeError:
+        known = None
+    if known is not None and max_batches is not None:
+        known = min(known, max_batches)
     was_training = model.training
     model.train()
     batches = 0
@@ -137,15 +145,16 @@ def fisher_mask(model: torch.nn.Module, dataloader, reserve_p: float,
                 loss = loss_fn(model, batch)
                 loss.backward()
             for p, sq in _accumulate(selected, max_grad_norm):
-                fisher[p].add_(sq)
+                fisher[p].add_(sq / known if known else sq)
             batches += 1
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     if batches == 0:
         raise ValueError("dataloader yielded no batch")
-    for f in fisher.values():
-        f.div_(batches)
+    if not known:
+        for f in fisher.values():
+            f.div_(batches)
     masks = {p: None for p in model.parameters() if p.requires_grad}
     if scope == "global":
         flat = torch.cat([fisher[p].reshape(-1) for _, p in selected])
