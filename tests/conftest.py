@@ -46,3 +46,17 @@ def require_backend(name: str, device) -> None:
     reason = backends.unavailable_reason(name, device)
     if reason is not None:
         pytest.skip(f"backend {name!r} unavailable: {reason}")
+
+
+# Opt-in: REGDROP_AOT_RECORD=path.jsonl records every Triton launch of this run for the sm_90
+# compile check (tools/triton_aot/run.sh); nothing changes without the variable.
+if os.environ.get("REGDROP_AOT_RECORD"):
+    import importlib.util  # noqa: E402
+    import sys  # noqa: E402
+
+    _aot_spec = importlib.util.spec_from_file_location(
+        "regdrop_triton_aot_record",
+        os.path.join(os.path.dirname(__file__), os.pardir, "tools", "triton_aot", "record.py"))
+    _aot_record = sys.modules[_aot_spec.name] = importlib.util.module_from_spec(_aot_spec)
+    _aot_spec.loader.exec_module(_aot_record)
+    _aot_record.install(os.environ["REGDROP_AOT_RECORD"])

@@ -1,0 +1,162 @@
+"""tools/triton_aot: interpreter launches are recorded with Triton's own specialization, and
+compile.py builds them for sm_90 in a fresh process, reporting kernels the real compiler
+rejects even though the interpreter ran them."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+TOOLS = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "triton_aot")
+KERNELS = textwrap.dedent('''
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scale_kernel(x_ptr, y_ptr, n, alpha, big, opt_ptr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        if opt_ptr is not None:
+            x += tl.load(opt_ptr + offs, mask=valid, other=0).to(tl.float32)
+        y = x * alpha + (big >> 40).to(tl.float32)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def dot_kernel(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
+        r = tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + r[:, None] * BLOCK + r[None, :])
+        b = tl.load(b_ptr + r[:, None] * BLOCK + r[None, :])
+        tl.store(c_ptr + r[:, None] * BLOCK + r[None, :], tl.dot(a, b))
+
+    # An annotated module global is a plain int at run time: the interpreter reads it, the
+    # compiler only accepts globals that are tl.constexpr objects.
+    LIMIT: tl.constexpr = 3
+
+    @triton.jit
+    def annotated_global_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, offs * LIMIT, mask=offs < n)
+''')
+
+
+def _load(name, path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record_module():
+    # the name tests/conftest.py uses, so a recorded test run and this test share one hook
+    return _load("regdrop_triton_aot_record", os.path.join(TOOLS, "record.py"))
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """Run the demo kernels under the interpreter with the recorder on: (records path,
+    list of records, kernel module)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    folder = tmp_path_factory.mktemp("aot")
+    (folder / "regdrop_aot_demo_kernels.py").write_text(KERNELS)
+    kernels = _load("regdrop_aot_demo_kernels", str(folder / "regdrop_aot_demo_kernels.py"))
+    if not isinstance(kernels.scale_kernel, InterpretedFunction):
+        pytest.skip("the recorder records interpreter launches (TRITON_INTERPRET=1)")
+    path = folder / "launches.jsonl"
+    record = _record_module()
+    record.install(str(path))
+    try:
+        x = torch.arange(40, dtype=torch.float32)
+        y = torch.empty(40, dtype=torch.bfloat16)
+        for _ in range(2):  # the same specialization twice: one record
+            kernels.scale_kernel[(1,)](x, y, 40, 0.5, 3 << 40, None, BLOCK=64, num_warps=2)
+        kernels.scale_kernel[(1,)](x, y, 1, 0.5, 3 << 40, None, BLOCK=64, num_warps=2)
+        kernels.scale_kernel[(1,)](x, y, 1, 0.5, 0, torch.ones(40, dtype=torch.bool), BLOCK=64)
+        torch.testing.assert_close(y[:1].float(), torch.tensor([0.5]))  # (0 + True) * 0.5
+        torch.testing.assert_close(y[1:].float(), x[1:] * 0.5 + 3, rtol=1e-2, atol=0)
+        a = torch.randn(16, 16).to(torch.bfloat16)
+        kernels.dot_kernel[(1,)](a, a, torch.empty(16, 16), BLOCK=16, num_warps=4, num_stages=2)
+        out = torch.zeros(8, dtype=torch.int32)
+        kernels.annotated_global_kernel[(1,)](out, 8, BLOCK=8)
+        assert out.tolist() == [3 * i for i in range(8)]  # the interpreter accepts it
+    finally:
+        record.uninstall(str(path))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return path, records, kernels
+
+
+def _by_kernel(records, name):
+    return [r for r in records if r["qualname"] == name]
+
+
+def test_records_triton_specialization_of_each_launch(launches):
+    _, records, _ = launches
+    scale = _by_kernel(records, "scale_kernel")
+    assert len(scale) == 3 and len(records) == 5
+    first = scale[0]
+    assert first["module"] == "regdrop_aot_demo_kernels"
+    assert first["signature"] == {"x_ptr": "*fp32", "y_ptr": "*bf16", "n": "i32", "alpha": "fp32",
+                                  "big": "i64", "opt_ptr": "constexpr", "BLOCK": "constexpr"}
+    assert first["constexprs"] == {"opt_ptr": None, "BLOCK": 64}
+    assert first["options"] == {"num_warps": 2}
+    assert first["attrs"]["big"] == "D" and "n" not in first["attrs"]  # 40 % 16 != 0
+    # Triton turns an int equal to 1 into constexpr 1 and passes a bool tensor as *u1
+    assert scale[1]["signature"]["n"] == "constexpr" and scale[1]["constexprs"]["n"] == 1
+    assert scale[2]["signature"]["opt_ptr"] == "*u1" and scale[2]["signature"]["big"] == "i32"
+    dot = _by_kernel(records, "dot_kernel")[0]
+    assert dot["signature"]["a_ptr"] == "*bf16" and dot["signature"]["c_ptr"] == "*fp32"
+    assert dot["options"] == {"num_stages": 2, "num_warps": 4}
+
+
+def _compile(path, *flags):
+    """compile.py over the recorded launches, in a fresh process: (exit status, output)."""
+    compiler = _load("regdrop_triton_aot_compile", os.path.join(TOOLS, "compile.py"))
+    reason = compiler.backend_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no sm_90 compile here: {reason}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "compile.py"), *flags, str(path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def compiled(launches):
+    return _compile(launches[0])
+
+
+def _status_lines(output, kernel):
+    return [line.split()[0] for line in output.splitlines()
+            if line.split() and line.split()[0] in ("OK", "FAIL", "SKIP")
+            and f"regdrop_aot_demo_kernels.{kernel}(" in line]
+
+
+def test_recorded_kernels_compile_for_sm90(compiled):
+    _, output = compiled
+    assert _status_lines(output, "scale_kernel") == ["OK", "OK", "OK"], output
+    assert "BLOCK=64, n=1, opt_ptr=None;" in output
+    assert _status_lines(output, "dot_kernel") == ["OK"], output  # bf16 tl.dot, 2 stages
+    assert "regs=" in output and "stack=" in output
+
+
+def test_kernel_the_compiler_rejects_is_reported(compiled):
+    status, output = compiled
+    assert _status_lines(output, "annotated_global_kernel") == ["FAIL"], output
+    assert "LIMIT" in output
+    assert status == 1
+    assert "4 OK, 0 WARN, 1 FAIL" in output
+
+
+def test_main_specializations_merge_triton_value_specializations(launches):
+    """--specializations main compiles n=40 and n=1 (constexpr 1) once, the general one."""
+    status, output = _compile(launches[0], "--specializations", "main")
+    assert status == 1 and _status_lines(output, "scale_kernel") == ["OK", "OK"], output
+    assert "BLOCK=64, n=1, opt_ptr=None;" not in output
+    assert "3 OK, 0 WARN, 1 FAIL" in output

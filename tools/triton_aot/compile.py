@@ -1,0 +1,379 @@
+"""Compile every recorded Triton launch for an H100 (sm_90) without a GPU.
+
+    python tools/triton_aot/compile.py launches.jsonl [more.jsonl ...] [--jobs 2]
+        [--specializations all|main] [--autotune none|one|all] [--expect-kernels PACKAGE]
+
+Reads the JSON lines that tools/triton_aot/record.py wrote during an interpreter test run,
+imports each kernel with TRITON_INTERPRET unset (so the module attribute is a real
+JITFunction) and builds each distinct specialization with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32), options=...)`: the front
+end, the Hopper TTGIR/LLVM passes and the wheel's bundled ptxas. A kernel wrapped by an
+autotuner in its module is also compiled with each of the autotuner's configs (the GPU path's
+block sizes, warps and stages, which interpreter runs never launch).
+
+Prints one line per kernel and specialization, then its registers, stack frame (spills) and
+shared memory: OK; FAIL (the compiler rejects it, or its shared memory exceeds sm_90's
+227 KiB); WARN (an autotune config over that limit, which the autotuner skips, or with
+--expect-kernels a kernel no test launched); SKIP (a kernel defined inside a function).
+Exit status 1 on any FAIL, else 0; also 0, with a SKIP message, when the triton wheel has no
+NVIDIA backend or ptxas (--check-backend then exits 3). At most 2 worker processes.
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+
+# Do not let this script's own folder shadow modules named like its siblings.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+TARGET = ("cuda", 90, 32)
+MAX_JOBS = 2
+NO_BACKEND_EXIT = 3  # --check-backend's status when there is no NVIDIA backend or ptxas
+
+
+def _use_real_compiler():
+    """Environment of a GPU compile; must run before this process first imports triton."""
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("triton was imported with TRITON_INTERPRET=1; run this as a script")
+    os.environ.pop("TRITON_INTERPRET", None)
+    # Triton 3.9 warns once per process that its fp-fusion default will change; the check
+    # compiles with the installed triton's default, as a GPU launch would.
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+
+def backend_unavailable_reason():
+    """None when this triton can compile for sm_90 here, else why not."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends import backends
+    except Exception as exc:
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if "nvidia" not in backends:
+        return f"this triton wheel has no NVIDIA backend (backends: {sorted(backends)})"
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        try:
+            tool = get_ptxas(TARGET[1])
+        except TypeError:  # older triton: get_ptxas() takes no arch
+            tool = get_ptxas()
+        path = tool.path if hasattr(tool, "path") else tool[0]
+    except Exception as exc:
+        return f"no usable ptxas in the triton wheel ({type(exc).__name__}: {exc})"
+    if not path or not os.path.exists(path):
+        return f"ptxas not found (looked for {path!r})"
+    return None
+
+
+def load_entries(paths):
+    """Unique records, in first-seen order."""
+    seen, entries = set(), []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line and line not in seen:
+                    seen.add(line)
+                    entries.append(json.loads(line))
+    return entries
+
+
+_MODULES: dict = {}
+
+
+def import_module(entry):
+    """The kernel's module, imported by name, else from the recorded file path."""
+    name = entry["module"]
+    if name in _MODULES:
+        return _MODULES[name]
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        path = entry.get("file")
+        if not path or not os.path.exists(path):
+            raise
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    _MODULES[name] = module
+    return module
+
+
+def unwrap_jit(obj):
+    """The JITFunction under autotune/heuristics wrappers, or None."""
+    from triton.runtime.jit import JITFunction
+
+    while obj is not None and not isinstance(obj, JITFunction):
+        obj = getattr(obj, "fn", None)
+    return obj
+
+
+def resolve_kernel(entry):
+    if "<locals>" in entry["qualname"]:
+        raise LookupError("defined inside a function: not importable (move it to module level)")
+    obj = import_module(entry)
+    for part in entry["qualname"].split("."):
+        obj = getattr(obj, part)
+    kernel = unwrap_jit(obj)
+    if kernel is None:
+        raise LookupError(f"{entry['module']}.{entry['qualname']} is a {type(obj).__name__}, "
+                          "not a @triton.jit function, outside the interpreter")
+    return kernel
+
+
+def decode_value(value):
+    """Inverse of record.encode_value."""
+    import triton.language as tl
+
+    if isinstance(value, dict):
+        if "dtype" in value:
+            return getattr(tl, value["dtype"]) if hasattr(tl, value["dtype"]) \
+                else tl.dtype(value["dtype"])
+        if "tuple" in value:
+            return tuple(decode_value(v) for v in value["tuple"])
+        if "jit" in value:
+            module, qualname = value["jit"].split(":")
+            return resolve_kernel({"module": module, "qualname": qualname})
+    return value
+
+
+def _general_key(entry):
+    """(group key, rank): the entry's kernel, types, declared constexprs and options, with
+    Triton's value specializations (ints equal to 1 made constexpr 1, divisibility-by-16
+    attrs) taken out; rank orders a group's members from the most general (fewest ints fixed
+    to 1, then most divisibility hints, as aligned tensors give)."""
+    try:
+        if "unsupported" in entry:
+            raise LookupError(entry["unsupported"])
+        kernel = resolve_kernel(entry)
+    except Exception:  # cannot be compiled: one SKIP/FAIL line per kernel is enough
+        return json.dumps([entry["module"], entry["qualname"], entry.get("unsupported")]), (0, 0)
+    declared = {p.name for p in kernel.params if p.is_constexpr}
+    sig, ones = {}, 0
+    for arg, ty in entry["signature"].items():
+        if arg not in declared and ty == "constexpr" and entry["constexprs"][arg] == 1:
+            ty, ones = "i32", ones + 1
+        sig[arg] = ty
+    key = json.dumps([entry["module"], entry["qualname"], sig,
+                      {a: v for a, v in entry["constexprs"].items() if a in declared},
+                      entry["options"]], sort_keys=True)
+    return key, (ones, -len(entry["attrs"]))
+
+
+def main_specializations(entries):
+    """One entry per kernel, pointer/int types, declared constexprs and launch options: the
+    most general of the launches that differ only in Triton's value specializations."""
+    best = {}
+    for entry in entries:
+        key, rank = _general_key(entry)
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, entry)
+    return [entry for _, entry in best.values()]
+
+
+def autotune_variants(entry):
+    """`entry` with each config of every autotuner in its module that wraps the same kernel."""
+    from triton.runtime.autotuner import Autotuner
+
+    try:
+        kernel = resolve_kernel(entry)
+        module = import_module(entry)
+    except Exception:
+        return []
+    variants = []
+    for obj in vars(module).values():
+        if not isinstance(obj, Autotuner) or unwrap_jit(obj) is not kernel:
+            continue
+        for config in obj.configs:
+            v = json.loads(json.dumps(entry))
+            for key, value in config.kwargs.items():
+                if key in v["signature"]:
+                    v["signature"][key] = "constexpr"
+                    v["constexprs"][key] = value
+                    v["attrs"].pop(key, None)
+            for key in ("num_warps", "num_stages", "num_ctas", "maxnreg"):
+                value = getattr(config, key, None)
+                if value is not None:
+                    v["options"][key] = value
+            v["origin"] = "autotune config"
+            variants.append(v)
+    return variants
+
+
+def unlaunched_kernels(package, entries):
+    """`module.name` of each @triton.jit `*_kernel` defined in `package`'s modules that no
+    record launches (helpers called from kernels are not named *_kernel)."""
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    pkg = importlib.import_module(package)
+    launched = {(e["module"], e["qualname"]) for e in entries}
+    missing = []
+    for info in pkgutil.iter_modules(pkg.__path__, package + "."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (isinstance(obj, JITFunction) and name.endswith("_kernel")
+                    and obj.fn.__module__ == info.name and (info.name, name) not in launched):
+                missing.append(f"{info.name}.{name}")
+    return missing
+
+
+def label(entry):
+    """Short name of a specialization: pointer dtypes, constexprs, launch options."""
+    sig = entry.get("signature", {})
+    ptrs = sorted({t for t in sig.values() if t.startswith("*")})
+    consts = ", ".join(f"{k}={entry['constexprs'][k]}" for k in sorted(entry.get("constexprs", {})))
+    opts = " ".join(f"{k}={v}" for k, v in sorted(entry.get("options", {}).items()))
+    origin = f" [{entry['origin']}]" if entry.get("origin") else ""
+    return (f"{entry['module']}.{entry['qualname']}({'/'.join(ptrs)}; {consts}; {opts})"
+            f"{origin}")
+
+
+_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+)")
+
+
+def resource_usage(cubin: bytes) -> str:
+    """Registers and stack frame (spills, local arrays) per thread from the wheel's cuobjdump,
+    which also works for kernels Triton took from its cache (no ptxas log then); '' if none."""
+    import tempfile
+
+    try:
+        from triton import knobs
+        tool = knobs.nvidia.cuobjdump.path
+    except Exception:
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = _RES_USAGE.search(out)
+    return f"regs={found.group(1)} stack={found.group(2)}B" if found else ""
+
+
+def compile_entry(entry):
+    """(status, label, detail) for one specialization."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    name = label(entry)
+    if "unsupported" in entry:
+        return "FAIL", name, f"launch could not be recorded: {entry['unsupported']}"
+    start = time.time()
+    try:
+        kernel = resolve_kernel(entry)
+        signature = {arg: entry["signature"][arg] for arg in kernel.arg_names}
+        constexprs = {arg: decode_value(v) for arg, v in entry["constexprs"].items()}
+        attrs = {(kernel.arg_names.index(arg),): BaseBackend.parse_attr(a)
+                 for arg, a in entry["attrs"].items()}
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget(*TARGET), options=dict(entry["options"]))
+    except LookupError as exc:
+        return "SKIP", name, str(exc)
+    except Exception as exc:
+        return "FAIL", name, _short_error(exc)
+    shared = getattr(compiled.metadata, "shared", 0) or 0
+    info = [f"{time.time() - start:.1f}s", f"smem={shared}B", resource_usage(compiled.asm["cubin"])]
+    if shared > SM90_MAX_SHARED:
+        # a launch would raise OutOfResources; an autotuner skips such a config instead
+        status = "WARN" if entry.get("origin") == "autotune config" else "FAIL"
+        return status, name, (f"needs {shared} B of shared memory, sm_90 has {SM90_MAX_SHARED}"
+                              f"{' (the autotuner skips this config)' if status == 'WARN' else ''}"
+                              f"; {' '.join(info)}")
+    return "OK", name, " ".join(info)
+
+
+def _short_error(exc, max_lines=25):
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = text.splitlines()
+    if len(lines) > max_lines:
+        lines = lines[:max_lines] + [f"... ({len(lines) - max_lines} more lines)"]
+    return "\n      ".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("records", nargs="*", help="JSON-lines files written by record.py")
+    parser.add_argument("--check-backend", action="store_true",
+                        help="only check that this triton can compile for sm_90: exit 0 if so, "
+                             f"else print why and exit {NO_BACKEND_EXIT}")
+    parser.add_argument("--jobs", type=int, default=MAX_JOBS,
+                        help=f"worker processes (1..{MAX_JOBS})")
+    parser.add_argument("--specializations", choices=("all", "main"), default="all",
+                        help="all: every recorded specialization; main: one per kernel, types, "
+                             "constexprs and options (launches differing only in Triton's "
+                             "divisibility-by-16 and ==1 value specializations compile once)")
+    parser.add_argument("--expect-kernels", metavar="PACKAGE",
+                        help="also list (as WARN) each @triton.jit *_kernel of PACKAGE's modules "
+                             "that no recorded launch covers")
+    parser.add_argument("--autotune", choices=("none", "one", "all"), default="one",
+                        help="also compile the configs of an autotuner wrapping a kernel: on "
+                             "one recorded specialization per kernel (default), on every one, "
+                             "or none")
+    args = parser.parse_args(argv)
+    _use_real_compiler()
+
+    reason = backend_unavailable_reason()
+    if reason is not None:
+        print(f"SKIP triton sm_90 compile check: {reason}")
+        return NO_BACKEND_EXIT if args.check_backend else 0
+    if args.check_backend:
+        return 0
+    if not args.records:
+        parser.error("give the JSON-lines files that record.py wrote")
+    entries = load_entries(args.records)
+    if not entries:
+        print(f"FAIL no kernel launches recorded in {', '.join(args.records)}")
+        return 1
+    if args.specializations == "main":
+        entries = main_specializations(entries)
+    if args.autotune != "none":
+        seen = {json.dumps(e, sort_keys=True) for e in entries}
+        # "one": the most general recorded specialization of each kernel
+        candidates = sorted((e for e in entries if "unsupported" not in e),
+                            key=lambda e: _general_key(e)[1])
+        expanded = set()
+        for entry in candidates:
+            kernel = (entry["module"], entry["qualname"])
+            if args.autotune == "one" and kernel in expanded:
+                continue
+            variants = autotune_variants(entry)
+            if variants:
+                expanded.add(kernel)
+            for v in variants:
+                key = json.dumps({k: x for k, x in v.items() if k != "origin"}, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    entries.append(v)
+    jobs = max(1, min(args.jobs, MAX_JOBS))
+    start = time.time()
+    counts = {"OK": 0, "WARN": 0, "FAIL": 0, "SKIP": 0}
+    if args.expect_kernels:
+        for name in unlaunched_kernels(args.expect_kernels, entries):
+            counts["WARN"] += 1
+            print(f"WARN {name}\n      no test launched it: not compiled", flush=True)
+    # fork: the workers inherit the imported triton and kernel modules (no CUDA state exists)
+    with ProcessPoolExecutor(max_workers=jobs,
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        for status, name, detail in pool.map(compile_entry, entries):
+            counts[status] += 1
+            print(f"{status:4} {name}\n      {detail}", flush=True)
+    print(f"sm_90 compile check: {counts['OK']} OK, {counts['WARN']} WARN, {counts['FAIL']} FAIL, "
+          f"{counts['SKIP']} SKIP "
+          f"({len(entries)} specializations, {time.time() - start:.0f}s, {jobs} jobs)")
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# sm_90 compile check of every Triton kernel the tests launch (see record.py, compile.py):
+# runs the kernel tests under the interpreter with the launch recorder on, then compiles each
+# recorded kernel specialization for an H100 with the real compiler (no GPU needed).
+#   tools/triton_aot/run.sh [extra compile.py args]     PYTHON=... to pick the interpreter
+# Exit status: the tests' if they fail, else compile.py's (1 on any kernel that fails).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY="${PYTHON:-.venv/bin/python}"
+
+status=0
+"$PY" tools/triton_aot/compile.py --check-backend || status=$?
+if [ "$status" -eq 3 ]; then exit 0; fi  # no NVIDIA backend/ptxas: compile.py said why
+if [ "$status" -ne 0 ]; then exit "$status"; fi
+
+records="$(mktemp -t regdrop-triton-launches.XXXXXX.jsonl)"
+trap 'rm -f "$records"' EXIT
+
+# The kernel tests, whole files: between them they launch every kernel in triton_kernels/
+# with the specializations the library uses (dtypes, flags, block sizes, int widths).
+tests=()
+for f in philox masks rdrop rdrop_fused_linear addrop_mask masked_attention masked_linear \
+         childtuning masked_adamw; do
+    if [ -f "tests/test_$f.py" ]; then tests+=("tests/test_$f.py"); fi
+done
+REGDROP_AOT_RECORD="$records" TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 "$PY" -m pytest -q \
+    -m "not slow" -p no:cacheprovider "${tests[@]}"
+
+# "main": launches that differ only in Triton's value specializations (an int == 1, a
+# divisibility-by-16 hint) compile once, which keeps this within a few minutes on 2 cores.
+"$PY" tools/triton_aot/compile.py --specializations main --jobs 2 \
+    --expect-kernels regdrop_fast.triton_kernels "$@" "$records"
