@@ -117,40 +117,47 @@ __attribute__((target("avx512f"))) inline void mul_hi_lo_avx512(__m512i c, __m51
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-// AVX-512 version: 16 counters per register; n_counters is rounded up to a multiple of 16 (the
-// caller's buffer has room).
-__attribute__((target("avx512f"))) void philox_words_avx512(uint32_t* words, uint64_t c_first,
-                                                            int n_counters, uint64_t seed,
-                                                            uint32_t step, uint32_t stream) {
+// Philox of kRegs * 16 consecutive counters from `base`, interleaved into `words`: several
+// independent registers per round hide the multiply latency of the serial 10-round chain.
+template <int kRegs>
+__attribute__((target("avx512f"))) inline void philox_regs_avx512(
+    uint32_t* words, uint32_t first_lo, uint32_t first_hi, int base, const uint32_t* keys,
+    uint32_t step, uint32_t stream) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i first_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c_first)));
-  const __m512i first_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c_first >> 32)));
+  const __m512i lo = _mm512_set1_epi32(static_cast<int>(first_lo));
   const __m512i round_a = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
   const __m512i round_b = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  for (int base = 0; base < n_counters; base += kLanes) {
-    __m512i c0 = _mm512_add_epi32(first_lo, _mm512_add_epi32(lane, _mm512_set1_epi32(base)));
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, first_lo);
-    __m512i c1 = _mm512_mask_add_epi32(first_hi, carry, first_hi, _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_set1_epi32(static_cast<int>(step));
-    __m512i c3 = _mm512_set1_epi32(static_cast<int>(stream));
-    uint32_t k0 = static_cast<uint32_t>(seed);
-    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
+  __m512i c0[kRegs], c1[kRegs], c2[kRegs], c3[kRegs];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRegs; ++r) {
+    c0[r] = _mm512_add_epi32(lo, _mm512_add_epi32(lane, _mm512_set1_epi32(base + 16 * r)));
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0[r], lo);
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(first_hi));
+    c1[r] = _mm512_mask_add_epi32(hi, carry, hi, _mm512_set1_epi32(1));
+    c2[r] = _mm512_set1_epi32(static_cast<int>(step));
+    c3[r] = _mm512_set1_epi32(static_cast<int>(stream));
+  }
+  for (int round = 0; round < 10; ++round) {
+    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(keys[2 * round]));
+    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(keys[2 * round + 1]));
+#pragma GCC unroll 4
+    for (int r = 0; r < kRegs; ++r) {
       __m512i hi_a, lo_a, hi_b, lo_b;
-      mul_hi_lo_avx512(c0, round_a, hi_a, lo_a);
-      mul_hi_lo_avx512(c2, round_b, hi_b, lo_b);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-      c1 = lo_b;
-      c3 = lo_a;
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
+      mul_hi_lo_avx512(c0[r], round_a, hi_a, lo_a);
+      mul_hi_lo_avx512(c2[r], round_b, hi_b, lo_b);
+      c0[r] = _mm512_ternarylogic_epi32(hi_b, c1[r], k0, 0x96);  // three-way xor
+      c2[r] = _mm512_ternarylogic_epi32(hi_a, c3[r], k1, 0x96);
+      c1[r] = lo_b;
+      c3[r] = lo_a;
     }
-    // 4 x 16 transpose: out register r holds counters 4r .. 4r+3, four words each
-    const __m512i a = _mm512_unpacklo_epi32(c0, c1);
-    const __m512i b = _mm512_unpackhi_epi32(c0, c1);
-    const __m512i c = _mm512_unpacklo_epi32(c2, c3);
-    const __m512i d = _mm512_unpackhi_epi32(c2, c3);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRegs; ++r) {
+    // 4 x 16 transpose: output register q holds counters 4q .. 4q+3, four words each
+    const __m512i a = _mm512_unpacklo_epi32(c0[r], c1[r]);
+    const __m512i b = _mm512_unpackhi_epi32(c0[r], c1[r]);
+    const __m512i c = _mm512_unpacklo_epi32(c2[r], c3[r]);
+    const __m512i d = _mm512_unpackhi_epi32(c2[r], c3[r]);
     const __m512i e = _mm512_unpacklo_epi64(a, c);
     const __m512i f = _mm512_unpackhi_epi64(a, c);
     const __m512i g = _mm512_unpacklo_epi64(b, d);
@@ -159,11 +166,35 @@ __attribute__((target("avx512f"))) void philox_words_avx512(uint32_t* words, uin
     const __m512i t1 = _mm512_shuffle_i32x4(g, h, 0x44);
     const __m512i t2 = _mm512_shuffle_i32x4(e, f, 0xEE);
     const __m512i t3 = _mm512_shuffle_i32x4(g, h, 0xEE);
-    uint32_t* out = words + 4 * base;
+    uint32_t* out = words + 4 * (base + 16 * r);
     _mm512_storeu_si512(out, _mm512_shuffle_i32x4(t0, t1, 0x88));
     _mm512_storeu_si512(out + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
     _mm512_storeu_si512(out + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
     _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+  }
+}
+
+// AVX-512 version: n_counters is rounded up to a multiple of 16 (the caller's buffer has room).
+__attribute__((target("avx512f"))) void philox_words_avx512(uint32_t* words, uint64_t c_first,
+                                                            int n_counters, uint64_t seed,
+                                                            uint32_t step, uint32_t stream) {
+  uint32_t keys[20];
+  uint32_t k0 = static_cast<uint32_t>(seed);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    keys[2 * round] = k0;
+    keys[2 * round + 1] = k1;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  const uint32_t first_lo = static_cast<uint32_t>(c_first);
+  const uint32_t first_hi = static_cast<uint32_t>(c_first >> 32);
+  int base = 0;
+  for (; base + 64 <= n_counters; base += 64) {
+    philox_regs_avx512<4>(words, first_lo, first_hi, base, keys, step, stream);
+  }
+  for (; base < n_counters; base += 16) {
+    philox_regs_avx512<1>(words, first_lo, first_hi, base, keys, step, stream);
   }
 }
 #endif
@@ -305,6 +336,116 @@ REGDROP_CLONES void segment_f16(int paper, int action, const TensorArgs& t, cons
   run_segment_any<c10::Half>(paper, action, t, grp, begin, end);
 }
 
+#if defined(__x86_64__)
+// fp32 with AVX-512: the whole update in 16-lane intrinsics, keep decisions as 16-bit lane
+// masks (a D mask's bits are the lane mask itself), tails by masked loads and stores.
+template <bool kPaper, int kAction, int kKind>
+__attribute__((target("avx512f"))) void segment_f32_avx512_impl(const TensorArgs& t,
+                                                                 const GroupArgs& grp,
+                                                                 int64_t begin, int64_t end) {
+  float* p = static_cast<float*>(t.p);
+  const float* g = static_cast<const float*>(t.g);
+  float* m = t.m;
+  float* v = t.v;
+  const __m512 beta1 = _mm512_set1_ps(t.s.beta1);
+  const __m512 beta2 = _mm512_set1_ps(t.s.beta2);
+  const __m512 omb1 = _mm512_set1_ps(t.s.one_minus_beta1);
+  const __m512 omb2 = _mm512_set1_ps(t.s.one_minus_beta2);
+  const __m512 eps = _mm512_set1_ps(t.s.eps);
+  const __m512 lr_wd = _mm512_set1_ps(t.s.lr_wd);
+  const __m512 decay = _mm512_set1_ps(t.s.decay);
+  const __m512 step_size = _mm512_set1_ps(t.s.step_size);
+  const __m512 bc2_sqrt = _mm512_set1_ps(t.s.bc2_sqrt);
+  const __m512 scale = _mm512_set1_ps(kKind == kMaskPhilox ? grp.inv_p : 1.0f);
+  const bool keep_all = grp.threshold > 0xFFFFFFFFull;
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(
+      keep_all ? 0 : grp.threshold)));
+  alignas(64) uint32_t words[4 * kMaxCounters];
+  alignas(64) float factor_slow[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
+    const uint64_t first = t.offset + static_cast<uint64_t>(b);
+    const bool bits_fast = kKind == kMaskBits && (first & 15) == 0;
+    if (kKind == kMaskPhilox) {
+      const uint64_t c_first = first >> 2;
+      philox_words_avx512(words, c_first,
+                          static_cast<int>(((first + n - 1) >> 2) - c_first + 1), grp.seed,
+                          t.step, t.stream);
+    } else if (kKind == kMaskBits && !bits_fast) {
+      for (int j = 0; j < n; ++j) factor_slow[j] = mask_bit(t.words, first + j) ? 1.0f : 0.0f;
+    }
+    const int skip = static_cast<int>(first & 3);
+    for (int k = 0; k < n; k += 16) {
+      const __mmask16 lanes = n - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - k)) - 1);
+      __mmask16 keep = 0xFFFF;
+      if (kKind == kMaskPhilox) {
+        const __m512i w = _mm512_loadu_si512(words + skip + k);
+        keep = keep_all ? 0xFFFF : _mm512_cmplt_epu32_mask(w, thr);
+      } else if (kKind == kMaskBits) {
+        if (bits_fast) {
+          const uint64_t bit = first + k;
+          keep = static_cast<__mmask16>(static_cast<uint32_t>(t.words[bit >> 5]) >> (bit & 31));
+        } else {
+          keep = _mm512_cmpneq_ps_mask(_mm512_loadu_ps(factor_slow + k), _mm512_setzero_ps());
+        }
+      }
+      const __m512 factor = _mm512_maskz_mov_ps(keep, scale);
+      const int64_t i = b + k;
+      const __m512 p0 = _mm512_maskz_loadu_ps(lanes, p + i);
+      __m512 gv = _mm512_maskz_loadu_ps(lanes, g + i);
+      const __m512 m0 = _mm512_maskz_loadu_ps(lanes, m + i);
+      const __m512 v0 = _mm512_maskz_loadu_ps(lanes, v + i);
+      if (kAction == kDropGrad && kKind != kMaskNone) gv = _mm512_mul_ps(gv, factor);
+      __m512 m1 = _mm512_add_ps(_mm512_mul_ps(beta1, m0), _mm512_mul_ps(omb1, gv));
+      __m512 v1 = _mm512_add_ps(_mm512_mul_ps(beta2, v0),
+                                _mm512_mul_ps(_mm512_mul_ps(omb2, gv), gv));
+      const __m512 sq = _mm512_sqrt_ps(v1);
+      __m512 p1;
+      if (kPaper) {
+        p1 = _mm512_sub_ps(p0, _mm512_mul_ps(step_size,
+                                             _mm512_div_ps(m1, _mm512_add_ps(sq, eps))));
+        p1 = _mm512_sub_ps(p1, _mm512_mul_ps(lr_wd, p1));
+      } else {
+        const __m512 denom = _mm512_add_ps(_mm512_div_ps(sq, bc2_sqrt), eps);
+        p1 = _mm512_sub_ps(_mm512_mul_ps(p0, decay),
+                           _mm512_mul_ps(step_size, _mm512_div_ps(m1, denom)));
+      }
+      if (kAction == kDropUpdate && kKind != kMaskNone) {
+        p1 = _mm512_add_ps(p0, _mm512_mul_ps(factor, _mm512_sub_ps(p1, p0)));
+      } else if (kAction == kPrune) {
+        p1 = _mm512_maskz_mov_ps(keep, p1);
+        m1 = _mm512_mask_blend_ps(keep, m0, m1);
+        v1 = _mm512_mask_blend_ps(keep, v0, v1);
+      }
+      _mm512_mask_storeu_ps(p + i, lanes, p1);
+      _mm512_mask_storeu_ps(m + i, lanes, m1);
+      _mm512_mask_storeu_ps(v + i, lanes, v1);
+    }
+  }
+}
+
+template <bool kPaper, int kAction>
+void segment_f32_avx512_kind(const TensorArgs& t, const GroupArgs& grp, int64_t begin,
+                             int64_t end) {
+  if (t.kind == kMaskPhilox) segment_f32_avx512_impl<kPaper, kAction, kMaskPhilox>(t, grp, begin, end);
+  else if (t.kind == kMaskBits) segment_f32_avx512_impl<kPaper, kAction, kMaskBits>(t, grp, begin, end);
+  else segment_f32_avx512_impl<kPaper, kAction, kMaskNone>(t, grp, begin, end);
+}
+
+void segment_f32_avx512(int paper, int action, const TensorArgs& t, const GroupArgs& grp,
+                        int64_t begin, int64_t end) {
+  if (paper) {
+    if (action == kDropGrad) segment_f32_avx512_kind<true, kDropGrad>(t, grp, begin, end);
+    else if (action == kDropUpdate) segment_f32_avx512_kind<true, kDropUpdate>(t, grp, begin, end);
+    else segment_f32_avx512_kind<true, kPrune>(t, grp, begin, end);
+  } else {
+    if (action == kDropGrad) segment_f32_avx512_kind<false, kDropGrad>(t, grp, begin, end);
+    else if (action == kDropUpdate) segment_f32_avx512_kind<false, kDropUpdate>(t, grp, begin, end);
+    else segment_f32_avx512_kind<false, kPrune>(t, grp, begin, end);
+  }
+}
+#endif
+
 using SegmentFn = void (*)(int, int, const TensorArgs&, const GroupArgs&, int64_t, int64_t);
 
 void run_all(SegmentFn fn, int paper, int action, const std::vector<TensorArgs>& tensors,
@@ -397,6 +538,9 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   switch (dtype) {
     case at::kFloat:
       fn = &segment_f32;
+#if defined(__x86_64__)
+      if (__builtin_cpu_supports("avx512f")) fn = &segment_f32_avx512;
+#endif
       break;
     case at::kBFloat16:
       fn = &segment_bf16;
