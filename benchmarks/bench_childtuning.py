@@ -96,13 +96,27 @@ def run(ctx):
                               lambda mode=mode, backend=backend: ChildTuningAdamW(
                                   params, mode=mode, reserve_p=RESERVE_P, seed=SEED,
                                   masks=masks if mode == "D" else None, backend=backend)))
-        for impl, bytes_per_param, build in impls:
-            opt = build()
-            repeat = 3 if impl == "official-F" and device.type == "cpu" else None
-            timing = ctx.measure(opt.step, warmup=2, repeat=repeat)
-            ctx.record(op="childtuning_step", impl=impl, baseline="torch-fused", case=case,
-                       dtype="float32", ms=timing["ms"], bytes_moved=numel * bytes_per_param,
-                       peak_mem_bytes=timing["peak_mem_bytes"], p20_ms=timing["p20_ms"],
-                       p80_ms=timing["p80_ms"], numel=numel, bytes_per_param=bytes_per_param,
-                       threads=torch.get_num_threads())
-            del opt
+        default_threads = torch.get_num_threads()
+        # CPU: one thread (a clean per-core comparison) and all threads; torch's fused step
+        # opens one parallel region per tensor, ours one per step, so a loaded machine
+        # penalizes torch's many regions at >1 thread
+        thread_counts = sorted({1, default_threads}) if device.type == "cpu" else [None]
+        try:
+            for threads in thread_counts:
+                if threads is not None:
+                    torch.set_num_threads(threads)
+                label = case if threads is None else f"{case} threads={threads}"
+                for impl, bytes_per_param, build in impls:
+                    opt = build()
+                    repeat = 3 if impl == "official-F" and device.type == "cpu" else None
+                    timing = ctx.measure(opt.step, warmup=2, repeat=repeat)
+                    ctx.record(op="childtuning_step", impl=impl, baseline="torch-fused",
+                               case=label, dtype="float32", ms=timing["ms"],
+                               bytes_moved=numel * bytes_per_param,
+                               peak_mem_bytes=timing["peak_mem_bytes"], p20_ms=timing["p20_ms"],
+                               p80_ms=timing["p80_ms"], numel=numel,
+                               bytes_per_param=bytes_per_param,
+                               threads=torch.get_num_threads())
+                    del opt
+        finally:
+            torch.set_num_threads(default_threads)
