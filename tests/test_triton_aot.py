@@ -92,6 +92,31 @@ def launches(tmp_path_factory):
     return path, records, kernels
 
 
+def test_meta_launches_are_recorded_not_run(launches, tmp_path):
+    """A meta-device launch (gpu_launches.py's dry run) is recorded without running, and an
+    autotuned one records each config."""
+    import triton
+
+    kernels = launches[2]
+    tuned = triton.autotune([triton.Config({"BLOCK": 32}, num_warps=1),
+                             triton.Config({"BLOCK": 128}, num_warps=4, num_stages=2)],
+                            key=["n"])(kernels.scale_kernel)
+    path = tmp_path / "meta.jsonl"
+    record = _record_module()
+    record.install(str(path))
+    try:
+        x = torch.empty(4096, dtype=torch.float16, device="meta")
+        kernels.scale_kernel[(64,)](x, x, 4096, 2.0, 0, None, BLOCK=64)
+        tuned[(1,)](x, x, 4096, 2.0, 0, None)
+    finally:
+        record.uninstall(str(path))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["constexprs"]["BLOCK"] for r in records] == [64, 32, 128]
+    assert all(r["signature"]["x_ptr"] == "*fp16" and r["attrs"]["x_ptr"] == "D"
+               for r in records)
+    assert records[2]["options"] == {"num_ctas": 1, "num_stages": 2, "num_warps": 4}
+
+
 def _by_kernel(records, name):
     return [r for r in records if r["qualname"] == name]
 

@@ -102,31 +102,52 @@ def record_launch(interp_fn, args, kwargs) -> None:
                     f.write(line + "\n")
 
 
+def _on_meta(args, kwargs) -> bool:
+    return any(getattr(getattr(a, "device", None), "type", None) == "meta"
+               for a in (*args, *kwargs.values()))
+
+
 def install(path: str) -> None:
     """Also record interpreter launches into `path` (appended, deduplicated per process).
-    Several paths may record at once (a test's own file inside a recorded test run)."""
+    Several paths may record at once (a test's own file inside a recorded test run).
+
+    A launch with a tensor on the meta device is a dry run: recorded, not executed. A
+    launcher then takes its GPU branch (it sees device.type != "cpu"), which records the tile
+    sizes a GPU would compile; an autotuned launch records each of its configs."""
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
     with _LOCK:
         _SINKS.setdefault(os.path.abspath(path), set())
     if _ORIGINAL_RUN:
         return
-    original = InterpretedFunction.run
+    original_run, original_tuned = InterpretedFunction.run, Autotuner.run
 
     def run(self, *args, grid, warmup, **kwargs):
         if not warmup:
             record_launch(self, args, kwargs)
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if _on_meta(args, kwargs):
+            return None
+        return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    _ORIGINAL_RUN.append(original)
-    InterpretedFunction.run = run
+    def tuned_run(self, *args, **kwargs):
+        if not _on_meta(args, kwargs):
+            return original_tuned(self, *args, **kwargs)
+        for config in self.configs:
+            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+        return None
+
+    _ORIGINAL_RUN.extend([original_run, original_tuned])
+    InterpretedFunction.run, Autotuner.run = run, tuned_run
 
 
 def uninstall(path: str) -> None:
-    """Stop recording into `path`; the last one out restores InterpretedFunction.run."""
+    """Stop recording into `path`; the last one out restores the wrapped methods."""
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
     with _LOCK:
         _SINKS.pop(os.path.abspath(path), None)
         if not _SINKS and _ORIGINAL_RUN:
-            InterpretedFunction.run = _ORIGINAL_RUN.pop()
+            InterpretedFunction.run, Autotuner.run = _ORIGINAL_RUN
+            _ORIGINAL_RUN.clear()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # sm_90 compile check of every Triton kernel the tests launch (see record.py, compile.py):
-# runs the kernel tests under the interpreter with the launch recorder on, then compiles each
+# runs the kernel tests under the interpreter with the launch recorder on, adds the launches
+# the library makes on a GPU (gpu_launches.py, a dry run on meta tensors), then compiles each
 # recorded kernel specialization for an H100 with the real compiler (no GPU needed).
 #   tools/triton_aot/run.sh [extra compile.py args]     PYTHON=... to pick the interpreter
 # Exit status: the tests' if they fail, else compile.py's (1 on any kernel that fails).
@@ -25,6 +26,9 @@ for f in philox masks rdrop rdrop_fused_linear addrop_mask masked_attention mask
 done
 REGDROP_AOT_RECORD="$records" TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 "$PY" -m pytest -q \
     -m "not slow" -p no:cacheprovider "${tests[@]}"
+
+# The launches a GPU would make (its tile sizes, bf16), dry-run on meta tensors.
+"$PY" tools/triton_aot/gpu_launches.py "$records"
 
 # "main": launches that differ only in Triton's value specializations (an int == 1, a
 # divisibility-by-16 hint) compile once, which keeps this within a few minutes on 2 cores.
