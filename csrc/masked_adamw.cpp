@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -60,21 +62,20 @@ struct GroupArgs {
   float inv_p;
 };
 
-constexpr int kLanes = 16;  // Philox counters per AVX-512 register
-// Philox counters touched by one block, rounded up to whole registers
-constexpr int kMaxCounters = ((kBlock / 4 + 1 + kLanes - 1) / kLanes) * kLanes;
+// ---- Portable path (any dtype, any x86 level or other CPUs) --------------------------------
+// Per block of kBlock elements: keep factors into a stack array, then the branch-free update
+// loop, which the compiler vectorizes for the instruction set of the function it is inlined
+// into (the per-ISA entry points below).
+
+// Counters touched by one block (kBlock / 4 plus one for an unaligned start).
+constexpr int kMaxCounters = kBlock / 4 + 1;
 
 // Philox words of counters c_first .. c_first + n_counters - 1, interleaved: words[4*l + q] is
 // output word q of counter c_first + l, i.e. the word of global index 4*(c_first + l) + q. The
-// same arithmetic as philox4x32_10 in philox.h (tested bit for bit against the reference).
-using PhiloxWordsFn = void (*)(uint32_t* words, uint64_t c_first, int n_counters, uint64_t seed,
-                               uint32_t step, uint32_t stream);
-
-// Portable version: one loop over counters with the rounds unrolled inside, which the compiler
-// vectorizes in each target clone.
-__attribute__((target_clones("avx2", "default"))) void philox_words_generic(
-    uint32_t* words, uint64_t c_first, int n_counters, uint64_t seed, uint32_t step,
-    uint32_t stream) {
+// same arithmetic as philox4x32_10 in philox.h, one loop over counters with the rounds unrolled
+// inside so that it vectorizes across counters.
+REGDROP_INLINE void philox_words_generic(uint32_t* words, uint64_t c_first, int n_counters,
+                                         uint64_t seed, uint32_t step, uint32_t stream) {
   const uint32_t seed_lo = static_cast<uint32_t>(seed);
   const uint32_t seed_hi = static_cast<uint32_t>(seed >> 32);
   const uint32_t first_lo = static_cast<uint32_t>(c_first);
@@ -107,120 +108,22 @@ __attribute__((target_clones("avx2", "default"))) void philox_words_generic(
   }
 }
 
-#if defined(__x86_64__)
-// (hi, lo) 32-bit halves of the 16 products c * k, from the even and odd 64-bit products.
-__attribute__((target("avx512f"))) inline void mul_hi_lo_avx512(__m512i c, __m512i k,
-                                                                __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(c, k);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), k);
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-}
-
-// Philox of kRegs * 16 consecutive counters from `base`, interleaved into `words`: several
-// independent registers per round hide the multiply latency of the serial 10-round chain.
-template <int kRegs>
-__attribute__((target("avx512f"))) inline void philox_regs_avx512(
-    uint32_t* words, uint32_t first_lo, uint32_t first_hi, int base, const uint32_t* keys,
-    uint32_t step, uint32_t stream) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i lo = _mm512_set1_epi32(static_cast<int>(first_lo));
-  const __m512i round_a = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m512i round_b = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  __m512i c0[kRegs], c1[kRegs], c2[kRegs], c3[kRegs];
-#pragma GCC unroll 4
-  for (int r = 0; r < kRegs; ++r) {
-    c0[r] = _mm512_add_epi32(lo, _mm512_add_epi32(lane, _mm512_set1_epi32(base + 16 * r)));
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0[r], lo);
-    const __m512i hi = _mm512_set1_epi32(static_cast<int>(first_hi));
-    c1[r] = _mm512_mask_add_epi32(hi, carry, hi, _mm512_set1_epi32(1));
-    c2[r] = _mm512_set1_epi32(static_cast<int>(step));
-    c3[r] = _mm512_set1_epi32(static_cast<int>(stream));
-  }
-  for (int round = 0; round < 10; ++round) {
-    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(keys[2 * round]));
-    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(keys[2 * round + 1]));
-#pragma GCC unroll 4
-    for (int r = 0; r < kRegs; ++r) {
-      __m512i hi_a, lo_a, hi_b, lo_b;
-      mul_hi_lo_avx512(c0[r], round_a, hi_a, lo_a);
-      mul_hi_lo_avx512(c2[r], round_b, hi_b, lo_b);
-      c0[r] = _mm512_ternarylogic_epi32(hi_b, c1[r], k0, 0x96);  // three-way xor
-      c2[r] = _mm512_ternarylogic_epi32(hi_a, c3[r], k1, 0x96);
-      c1[r] = lo_b;
-      c3[r] = lo_a;
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < kRegs; ++r) {
-    // 4 x 16 transpose: output register q holds counters 4q .. 4q+3, four words each
-    const __m512i a = _mm512_unpacklo_epi32(c0[r], c1[r]);
-    const __m512i b = _mm512_unpackhi_epi32(c0[r], c1[r]);
-    const __m512i c = _mm512_unpacklo_epi32(c2[r], c3[r]);
-    const __m512i d = _mm512_unpackhi_epi32(c2[r], c3[r]);
-    const __m512i e = _mm512_unpacklo_epi64(a, c);
-    const __m512i f = _mm512_unpackhi_epi64(a, c);
-    const __m512i g = _mm512_unpacklo_epi64(b, d);
-    const __m512i h = _mm512_unpackhi_epi64(b, d);
-    const __m512i t0 = _mm512_shuffle_i32x4(e, f, 0x44);
-    const __m512i t1 = _mm512_shuffle_i32x4(g, h, 0x44);
-    const __m512i t2 = _mm512_shuffle_i32x4(e, f, 0xEE);
-    const __m512i t3 = _mm512_shuffle_i32x4(g, h, 0xEE);
-    uint32_t* out = words + 4 * (base + 16 * r);
-    _mm512_storeu_si512(out, _mm512_shuffle_i32x4(t0, t1, 0x88));
-    _mm512_storeu_si512(out + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
-    _mm512_storeu_si512(out + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
-    _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
-  }
-}
-
-// AVX-512 version: n_counters is rounded up to a multiple of 16 (the caller's buffer has room).
-__attribute__((target("avx512f"))) void philox_words_avx512(uint32_t* words, uint64_t c_first,
-                                                            int n_counters, uint64_t seed,
-                                                            uint32_t step, uint32_t stream) {
-  uint32_t keys[20];
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    keys[2 * round] = k0;
-    keys[2 * round + 1] = k1;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
-  const uint32_t first_lo = static_cast<uint32_t>(c_first);
-  const uint32_t first_hi = static_cast<uint32_t>(c_first >> 32);
-  int base = 0;
-  for (; base + 64 <= n_counters; base += 64) {
-    philox_regs_avx512<4>(words, first_lo, first_hi, base, keys, step, stream);
-  }
-  for (; base < n_counters; base += 16) {
-    philox_regs_avx512<1>(words, first_lo, first_hi, base, keys, step, stream);
-  }
-}
-#endif
-
-PhiloxWordsFn pick_philox_words() {
-#if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512f")) return &philox_words_avx512;
-#endif
-  return &philox_words_generic;
-}
-
-const PhiloxWordsFn philox_words_best = pick_philox_words();
-
 // Keep factors of global indices [first, first + n): one Philox block per 4 indices.
 REGDROP_INLINE void philox_factors(float* factor, uint64_t first, int n, uint64_t seed,
                                    uint32_t step, uint32_t stream, uint64_t threshold,
                                    float scale) {
+  // threshold is at most 2^32 (keep everything): compare in 32 bits
+  if (threshold > 0xFFFFFFFFull) {
+    for (int j = 0; j < n; ++j) factor[j] = scale;
+    return;
+  }
   alignas(64) uint32_t words[4 * kMaxCounters];
   const uint64_t c_first = first >> 2;
   const int n_counters = static_cast<int>(((first + n - 1) >> 2) - c_first + 1);
-  philox_words_best(words, c_first, n_counters, seed, step, stream);
-  // threshold is at most 2^32 (keep everything): compare in 32 bits
-  const bool keep_all = threshold > 0xFFFFFFFFull;
-  const uint32_t thr = static_cast<uint32_t>(keep_all ? 0 : threshold);
+  philox_words_generic(words, c_first, n_counters, seed, step, stream);
+  const uint32_t thr = static_cast<uint32_t>(threshold);
   const int skip = static_cast<int>(first & 3);
-  for (int j = 0; j < n; ++j) factor[j] = (keep_all || words[skip + j] < thr) ? scale : 0.0f;
+  for (int j = 0; j < n; ++j) factor[j] = words[skip + j] < thr ? scale : 0.0f;
 }
 
 // Keep factors from the bit mask: whole words when the block starts on a word boundary (the
@@ -300,8 +203,8 @@ REGDROP_INLINE void run_segment(const TensorArgs& t, const GroupArgs& grp, int64
   }
 }
 
-// One work item: the dtype's clone picks the (semantics, action) instantiation; everything it
-// calls is force-inlined so the vectorized loops get the clone's instruction set.
+// One work item: picks the (semantics, action) instantiation; everything it calls is
+// force-inlined so the vectorized loops get the caller's instruction set.
 template <typename T>
 REGDROP_INLINE void run_segment_any(int paper, int action, const TensorArgs& t,
                                     const GroupArgs& grp, int64_t begin, int64_t end) {
@@ -316,132 +219,211 @@ REGDROP_INLINE void run_segment_any(int paper, int action, const TensorArgs& t,
   }
 }
 
-// The build has no -march: each dtype's segment function is cloned for AVX-512, AVX2+FMA and
-// the baseline, and the loader picks the clone once.
-#define REGDROP_CLONES \
-  __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+// Instruction-set levels of the entry points; REGDROP_FAST_CPU_ISA caps the level so that
+// tests can run every path on one machine.
+constexpr int kIsaDefault = 0;
+constexpr int kIsaAvx2 = 1;
+constexpr int kIsaAvx512 = 2;
 
-REGDROP_CLONES void segment_f32(int paper, int action, const TensorArgs& t, const GroupArgs& grp,
-                                int64_t begin, int64_t end) {
-  run_segment_any<float>(paper, action, t, grp, begin, end);
-}
-
-REGDROP_CLONES void segment_bf16(int paper, int action, const TensorArgs& t,
-                                 const GroupArgs& grp, int64_t begin, int64_t end) {
-  run_segment_any<c10::BFloat16>(paper, action, t, grp, begin, end);
-}
-
-REGDROP_CLONES void segment_f16(int paper, int action, const TensorArgs& t, const GroupArgs& grp,
-                                int64_t begin, int64_t end) {
-  run_segment_any<c10::Half>(paper, action, t, grp, begin, end);
-}
+// The build has no -march: one entry point per (dtype, level), picked at run time.
+#define REGDROP_SEGMENT_FNS(T, suffix)                                                        \
+  void segment_##suffix##_default(int paper, int action, const TensorArgs& t,                 \
+                                  const GroupArgs& grp, int64_t begin, int64_t end) {         \
+    run_segment_any<T>(paper, action, t, grp, begin, end);                                    \
+  }                                                                                           \
+  REGDROP_X86_TARGET("avx2,fma")                                                              \
+  void segment_##suffix##_avx2(int paper, int action, const TensorArgs& t,                    \
+                               const GroupArgs& grp, int64_t begin, int64_t end) {            \
+    run_segment_any<T>(paper, action, t, grp, begin, end);                                    \
+  }                                                                                           \
+  REGDROP_X86_TARGET("avx512f,avx512bw,avx512vl,avx2,fma")                                    \
+  void segment_##suffix##_avx512(int paper, int action, const TensorArgs& t,                  \
+                                 const GroupArgs& grp, int64_t begin, int64_t end) {          \
+    run_segment_any<T>(paper, action, t, grp, begin, end);                                    \
+  }
 
 #if defined(__x86_64__)
-// fp32 with AVX-512: the whole update in 16-lane intrinsics, keep decisions as 16-bit lane
-// masks (a D mask's bits are the lane mask itself), tails by masked loads and stores.
+#define REGDROP_X86_TARGET(isa) __attribute__((target(isa)))
+#else
+#define REGDROP_X86_TARGET(isa)
+#endif
+
+REGDROP_SEGMENT_FNS(float, f32)
+REGDROP_SEGMENT_FNS(c10::BFloat16, bf16)
+REGDROP_SEGMENT_FNS(c10::Half, f16)
+
+#if defined(__x86_64__)
+// ---- fp32 with AVX-512: one pass, keep decisions generated in registers -------------------
+// Elements go in groups of 32 that start at global indices 32k (a group's keep decisions are
+// one 32-bit word: a D mask word, or the Philox words of 8 counters); the first group of a
+// segment may start inside such a word and the last may end early (lane masks).
+#define REGDROP_AVX512 __attribute__((target("avx512f,bmi2")))
+
+// Per-step Philox constants: everything but the counter is fixed within a tensor.
+struct PhiloxConsts {
+  uint32_t keys[20];  // (k0, k1) of each round
+  __m512i hi_b0;      // round 0: c2 = step for every counter, so B * step is a constant
+  __m512i lo_b0;
+  __m512i stream;
+  __m512i thr;
+};
+
+REGDROP_AVX512 inline void philox_consts(PhiloxConsts& pc, uint64_t seed, uint32_t step,
+                                         uint32_t stream, uint64_t threshold) {
+  uint32_t k0 = static_cast<uint32_t>(seed);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    pc.keys[2 * round] = k0;
+    pc.keys[2 * round + 1] = k1;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  const uint64_t prod_b = static_cast<uint64_t>(kPhiloxRoundB) * step;
+  pc.hi_b0 = _mm512_set1_epi64(static_cast<int64_t>(prod_b >> 32));
+  pc.lo_b0 = _mm512_set1_epi64(static_cast<int64_t>(prod_b & 0xFFFFFFFFu));
+  pc.stream = _mm512_set1_epi64(static_cast<int64_t>(stream));
+  pc.thr = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(threshold)));
+}
+
+// Keep bits of global indices 4*c_first .. 4*c_first + 31 (bit j = index 4*c_first + j):
+// Philox of the 8 counters c_first .. c_first + 7, one per 64-bit lane. _mm512_mul_epu32
+// multiplies the low halves of the lanes into full 64-bit products, so a round is two
+// multiplies, two shifts and two three-way xors; the high halves of c0..c3 carry junk that
+// no multiply or compare reads.
+REGDROP_AVX512 inline uint32_t philox_keep32(uint64_t c_first, const PhiloxConsts& pc) {
+  const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
+  const __m512i round_b = _mm512_set1_epi64(kPhiloxRoundB);
+  const __m512i counter =
+      _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c_first)),
+                       _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+  __m512i prod_a = _mm512_mul_epu32(counter, round_a);
+  __m512i c0 = _mm512_ternarylogic_epi32(pc.hi_b0, _mm512_srli_epi64(counter, 32),
+                                         _mm512_set1_epi32(static_cast<int>(pc.keys[0])), 0x96);
+  __m512i c2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), pc.stream,
+                                         _mm512_set1_epi32(static_cast<int>(pc.keys[1])), 0x96);
+  __m512i c1 = pc.lo_b0;
+  __m512i c3 = prod_a;
+#pragma GCC unroll 9
+  for (int round = 1; round < 10; ++round) {
+    prod_a = _mm512_mul_epu32(c0, round_a);
+    const __m512i prod_b = _mm512_mul_epu32(c2, round_b);
+    c0 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_b, 32), c1,
+                                   _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round])), 0x96);
+    c2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), c3,
+                                   _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round + 1])),
+                                   0x96);
+    c1 = prod_b;
+    c3 = prod_a;
+  }
+  // word q of counter l is the low half of lane l of c_q: bit 2l of its compare mask
+  const uint32_t k0 = _mm512_mask_cmplt_epu32_mask(0x5555, c0, pc.thr);
+  const uint32_t k1 = _mm512_mask_cmplt_epu32_mask(0x5555, c1, pc.thr);
+  const uint32_t k2 = _mm512_mask_cmplt_epu32_mask(0x5555, c2, pc.thr);
+  const uint32_t k3 = _mm512_mask_cmplt_epu32_mask(0x5555, c3, pc.thr);
+  // bit 2l+q of (k0 | k1 << 1) goes to bit 4l+q: the (2l+q)-th set bit of 0x33333333
+  return _pdep_u32(k0 | (k1 << 1), 0x33333333u) | _pdep_u32(k2 | (k3 << 1), 0xCCCCCCCCu);
+}
+
+struct AdamVec {
+  __m512 beta1, beta2, omb1, omb2, eps, lr_wd, decay, step_size, bc2_sqrt, scale;
+};
+
+// 16 elements at i (lanes: which exist); keep: lane mask of kept elements.
+template <bool kPaper, int kAction, int kKind, bool kFull>
+REGDROP_AVX512 inline void adam16(float* p, const float* g, float* m, float* v, int64_t i,
+                                  __mmask16 lanes, __mmask16 keep, const AdamVec& c) {
+  const __m512 factor = _mm512_maskz_mov_ps(keep, c.scale);
+  const __m512 p0 = kFull ? _mm512_loadu_ps(p + i) : _mm512_maskz_loadu_ps(lanes, p + i);
+  __m512 gv = kFull ? _mm512_loadu_ps(g + i) : _mm512_maskz_loadu_ps(lanes, g + i);
+  const __m512 m0 = kFull ? _mm512_loadu_ps(m + i) : _mm512_maskz_loadu_ps(lanes, m + i);
+  const __m512 v0 = kFull ? _mm512_loadu_ps(v + i) : _mm512_maskz_loadu_ps(lanes, v + i);
+  if (kAction == kDropGrad && kKind != kMaskNone) gv = _mm512_mul_ps(gv, factor);
+  __m512 m1 = _mm512_add_ps(_mm512_mul_ps(c.beta1, m0), _mm512_mul_ps(c.omb1, gv));
+  __m512 v1 = _mm512_add_ps(_mm512_mul_ps(c.beta2, v0), _mm512_mul_ps(_mm512_mul_ps(c.omb2, gv), gv));
+  const __m512 sq = _mm512_sqrt_ps(v1);
+  __m512 p1;
+  if (kPaper) {
+    p1 = _mm512_sub_ps(p0, _mm512_mul_ps(c.step_size, _mm512_div_ps(m1, _mm512_add_ps(sq, c.eps))));
+    p1 = _mm512_sub_ps(p1, _mm512_mul_ps(c.lr_wd, p1));
+  } else {
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(sq, c.bc2_sqrt), c.eps);
+    p1 = _mm512_sub_ps(_mm512_mul_ps(p0, c.decay), _mm512_mul_ps(c.step_size, _mm512_div_ps(m1, denom)));
+  }
+  if (kAction == kDropUpdate && kKind != kMaskNone) {
+    p1 = _mm512_add_ps(p0, _mm512_mul_ps(factor, _mm512_sub_ps(p1, p0)));
+  } else if (kAction == kPrune) {
+    p1 = _mm512_maskz_mov_ps(keep, p1);
+    m1 = _mm512_mask_blend_ps(keep, m0, m1);
+    v1 = _mm512_mask_blend_ps(keep, v0, v1);
+  }
+  if (kFull) {
+    _mm512_storeu_ps(p + i, p1);
+    _mm512_storeu_ps(m + i, m1);
+    _mm512_storeu_ps(v + i, v1);
+  } else {
+    _mm512_mask_storeu_ps(p + i, lanes, p1);
+    _mm512_mask_storeu_ps(m + i, lanes, m1);
+    _mm512_mask_storeu_ps(v + i, lanes, v1);
+  }
+}
+
 template <bool kPaper, int kAction, int kKind>
-__attribute__((target("avx512f"))) void segment_f32_avx512_impl(const TensorArgs& t,
-                                                                 const GroupArgs& grp,
-                                                                 int64_t begin, int64_t end) {
+REGDROP_AVX512 void segment_f32_fused_impl(const TensorArgs& t, const GroupArgs& grp,
+                                          int64_t begin, int64_t end) {
   float* p = static_cast<float*>(t.p);
   const float* g = static_cast<const float*>(t.g);
-  float* m = t.m;
-  float* v = t.v;
-  const __m512 beta1 = _mm512_set1_ps(t.s.beta1);
-  const __m512 beta2 = _mm512_set1_ps(t.s.beta2);
-  const __m512 omb1 = _mm512_set1_ps(t.s.one_minus_beta1);
-  const __m512 omb2 = _mm512_set1_ps(t.s.one_minus_beta2);
-  const __m512 eps = _mm512_set1_ps(t.s.eps);
-  const __m512 lr_wd = _mm512_set1_ps(t.s.lr_wd);
-  const __m512 decay = _mm512_set1_ps(t.s.decay);
-  const __m512 step_size = _mm512_set1_ps(t.s.step_size);
-  const __m512 bc2_sqrt = _mm512_set1_ps(t.s.bc2_sqrt);
-  const __m512 scale = _mm512_set1_ps(kKind == kMaskPhilox ? grp.inv_p : 1.0f);
-  const bool keep_all = grp.threshold > 0xFFFFFFFFull;
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(
-      keep_all ? 0 : grp.threshold)));
-  alignas(64) uint32_t words[4 * kMaxCounters];
-  alignas(64) float factor_slow[kBlock];
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
-    const uint64_t first = t.offset + static_cast<uint64_t>(b);
-    const bool bits_fast = kKind == kMaskBits && (first & 15) == 0;
-    if (kKind == kMaskPhilox) {
-      const uint64_t c_first = first >> 2;
-      philox_words_avx512(words, c_first,
-                          static_cast<int>(((first + n - 1) >> 2) - c_first + 1), grp.seed,
-                          t.step, t.stream);
-    } else if (kKind == kMaskBits && !bits_fast) {
-      for (int j = 0; j < n; ++j) factor_slow[j] = mask_bit(t.words, first + j) ? 1.0f : 0.0f;
+  const AdamVec c{_mm512_set1_ps(t.s.beta1),     _mm512_set1_ps(t.s.beta2),
+                  _mm512_set1_ps(t.s.one_minus_beta1), _mm512_set1_ps(t.s.one_minus_beta2),
+                  _mm512_set1_ps(t.s.eps),       _mm512_set1_ps(t.s.lr_wd),
+                  _mm512_set1_ps(t.s.decay),     _mm512_set1_ps(t.s.step_size),
+                  _mm512_set1_ps(t.s.bc2_sqrt),
+                  _mm512_set1_ps(kKind == kMaskPhilox ? grp.inv_p : 1.0f)};
+  const bool keep_all = kKind == kMaskNone || (kKind == kMaskPhilox && grp.threshold > 0xFFFFFFFFull);
+  PhiloxConsts pc;
+  if (kKind == kMaskPhilox) philox_consts(pc, grp.seed, t.step, t.stream, grp.threshold);
+  int64_t i = begin;
+  while (i < end) {
+    const uint64_t global = t.offset + static_cast<uint64_t>(i);
+    const int shift = static_cast<int>(global & 31);
+    const uint64_t group = global - shift;  // first global index of the 32-bit keep word
+    uint32_t bits = 0xFFFFFFFFu;
+    if (!keep_all) {
+      bits = kKind == kMaskBits ? static_cast<uint32_t>(t.words[group >> 5])
+                                : philox_keep32(group >> 2, pc);
     }
-    const int skip = static_cast<int>(first & 3);
-    for (int k = 0; k < n; k += 16) {
-      const __mmask16 lanes = n - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - k)) - 1);
-      __mmask16 keep = 0xFFFF;
-      if (kKind == kMaskPhilox) {
-        const __m512i w = _mm512_loadu_si512(words + skip + k);
-        keep = keep_all ? 0xFFFF : _mm512_cmplt_epu32_mask(w, thr);
-      } else if (kKind == kMaskBits) {
-        if (bits_fast) {
-          const uint64_t bit = first + k;
-          keep = static_cast<__mmask16>(static_cast<uint32_t>(t.words[bit >> 5]) >> (bit & 31));
-        } else {
-          keep = _mm512_cmpneq_ps_mask(_mm512_loadu_ps(factor_slow + k), _mm512_setzero_ps());
-        }
+    bits >>= shift;
+    const int64_t n = std::min<int64_t>(32 - shift, end - i);
+    if (n == 32) {
+      adam16<kPaper, kAction, kKind, true>(p, g, t.m, t.v, i, 0xFFFF, bits & 0xFFFF, c);
+      adam16<kPaper, kAction, kKind, true>(p, g, t.m, t.v, i + 16, 0xFFFF, bits >> 16, c);
+    } else {
+      const uint32_t lanes = (n == 32 ? 0u : (1u << n)) - 1u;
+      adam16<kPaper, kAction, kKind, false>(p, g, t.m, t.v, i, lanes & 0xFFFF, bits & 0xFFFF, c);
+      if (n > 16) {
+        adam16<kPaper, kAction, kKind, false>(p, g, t.m, t.v, i + 16, lanes >> 16, bits >> 16, c);
       }
-      const __m512 factor = _mm512_maskz_mov_ps(keep, scale);
-      const int64_t i = b + k;
-      const __m512 p0 = _mm512_maskz_loadu_ps(lanes, p + i);
-      __m512 gv = _mm512_maskz_loadu_ps(lanes, g + i);
-      const __m512 m0 = _mm512_maskz_loadu_ps(lanes, m + i);
-      const __m512 v0 = _mm512_maskz_loadu_ps(lanes, v + i);
-      if (kAction == kDropGrad && kKind != kMaskNone) gv = _mm512_mul_ps(gv, factor);
-      __m512 m1 = _mm512_add_ps(_mm512_mul_ps(beta1, m0), _mm512_mul_ps(omb1, gv));
-      __m512 v1 = _mm512_add_ps(_mm512_mul_ps(beta2, v0),
-                                _mm512_mul_ps(_mm512_mul_ps(omb2, gv), gv));
-      const __m512 sq = _mm512_sqrt_ps(v1);
-      __m512 p1;
-      if (kPaper) {
-        p1 = _mm512_sub_ps(p0, _mm512_mul_ps(step_size,
-                                             _mm512_div_ps(m1, _mm512_add_ps(sq, eps))));
-        p1 = _mm512_sub_ps(p1, _mm512_mul_ps(lr_wd, p1));
-      } else {
-        const __m512 denom = _mm512_add_ps(_mm512_div_ps(sq, bc2_sqrt), eps);
-        p1 = _mm512_sub_ps(_mm512_mul_ps(p0, decay),
-                           _mm512_mul_ps(step_size, _mm512_div_ps(m1, denom)));
-      }
-      if (kAction == kDropUpdate && kKind != kMaskNone) {
-        p1 = _mm512_add_ps(p0, _mm512_mul_ps(factor, _mm512_sub_ps(p1, p0)));
-      } else if (kAction == kPrune) {
-        p1 = _mm512_maskz_mov_ps(keep, p1);
-        m1 = _mm512_mask_blend_ps(keep, m0, m1);
-        v1 = _mm512_mask_blend_ps(keep, v0, v1);
-      }
-      _mm512_mask_storeu_ps(p + i, lanes, p1);
-      _mm512_mask_storeu_ps(m + i, lanes, m1);
-      _mm512_mask_storeu_ps(v + i, lanes, v1);
     }
+    i += n;
   }
 }
 
 template <bool kPaper, int kAction>
-void segment_f32_avx512_kind(const TensorArgs& t, const GroupArgs& grp, int64_t begin,
-                             int64_t end) {
-  if (t.kind == kMaskPhilox) segment_f32_avx512_impl<kPaper, kAction, kMaskPhilox>(t, grp, begin, end);
-  else if (t.kind == kMaskBits) segment_f32_avx512_impl<kPaper, kAction, kMaskBits>(t, grp, begin, end);
-  else segment_f32_avx512_impl<kPaper, kAction, kMaskNone>(t, grp, begin, end);
+void segment_f32_fused_kind(const TensorArgs& t, const GroupArgs& grp, int64_t begin, int64_t end) {
+  if (t.kind == kMaskPhilox) segment_f32_fused_impl<kPaper, kAction, kMaskPhilox>(t, grp, begin, end);
+  else if (t.kind == kMaskBits) segment_f32_fused_impl<kPaper, kAction, kMaskBits>(t, grp, begin, end);
+  else segment_f32_fused_impl<kPaper, kAction, kMaskNone>(t, grp, begin, end);
 }
 
-void segment_f32_avx512(int paper, int action, const TensorArgs& t, const GroupArgs& grp,
-                        int64_t begin, int64_t end) {
+void segment_f32_fused(int paper, int action, const TensorArgs& t, const GroupArgs& grp,
+                       int64_t begin, int64_t end) {
   if (paper) {
-    if (action == kDropGrad) segment_f32_avx512_kind<true, kDropGrad>(t, grp, begin, end);
-    else if (action == kDropUpdate) segment_f32_avx512_kind<true, kDropUpdate>(t, grp, begin, end);
-    else segment_f32_avx512_kind<true, kPrune>(t, grp, begin, end);
+    if (action == kDropGrad) segment_f32_fused_kind<true, kDropGrad>(t, grp, begin, end);
+    else if (action == kDropUpdate) segment_f32_fused_kind<true, kDropUpdate>(t, grp, begin, end);
+    else segment_f32_fused_kind<true, kPrune>(t, grp, begin, end);
   } else {
-    if (action == kDropGrad) segment_f32_avx512_kind<false, kDropGrad>(t, grp, begin, end);
-    else if (action == kDropUpdate) segment_f32_avx512_kind<false, kDropUpdate>(t, grp, begin, end);
-    else segment_f32_avx512_kind<false, kPrune>(t, grp, begin, end);
+    if (action == kDropGrad) segment_f32_fused_kind<false, kDropGrad>(t, grp, begin, end);
+    else if (action == kDropUpdate) segment_f32_fused_kind<false, kDropUpdate>(t, grp, begin, end);
+    else segment_f32_fused_kind<false, kPrune>(t, grp, begin, end);
   }
 }
 #endif
@@ -456,6 +438,30 @@ void run_all(SegmentFn fn, int paper, int action, const std::vector<TensorArgs>&
     const Seg& seg = segs[k];
     fn(paper, action, tensors[seg.tensor], grp, seg.begin, seg.end);
   }
+}
+
+// The best level this CPU runs, capped by REGDROP_FAST_CPU_ISA=avx512|avx2|default (read on
+// every call, so tests can switch paths).
+int isa_level() {
+  int level = kIsaDefault;
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = kIsaAvx2;
+  if (level == kIsaAvx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("bmi2")) {
+    level = kIsaAvx512;
+  }
+#endif
+  const char* cap = std::getenv("REGDROP_FAST_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return level;
+  const std::string name(cap);
+  int cap_level = -1;
+  if (name == "avx512") cap_level = kIsaAvx512;
+  if (name == "avx2") cap_level = kIsaAvx2;
+  if (name == "default") cap_level = kIsaDefault;
+  TORCH_CHECK(cap_level >= 0, "REGDROP_FAST_CPU_ISA must be avx512, avx2 or default, got '",
+              name, "'");
+  return std::min(level, cap_level);
 }
 
 void check_list(const char* name, const at::TensorList& list, size_t n) {
@@ -534,19 +540,23 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       keep_threshold(reserve_p), static_cast<float>(1.0 / reserve_p)};
   const int paper_i = paper ? 1 : 0;
   const int action_i = static_cast<int>(action);
+  const int isa = isa_level();
   SegmentFn fn = nullptr;
   switch (dtype) {
     case at::kFloat:
-      fn = &segment_f32;
+      fn = isa == kIsaAvx512 ? &segment_f32_avx512 : isa == kIsaAvx2 ? &segment_f32_avx2
+                                                                      : &segment_f32_default;
 #if defined(__x86_64__)
-      if (__builtin_cpu_supports("avx512f")) fn = &segment_f32_avx512;
+      if (isa == kIsaAvx512) fn = &segment_f32_fused;
 #endif
       break;
     case at::kBFloat16:
-      fn = &segment_bf16;
+      fn = isa == kIsaAvx512 ? &segment_bf16_avx512 : isa == kIsaAvx2 ? &segment_bf16_avx2
+                                                                       : &segment_bf16_default;
       break;
     case at::kHalf:
-      fn = &segment_f16;
+      fn = isa == kIsaAvx512 ? &segment_f16_avx512 : isa == kIsaAvx2 ? &segment_f16_avx2
+                                                                      : &segment_f16_default;
       break;
     default:
       TORCH_CHECK(false, "masked_adamw_: params must be float32, bfloat16 or float16, got ",
