@@ -3,7 +3,8 @@
 The interpreter (TRITON_INTERPRET=1) accepts code that the real compiler rejects, so CPU CI
 alone cannot tell that a kernel builds for a GPU. `install(path)` wraps
 `InterpretedFunction.run` (the target of `kernel[grid](...)` and of autotuner launches) and
-appends one JSON line per distinct specialization to `path`:
+appends one JSON line per distinct specialization to `path` (launches on meta-device tensors
+are recorded without running: see install and gpu_launches.py):
 
     {"module", "qualname", "file",            where the real JITFunction lives
      "signature": {arg: "*bf16" | "i32" | "constexpr" | ...},
@@ -22,8 +23,6 @@ import inspect
 import json
 import os
 import threading
-
-MODULE_NAME = "regdrop_triton_aot_record"  # the name tests/conftest.py loads this file under
 
 _LOCK = threading.Lock()
 _SINKS: dict = {}  # path -> JSON lines already written there by this process

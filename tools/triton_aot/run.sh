@@ -24,8 +24,9 @@ for f in philox masks rdrop rdrop_fused_linear addrop_mask masked_attention mask
          childtuning masked_adamw; do
     if [ -f "tests/test_$f.py" ]; then tests+=("tests/test_$f.py"); fi
 done
+# Their own sm_90 compile tests are deselected: they launch nothing and this check covers them.
 REGDROP_AOT_RECORD="$records" TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 "$PY" -m pytest -q \
-    -m "not slow" -p no:cacheprovider "${tests[@]}"
+    -m "not slow" -k "not kernels_compile_for_sm90" -p no:cacheprovider "${tests[@]}"
 
 # The launches a GPU would make (its tile sizes, bf16), dry-run on meta tensors.
 "$PY" tools/triton_aot/gpu_launches.py "$records"
