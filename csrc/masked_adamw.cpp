@@ -5,10 +5,12 @@
 // Memory per element (fp32 params): read p, g, m, v and write p, m, v = 28 B, the floor of any
 // AdamW step; the F mask costs 0 B (Philox words generated in registers, one 10-round block
 // per 4 elements), the D mask 1/8 B (a bit per element). Parallelism: every tensor of the list
-// is cut into 32768-element chunks and one OpenMP loop runs all chunks of all tensors. Inside a
-// chunk, blocks of 256 elements first compute their keep factors (Philox or bits) into a small
-// stack array, then run the branch-free update loop, which the compiler vectorizes; the hot
-// function is cloned for AVX-512 and AVX2 and picked at load time (the build has no -march).
+// is cut into 32768-element chunks and one OpenMP loop runs all chunks of all tensors.
+// Paths, picked per call (the build has no -march; REGDROP_FAST_CPU_ISA caps the choice):
+// fp32 with AVX-512 runs one pass over groups of 32 elements whose keep decisions are one 32-bit
+// word (the D word, or 8 Philox counters in one register); other dtypes and CPUs run blocks of
+// 256 elements (keep factors into a stack array, then a loop the compiler vectorizes), compiled
+// for AVX-512, AVX2+FMA and the baseline.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
