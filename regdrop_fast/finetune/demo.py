@@ -68,11 +68,14 @@ def plot_comparison(out: Path, runs: dict) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, history in runs.items():
+    for index, (name, history) in enumerate(runs.items()):
+        color = f"C{index}"  # one colour per method, train dotted / eval solid
         epochs = [r["epoch"] for r in history]
-        ax_loss.plot(epochs, [r["eval_loss"] for r in history], "o-", label=f"{name} eval")
-        ax_loss.plot(epochs, [r["train_loss"] for r in history], ":", label=f"{name} train")
-        ax_acc.plot(epochs, [r["eval_accuracy"] for r in history], "o-", label=name)
+        ax_loss.plot(epochs, [r["eval_loss"] for r in history], "o-", color=color,
+                     label=f"{name} eval")
+        ax_loss.plot(epochs, [r["train_loss"] for r in history], ":", color=color,
+                     label=f"{name} train")
+        ax_acc.plot(epochs, [r["eval_accuracy"] for r in history], "o-", color=color, label=name)
     for ax, label in ((ax_loss, "loss"), (ax_acc, "eval accuracy")):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
