@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.regdrop-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test setup build pytest ctest check-cuda bench clean
+.PHONY: demo test setup build pytest ctest check-cuda check-triton bench clean
 
 $(STAMP): requirements.txt setup.py pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,16 +21,23 @@ setup: $(STAMP)
 build: setup
 	flock .build.lock $(PY) setup.py -q build_ext --inplace
 
+# The main job on its embedded default: MiniLM-L6 fine-tuned on Rotten Tomatoes, offline,
+# comparing none / R-Drop / ChildTuning-F / AD-DROP (finetune_demo_out/comparison.md).
 demo: build
-	HF_HUB_OFFLINE=1 $(VENV)/bin/regdrop-fast bench --quick --out bench_out
+	HF_HUB_OFFLINE=1 $(VENV)/bin/regdrop-fast finetune
 
 test: build
 	$(MAKE) pytest
 	$(MAKE) ctest
 	$(MAKE) check-cuda
+	$(MAKE) check-triton
+
+# The run also records every Triton launch for check-triton (tools/triton_aot/record.py).
+LAUNCHES := $(CURDIR)/build/triton-launches.jsonl
 
 pytest: build
-	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" -q tests
+	mkdir -p build && rm -f $(LAUNCHES)
+	REGDROP_AOT_RECORD=$(LAUNCHES) TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" -q tests
 
 # C++-only build of the core (no torch) and its tests.
 ctest:
@@ -42,8 +49,14 @@ ctest:
 check-cuda: setup
 	$(PY) tools/check_cuda.py
 
+# Every Triton launch of the tests (interpreter) recompiled for sm_90 by the real compiler,
+# with the ptxas of the triton wheel: no GPU needed. Reuses `make pytest`'s recording when
+# there is one, else runs the kernel tests itself.
+check-triton: build
+	PYTHON=$(PY) REGDROP_AOT_RECORDS=$(LAUNCHES) tools/triton_aot/run.sh
+
 bench: build
 	$(VENV)/bin/regdrop-fast bench --out bench_out
 
 clean:
-	rm -rf build cmake-build bench_out regdrop_fast/_C*.so .build.lock
+	rm -rf build cmake-build bench_out finetune_out finetune_demo_out regdrop_fast/_C*.so .build.lock

@@ -24,6 +24,7 @@ Attribution kinds:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -61,8 +62,9 @@ def _logits(outputs) -> torch.Tensor:
 
 def _model_inputs(batch) -> dict:
     """The batch without labels, so that pass 1 does not compute the model's own loss."""
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of model inputs, got {type(batch).__name__}")
+    # Mapping, not dict: DataCollatorWithPadding hands over a BatchEncoding
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a mapping of model inputs, got {type(batch).__name__}")
     return {name: value for name, value in batch.items() if name != "labels"}
 
 

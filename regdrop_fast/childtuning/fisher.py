@@ -11,6 +11,8 @@ with their LayerNorms); embeddings, pooler and classifier are always updated.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 from typing import Callable, Optional
 
@@ -58,7 +60,7 @@ def _select(model: torch.nn.Module, params) -> list:
 
 
 def _default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dict or a collator's BatchEncoding
         out = model(**batch)
     elif isinstance(batch, (tuple, list)):
         out = model(*batch)
