@@ -18,8 +18,8 @@ __all__ = ["attribution"]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def attribution(dO: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """B = dO·Vᵀ: dO [B,H,Lq,D], v [B,H,Lk,D] -> [B,H,Lq,Lk], fp32 (fp64 for fp64 inputs)."""
+def check_dO_v(dO, v) -> None:
+    """dO [B,H,Lq,D] and v [B,H,Lk,D]: float tensors of one dtype and device, matching B, H, D."""
     check_tensor("dO", dO, dtypes=_FLOATS, ndim=4)
     check_tensor("v", v, dtypes=_FLOATS, ndim=4, device=dO.device)
     if v.dtype != dO.dtype:
@@ -27,4 +27,9 @@ def attribution(dO: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if v.shape[:2] != dO.shape[:2] or v.shape[3] != dO.shape[3]:
         raise ValueError(f"v must be [B,H,Lk,D] matching dO [B,H,Lq,D] = {tuple(dO.shape)}, "
                          f"got {tuple(v.shape)}")
+
+
+def attribution(dO: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """B = dO·Vᵀ: dO [B,H,Lq,D], v [B,H,Lk,D] -> [B,H,Lq,Lk], fp32 (fp64 for fp64 inputs)."""
+    check_dO_v(dO, v)
     return _ref.attribution(dO, v)

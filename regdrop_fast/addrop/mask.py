@@ -34,6 +34,7 @@ from .._checks import UINT32_MAX, UINT64_MAX, check_int, check_prob, check_tenso
 from ..masks import PackedMask
 from ..reference import addrop as _ref
 from ..reference import masks as _ref_masks
+from .attribution import check_dO_v
 
 __all__ = ["keep_mask"]
 
@@ -47,13 +48,7 @@ def _check_attr(attr):
         if len(attr) != 2:
             raise ValueError(f"attr as a pair must be (dO, v), got {len(attr)} items")
         dO, v = attr
-        check_tensor("dO", dO, dtypes=_FLOATS, ndim=4)
-        check_tensor("v", v, dtypes=_FLOATS, ndim=4, device=dO.device)
-        if v.dtype != dO.dtype:
-            raise TypeError(f"dO and v must have the same dtype, got {dO.dtype} and {v.dtype}")
-        if v.shape[:2] != dO.shape[:2] or v.shape[3] != dO.shape[3]:
-            raise ValueError(f"v must be [B,H,Lk,D] matching dO [B,H,Lq,D] = "
-                             f"{tuple(dO.shape)}, got {tuple(v.shape)}")
+        check_dO_v(dO, v)
         shape = (*dO.shape[:3], v.shape[2])
         if dO.shape[3] == 0:
             raise ValueError(f"dO must have a non-empty head dim, got shape {tuple(dO.shape)}")
