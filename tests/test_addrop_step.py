@@ -220,7 +220,7 @@ def test_step_bad_input():
     ad = addrop.ADDrop(model, layers=(0,), task="regression")
     with pytest.raises(ValueError, match="labels"):
         ad.compute_masks(None, {k: v for k, v in batch.items() if k != "labels"})
-    with pytest.raises(TypeError, match="batch must be a dict"):
+    with pytest.raises(TypeError, match="batch must be a mapping"):
         ad.compute_masks(None, [batch["input_ids"]])
     with pytest.raises(ValueError, match="not enabled"):
         ad.step(tiny_model("bert"), batch)
