@@ -6,6 +6,7 @@ from conftest import require_backend
 from regdrop_fast.masks import pack_mask
 from regdrop_fast.reference import masked_linear as ref
 from regdrop_fast.sparse import masked_linear
+from sm90_helpers import compile_script_for_sm90
 
 SHAPES = [  # (leading dims of x, out N, in K): none a multiple of the 32-wide interpreter tiles
     ((37,), 45, 70),
@@ -223,14 +224,4 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """The three kernels as a GPU compiles them (Triton -> PTX -> cubin for an H100, no GPU
     needed): fp32 IEEE forward from bits; bf16 forward, dx and dW/dScore from scores/bits."""
-    import os
-    import subprocess
-    import sys
-
-    triton_backends = pytest.importorskip("triton.backends")
-    if "nvidia" not in getattr(triton_backends, "backends", {}):
-        pytest.skip("triton has no NVIDIA backend here")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    compile_script_for_sm90(_SM90_COMPILE, timeout=600)

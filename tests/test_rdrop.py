@@ -7,6 +7,7 @@ from conftest import require_backend
 from regdrop_fast import rdrop_loss, RDropLoss
 from regdrop_fast.reference.rdrop import (rdrop_grads_reference, rdrop_loss_reference,
                                           rdrop_regression_reference)
+from sm90_helpers import compile_script_for_sm90
 
 TOLS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -347,14 +348,4 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """The kernels as a GPU compiles them (not the interpreter): Triton -> PTX -> cubin for an
     H100, which needs no GPU, only Triton's bundled NVIDIA backend."""
-    import os
-    import subprocess
-    import sys
-
-    triton_backends = pytest.importorskip("triton.backends")
-    if "nvidia" not in getattr(triton_backends, "backends", {}):
-        pytest.skip("triton has no NVIDIA backend here")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    compile_script_for_sm90(_SM90_COMPILE, timeout=300)
