@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,22 @@ def test_results_jsonl_is_appended(toy_benches, tmp_path, device):
     assert _run(argv)[0] == 0
     rows = _rows(out / "results.jsonl")
     assert len(rows) == 4 and len({r["run_id"] for r in rows}) == 2
+
+
+def test_rows_are_written_after_each_bench(toy_benches, tmp_path):
+    """A run killed mid-way (gpu_check.sh's stage timeout) keeps the benches it finished."""
+    (toy_benches / "bench_killed.py").write_text(
+        "import os\ndef run(ctx):\n    os._exit(9)  # like SIGKILL: no cleanup runs\n")
+    out = tmp_path / "out"
+    code = "import sys; from regdrop_fast.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "bench", "--bench-dir", str(toy_benches), "--ops", "good",
+         "killed", "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr
+    assert {r["impl"] for r in _rows(out / "results.jsonl")} == {"base", "ours"}
+    assert [c[2] for c in _table_rows((out / "results.md").read_text(), "toy")] == [
+        "base", "ours"]
 
 
 def test_unknown_op_is_an_argument_error(toy_benches, tmp_path):

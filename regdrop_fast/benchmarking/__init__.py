@@ -6,6 +6,7 @@ A bench script defines `run(ctx: BenchContext) -> None` and calls `ctx.record(..
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -86,4 +87,6 @@ class BenchContext:
                "tflops": None if flops is None else flops / (ms * 1e-3) / 1e12,
                "peak_mem_bytes": peak_mem_bytes, **extra}
         self.rows.append(row)
+        # one line per row as it is measured: a log cut short still shows the numbers
+        print(f"  {op} | {case} | {dtype} | {impl}: {ms:.4g} ms", file=sys.stderr, flush=True)
         return row

@@ -72,9 +72,12 @@ def main(args: argparse.Namespace) -> int:
         return _fail(f"no bench_<op>.py in {bench_dir}")
 
     device = torch.device(args.device)
-    result = runner.run_benches(benches, device, args.quick,
-                                log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    paths = report.write_outputs(result, args.out, device.type)
+    # rows are written after each bench, so a run cut short keeps the benches it finished
+    result = runner.run_benches(
+        benches, device, args.quick, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        after_each=lambda result, rows: report.write_outputs(result, args.out, device.type,
+                                                             new_rows=rows, with_plot=False))
+    paths = report.write_outputs(result, args.out, device.type, new_rows=[])
     print(paths["md"].read_text(encoding="utf-8"), end="")
     written = [f"{paths['jsonl']} (appended)", str(paths["md"])]
     if paths["png"]:

@@ -162,18 +162,23 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_outputs(result: RunResult, out_dir: Path, device_type: str) -> Dict[str, Path]:
-    """Append rows to results.jsonl, (re)write results.md and results.png; return the paths
-    (png None when matplotlib is missing, as it may be on a preinstalled GPU machine)."""
+def write_outputs(result: RunResult, out_dir: Path, device_type: str,
+                  new_rows: Optional[List[dict]] = None, with_plot: bool = True
+                  ) -> Dict[str, Path]:
+    """Append new_rows (default: all of the run's rows) to results.jsonl, (re)write results.md
+    from all the run's rows and, with_plot, results.png; return the paths (png None when not
+    drawn, or when matplotlib is missing, as it may be on a preinstalled GPU machine)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     add_speedups(result.rows)
     paths = {"jsonl": out_dir / "results.jsonl", "md": out_dir / "results.md",
-             "png": out_dir / "results.png"}
+             "png": out_dir / "results.png" if with_plot else None}
     with open(paths["jsonl"], "a", encoding="utf-8") as f:
-        for row in result.rows:
+        for row in result.rows if new_rows is None else new_rows:
             f.write(json.dumps(row, default=str) + "\n")
     paths["md"].write_text(markdown(result, device_type), encoding="utf-8")
+    if not with_plot:
+        return paths
     try:
         import matplotlib  # noqa: F401  (only the plot needs it)
     except ImportError:

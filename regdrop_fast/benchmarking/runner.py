@@ -146,8 +146,12 @@ def _load(op: str, path: Path):
 
 
 def run_benches(benches: Dict[str, Path], device: torch.device, quick: bool,
-                log=print) -> RunResult:
-    """Run each bench in order; failures are collected, never raised."""
+                log=print, after_each=None) -> RunResult:
+    """Run each bench in order; failures are collected, never raised.
+
+    after_each(result, new_rows), when given, is called after every bench with the rows it
+    added, so a caller can write them out before the next bench starts (a run stopped by a
+    timeout then keeps what it measured)."""
     result = RunResult(env=environment(device, quick), benches=list(benches))
     for op, path in benches.items():
         ctx = BenchContext(device=device, quick=quick)
@@ -170,8 +174,10 @@ def run_benches(benches: Dict[str, Path], device: torch.device, quick: bool,
             sys.modules.pop(f"regdrop_fast_bench_{op}", None)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        for row in ctx.rows:
-            result.rows.append({"bench": op, **row, **result.env})
+        new_rows = [{"bench": op, **row, **result.env} for row in ctx.rows]
+        result.rows.extend(new_rows)
+        if after_each is not None:
+            after_each(result, new_rows)
     return result
 
 
