@@ -236,8 +236,8 @@ run_stage() {
 run_stage env 30 440
 run_stage build 200 240
 run_stage imports 45 210
-run_stage pytest_cuda 150 150
-run_stage bench 240 40
+run_stage pytest_cuda 120 150
+run_stage bench 260 40
 run_stage pytest_all 480 5
 
 if [[ -s "$OUT/results.md" ]]; then

@@ -1,5 +1,5 @@
 // The per-element masked AdamW update shared by csrc/masked_adamw.cpp (CPU) and
-// csrc/masked_adamw.cu (CUDA); math in fp32, semantics documented in
+// csrc/masked_adamw_cuda.cu (CUDA); math in fp32, semantics documented in
 // regdrop_fast/reference/masked_adamw.py (the reference these kernels are tested against).
 #pragma once
 

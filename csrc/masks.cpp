@@ -2,8 +2,8 @@
 //   pack_mask(bool [rows, n]) -> int32 [rows, ceil(n/32)]   1 B read + 1/8 B written per element
 //   unpack_mask(int32 [rows, W], n) -> bool [rows, n]        1/8 B read + 1 B written per element
 //   mask_popcount(int32 words, any shape) -> int64 0-d       4 B read per word
-// csrc/masks.cu adds the CUDA kernels. The CPU loops run over flat word indices so one long row
-// splits over torch's OpenMP threads as well as many short rows.
+// csrc/masks_cuda.cu adds the CUDA kernels. The CPU loops run over flat word indices so one
+// long row splits over torch's OpenMP threads as well as many short rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,7 +16,7 @@
 
 namespace regdrop {
 
-// The checks below are shared with the CUDA kernels (csrc/masks.cu).
+// The checks below are shared with the CUDA kernels (csrc/masks_cuda.cu).
 void check_pack_mask_args(const at::Tensor& mask) {
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "pack_mask: mask must be a bool tensor, got ",
                    mask.scalar_type());

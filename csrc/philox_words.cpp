@@ -1,5 +1,5 @@
 // philox_words: the contract's uint32 Philox word (csrc/philox.h) for each int64 global element
-// index, returned as int64. Schema, argument checks and the CPU kernel; csrc/philox_words.cu
+// index, returned as int64. Schema, argument checks and the CPU kernel; csrc/philox_words_cuda.cu
 // adds the CUDA kernel. Reads 8 B and writes 8 B per element; each element runs one Philox
 // block (10 rounds), so the CPU loop is compute-bound and split over torch's OpenMP threads.
 #include <ATen/Parallel.h>
@@ -13,7 +13,7 @@
 
 namespace regdrop {
 
-// Shared with the CUDA kernel (csrc/philox_words.cu).
+// Shared with the CUDA kernel (csrc/philox_words_cuda.cu).
 void check_philox_words_args(const at::Tensor& index, int64_t seed_lo, int64_t seed_hi,
                              int64_t step, int64_t stream) {
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong,
