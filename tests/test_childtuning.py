@@ -387,3 +387,66 @@ def test_bad_input(device):
     c.grad = torch.ones_like(c)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         ChildTuningAdamW([c], seed=1).step()
+
+
+# ---- the step's fast path (ChildTuningAdamW._make_plan / _fast_step) ------------------------
+def _stepped(device, steps=2, **kwargs):
+    """A model and its optimizer after `steps` steps (the later ones through the fast path)."""
+    model = _model(device)
+    opt = ChildTuningAdamW(model.named_parameters(), seed=SEED, backend="reference", **kwargs)
+    for x in _data(device, steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def _grads(model, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+
+
+@pytest.mark.parametrize("mode", ["F", None])
+def test_fast_path_equals_the_general_step(device, mode):
+    model, opt = _stepped(device, mode=mode)
+    twin = copy.deepcopy(model)
+    twin_opt = ChildTuningAdamW(twin.named_parameters(), seed=SEED, backend="reference",
+                                mode=mode)
+    twin_opt.load_state_dict(opt.state_dict())  # drops the plan: the general step runs next
+    assert opt._plans and not twin_opt._plans
+    _grads(model, device, 7)
+    _grads(twin, device, 7)
+    opt.step()
+    twin_opt.step()
+    assert _max_err(list(model.parameters()), list(twin.parameters())) == 0.0
+    assert [s["step"] for s in opt.state.values()] == [3] * 4
+
+
+def test_fast_path_follows_a_missing_grad_and_a_mode_change(device):
+    model, opt = _stepped(device)
+    _grads(model, device, 3)
+    model[0].bias.grad = None
+    before = model[0].bias.detach().clone()
+    opt.step()
+    assert torch.equal(model[0].bias.detach(), before)  # no grad: not stepped
+    assert opt.state[model[0].bias]["step"] == 2 and opt.state[model[0].weight]["step"] == 3
+    opt.param_groups[0]["mode"] = None  # plain AdamW from here on: every element moves
+    _grads(model, device, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(bool((p.detach() != b).all()) for p, b in zip(model.parameters(), before))
+
+
+def test_fast_path_bad_gradient_names_the_parameter_and_changes_nothing(device):
+    model, opt = _stepped(device)
+    _grads(model, device, 5)
+    weight = model[2].weight
+    weight.data = weight.data.t().contiguous().t()  # same values and shape, not contiguous
+    before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"2\.weight must be contiguous"):
+        opt.step()
+    assert _max_err(params, list(model.parameters())) == 0.0
+    assert [s["step"] for s in opt.state_dict()["state"].values()] == [
+        s["step"] for s in before["state"].values()]

@@ -50,7 +50,8 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                                weight_decay=weight_decay, seed=seed, reserve_p=reserve_p,
                                action=action, semantics=semantics, upcast=False)
         return
-    scalars = [_ref.step_scalars(semantics, lr, beta1, beta2, t) for t in steps]
+    by_step = {t: _ref.step_scalars(semantics, lr, beta1, beta2, t) for t in set(steps)}
+    scalars = [by_step[t] for t in steps]  # the parameters of a group share one step count
     step_sizes = [s[0] for s in scalars]
     bc2_sqrts = [s[1] for s in scalars]
     lr_wd = lr * weight_decay
