@@ -31,8 +31,9 @@ def philox_words(seed: int, index: torch.Tensor, step: int = 0, stream: int = 0,
     stream = check_int("stream", stream, 0, UINT32_MAX)
     check_tensor("index", index, dtypes=_INT_DTYPES)
     index = index.to(torch.int64).contiguous()
-    # the range check syncs with the device: done on CPU tensors only, off the GPU hot path
-    if index.device.type == "cpu" and index.numel() and int(index.min()) < 0:
+    # a negative index would silently draw the words of index + 2^64: checked on every device
+    # (one host sync on a GPU; the kernels' hot paths compute their indices and skip this)
+    if index.numel() and int(index.min()) < 0:
         raise ValueError(f"index must be non-negative global element indices, got min "
                          f"{int(index.min())}")
     name = backends.resolve("philox_words", backend, index.device)
