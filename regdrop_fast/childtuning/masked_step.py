@@ -1,10 +1,10 @@
 """One fused masked AdamW step over a list of tensors, dispatched to a backend.
 
 Backends: reference (regdrop_fast/reference/masked_adamw.py), cpu (csrc/masked_adamw.cpp,
-OpenMP), cuda (csrc/masked_adamw_cuda.cu, one multi-tensor launch per dtype bucket), triton
-(triton_kernels/masked_adamw.py, one launch per tensor). On CUDA tensors "auto" prefers the
-multi-tensor CUDA kernel when the extension has it (one launch for the whole group), then
-Triton, then the reference.
+OpenMP), cuda (csrc/masked_adamw_cuda.cu) and triton (triton_kernels/masked_adamw.py), both
+multi-tensor: one launch per dtype bucket (the CUDA kernel splits very long lists into launches
+of at most 24 tensors). On CUDA tensors "auto" prefers the CUDA kernel when the extension has
+it, then Triton, then the reference.
 """
 from __future__ import annotations
 
