@@ -4,6 +4,7 @@
 # `regdrop-fast bench`, then the rest of the test suite, and writes everything into OUTDIR:
 #   env.txt                       nvidia-smi, compiler and package versions
 #   build.log, imports.log        extension build; import of every module without the interpreter
+#   op_errors.log                 raw ops given bad arguments: raise or crash? (op_error_probe.py)
 #   pytest_cuda.{log,xml}         the kernel tests on CUDA tensors (REGDROP_TEST_DEVICE=cuda,
 #                                 TRITON_INTERPRET=0), the tests marked cuda among them
 #   bench.log, results.{jsonl,md,png}   (rows written after each bench)
@@ -114,6 +115,13 @@ for package in ("regdrop_fast", "regdrop_fast.triton_kernels"):
 print("available backends for cuda tensors:", backends.available(torch.device("cuda")))
 sys.exit(1 if failed else 0)
 PYEOF
+}
+
+stage_op_errors() {
+    # raw extension ops given bad arguments: a Python exception, or a crash (the first H200 run
+    # crashed on two CUDA cases; tools/op_error_probe.py runs each case in its own process)
+    cd "$ROOT" || return 1
+    "$PY" tools/op_error_probe.py --device cuda cpu
 }
 
 # the kernel tests (every backend against the reference, plus the tests marked cuda): run
@@ -236,6 +244,7 @@ run_stage() {
 run_stage env 30 440
 run_stage build 200 240
 run_stage imports 45 210
+run_stage op_errors 60 200
 run_stage pytest_cuda 120 150
 run_stage bench 260 40
 run_stage pytest_all 480 5
