@@ -76,7 +76,15 @@ def main(argv=None) -> int:
                         help="cases run at once (each is a fresh interpreter importing torch)")
     args = parser.parse_args(argv)
     variants = [False] if args.no_stacktrace_variant else [False, True]
-    runs = [(device, name, statement, stacktraces) for device in args.device
+    import torch  # only to see whether a CUDA device exists: the cases run in subprocesses
+
+    devices = []
+    for device in dict.fromkeys(args.device):
+        if device == "cuda" and not torch.cuda.is_available():
+            print("cuda: skipped, no CUDA device here (torch.cuda.is_available() is False)")
+        else:
+            devices.append(device)
+    runs = [(device, name, statement, stacktraces) for device in devices
             for name, statement in CASES.items() for stacktraces in variants]
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(lambda r: run_case(r[2], r[0], r[3]), runs))
