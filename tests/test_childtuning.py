@@ -389,7 +389,7 @@ def test_bad_input(device):
         ChildTuningAdamW([c], seed=1).step()
 
 
-# ---- the step's fast path (ChildTuningAdamW._make_plan / _fast_step) ------------------------
+# ---- the step's plan (ChildTuningAdamW._make_plan / _planned_grads) --------------------------
 def _stepped(device, steps=2, **kwargs):
     """A model and its optimizer after `steps` steps (the later ones through the fast path)."""
     model = _model(device)

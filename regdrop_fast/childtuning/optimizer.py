@@ -115,8 +115,8 @@ def _flat_words(mask, param: torch.Tensor, label: str) -> torch.Tensor:
 @dataclass
 class _Bucket:
     """The parameters of one dtype in a param group: one fused launch."""
-    indices: List[int]  # positions in the group
-    params: List[torch.Tensor]
+    indices: List[int]  # positions in the plan's params
+    params: List[torch.Tensor]  # local tensors
     masks: List[Optional[torch.Tensor]]
     kinds: List[int]
     offsets: List[int]
@@ -133,6 +133,7 @@ class _GroupPlan:
     devices: List[torch.device]
     states: List[dict]
     buckets: List[_Bucket]
+    sharded: bool  # any DTensor parameter: planned again every step
 
 
 class ChildTuningAdamW(torch.optim.Optimizer):
@@ -301,73 +302,25 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             plan = self._plans.get(index)
-            if plan is None or not self._fast_step(group, plan):
-                self._step_group(group)
-                self._plans[index] = self._make_plan(group)
+            grads = None if plan is None else self._planned_grads(group, plan)
+            if grads is None:  # first step, or the plan no longer fits: check everything
+                live, grads = self._check_group(group)
+                plan = self._make_plan(group, live)
+                complete = len(live) == len(group["params"]) and not plan.sharded
+                self._plans[index] = plan if complete else None
+            self._run_plan(group, plan, grads)
         return loss
 
-    # The general step below checks every parameter and rebuilds its per-bucket lists: about
-    # 4 µs of Python per parameter, as long as the whole fused kernel of a BERT-base step on a
-    # GPU. After one general step a plan keeps what stays fixed (buckets, offsets, streams,
-    # mask kinds and words); the next steps check only what can change between steps (each
-    # gradient, the parameter's dtype and device) and fall back to the general step, which
-    # names the culprit, on anything unexpected.
-    def _make_plan(self, group) -> Optional["_GroupPlan"]:
-        params = list(group["params"])
-        if not params or any(p.grad is None or (DTensor is not None and isinstance(p, DTensor))
-                             for p in params):
-            return None  # partial or sharded groups always take the general step
-        plan = _GroupPlan(params=params, mode=group["mode"], state=self.state,
-                          dtypes=[p.dtype for p in params],
-                          devices=[p.device for p in params],
-                          states=[self.state[p] for p in params], buckets=[])
-        by_dtype = {}
-        for i, p in enumerate(params):
-            by_dtype.setdefault(p.dtype, []).append(i)
-        for indices in by_dtype.values():
-            kinds = [self._mask_kind(group, params[i]) for i in indices]
-            plan.buckets.append(_Bucket(
-                indices=indices, params=[params[i] for i in indices],
-                masks=[self._mask_words.get(params[i]) if k == _ref.MASK_BITS else None
-                       for i, k in zip(indices, kinds)],
-                kinds=kinds, offsets=[0] * len(indices),
-                streams=[self._streams[params[i]] for i in indices]))
-        return plan
-
-    def _fast_step(self, group, plan: "_GroupPlan") -> bool:
-        """The step through `plan`; False (nothing changed) when the plan no longer fits."""
-        params = group["params"]
-        if (len(params) != len(plan.params) or group["mode"] != plan.mode
-                or self.state is not plan.state):
-            return False
-        grads = []
-        for p, planned, dtype, device in zip(params, plan.params, plan.dtypes, plan.devices):
-            g = p.grad
-            if (p is not planned or g is None or p.dtype is not dtype or g.dtype is not dtype
-                    or g.is_sparse or p.device != device or g.device != device
-                    or not p.is_contiguous()):
-                return False
-            grads.append(g if g.is_contiguous() else g.contiguous())
-        steps = []
-        for st in plan.states:
-            st["step"] += 1
-            steps.append(int(st["step"]))
-        beta1, beta2 = group["betas"]
-        for bucket in plan.buckets:
-            idx = bucket.indices
-            masked_adamw_step(
-                bucket.params, [grads[i] for i in idx],
-                [plan.states[i]["exp_avg"] for i in idx],
-                [plan.states[i]["exp_avg_sq"] for i in idx],
-                masks=bucket.masks, mask_kinds=bucket.kinds, steps=[steps[i] for i in idx],
-                index_offsets=bucket.offsets, streams=bucket.streams, lr=group["lr"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                seed=self.seed, reserve_p=group["reserve_p"], action=self._action(group),
-                semantics=group["semantics"], backend=self.backend)
-        return True
-
-    def _step_group(self, group) -> None:
-        # validate every parameter before touching any state, so a bad input changes nothing
+    # Checking every parameter and building the per-dtype lists costs about 4 µs of Python
+    # per parameter, as long as the whole fused kernel of a BERT-base step on a GPU. So a plan
+    # keeps what stays fixed between steps (buckets, offsets, streams, mask kinds and words),
+    # and the next steps check only what can change (each gradient, the parameter's dtype and
+    # device); anything else sends the step back through _check_group, which names the culprit.
+    # Groups with missing gradients or sharded (DTensor) parameters are planned every step.
+    def _check_group(self, group):
+        """(live params, their local contiguous grads): every parameter with a gradient is
+        checked before any state is touched, so a bad input changes nothing; then missing
+        state is created."""
         live = [p for p in group["params"] if p.grad is not None]
         device = None
         for p in live:
@@ -391,7 +344,6 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                                 f"parameter {local_p.dtype}; they must match")
             if not local_p.is_contiguous():
                 raise ValueError(f"parameter {name} must be contiguous")
-        buckets = {}
         for p in live:
             state = self.state[p]
             if len(state) == 0:
@@ -400,26 +352,57 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                                                     memory_format=torch.contiguous_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
                                                        memory_format=torch.contiguous_format)
-            state["step"] += 1
-            kind = self._mask_kind(group, p)
-            local_p = _local(p)
-            bucket = buckets.setdefault(local_p.dtype, {k: [] for k in (
-                "params", "grads", "m", "v", "masks", "kinds", "steps", "offsets", "streams")})
-            bucket["params"].append(local_p)
-            bucket["grads"].append(_local(p.grad).contiguous())
-            bucket["m"].append(_local(state["exp_avg"]))
-            bucket["v"].append(_local(state["exp_avg_sq"]))
-            bucket["masks"].append(self._mask_words.get(p) if kind == _ref.MASK_BITS else None)
-            bucket["kinds"].append(kind)
-            bucket["steps"].append(int(state["step"]))
-            bucket["offsets"].append(_global_offset(p))
-            bucket["streams"].append(self._streams[p])
+        return live, [_local(p.grad).contiguous() for p in live]
+
+    def _make_plan(self, group, params) -> "_GroupPlan":
+        """The plan of a step over `params` (checked, with state)."""
+        plan = _GroupPlan(params=list(params), mode=group["mode"], state=self.state,
+                          dtypes=[p.dtype for p in params], devices=[p.device for p in params],
+                          states=[self.state[p] for p in params], buckets=[],
+                          sharded=any(_local(p) is not p for p in params))
+        by_dtype = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        for indices in by_dtype.values():
+            kinds = [self._mask_kind(group, params[i]) for i in indices]
+            plan.buckets.append(_Bucket(
+                indices=indices, params=[_local(params[i]) for i in indices],
+                masks=[self._mask_words.get(params[i]) if k == _ref.MASK_BITS else None
+                       for i, k in zip(indices, kinds)],
+                kinds=kinds, offsets=[_global_offset(params[i]) for i in indices],
+                streams=[self._streams[params[i]] for i in indices]))
+        return plan
+
+    def _planned_grads(self, group, plan: "_GroupPlan"):
+        """The gradients of a step through `plan`, or None when the plan no longer fits."""
+        params = group["params"]
+        if (len(params) != len(plan.params) or group["mode"] != plan.mode
+                or self.state is not plan.state):
+            return None
+        grads = []
+        for p, planned, dtype, device in zip(params, plan.params, plan.dtypes, plan.devices):
+            g = p.grad
+            if (p is not planned or g is None or p.dtype is not dtype or g.dtype is not dtype
+                    or g.is_sparse or p.device != device or g.device != device
+                    or not p.is_contiguous()):
+                return None
+            grads.append(g if g.is_contiguous() else g.contiguous())
+        return grads
+
+    def _run_plan(self, group, plan: "_GroupPlan", grads) -> None:
+        steps = []
+        for st in plan.states:
+            st["step"] += 1
+            steps.append(int(st["step"]))
         beta1, beta2 = group["betas"]
-        for bucket in buckets.values():
+        for bucket in plan.buckets:
+            idx = bucket.indices
             masked_adamw_step(
-                bucket["params"], bucket["grads"], bucket["m"], bucket["v"],
-                masks=bucket["masks"], mask_kinds=bucket["kinds"], steps=bucket["steps"],
-                index_offsets=bucket["offsets"], streams=bucket["streams"], lr=group["lr"],
+                bucket.params, [grads[i] for i in idx],
+                [_local(plan.states[i]["exp_avg"]) for i in idx],
+                [_local(plan.states[i]["exp_avg_sq"]) for i in idx],
+                masks=bucket.masks, mask_kinds=bucket.kinds, steps=[steps[i] for i in idx],
+                index_offsets=bucket.offsets, streams=bucket.streams, lr=group["lr"],
                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 seed=self.seed, reserve_p=group["reserve_p"], action=self._action(group),
                 semantics=group["semantics"], backend=self.backend)
