@@ -133,11 +133,11 @@ def _block_map(numels, device) -> Tuple[torch.Tensor, torch.Tensor]:
     return found
 
 
-def _to_device(table: torch.Tensor, device) -> torch.Tensor:
+def _table(rows, dtype, device) -> torch.Tensor:
     if device.type == "cpu":
-        return table
-    # pinned staging: the copy is queued behind the step's other work, no host wait
-    return table.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(rows, dtype=dtype)
+    # built in pinned memory: the copy is queued behind the step's other work, no host wait
+    return torch.tensor(rows, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, masks, mask_kinds, steps,
@@ -156,9 +156,8 @@ def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, masks, mask_kinds
         rows.append((params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                      exp_avg_sqs[i].data_ptr(), words.data_ptr(), params[i].numel(),
                      index_offsets[i], steps[i], streams[i], kind))
-    int_table = _to_device(torch.tensor(rows, dtype=torch.int64), device)
-    float_table = _to_device(torch.tensor([(step_sizes[i], bc2_sqrts[i]) for i in live],
-                                          dtype=torch.float32), device)
+    int_table = _table(rows, torch.int64, device)
+    float_table = _table([(step_sizes[i], bc2_sqrts[i]) for i in live], torch.float32, device)
     block_tensor, block_chunk = _block_map([params[i].numel() for i in live], device)
     masked_adamw_multi_kernel[(block_tensor.numel(),)](
         int_table, float_table, block_tensor, block_chunk, seed & 0xFFFFFFFF, seed >> 32,
