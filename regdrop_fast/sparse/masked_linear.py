@@ -74,7 +74,8 @@ def _threshold_tensor(threshold, device) -> torch.Tensor:
                         f"{type(threshold).__name__}")
     if math.isnan(threshold):
         raise ValueError("threshold must not be NaN")
-    return torch.tensor([threshold], dtype=torch.float32, device=device)
+    # a fill kernel, not a copy from host memory: no wait for the GPU on every call
+    return torch.full((1,), float(threshold), dtype=torch.float32, device=device)
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask, bias: Optional[torch.Tensor] = None,
