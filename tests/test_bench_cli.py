@@ -250,3 +250,24 @@ def test_markdown_of_a_cuda_run_shows_copy_share_and_missing_backends():
     table = _table_rows(md, "toy")
     assert table[1][2:] == ["ours", "0.5", "4x vs base", "500 (50%)", "1.0 MiB", ""]
     assert table[0][4:7] == ["baseline", "250 (25%)", "3.0 MiB"]
+
+
+def test_graph_timing_is_opt_in_and_shown_in_the_notes(monkeypatch, device):
+    from regdrop_fast.benchmarking import BenchContext
+    from regdrop_fast.benchmarking.report import markdown
+    from regdrop_fast.benchmarking.runner import RunResult, environment
+
+    assert not BenchContext(device=device).graphs
+    monkeypatch.setenv("REGDROP_BENCH_GRAPHS", "1")
+    ctx = BenchContext(device=device)
+    assert ctx.graphs
+    timing = ctx.measure(lambda: torch.ones(8, device=device) + 1, warmup=1, repeat=3)
+    # CUDA graphs exist on CUDA only: a CPU measurement has no graph time
+    assert ("graph_ms" in timing) == (device.type == "cuda")
+    ctx.record(op="toy", impl="base", baseline="base", case="c", dtype="float32", ms=2.0,
+               graph_ms=0.5, note="first note")
+    ctx.record(op="toy", impl="ours", baseline="base", case="c", dtype="float32", ms=1.0)
+    result = RunResult(env=environment(torch.device("cpu"), quick=True), benches=["toy"],
+                       rows=ctx.rows)
+    rows = _table_rows(markdown(result, "cpu"), "toy")
+    assert rows[0][-1] == "first note; CUDA graph replay 0.5 ms" and rows[1][-1] == ""

@@ -5,6 +5,7 @@ A bench script defines `run(ctx: BenchContext) -> None` and calls `ctx.record(..
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["BenchContext", "time_fn", "peak_memory_bytes"]
+__all__ = ["BenchContext", "time_fn", "graph_replay_ms", "peak_memory_bytes"]
 
 
 def _sync(device: torch.device) -> None:
@@ -48,6 +49,28 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
     return {"ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7]}
 
 
+def graph_replay_ms(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Median ms of one CUDA-graph replay of fn: the GPU time of fn's kernels without the
+    host's launch work (which `time_fn` includes when the host is slower than the GPU). None,
+    with the reason on stderr, when fn cannot be captured (a host sync inside it, say)."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture: compiles, allocator pools
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_fn(graph.replay, device)["ms"]
+    except Exception as exc:  # report and go on: the plain timing stands without it
+        print(f"  CUDA graph capture failed: {type(exc).__name__}: "
+              f"{(str(exc).splitlines() or [''])[0][:200]}", file=sys.stderr, flush=True)
+        _sync(device)
+        return None
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak device memory allocated while fn() runs, above what was allocated before.
 
@@ -70,10 +93,15 @@ class BenchContext:
     device: torch.device
     quick: bool = False
     rows: list = field(default_factory=list)
+    # REGDROP_BENCH_GRAPHS=1 (gpu_check.sh --graphs): also time a CUDA-graph replay of every
+    # measured function, to tell launch-bound rows from kernel-bound ones (graph_ms)
+    graphs: bool = field(default_factory=lambda: os.environ.get("REGDROP_BENCH_GRAPHS") == "1")
 
     def measure(self, fn: Callable[[], object], **timing) -> dict:
         result = time_fn(fn, self.device, **timing)
         result["peak_mem_bytes"] = peak_memory_bytes(fn, self.device)
+        if self.graphs and self.device.type == "cuda":
+            result["graph_ms"] = graph_replay_ms(fn, self.device)
         return result
 
     def record(self, *, op: str, impl: str, baseline: str, case: str, dtype: str,

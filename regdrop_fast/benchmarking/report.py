@@ -73,6 +73,13 @@ def _mem(row: dict) -> str:
     return f"{row['peak_mem_bytes'] / MIB:.1f} MiB"
 
 
+def _notes(row: dict) -> str:
+    notes = [row["note"]] if row.get("note") else []
+    if row.get("graph_ms") is not None:  # gpu_check.sh --graphs: GPU time without launch work
+        notes.append(f"CUDA graph replay {_num(row['graph_ms'], 4)} ms")
+    return "; ".join(notes)
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -118,7 +125,7 @@ def markdown(result: RunResult, device_type: str) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in (r for r in result.rows if r["op"] == op):
             cells = [row["case"], row["dtype"], row["impl"], _ms(row), _speedup(row),
-                     _gbps(row, env.get("copy_gbps")), _mem(row), row.get("note") or ""]
+                     _gbps(row, env.get("copy_gbps")), _mem(row), _notes(row)]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     if not result.rows:
         lines += ["", "No results were recorded."]
