@@ -287,43 +287,59 @@ REGDROP_AVX512 inline void philox_consts(PhiloxConsts& pc, uint64_t seed, uint32
   pc.thr = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(threshold)));
 }
 
-// Keep bits of global indices 4*c_first .. 4*c_first + 31 (bit j = index 4*c_first + j):
-// Philox of the 8 counters c_first .. c_first + 7, one per 64-bit lane. _mm512_mul_epu32
-// multiplies the low halves of the lanes into full 64-bit products, so a round is two
-// multiplies, two shifts and two three-way xors; the high halves of c0..c3 carry junk that
-// no multiply or compare reads.
-REGDROP_AVX512 inline uint32_t philox_keep32(uint64_t c_first, const PhiloxConsts& pc) {
+// Keep words of kGroups consecutive 32-element groups: word k holds the keep bits of global
+// indices 4*c_first + 32k .. + 31 (bit j = index 4*c_first + 32k + j). Each group is Philox of
+// 8 counters, one per 64-bit lane. _mm512_mul_epu32 multiplies the low halves of the lanes into
+// full 64-bit products, so a round is two multiplies, two shifts and two three-way xors; the
+// high halves of c0..c3 carry junk that no multiply or compare reads.
+// The groups' rounds are interleaved: one group is a chain of 10 dependent rounds (~50 cycles
+// on Zen 4) whose ~60 vector ops fill the scheduler, so consecutive groups barely overlap on
+// their own; four independent chains side by side keep the vector pipes busy (measured on an
+// EPYC Zen 4: 0.41 -> 0.32 ns per element for the words alone).
+constexpr int kGroups = 4;
+
+REGDROP_AVX512 inline void philox_keep32xk(uint32_t* words, uint64_t c_first,
+                                           const PhiloxConsts& pc) {
   const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
   const __m512i round_b = _mm512_set1_epi64(kPhiloxRoundB);
-  const __m512i counter =
-      _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c_first)),
-                       _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
-  __m512i prod_a = _mm512_mul_epu32(counter, round_a);
-  __m512i c0 = _mm512_ternarylogic_epi32(pc.hi_b0, _mm512_srli_epi64(counter, 32),
-                                         _mm512_set1_epi32(static_cast<int>(pc.keys[0])), 0x96);
-  __m512i c2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), pc.stream,
-                                         _mm512_set1_epi32(static_cast<int>(pc.keys[1])), 0x96);
-  __m512i c1 = pc.lo_b0;
-  __m512i c3 = prod_a;
+  __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+#pragma GCC unroll 4
+  for (int k = 0; k < kGroups; ++k) {
+    const __m512i counter =
+        _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c_first + 8 * k)),
+                         _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m512i prod_a = _mm512_mul_epu32(counter, round_a);
+    c0[k] = _mm512_ternarylogic_epi32(pc.hi_b0, _mm512_srli_epi64(counter, 32),
+                                      _mm512_set1_epi32(static_cast<int>(pc.keys[0])), 0x96);
+    c2[k] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), pc.stream,
+                                      _mm512_set1_epi32(static_cast<int>(pc.keys[1])), 0x96);
+    c1[k] = pc.lo_b0;
+    c3[k] = prod_a;
+  }
 #pragma GCC unroll 9
   for (int round = 1; round < 10; ++round) {
-    prod_a = _mm512_mul_epu32(c0, round_a);
-    const __m512i prod_b = _mm512_mul_epu32(c2, round_b);
-    c0 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_b, 32), c1,
-                                   _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round])), 0x96);
-    c2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), c3,
-                                   _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round + 1])),
-                                   0x96);
-    c1 = prod_b;
-    c3 = prod_a;
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round]));
+    const __m512i key1 = _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round + 1]));
+#pragma GCC unroll 4
+    for (int k = 0; k < kGroups; ++k) {
+      const __m512i prod_a = _mm512_mul_epu32(c0[k], round_a);
+      const __m512i prod_b = _mm512_mul_epu32(c2[k], round_b);
+      c0[k] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_b, 32), c1[k], key0, 0x96);
+      c2[k] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), c3[k], key1, 0x96);
+      c1[k] = prod_b;
+      c3[k] = prod_a;
+    }
   }
-  // word q of counter l is the low half of lane l of c_q: bit 2l of its compare mask
-  const uint32_t k0 = _mm512_mask_cmplt_epu32_mask(0x5555, c0, pc.thr);
-  const uint32_t k1 = _mm512_mask_cmplt_epu32_mask(0x5555, c1, pc.thr);
-  const uint32_t k2 = _mm512_mask_cmplt_epu32_mask(0x5555, c2, pc.thr);
-  const uint32_t k3 = _mm512_mask_cmplt_epu32_mask(0x5555, c3, pc.thr);
-  // bit 2l+q of (k0 | k1 << 1) goes to bit 4l+q: the (2l+q)-th set bit of 0x33333333
-  return _pdep_u32(k0 | (k1 << 1), 0x33333333u) | _pdep_u32(k2 | (k3 << 1), 0xCCCCCCCCu);
+#pragma GCC unroll 4
+  for (int k = 0; k < kGroups; ++k) {
+    // word q of counter l is the low half of lane l of c_q: bit 2l of its compare mask
+    const uint32_t k0 = _mm512_mask_cmplt_epu32_mask(0x5555, c0[k], pc.thr);
+    const uint32_t k1 = _mm512_mask_cmplt_epu32_mask(0x5555, c1[k], pc.thr);
+    const uint32_t k2 = _mm512_mask_cmplt_epu32_mask(0x5555, c2[k], pc.thr);
+    const uint32_t k3 = _mm512_mask_cmplt_epu32_mask(0x5555, c3[k], pc.thr);
+    // bit 2l+q of (k0 | k1 << 1) goes to bit 4l+q: the (2l+q)-th set bit of 0x33333333
+    words[k] = _pdep_u32(k0 | (k1 << 1), 0x33333333u) | _pdep_u32(k2 | (k3 << 1), 0xCCCCCCCCu);
+  }
 }
 
 struct AdamVec {
@@ -383,15 +399,25 @@ REGDROP_AVX512 void segment_f32_fused_impl(const TensorArgs& t, const GroupArgs&
   const bool keep_all = kKind == kMaskNone || (kKind == kMaskPhilox && grp.threshold > 0xFFFFFFFFull);
   PhiloxConsts pc;
   if (kKind == kMaskPhilox) philox_consts(pc, grp.seed, t.step, t.stream, grp.threshold);
+  // Philox keep words of kGroups groups at a time: words[k] is group (words_first + k)
+  uint32_t words[kGroups];
+  uint64_t words_first = 0;
+  bool have_words = false;
   int64_t i = begin;
   while (i < end) {
     const uint64_t global = t.offset + static_cast<uint64_t>(i);
     const int shift = static_cast<int>(global & 31);
     const uint64_t group = global - shift;  // first global index of the 32-bit keep word
     uint32_t bits = 0xFFFFFFFFu;
-    if (!keep_all) {
-      bits = kKind == kMaskBits ? static_cast<uint32_t>(t.words[group >> 5])
-                                : philox_keep32(group >> 2, pc);
+    if (!keep_all && kKind == kMaskBits) bits = static_cast<uint32_t>(t.words[group >> 5]);
+    if (!keep_all && kKind == kMaskPhilox) {
+      const uint64_t word_index = group >> 5;  // groups only move forward within a segment
+      if (!have_words || word_index >= words_first + kGroups) {
+        philox_keep32xk(words, group >> 2, pc);
+        words_first = word_index;
+        have_words = true;
+      }
+      bits = words[word_index - words_first];
     }
     bits >>= shift;
     const int64_t n = std::min<int64_t>(32 - shift, end - i);
