@@ -287,56 +287,77 @@ REGDROP_AVX512 inline void philox_consts(PhiloxConsts& pc, uint64_t seed, uint32
   pc.thr = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(threshold)));
 }
 
-// Keep words of kGroups consecutive 32-element groups: word k holds the keep bits of global
-// indices 4*c_first + 32k .. + 31 (bit j = index 4*c_first + 32k + j). Each group is Philox of
-// 8 counters, one per 64-bit lane. _mm512_mul_epu32 multiplies the low halves of the lanes into
-// full 64-bit products, so a round is two multiplies, two shifts and two three-way xors; the
-// high halves of c0..c3 carry junk that no multiply or compare reads.
-// The groups' rounds are interleaved: one group is a chain of 10 dependent rounds (~50 cycles
-// on Zen 4) whose ~60 vector ops fill the scheduler, so consecutive groups barely overlap on
-// their own; four independent chains side by side keep the vector pipes busy (measured on an
-// EPYC Zen 4: 0.41 -> 0.32 ns per element for the words alone).
+// Keep words of kGroups consecutive 32-element groups ("a batch"): word k holds the keep bits of
+// global indices 4*c_first + 32k .. + 31 (bit j = index 4*c_first + 32k + j). Each group is
+// Philox of 8 counters, one per 64-bit lane. _mm512_mul_epu32 multiplies the low halves of the
+// lanes into full 64-bit products, so a round is two multiplies, two shifts and two three-way
+// xors; the high halves of c0..c3 carry junk that no multiply or compare reads.
+// Why batches, and why rounds one at a time (measured on an EPYC Zen 4, one thread): one group
+// is a chain of 10 dependent rounds whose ~60 vector ops fill the scheduler, so four independent
+// chains side by side are needed to keep the vector pipes busy (0.41 -> 0.32 ns per element for
+// the words alone); and the Adam math is bound by the divide/sqrt unit (~1 cycle per element), so
+// a batch computed in one piece and then the Adam of its elements run one after the other. The
+// segment loop therefore runs one round of the next batch after each 16 elements of Adam
+// (software pipelining): an F-mode step then costs ~5% over the unmasked one on DRAM-sized
+// tensors instead of ~25%.
 constexpr int kGroups = 4;
+constexpr int kRounds = 10;
 
-REGDROP_AVX512 inline void philox_keep32xk(uint32_t* words, uint64_t c_first,
-                                           const PhiloxConsts& pc) {
-  const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
-  const __m512i round_b = _mm512_set1_epi64(kPhiloxRoundB);
+struct PhiloxBatch {
   __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  int next_round;  // rounds 0 .. next_round - 1 are done
+};
+
+// Round 0 of the batch whose first counter is c_first.
+REGDROP_AVX512 inline void philox_batch_start(PhiloxBatch& b, uint64_t c_first,
+                                              const PhiloxConsts& pc) {
+  const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
 #pragma GCC unroll 4
   for (int k = 0; k < kGroups; ++k) {
     const __m512i counter =
         _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c_first + 8 * k)),
                          _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
     const __m512i prod_a = _mm512_mul_epu32(counter, round_a);
-    c0[k] = _mm512_ternarylogic_epi32(pc.hi_b0, _mm512_srli_epi64(counter, 32),
-                                      _mm512_set1_epi32(static_cast<int>(pc.keys[0])), 0x96);
-    c2[k] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), pc.stream,
-                                      _mm512_set1_epi32(static_cast<int>(pc.keys[1])), 0x96);
-    c1[k] = pc.lo_b0;
-    c3[k] = prod_a;
+    b.c0[k] = _mm512_ternarylogic_epi32(pc.hi_b0, _mm512_srli_epi64(counter, 32),
+                                        _mm512_set1_epi32(static_cast<int>(pc.keys[0])), 0x96);
+    b.c2[k] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), pc.stream,
+                                        _mm512_set1_epi32(static_cast<int>(pc.keys[1])), 0x96);
+    b.c1[k] = pc.lo_b0;
+    b.c3[k] = prod_a;
   }
-#pragma GCC unroll 9
-  for (int round = 1; round < 10; ++round) {
-    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round]));
-    const __m512i key1 = _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round + 1]));
+  b.next_round = 1;
+}
+
+// The next round of the batch, if any is left.
+REGDROP_AVX512 inline void philox_batch_round(PhiloxBatch& b, const PhiloxConsts& pc) {
+  if (b.next_round >= kRounds) return;
+  const int round = b.next_round++;
+  const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
+  const __m512i round_b = _mm512_set1_epi64(kPhiloxRoundB);
+  const __m512i key0 = _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round]));
+  const __m512i key1 = _mm512_set1_epi32(static_cast<int>(pc.keys[2 * round + 1]));
 #pragma GCC unroll 4
-    for (int k = 0; k < kGroups; ++k) {
-      const __m512i prod_a = _mm512_mul_epu32(c0[k], round_a);
-      const __m512i prod_b = _mm512_mul_epu32(c2[k], round_b);
-      c0[k] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_b, 32), c1[k], key0, 0x96);
-      c2[k] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), c3[k], key1, 0x96);
-      c1[k] = prod_b;
-      c3[k] = prod_a;
-    }
+  for (int k = 0; k < kGroups; ++k) {
+    const __m512i prod_a = _mm512_mul_epu32(b.c0[k], round_a);
+    const __m512i prod_b = _mm512_mul_epu32(b.c2[k], round_b);
+    b.c0[k] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_b, 32), b.c1[k], key0, 0x96);
+    b.c2[k] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(prod_a, 32), b.c3[k], key1, 0x96);
+    b.c1[k] = prod_b;
+    b.c3[k] = prod_a;
   }
+}
+
+// Runs the rounds left, then the batch's kGroups keep words.
+REGDROP_AVX512 inline void philox_batch_finish(PhiloxBatch& b, uint32_t* words,
+                                               const PhiloxConsts& pc) {
+  while (b.next_round < kRounds) philox_batch_round(b, pc);
 #pragma GCC unroll 4
   for (int k = 0; k < kGroups; ++k) {
     // word q of counter l is the low half of lane l of c_q: bit 2l of its compare mask
-    const uint32_t k0 = _mm512_mask_cmplt_epu32_mask(0x5555, c0[k], pc.thr);
-    const uint32_t k1 = _mm512_mask_cmplt_epu32_mask(0x5555, c1[k], pc.thr);
-    const uint32_t k2 = _mm512_mask_cmplt_epu32_mask(0x5555, c2[k], pc.thr);
-    const uint32_t k3 = _mm512_mask_cmplt_epu32_mask(0x5555, c3[k], pc.thr);
+    const uint32_t k0 = _mm512_mask_cmplt_epu32_mask(0x5555, b.c0[k], pc.thr);
+    const uint32_t k1 = _mm512_mask_cmplt_epu32_mask(0x5555, b.c1[k], pc.thr);
+    const uint32_t k2 = _mm512_mask_cmplt_epu32_mask(0x5555, b.c2[k], pc.thr);
+    const uint32_t k3 = _mm512_mask_cmplt_epu32_mask(0x5555, b.c3[k], pc.thr);
     // bit 2l+q of (k0 | k1 << 1) goes to bit 4l+q: the (2l+q)-th set bit of 0x33333333
     words[k] = _pdep_u32(k0 | (k1 << 1), 0x33333333u) | _pdep_u32(k2 | (k3 << 1), 0xCCCCCCCCu);
   }
@@ -399,10 +420,13 @@ REGDROP_AVX512 void segment_f32_fused_impl(const TensorArgs& t, const GroupArgs&
   const bool keep_all = kKind == kMaskNone || (kKind == kMaskPhilox && grp.threshold > 0xFFFFFFFFull);
   PhiloxConsts pc;
   if (kKind == kMaskPhilox) philox_consts(pc, grp.seed, t.step, t.stream, grp.threshold);
-  // Philox keep words of kGroups groups at a time: words[k] is group (words_first + k)
+  // Philox: words[k] is the keep word of group words_first + k (a group = 32 global indices);
+  // `ahead` is the batch after it, advanced one round per 16 elements of Adam.
   uint32_t words[kGroups];
   uint64_t words_first = 0;
   bool have_words = false;
+  PhiloxBatch ahead;
+  ahead.next_round = 0;  // not started
   int64_t i = begin;
   while (i < end) {
     const uint64_t global = t.offset + static_cast<uint64_t>(i);
@@ -413,9 +437,12 @@ REGDROP_AVX512 void segment_f32_fused_impl(const TensorArgs& t, const GroupArgs&
     if (!keep_all && kKind == kMaskPhilox) {
       const uint64_t word_index = group >> 5;  // groups only move forward within a segment
       if (!have_words || word_index >= words_first + kGroups) {
-        philox_keep32xk(words, group >> 2, pc);
+        const bool pipelined = have_words && word_index == words_first + kGroups;
+        if (!pipelined) philox_batch_start(ahead, group >> 2, pc);  // first batch of the segment
+        philox_batch_finish(ahead, words, pc);
         words_first = word_index;
         have_words = true;
+        philox_batch_start(ahead, (group >> 2) + 8 * kGroups, pc);
       }
       bits = words[word_index - words_first];
     }
@@ -423,12 +450,16 @@ REGDROP_AVX512 void segment_f32_fused_impl(const TensorArgs& t, const GroupArgs&
     const int64_t n = std::min<int64_t>(32 - shift, end - i);
     if (n == 32) {
       adam16<kPaper, kAction, kKind, true>(p, g, t.m, t.v, i, 0xFFFF, bits & 0xFFFF, c);
+      if (kKind == kMaskPhilox) philox_batch_round(ahead, pc);
       adam16<kPaper, kAction, kKind, true>(p, g, t.m, t.v, i + 16, 0xFFFF, bits >> 16, c);
+      if (kKind == kMaskPhilox) philox_batch_round(ahead, pc);
     } else {
       const uint32_t lanes = (n == 32 ? 0u : (1u << n)) - 1u;
       adam16<kPaper, kAction, kKind, false>(p, g, t.m, t.v, i, lanes & 0xFFFF, bits & 0xFFFF, c);
+      if (kKind == kMaskPhilox) philox_batch_round(ahead, pc);
       if (n > 16) {
         adam16<kPaper, kAction, kKind, false>(p, g, t.m, t.v, i + 16, lanes >> 16, bits >> 16, c);
+        if (kKind == kMaskPhilox) philox_batch_round(ahead, pc);
       }
     }
     i += n;
