@@ -113,6 +113,9 @@ def _worker(rank, port):
     try:
         _ddp_checks(rank)
         _fsdp_checks(rank)
+        # both ranks done before either tears gloo down: one clean-clone CI run had rank 1 abort
+        # ("terminate called without an active exception") during teardown
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
