@@ -428,7 +428,7 @@ REGDROP_AVX512 void segment_f32_fused_impl(const TensorArgs& t, const GroupArgs&
   uint64_t words_first = 0;
   bool have_words = false;
   PhiloxBatch ahead;
-  ahead.next_round = 0;  // not started
+  ahead.next_round = kRounds;  // nothing to advance until a batch starts (never, if keep_all)
   int64_t i = begin;
   while (i < end) {
     const uint64_t global = t.offset + static_cast<uint64_t>(i);
