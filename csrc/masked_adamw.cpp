@@ -64,6 +64,12 @@ struct GroupArgs {
   float inv_p;
 };
 
+// Instruction-set levels of the entry points; REGDROP_FAST_CPU_ISA caps the level so that
+// tests can run every path on one machine.
+constexpr int kIsaDefault = 0;
+constexpr int kIsaAvx2 = 1;
+constexpr int kIsaAvx512 = 2;
+
 // ---- Portable path (any dtype, any x86 level or other CPUs) --------------------------------
 // Per block of kBlock elements: keep factors into a stack array, then the branch-free update
 // loop, which the compiler vectorizes for the instruction set of the function it is inlined
@@ -71,6 +77,9 @@ struct GroupArgs {
 
 // Counters touched by one block (kBlock / 4 plus one for an unaligned start).
 constexpr int kMaxCounters = kBlock / 4 + 1;
+// The AVX2 words below come 16 counters at a time: room for the last, partly used, 16.
+constexpr int kAvx2Counters = 16;
+constexpr int kWordsCapacity = 4 * ((kMaxCounters + kAvx2Counters - 1) / kAvx2Counters) * kAvx2Counters;
 
 // Philox words of counters c_first .. c_first + n_counters - 1, interleaved: words[4*l + q] is
 // output word q of counter c_first + l, i.e. the word of global index 4*(c_first + l) + q. The
@@ -110,7 +119,80 @@ REGDROP_INLINE void philox_words_generic(uint32_t* words, uint64_t c_first, int 
   }
 }
 
+#if defined(__x86_64__)
+// The same words (same layout) with AVX2: 16 counters at a time, four chains of 4 counters, one
+// per 64-bit lane of a ymm register. _mm256_mul_epu32 multiplies the low halves of the lanes into
+// full 64-bit products; the high halves of c0..c3 carry junk that no multiply reads, and the
+// output takes the low halves only. Writes 4 * 16 * ceil(n_counters / 16) words (the caller's
+// buffer holds kWordsCapacity). The generic loop above compiles to ~8 cycles per element on
+// Zen 4; this runs at ~1.5. Not inlined (a call per block of kBlock elements): GCC will not
+// force-inline an AVX2 function into the ISA-neutral helpers in between.
+__attribute__((target("avx2"), noinline)) void philox_words_avx2(
+    uint32_t* words, uint64_t c_first, int n_counters, uint64_t seed, uint32_t step,
+    uint32_t stream) {
+  constexpr int kChains = kAvx2Counters / 4;
+  const __m256i round_a = _mm256_set1_epi64x(kPhiloxRoundA);
+  const __m256i round_b = _mm256_set1_epi64x(kPhiloxRoundB);
+  // round 0: c2 = step for every counter, so B * step is a constant
+  const uint64_t prod_b0 = static_cast<uint64_t>(kPhiloxRoundB) * step;
+  const __m256i hi_b0 = _mm256_set1_epi64x(static_cast<int64_t>(prod_b0 >> 32));
+  const __m256i lo_b0 = _mm256_set1_epi64x(static_cast<int64_t>(prod_b0 & 0xFFFFFFFFu));
+  const __m256i stream_v = _mm256_set1_epi64x(static_cast<int64_t>(stream));
+  // low halves of the four 64-bit lanes into the low 128 bits
+  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  for (int base = 0; base < n_counters; base += kAvx2Counters) {
+    __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+    uint32_t k0 = static_cast<uint32_t>(seed);
+    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+#pragma GCC unroll 4
+    for (int k = 0; k < kChains; ++k) {
+      const __m256i counter = _mm256_add_epi64(
+          _mm256_set1_epi64x(static_cast<int64_t>(c_first + base + 4 * k)),
+          _mm256_setr_epi64x(0, 1, 2, 3));
+      const __m256i prod_a = _mm256_mul_epu32(counter, round_a);
+      c0[k] = _mm256_xor_si256(_mm256_xor_si256(hi_b0, _mm256_srli_epi64(counter, 32)),
+                               _mm256_set1_epi32(static_cast<int>(k0)));
+      c2[k] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), stream_v),
+                               _mm256_set1_epi32(static_cast<int>(k1)));
+      c1[k] = lo_b0;
+      c3[k] = prod_a;
+    }
+#pragma GCC unroll 9
+    for (int round = 1; round < 10; ++round) {
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+      const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
+      const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
+#pragma GCC unroll 4
+      for (int k = 0; k < kChains; ++k) {
+        const __m256i prod_a = _mm256_mul_epu32(c0[k], round_a);
+        const __m256i prod_b = _mm256_mul_epu32(c2[k], round_b);
+        c0[k] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_b, 32), c1[k]), key0);
+        c2[k] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), c3[k]), key1);
+        c1[k] = prod_b;
+        c3[k] = prod_a;
+      }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < kChains; ++k) {
+      // rows q = 0..3: word q of counters l = 0..3; transposed to counter-major order
+      __m128 r0 = _mm_castsi128_ps(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c0[k], even)));
+      __m128 r1 = _mm_castsi128_ps(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c1[k], even)));
+      __m128 r2 = _mm_castsi128_ps(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c2[k], even)));
+      __m128 r3 = _mm_castsi128_ps(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c3[k], even)));
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      float* out = reinterpret_cast<float*>(words + 4 * (base + 4 * k));
+      _mm_storeu_ps(out, r0);
+      _mm_storeu_ps(out + 4, r1);
+      _mm_storeu_ps(out + 8, r2);
+      _mm_storeu_ps(out + 12, r3);
+    }
+  }
+}
+#endif
+
 // Keep factors of global indices [first, first + n): one Philox block per 4 indices.
+template <int kIsa>
 REGDROP_INLINE void philox_factors(float* factor, uint64_t first, int n, uint64_t seed,
                                    uint32_t step, uint32_t stream, uint64_t threshold,
                                    float scale) {
@@ -119,10 +201,18 @@ REGDROP_INLINE void philox_factors(float* factor, uint64_t first, int n, uint64_
     for (int j = 0; j < n; ++j) factor[j] = scale;
     return;
   }
-  alignas(64) uint32_t words[4 * kMaxCounters];
+  alignas(64) uint32_t words[kWordsCapacity];
   const uint64_t c_first = first >> 2;
   const int n_counters = static_cast<int>(((first + n - 1) >> 2) - c_first + 1);
+#if defined(__x86_64__)
+  if constexpr (kIsa >= kIsaAvx2) {
+    philox_words_avx2(words, c_first, n_counters, seed, step, stream);
+  } else {
+    philox_words_generic(words, c_first, n_counters, seed, step, stream);
+  }
+#else
   philox_words_generic(words, c_first, n_counters, seed, step, stream);
+#endif
   const uint32_t thr = static_cast<uint32_t>(threshold);
   const int skip = static_cast<int>(first & 3);
   for (int j = 0; j < n; ++j) factor[j] = words[skip + j] < thr ? scale : 0.0f;
@@ -162,7 +252,7 @@ REGDROP_INLINE void store_f(T* x, int64_t i, float value) {
   x[i] = static_cast<T>(value);
 }
 
-template <typename T, bool kPaper, int kAction>
+template <typename T, int kIsa, bool kPaper, int kAction>
 REGDROP_INLINE void run_segment(const TensorArgs& t, const GroupArgs& grp, int64_t begin, int64_t end) {
   T* p = static_cast<T*>(t.p);
   const T* g = static_cast<const T*>(t.g);
@@ -177,7 +267,7 @@ REGDROP_INLINE void run_segment(const TensorArgs& t, const GroupArgs& grp, int64
     const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
     const uint64_t first = t.offset + static_cast<uint64_t>(b);
     if (t.kind == kMaskPhilox) {
-      philox_factors(factor, first, n, grp.seed, t.step, t.stream, grp.threshold, grp.inv_p);
+      philox_factors<kIsa>(factor, first, n, grp.seed, t.step, t.stream, grp.threshold, grp.inv_p);
     } else if (t.kind == kMaskBits) {
       bit_factors(factor, t.words, first, n);
     } else {
@@ -207,41 +297,35 @@ REGDROP_INLINE void run_segment(const TensorArgs& t, const GroupArgs& grp, int64
 
 // One work item: picks the (semantics, action) instantiation; everything it calls is
 // force-inlined so the vectorized loops get the caller's instruction set.
-template <typename T>
+template <typename T, int kIsa>
 REGDROP_INLINE void run_segment_any(int paper, int action, const TensorArgs& t,
                                     const GroupArgs& grp, int64_t begin, int64_t end) {
   if (paper) {
-    if (action == kDropGrad) run_segment<T, true, kDropGrad>(t, grp, begin, end);
-    else if (action == kDropUpdate) run_segment<T, true, kDropUpdate>(t, grp, begin, end);
-    else run_segment<T, true, kPrune>(t, grp, begin, end);
+    if (action == kDropGrad) run_segment<T, kIsa, true, kDropGrad>(t, grp, begin, end);
+    else if (action == kDropUpdate) run_segment<T, kIsa, true, kDropUpdate>(t, grp, begin, end);
+    else run_segment<T, kIsa, true, kPrune>(t, grp, begin, end);
   } else {
-    if (action == kDropGrad) run_segment<T, false, kDropGrad>(t, grp, begin, end);
-    else if (action == kDropUpdate) run_segment<T, false, kDropUpdate>(t, grp, begin, end);
-    else run_segment<T, false, kPrune>(t, grp, begin, end);
+    if (action == kDropGrad) run_segment<T, kIsa, false, kDropGrad>(t, grp, begin, end);
+    else if (action == kDropUpdate) run_segment<T, kIsa, false, kDropUpdate>(t, grp, begin, end);
+    else run_segment<T, kIsa, false, kPrune>(t, grp, begin, end);
   }
 }
-
-// Instruction-set levels of the entry points; REGDROP_FAST_CPU_ISA caps the level so that
-// tests can run every path on one machine.
-constexpr int kIsaDefault = 0;
-constexpr int kIsaAvx2 = 1;
-constexpr int kIsaAvx512 = 2;
 
 // The build has no -march: one entry point per (dtype, level), picked at run time.
 #define REGDROP_SEGMENT_FNS(T, suffix)                                                        \
   void segment_##suffix##_default(int paper, int action, const TensorArgs& t,                 \
                                   const GroupArgs& grp, int64_t begin, int64_t end) {         \
-    run_segment_any<T>(paper, action, t, grp, begin, end);                                    \
+    run_segment_any<T, kIsaDefault>(paper, action, t, grp, begin, end);                       \
   }                                                                                           \
   REGDROP_X86_TARGET("avx2,fma")                                                              \
   void segment_##suffix##_avx2(int paper, int action, const TensorArgs& t,                    \
                                const GroupArgs& grp, int64_t begin, int64_t end) {            \
-    run_segment_any<T>(paper, action, t, grp, begin, end);                                    \
+    run_segment_any<T, kIsaAvx2>(paper, action, t, grp, begin, end);                          \
   }                                                                                           \
   REGDROP_X86_TARGET("avx512f,avx512bw,avx512vl,avx2,fma")                                    \
   void segment_##suffix##_avx512(int paper, int action, const TensorArgs& t,                  \
                                  const GroupArgs& grp, int64_t begin, int64_t end) {          \
-    run_segment_any<T>(paper, action, t, grp, begin, end);                                    \
+    run_segment_any<T, kIsaAvx512>(paper, action, t, grp, begin, end);                        \
   }
 
 #if defined(__x86_64__)
