@@ -10,7 +10,8 @@
 // fp32 with AVX-512 runs one pass over groups of 32 elements whose keep decisions are one 32-bit
 // word (the D word, or 8 Philox counters in one register); other dtypes and CPUs run blocks of
 // 256 elements (keep factors into a stack array, then a loop the compiler vectorizes), compiled
-// for AVX-512, AVX2+FMA and the baseline.
+// for AVX-512, AVX2+FMA and the baseline; their Philox words come from AVX2 intrinsics at the
+// AVX2 and AVX-512 levels, from a generic loop at the baseline.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
