@@ -4,6 +4,8 @@ fp32 reference: unaligned global offsets, Philox counters whose low word wraps, 
 than one parallel chunk, partial 32-element groups."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import require_backend
 from regdrop_fast.childtuning.masked_step import masked_adamw_step
@@ -80,3 +82,29 @@ def test_unknown_isa_is_rejected(monkeypatch):
     monkeypatch.setenv("REGDROP_FAST_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="REGDROP_FAST_CPU_ISA"):
         _step("cpu", torch.float32, "grad", "paper", 0.3)
+
+
+# Property test of the keep decisions alone, on every path and over arbitrary sizes, global
+# offsets (Philox counters well past 2^32) and keys: with action "prune" a dropped element's
+# parameter becomes exactly 0 and a kept one (parameter 1, tiny update) stays nonzero, so the
+# zero pattern is the kernel's keep mask. Exercises the AVX-512 kernel's look-ahead Philox
+# batches and the AVX2 words of the block path at every alignment.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(numel=st.integers(1, 5000), offset=st.integers(0, 2 ** 36),
+       seed=st.integers(0, 2 ** 64 - 1), step=st.integers(1, 2 ** 32 - 1),
+       stream=st.integers(0, 2 ** 32 - 1), reserve_p=st.sampled_from((0.1, 0.3, 0.5, 0.9)))
+def test_philox_keep_decisions_match_the_reference(monkeypatch, isa, dtype, numel, offset, seed,
+                                                  step, stream, reserve_p):
+    require_backend("cpu", torch.device("cpu"))
+    monkeypatch.setenv("REGDROP_FAST_CPU_ISA", isa)
+    p = torch.ones(numel, dtype=dtype)
+    masked_adamw_step([p], [torch.full((numel,), 0.5, dtype=dtype)], [torch.zeros(numel)],
+                      [torch.zeros(numel)], masks=[None], mask_kinds=[ref.MASK_PHILOX],
+                      steps=[step], index_offsets=[offset], streams=[stream], lr=1e-3,
+                      beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, seed=seed,
+                      reserve_p=reserve_p, action="prune", semantics="paper", backend="cpu")
+    keep = ref.keep_bits(ref.MASK_PHILOX, numel, offset, seed=seed, step=step, stream=stream,
+                         reserve_p=reserve_p, words=None, device="cpu")
+    assert torch.equal(p != 0, keep)
