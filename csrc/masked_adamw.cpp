@@ -122,6 +122,12 @@ REGDROP_INLINE void philox_words_generic(uint32_t* words, uint64_t c_first, int 
 }
 
 #if defined(__x86_64__)
+// The low halves of the four 64-bit lanes of v, in lane order.
+__attribute__((target("avx2"))) REGDROP_INLINE __m128 low_halves(__m256i v) {
+  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  return _mm_castsi128_ps(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(v, even)));
+}
+
 // The same words (same layout) with AVX2: 16 counters at a time, four chains of 4 counters, one
 // per 64-bit lane of a ymm register. _mm256_mul_epu32 multiplies the low halves of the lanes into
 // full 64-bit products; the high halves of c0..c3 carry junk that no multiply reads, and the
@@ -141,8 +147,6 @@ __attribute__((target("avx2"), noinline)) void philox_words_avx2(
   const __m256i hi_b0 = _mm256_set1_epi64x(static_cast<int64_t>(prod_b0 >> 32));
   const __m256i lo_b0 = _mm256_set1_epi64x(static_cast<int64_t>(prod_b0 & 0xFFFFFFFFu));
   const __m256i stream_v = _mm256_set1_epi64x(static_cast<int64_t>(stream));
-  // low halves of the four 64-bit lanes into the low 128 bits
-  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
   for (int base = 0; base < n_counters; base += kAvx2Counters) {
     __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
     uint32_t k0 = static_cast<uint32_t>(seed);
@@ -179,10 +183,10 @@ __attribute__((target("avx2"), noinline)) void philox_words_avx2(
 #pragma GCC unroll 4
     for (int k = 0; k < kChains; ++k) {
       // rows q = 0..3: word q of counters l = 0..3; transposed to counter-major order
-      __m128 r0 = _mm_castsi128_ps(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c0[k], even)));
-      __m128 r1 = _mm_castsi128_ps(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c1[k], even)));
-      __m128 r2 = _mm_castsi128_ps(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c2[k], even)));
-      __m128 r3 = _mm_castsi128_ps(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c3[k], even)));
+      __m128 r0 = low_halves(c0[k]);
+      __m128 r1 = low_halves(c1[k]);
+      __m128 r2 = low_halves(c2[k]);
+      __m128 r3 = low_halves(c3[k]);
       _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
       float* out = reinterpret_cast<float*>(words + 4 * (base + 4 * k));
       _mm_storeu_ps(out, r0);
