@@ -10,8 +10,10 @@ Implementations, all stepping the same parameter tensors (each with its own mome
                   g *= mask/p, HF AdamW update), the path the method's code runs
   ours-F / ours-D / ours-none   ChildTuningAdamW(mode=F | D | None) on the fused kernel: the
                   C++ kernel on CPU, the multi-tensor CUDA kernel and Triton on CUDA.
-Timing: torch-fused and ours are built side by side and measured in alternating rounds (median
-of the round medians), so drift on a shared machine hits them alike; foreach and official-F once.
+Timing: torch-fused and ours are built side by side and measured in 12 alternating rounds
+(median of the round medians), so drift on a shared machine hits them alike; the notes give each
+impl's per-round speedup (torch-fused ms / impl ms of the same round: median, p20–p80), the
+tighter estimate on a noisy machine. foreach and official-F are measured once.
 bytes_moved = numel * (28 B: read p, g, m, v; write p, m, v) + 1/8 B per element for D; the
 official path moves more (the mask is materialized) but is charged the same 28 B so its GB/s
 is comparable as "useful" bandwidth. bytes/param is recorded per row.
@@ -108,16 +110,19 @@ def run(ctx):
                 if threads is not None:
                     torch.set_num_threads(threads)
                 label = case if threads is None else f"{case} threads={threads}"
-                timings = _interleaved(ctx, impls, device, quick=ctx.quick)
+                timings = _interleaved(ctx, impls, device)
                 for impl, bytes_per_param, _ in impls:
                     timing = timings[impl]
+                    note = None if impl == "torch-fused" else _paired_note(timing)
                     ctx.record(op="childtuning_step", impl=impl, baseline="torch-fused",
                                case=label, dtype="float32", ms=timing["ms"],
                                bytes_moved=numel * bytes_per_param,
                                peak_mem_bytes=timing["peak_mem_bytes"], p20_ms=timing["p20_ms"],
                                p80_ms=timing["p80_ms"], numel=numel,
                                bytes_per_param=bytes_per_param,
-                               threads=torch.get_num_threads(), rounds=timing["rounds"])
+                               threads=torch.get_num_threads(), rounds=timing["rounds"],
+                               note=note,
+                               **{key: timing[key] for key in PAIRED if key in timing})
         finally:
             torch.set_num_threads(default_threads)
 
@@ -125,34 +130,32 @@ def run(ctx):
 # impls timed in alternating rounds (a shared, noisy machine drifts between back-to-back
 # measurements); the slow Python paths are timed once
 SLOW = ("torch-foreach", "official-F")
+ROUNDS = 12
+PAIRED = ("paired_speedup", "paired_p20", "paired_p80")
 
 
-def _interleaved(ctx, impls, device, quick):
-    """{impl: timing}: the fast impls are measured in rounds whose order alternates, each
-    round a short ctx.measure; ms is the median of the round medians, p20/p80 their spread."""
+def _interleaved(ctx, impls, device):
+    """{impl: timing}: the fast impls (torch-fused first) through ctx.measure_rounds, the slow
+    ones measured once."""
     timings = {}
-    fast = [(impl, build) for impl, _, build in impls if impl not in SLOW]
     for impl, _, build in impls:
         if impl in SLOW:
             opt = build()
             repeat = 3 if impl == "official-F" and device.type == "cpu" else None
             timings[impl] = dict(ctx.measure(opt.step, warmup=2, repeat=repeat), rounds=1)
             del opt
-    opts = {impl: build() for impl, build in fast}
+    opts = {impl: build() for impl, _, build in impls if impl not in SLOW}
     for opt in opts.values():
         opt.step()
-    rounds = 8 if quick else 4
-    per_round = {impl: [] for impl in opts}
-    peak = {}
-    for r in range(rounds):
-        order = list(opts.items()) if r % 2 == 0 else list(reversed(opts.items()))
-        for impl, opt in order:
-            timing = ctx.measure(opt.step, warmup=1, repeat=5)
-            per_round[impl].append(timing["ms"])
-            peak[impl] = timing["peak_mem_bytes"]
-    for impl, values in per_round.items():
-        q = torch.tensor(values, dtype=torch.float64).quantile(
-            torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
-        timings[impl] = {"ms": q[0], "p20_ms": q[1], "p80_ms": q[2],
-                         "peak_mem_bytes": peak[impl], "rounds": rounds}
+    steps = {impl: opt.step for impl, opt in opts.items()}
+    timings.update(ctx.measure_rounds(steps, baseline="torch-fused", rounds=ROUNDS, warmup=1,
+                                      repeat=5))
     return timings
+
+
+def _paired_note(timing):
+    if "paired_speedup" not in timing:
+        return None
+    return (f"per-round speedup {timing['paired_speedup']:.3g}x "
+            f"({timing['paired_p20']:.3g}–{timing['paired_p80']:.3g}) over "
+            f"{timing['rounds']} rounds")

@@ -271,3 +271,40 @@ def test_graph_timing_is_opt_in_and_shown_in_the_notes(monkeypatch, device):
                        rows=ctx.rows)
     rows = _table_rows(markdown(result, "cpu"), "toy")
     assert rows[0][-1] == "first note; CUDA graph replay 0.5 ms" and rows[1][-1] == ""
+
+
+def test_measure_rounds_alternates_order_and_pairs_each_round(monkeypatch):
+    """Scripted timings: the baseline drifts up to 4x between rounds and "ours" takes 0.9 of
+    the baseline's time in most rounds: the median per-round speedup is 1/0.9, where the ratio
+    of the two medians (2.0 / 1.6) would say 1.25."""
+    from regdrop_fast.benchmarking import BenchContext
+
+    ctx = BenchContext(device=torch.device("cpu"))
+    calls = []
+    drift = [1.0, 2.0, 1.0, 2.0, 4.0]
+    ours = [0.9, 0.8, 0.9, 0.9, 1.0]  # share of the baseline's time, per round
+
+    def scripted(fn, **timing):
+        assert timing == {"warmup": 1, "repeat": 2}
+        name = fn()
+        calls.append(name)
+        r = sum(1 for c in calls if c == name) - 1  # the round of this call
+        ms = drift[r] * (ours[r] if name == "ours" else 1.0 if name == "base" else 3.0)
+        return {"ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mem_bytes": 7}
+
+    monkeypatch.setattr(ctx, "measure", scripted)
+    fns = {"base": lambda: "base", "ours": lambda: "ours", "slow": lambda: "slow"}
+    timings = ctx.measure_rounds(fns, baseline="base", rounds=5, warmup=1, repeat=2)
+    assert calls[:6] == ["base", "ours", "slow", "slow", "ours", "base"]  # order alternates
+    assert timings["ours"]["paired_speedup"] == pytest.approx(1 / 0.9)
+    # ratios sorted: 1.0, 1/0.9 (3x), 1/0.8; p80 lies 0.2 of the way from the 4th to the 5th
+    assert timings["ours"]["paired_p80"] == pytest.approx(1 / 0.9 + 0.2 * (1 / 0.8 - 1 / 0.9))
+    assert timings["slow"]["paired_speedup"] == pytest.approx(1 / 3)
+    assert timings["base"]["paired_speedup"] == pytest.approx(1.0)
+    assert timings["ours"]["ms"] == pytest.approx(1.6)  # median of 0.9, 1.6, 0.9, 1.8, 4.0
+    assert timings["base"]["ms"] == pytest.approx(2.0)
+    assert timings["ours"]["rounds"] == 5 and timings["ours"]["peak_mem_bytes"] == 7
+    with pytest.raises(ValueError, match="baseline"):
+        ctx.measure_rounds(fns, baseline="nope", rounds=2)
+    with pytest.raises(ValueError, match="rounds"):
+        ctx.measure_rounds(fns, baseline="base", rounds=0)

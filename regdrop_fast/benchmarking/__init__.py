@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["BenchContext", "time_fn", "graph_replay_ms", "peak_memory_bytes"]
+__all__ = ["BenchContext", "time_fn", "graph_replay_ms", "peak_memory_bytes",
+           "quantiles"]
 
 
 def _sync(device: torch.device) -> None:
@@ -47,6 +48,12 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
     samples.sort()
     q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else samples * 9
     return {"ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7]}
+
+
+def quantiles(values, qs=(0.5, 0.2, 0.8)) -> list:
+    """The qs quantiles of values (linear interpolation, as torch.quantile)."""
+    return torch.tensor(list(values), dtype=torch.float64).quantile(
+        torch.tensor(qs, dtype=torch.float64)).tolist()
 
 
 def graph_replay_ms(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -103,6 +110,35 @@ class BenchContext:
         if self.graphs and self.device.type == "cuda":
             result["graph_ms"] = graph_replay_ms(fn, self.device)
         return result
+
+    def measure_rounds(self, fns: dict, *, baseline: str, rounds: int, **timing) -> dict:
+        """{name: timing} of the functions in `fns`, measured in `rounds` alternating rounds
+        (order reversed every other round) so that drift on a shared machine hits them alike.
+        Each round is one `measure` per function. Per function: ms = median of its round
+        medians, p20_ms/p80_ms their spread, and, against `baseline`, the per-round speedups
+        (baseline ms / fn ms of the same round): paired_speedup (median), paired_p20,
+        paired_p80. A round pairs two measurements taken seconds apart, so its ratio carries
+        less of the drift than the ratio of the two medians does."""
+        if baseline not in fns:
+            raise ValueError(f"baseline {baseline!r} is not one of the functions {list(fns)}")
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        per_round = {name: [] for name in fns}
+        last = {}
+        for r in range(rounds):
+            order = list(fns.items()) if r % 2 == 0 else list(reversed(fns.items()))
+            for name, fn in order:
+                last[name] = self.measure(fn, **timing)
+                per_round[name].append(last[name]["ms"])
+        timings = {}
+        for name, values in per_round.items():
+            ms, p20, p80 = quantiles(values)
+            ratios = [b / v for b, v in zip(per_round[baseline], values)]
+            speedup, speedup_p20, speedup_p80 = quantiles(ratios)
+            timings[name] = dict(last[name], ms=ms, p20_ms=p20, p80_ms=p80, rounds=rounds,
+                                 paired_speedup=speedup, paired_p20=speedup_p20,
+                                 paired_p80=speedup_p80)
+        return timings
 
     def record(self, *, op: str, impl: str, baseline: str, case: str, dtype: str,
                ms: float, bytes_moved: Optional[float] = None, flops: Optional[float] = None,
