@@ -26,6 +26,9 @@ from regdrop_fast import ChildTuningAdamW, backends, pack_mask
 
 RESERVE_P = 0.3
 SEED = 1234
+# every impl steps with the same hyperparameters (torch's AdamW defaults would differ from
+# ChildTuningAdamW's in eps and weight decay)
+HPARAMS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 
 
 def bert_shapes(hidden, layers, intermediate, vocab=30522, positions=512, labels=2):
@@ -90,15 +93,15 @@ def run(ctx):
         masks = {p: pack_mask(torch.rand(p.shape, generator=gen).to(device) < RESERVE_P)
                  for p in params}
         impls = [
-            ("torch-fused", 28.0, lambda: torch.optim.AdamW(params, lr=1e-3, fused=True)),
-            ("torch-foreach", 28.0, lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True)),
-            ("official-F", 28.0, lambda: OfficialChildTuningF(params)),
+            ("torch-fused", 28.0, lambda: torch.optim.AdamW(params, **HPARAMS, fused=True)),
+            ("torch-foreach", 28.0, lambda: torch.optim.AdamW(params, **HPARAMS, foreach=True)),
+            ("official-F", 28.0, lambda: OfficialChildTuningF(params, **HPARAMS)),
         ]
         for backend in _our_backends(device):
             for mode, extra in (("F", 0.0), ("D", 0.125), (None, 0.0)):
                 impls.append((f"ours-{mode or 'none'}[{backend}]", 28.0 + extra,
                               lambda mode=mode, backend=backend: ChildTuningAdamW(
-                                  params, mode=mode, reserve_p=RESERVE_P, seed=SEED,
+                                  params, **HPARAMS, mode=mode, reserve_p=RESERVE_P, seed=SEED,
                                   masks=masks if mode == "D" else None, backend=backend)))
         default_threads = torch.get_num_threads()
         # CPU: one thread (a clean per-core comparison) and all threads; torch's fused step
