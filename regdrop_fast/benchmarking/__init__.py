@@ -14,8 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["BenchContext", "time_fn", "graph_replay_ms", "peak_memory_bytes",
-           "quantiles"]
+__all__ = ["BenchContext", "time_fn", "graph_replay_ms", "peak_memory_bytes"]
 
 
 def _sync(device: torch.device) -> None:
@@ -50,7 +49,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
     return {"ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7]}
 
 
-def quantiles(values, qs=(0.5, 0.2, 0.8)) -> list:
+def _quantiles(values, qs=(0.5, 0.2, 0.8)) -> list:
     """The qs quantiles of values (linear interpolation, as torch.quantile)."""
     return torch.tensor(list(values), dtype=torch.float64).quantile(
         torch.tensor(qs, dtype=torch.float64)).tolist()
@@ -132,9 +131,9 @@ class BenchContext:
                 per_round[name].append(last[name]["ms"])
         timings = {}
         for name, values in per_round.items():
-            ms, p20, p80 = quantiles(values)
+            ms, p20, p80 = _quantiles(values)
             ratios = [b / v for b, v in zip(per_round[baseline], values)]
-            speedup, speedup_p20, speedup_p80 = quantiles(ratios)
+            speedup, speedup_p20, speedup_p80 = _quantiles(ratios)
             timings[name] = dict(last[name], ms=ms, p20_ms=p20, p80_ms=p80, rounds=rounds,
                                  paired_speedup=speedup, paired_p20=speedup_p20,
                                  paired_p80=speedup_p80)
