@@ -57,3 +57,8 @@ def keep_threshold(prob: float) -> int:
 
     prob = 1 gives 2^32, which every word is below: a keep probability of 1 always keeps."""
     return int(prob * 4294967296.0)
+
+
+def split_seed(seed: int) -> tuple:
+    """The Philox key of a 64-bit seed: (low 32 bits, high 32 bits), as every kernel takes it."""
+    return seed & UINT32_MAX, seed >> 32
