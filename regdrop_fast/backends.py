@@ -10,6 +10,10 @@ Backends (../shared/DESIGN.md, "Layers"):
 Choice per call: the `backend=` argument, else the REGDROP_FAST_BACKEND environment variable,
 else "auto". A backend named explicitly that cannot run raises BackendUnavailableError with the
 reason; "auto" picks the fastest one that can run and logs its fallback once per (op, reason).
+
+OPS is the one dispatch table: per op, the backends that implement it, the "auto" order per
+device type and the dtypes each backend computes. A new op adds its row here and calls
+`resolve(op, backend, device, dtype, arg=...)` once per call.
 """
 from __future__ import annotations
 
@@ -17,13 +21,16 @@ import functools
 import importlib
 import logging
 import os
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "OPS",
+    "OpInfo",
     "BackendUnavailableError",
     "available",
     "resolve",
@@ -34,6 +41,43 @@ __all__ = [
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 ENV_VAR = "REGDROP_FAST_BACKEND"
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# what the fp32-accumulating kernels take; float64 is the reference's alone
+_KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """One row of the dispatch table.
+
+    implemented: the backends that have the op.
+    auto: device type -> the order "auto" tries (only implemented backends are tried).
+    dtypes: backend -> the input dtypes it computes; a backend not named takes every dtype the
+        op's own checks accept. "auto" skips a backend that cannot take the dtype; naming it
+        raises TypeError.
+    """
+    implemented: Tuple[str, ...] = BACKENDS
+    auto: Dict[str, Tuple[str, ...]] = field(default_factory=lambda: dict(_AUTO_ORDER))
+    dtypes: Dict[str, Tuple[torch.dtype, ...]] = field(default_factory=dict)
+
+
+_TRITON_ONLY_FLOATS = {"triton": _KERNEL_FLOATS}
+OPS: Dict[str, OpInfo] = {
+    "philox_words": OpInfo(),
+    "bernoulli_keep": OpInfo(),
+    "pack_mask": OpInfo(),
+    "unpack_mask": OpInfo(),
+    "mask_popcount": OpInfo(implemented=("reference", "cpu", "cuda")),
+    "addrop_keep_mask": OpInfo(implemented=("reference", "triton")),
+    "masked_attention": OpInfo(implemented=("reference", "triton")),
+    "masked_linear": OpInfo(implemented=("reference", "triton")),
+    "rdrop_loss": OpInfo(implemented=("reference", "triton"), dtypes=_TRITON_ONLY_FLOATS),
+    "fused_linear_rdrop_loss": OpInfo(implemented=("reference", "triton"),
+                                      dtypes=_TRITON_ONLY_FLOATS),
+    # the CUDA multi-tensor kernel first: the Triton step measured 4-9x slower on an H200
+    "masked_adamw": OpInfo(auto={"cuda": ("cuda", "triton", "reference"),
+                                 "cpu": ("cpu", "reference")}),
+}
+_UNLISTED = OpInfo()
 _log = logging.getLogger("regdrop_fast")
 _logged_fallbacks: set = set()
 
@@ -120,12 +164,17 @@ def available(device: Optional[torch.device] = None) -> list:
 
 
 def resolve(op: str, backend: Optional[str], device: torch.device,
-            implemented: Sequence[str] = BACKENDS) -> str:
-    """The backend that runs `op` on tensors of `device`.
+            dtype: Optional[torch.dtype] = None, *, arg: str = "input",
+            implemented: Optional[Sequence[str]] = None) -> str:
+    """The backend that runs `op` on tensors of `device` (and `dtype`, when given).
 
-    `implemented` lists the backends this op has. Precedence: `backend` argument, then the
-    REGDROP_FAST_BACKEND environment variable, then auto.
+    The op's row of OPS says what it implements, its auto order and dtype limits; `implemented`
+    narrows that for one call. Precedence: `backend` argument, then the REGDROP_FAST_BACKEND
+    environment variable, then auto. `arg` names the caller's tensor in dtype errors.
     """
+    info = OPS.get(op, _UNLISTED)
+    have = tuple(name for name in info.implemented
+                 if implemented is None or name in implemented)
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     requested = requested.strip().lower()
     device = torch.device(device)
@@ -134,18 +183,26 @@ def resolve(op: str, backend: Optional[str], device: torch.device,
             raise ValueError(
                 f"backend must be one of {BACKENDS} or 'auto', got {requested!r}"
                 + ("" if backend is not None else f" (from ${ENV_VAR})"))
-        if requested not in implemented:
+        if requested not in have:
             raise BackendUnavailableError(
-                f"{op} has no {requested!r} backend; it implements {tuple(implemented)}")
+                f"{op} has no {requested!r} backend; it implements {have}")
+        if dtype is not None and dtype not in info.dtypes.get(requested, (dtype,)):
+            source = "the backend argument" if backend is not None else f"${ENV_VAR}"
+            raise TypeError(
+                f"{op}: {arg} is {dtype}, which the {requested!r} backend (named by {source}) "
+                f"does not compute; it takes {[str(d) for d in info.dtypes[requested]]}"
+                + ("" if "reference" not in have else "; the reference backend takes it"))
         reason = unavailable_reason(requested, device)
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {reason}")
         return requested
-    order = _AUTO_ORDER.get(device.type, ("reference",))
+    order = info.auto.get(device.type, ("reference",))
     skipped = []
     for name in order:
-        if name not in implemented:
+        if name not in have:
             continue
+        if dtype is not None and dtype not in info.dtypes.get(name, (dtype,)):
+            continue  # by design (e.g. float64 on the reference), not worth a log line
         reason = unavailable_reason(name, device)
         if reason is None:
             if skipped:

@@ -163,3 +163,34 @@ def test_package_imports_without_the_extension(tmp_path):
     assert "ERROR: philox_words: backend 'cpu' is unavailable" in proc.stdout
     assert "pip install --no-build-isolation -e ." in proc.stdout
     assert f"AUTO: {ref_words(1, torch.arange(4)).tolist()}" in proc.stdout
+
+
+def test_every_table_row_names_real_backends():
+    for op, info in backends.OPS.items():
+        assert info.implemented and set(info.implemented) <= set(backends.BACKENDS), op
+        for device_type, order in info.auto.items():
+            assert set(order) <= set(backends.BACKENDS), (op, device_type)
+        assert set(info.dtypes) <= set(info.implemented), op
+
+
+def test_dtype_limits_route_auto_and_reject_a_named_backend(no_env, monkeypatch):
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
+    # float64 is the reference's alone: auto routes it there, naming triton is a TypeError
+    # that names the op and the caller's argument
+    assert backends.resolve("rdrop_loss", None, CPU, torch.float64) == "reference"
+    assert backends.resolve("rdrop_loss", None, torch.device("cuda"), torch.float32) == "triton"
+    with pytest.raises(TypeError, match=r"fused_linear_rdrop_loss: hidden1 is torch.float64"):
+        backends.resolve("fused_linear_rdrop_loss", "triton", CPU, torch.float64, arg="hidden1")
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    with pytest.raises(TypeError, match=r"named by \$REGDROP_FAST_BACKEND"):
+        backends.resolve("rdrop_loss", None, CPU, torch.float64, arg="logits1")
+
+
+def test_auto_order_is_per_op(no_env, monkeypatch):
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
+    cuda = torch.device("cuda")
+    assert backends.resolve("masked_adamw", None, cuda) == "cuda"
+    assert backends.resolve("philox_words", None, cuda) == "triton"
+    assert backends.resolve("masked_attention", None, CPU) == "reference"  # no cpu kernel
+    # `implemented` narrows the row for one call
+    assert backends.resolve("masked_adamw", None, cuda, implemented=("triton",)) == "triton"
