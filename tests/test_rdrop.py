@@ -227,8 +227,10 @@ def test_bad_inputs_name_the_argument(device, backend):
         (dict(logits1=z1[:0], logits2=z2[:0], labels=labels[:0]), ValueError, "empty"),
         (dict(logits1=z1.long(), logits2=z2.long()), TypeError, "logits1"),
         (dict(logits2=z2.double()), TypeError, "logits2"),
-        (dict(labels=torch.tensor([0, 1, 7, 2], device=device)), ValueError, "labels"),
-        (dict(labels=torch.tensor([0, -1, 2, 2], device=device)), ValueError, "labels"),
+        (dict(labels=torch.tensor([0, 1, 7, 2], device=device), check_labels=True), ValueError,
+         "labels"),
+        (dict(labels=torch.tensor([0, -1, 2, 2], device=device), check_labels=True), ValueError,
+         "labels"),
         (dict(logits1=z1[:, :1], logits2=z2[:, :1]), ValueError, "V=1"),
         (dict(logits1=z1[:, :1], logits2=z2[:, :1], labels=labels.float(),
               task="classification"), ValueError, "logits1"),
@@ -261,12 +263,34 @@ def test_non_finite_logits(device, value):
     assert torch.isnan(a.grad[1]).all() and torch.isfinite(a.grad[[0, 2, 3]]).all()
 
 
-def test_unchecked_out_of_range_label_gives_nan_row(device):
-    require_backend("triton", device)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bad_label", [7, 9, -1, -101])
+def test_default_out_of_range_label_is_nan_never_finite(device, backend, bad_label):
+    """The label check is opt-in (it syncs the host); without it an out-of-range label gives
+    its row a NaN loss and NaN gradients, and every reduction of the loss is NaN."""
+    require_backend(backend, device)
     z1, z2, labels = make_inputs((4, 7), device, ignore_frac=0.0)
-    labels[2] = 9
-    rows = rdrop_loss(z1, z2, labels, backend="triton", reduction="none", check_labels=False)
-    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
+    labels[2] = bad_label
+    loss, g1, g2, _ = run_backend_unchecked(z1, z2, labels, backend, reduction="none")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+    for g in (g1, g2):
+        assert torch.isnan(g[2]).all() and torch.isfinite(g[[0, 1, 3]]).all()
+    for reduction in ("mean", "sum"):
+        assert torch.isnan(rdrop_loss(z1, z2, labels, backend=backend, reduction=reduction))
+    # the ignored label stays ignored, and the check still raises when asked for
+    labels[2] = -100
+    assert torch.isfinite(rdrop_loss(z1, z2, labels, backend=backend))
+    labels[2] = bad_label
+    with pytest.raises(ValueError, match=f"labels must be in \\[0, 7\\).*got {bad_label}"):
+        rdrop_loss(z1, z2, labels, backend=backend, check_labels=True)
+
+
+def run_backend_unchecked(z1, z2, labels, backend, **kw):
+    a = z1.detach().clone().requires_grad_(True)
+    b = z2.detach().clone().requires_grad_(True)
+    loss = rdrop_loss(a, b, labels, backend=backend, **kw)
+    loss.sum().backward()
+    return loss.detach(), a.grad, b.grad, None
 
 
 def _available(device):

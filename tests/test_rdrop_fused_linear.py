@@ -100,7 +100,8 @@ def test_bad_inputs(device):
         (dict(weight=w[0]), ValueError, "weight"),
         (dict(bias=b[:4]), ValueError, "bias"),
         (dict(labels=labels[:3]), ValueError, "labels"),
-        (dict(labels=torch.tensor([0, 9, 1, 1], device=device)), ValueError, "labels"),
+        (dict(labels=torch.tensor([0, 9, 1, 1], device=device), check_labels=True), ValueError,
+         "labels"),
         (dict(alpha=-1.0), ValueError, "alpha"),
         (dict(reduction="none"), ValueError, "reduction"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
@@ -114,6 +115,20 @@ def test_bad_inputs(device):
             kw["bias"] = None
         with pytest.raises(error, match=match):
             fused_linear_rdrop_loss(**kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_default_out_of_range_label_is_nan_never_finite(device, backend):
+    """Unchecked (the default), an out-of-range label makes the loss and the gradients of its
+    row's hidden states NaN, as in rdrop_loss; the other rows' hidden gradients stay finite."""
+    require_backend(backend, device)
+    h1, h2, w, b, labels = make_linear((6,), 8, 5, device, ignore_frac=0.0)
+    labels[4] = 5
+    a = h1.clone().requires_grad_(True)
+    loss = fused_linear_rdrop_loss(a, h2, w, b, labels, backend=backend, chunk_size=4)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.isnan(a.grad[4]).all() and torch.isfinite(a.grad[[0, 1, 2, 3, 5]]).all()
 
 
 def test_non_finite_hidden_raises_on_reference(device):

@@ -112,7 +112,8 @@ class _FusedLinearRDrop(torch.autograd.Function):
                 total += rows.sum()
             else:
                 part, g1, g2 = _reference_forward(z1, z2, y, alpha, ignore_index, "sum", ce,
-                                                  "classification", check_finite, need_grad)
+                                                  "classification", check_finite, need_grad,
+                                                  check_labels=False)
                 if need_grad:
                     g1, g2 = g1 * scale.to(g1.dtype), g2 * scale.to(g2.dtype)
                 total += part.to(torch.float32)
@@ -145,7 +146,7 @@ def fused_linear_rdrop_loss(hidden1: Tensor, hidden2: Tensor, weight: Tensor,
                             bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                             alpha: float = 1.0, ignore_index: int = -100,
                             backend: Optional[str] = None, *, reduction: str = "mean",
-                            ce: bool = True, check_labels: bool = True,
+                            ce: bool = True, check_labels: bool = False,
                             check_finite: Optional[bool] = None,
                             chunk_size: Optional[int] = None) -> Tensor:
     """R-Drop loss of logits_i = hidden_i @ weight.T + bias, chunked over rows.
@@ -167,7 +168,7 @@ def fused_linear_rdrop_loss(hidden1: Tensor, hidden2: Tensor, weight: Tensor,
     finite = (name == "reference") if check_finite is None else bool(check_finite)
     if labels is not None:
         check_rdrop_values(probe, probe, labels, ignore_index, "classification",
-                           labels_in_range=check_labels or name == "reference", finite=False)
+                           labels_in_range=check_labels, finite=False)
     return _FusedLinearRDrop.apply(hidden1, hidden2, weight, bias, labels, float(alpha),
                                    int(ignore_index), reduction, bool(ce), name, finite,
                                    chunk_size)

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ..reference.rdrop import (check_rdrop_inputs, check_rdrop_values, rdrop_loss_reference)
+from ..reference.rdrop import (check_rdrop_inputs, check_rdrop_values, label_out_of_range,
+                               rdrop_loss_reference)
 
 IMPLEMENTED = ("reference", "triton")
 
@@ -84,12 +85,14 @@ def _triton_forward(logits1, logits2, labels, alpha, ignore_index, reduction, ce
 
 
 def _reference_forward(logits1, logits2, labels, alpha, ignore_index, reduction, ce, task,
-                       check_finite, need_grad):
+                       check_finite, need_grad, check_labels=True):
     """Loss from the reference; gradients from the closed form in plain torch (autograd does not
     run inside a custom op's kernel), computed in fp32 (fp64 for fp64 logits). The tests check
-    this closed form against autograd of the float64 reference."""
+    this closed form against autograd of the float64 reference. Unchecked out-of-range labels
+    give their rows a NaN loss and NaN gradients, as on triton."""
     loss = rdrop_loss_reference(logits1, logits2, labels, alpha, ignore_index, reduction, ce,
-                                task=task, upcast=False, check_finite=check_finite)
+                                task=task, upcast=False, check_finite=check_finite,
+                                check_labels=check_labels)
     if not need_grad:
         empty = logits1.new_empty(0)
         return loss, empty, empty.clone()
@@ -116,16 +119,20 @@ def _reference_forward(logits1, logits2, labels, alpha, ignore_index, reduction,
     g1 = 0.5 * alpha * ((p1 - p2) + p1 * (d - kl12))
     g2 = 0.5 * alpha * ((p2 - p1) - p2 * (d + kl21))
     weight = torch.ones(z1.shape[:-1] + (1,), dtype=compute, device=z1.device)
+    bad = None
     if labels is not None:
         valid = (labels != ignore_index).unsqueeze(-1)
         if ce:
+            bad = label_out_of_range(labels, ignore_index, z1.shape[-1]).unsqueeze(-1)
             onehot = torch.zeros_like(p1).scatter_(
-                -1, torch.where(valid, labels.unsqueeze(-1), 0).long(), 1.0)
+                -1, torch.where(valid & ~bad, labels.unsqueeze(-1), 0).long(), 1.0)
             g1 = g1 + p1 - onehot
             g2 = g2 + p2 - onehot
         weight = weight * valid
     if reduction == "mean":
         weight = weight / weight.sum().clamp_min(1)
+    if bad is not None:
+        weight = torch.where(bad, float("nan"), weight)
     return loss, (g1 * weight).to(logits1.dtype), (g2 * weight).to(logits2.dtype)
 
 
@@ -140,7 +147,7 @@ def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], al
     if name == "reference":
         finite = check_finite != 0
         return _reference_forward(logits1, logits2, labels, alpha, ignore_index, reduction, ce,
-                                  task, finite, need_grad)
+                                  task, finite, need_grad, check_labels)
     check_rdrop_values(logits1, logits2, labels, ignore_index, task,
                        labels_in_range=check_labels, finite=check_finite == 1)
     return _triton_forward(logits1, logits2, labels, alpha, ignore_index, reduction, ce, need_grad)
@@ -199,7 +206,7 @@ rdrop_loss_op.register_autograd(_backward, setup_context=_setup_context)
 def rdrop_loss(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None,
                alpha: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
                ce: bool = True, backend: Optional[str] = None, *, task: Optional[str] = None,
-               check_labels: bool = True, check_finite: Optional[bool] = None) -> Tensor:
+               check_labels: bool = False, check_finite: Optional[bool] = None) -> Tensor:
     """R-Drop loss of two forward passes, with gradients to both.
 
     Per row: ce * (CE(z1, y) + CE(z2, y)) + alpha/2 * (KL(P1||P2) + KL(P2||P1)).
@@ -211,8 +218,10 @@ def rdrop_loss(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None
     labels): ce * (|p1-y|^2 + |p2-y|^2) + alpha * |p1-p2|^2 per row.
     The loss is float32 (float64 for float64 logits).
 
-    check_labels: raise ValueError for labels outside [0, V) other than ignore_index (one host
-    sync on an N-element reduction; with False the triton kernel gives such rows a NaN loss).
+    check_labels: raise ValueError for labels outside [0, V) other than ignore_index. Off by
+    default: the check costs a host sync on every call (no CUDA-graph capture), and unchecked,
+    such a row gets a NaN loss and NaN gradients on every backend (never a finite wrong value;
+    the label is never used as an address), so the error still shows at once.
     check_finite: raise ValueError for +-inf/NaN logits. Default: always on the reference
     backend; off on triton, where the check would read both logits once more and sync, and a
     row with non-finite logits gets a NaN loss and NaN gradients instead.
@@ -234,7 +243,7 @@ class RDropLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
                  ce: bool = True, backend: Optional[str] = None, task: Optional[str] = None,
-                 check_labels: bool = True, check_finite: Optional[bool] = None):
+                 check_labels: bool = False, check_finite: Optional[bool] = None):
         super().__init__()
         self.alpha = alpha
         self.ignore_index = ignore_index

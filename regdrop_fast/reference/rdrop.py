@@ -106,7 +106,7 @@ def check_rdrop_values(logits1, logits2, labels, ignore_index, task, *, labels_i
     logits. Raise ValueError naming the argument."""
     if labels_in_range and labels is not None and task == "classification":
         n_classes = logits1.shape[-1]
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_classes))
+        bad = label_out_of_range(labels, ignore_index, n_classes)
         if bool(bad.any()):
             value = int(labels[bad].flatten()[0])
             raise ValueError(f"labels must be in [0, {n_classes}) or ignore_index={ignore_index}, "
@@ -118,6 +118,11 @@ def check_rdrop_values(logits1, logits2, labels, ignore_index, task, *, labels_i
                                  f"undefined for non-finite logits")
         if labels is not None and task == "regression" and not bool(torch.isfinite(labels).all()):
             raise ValueError("labels contains inf or NaN values")
+
+
+def label_out_of_range(labels, ignore_index, n_classes):
+    """bool, like labels: a label that is neither ignore_index nor in [0, n_classes)."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= n_classes))
 
 
 def _reduce(row_loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -142,20 +147,25 @@ def rdrop_row_losses_reference(logits1, logits2, labels=None, alpha=1.0, ignore_
         return row, torch.ones_like(row, dtype=torch.bool)
     valid = labels != ignore_index
     if ce:
-        safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        bad = label_out_of_range(labels, ignore_index, logits1.shape[-1])
+        safe = torch.where(valid & ~bad, labels, torch.zeros_like(labels)).long()
         ce1 = -logp1.gather(-1, safe[:, None])[:, 0]
         ce2 = -logp2.gather(-1, safe[:, None])[:, 0]
-        row = row + ce1 + ce2
+        # an unchecked out-of-range label has no CE: NaN, never a finite wrong value
+        row = torch.where(bad, torch.full_like(row, float("nan")), row + ce1 + ce2)
     return torch.where(valid, row, torch.zeros_like(row)), valid
 
 
 def rdrop_loss_reference(logits1, logits2, labels=None, alpha=1.0, ignore_index=-100,
-                         reduction="mean", ce=True, task=None, upcast=True, check_finite=True):
+                         reduction="mean", ce=True, task=None, upcast=True, check_finite=True,
+                         check_labels=True):
     """R-Drop loss; `upcast` computes in float64 (else in fp32, or the input's dtype if wider).
 
-    reduction "none" returns the per-row losses with the leading shape of the logits."""
+    reduction "none" returns the per-row losses with the leading shape of the logits.
+    check_labels=False: an out-of-range label gives its row a NaN loss instead of raising."""
     task = check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_index)
-    check_rdrop_values(logits1, logits2, labels, ignore_index, task, finite=check_finite)
+    check_rdrop_values(logits1, logits2, labels, ignore_index, task,
+                       labels_in_range=check_labels, finite=check_finite)
     compute = torch.float64 if upcast else torch.promote_types(logits1.dtype, torch.float32)
     if task == "regression":
         return rdrop_regression_reference(logits1.to(compute), logits2.to(compute),
