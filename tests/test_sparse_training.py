@@ -1,4 +1,5 @@
 """Targets, prepare, mask training (real MiniLM), IMP with rewinding, sparsity report."""
+import copy
 import glob
 import os
 import sys
@@ -193,19 +194,24 @@ def test_imp_prunes_to_schedule_and_rewinds(scope):
     pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
     imp = IterativeMagnitudePruner(model, 0.5, rate=0.1, scope=scope, backend="reference")
     assert imp.num_iterations == 5
+    assert not any(sparse.targets.group_of(n) == "classifier" for n in imp.modules)
     with torch.no_grad():  # stand-in for training: every weight moves
         for p in model.parameters():
             p.add_(0.01)
     previous = {n: torch.ones_like(m.keep_mask()) for n, m in imp.modules.items()}
     for it in range(1, 4):
+        before = {n: _pruned(m) for n, m in imp.modules.items()}
         assert imp.prune() == pytest.approx(0.1 * it)
-        total = sum(m.weight.numel() for m in imp.modules.values())
-        pruned = sum(_pruned(m) for m in imp.modules.values())
+        px = 1 / (10 - (it - 1))  # the official trainer_imp.py amount
         if scope == "local":
-            for m in imp.modules.values():
-                assert _pruned(m) == int(0.1 * it * m.weight.numel() + 0.5)
+            for name, m in imp.modules.items():
+                remaining = m.weight.numel() - before[name]
+                assert _pruned(m) == before[name] + round(px * remaining)
         else:
-            assert pruned == int(0.1 * it * total + 0.5)
+            total = sum(m.weight.numel() for m in imp.modules.values())
+            remaining = total - sum(before.values())
+            pruned = sum(_pruned(m) for m in imp.modules.values())
+            assert pruned == sum(before.values()) + round(px * remaining)
         for name, m in imp.modules.items():
             keep = m.keep_mask()
             assert not (keep & ~previous[name]).any()  # masks only grow sparser
@@ -220,6 +226,79 @@ def test_imp_prunes_to_schedule_and_rewinds(scope):
             assert torch.equal(p[keep], want[keep]) and (p[~keep] == 0).all(), name
         else:
             assert torch.equal(p, want), name
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_imp_masks_equal_official_l1_unstructured(scope):
+    """Issue 14.4: the official IMP calls torch.nn.utils.prune with amount 1/(10 - k) at
+    iteration k (round(px·remaining), compounding: 102, 204, 306, 409, 511 of 1024)."""
+    from torch.nn.utils import prune
+    model = _tiny(transformers.BertConfig, hidden=32, intermediate=32)  # every target 32x32
+    twin = copy.deepcopy(model)
+    imp = IterativeMagnitudePruner(model, 0.5, rate=0.1, scope=scope, rewind=None,
+                                   backend="reference")
+    official = [(twin.get_submodule(n), "weight") for n in imp.modules]
+    for k, want in enumerate([102, 204, 306, 409, 511]):
+        imp.prune()
+        if scope == "local":
+            for module, name in official:
+                prune.l1_unstructured(module, name, amount=1 / (10 - k))
+            assert {_pruned(m) for m in imp.modules.values()} == {want}
+        else:
+            prune.global_unstructured(official, pruning_method=prune.L1Unstructured,
+                                      amount=1 / (10 - k))
+        for (module, _), (name, m) in zip(official, imp.modules.items()):
+            assert torch.equal(m.keep_mask(), module.weight_mask.bool()), (k, name)
+    assert imp.done()
+
+
+def test_imp_last_iteration_stops_at_the_final_sparsity():
+    model = _tiny(transformers.BertConfig, hidden=32, intermediate=32)
+    imp = IterativeMagnitudePruner(model, 0.25, rate=0.1, rewind=None, backend="reference")
+    assert imp.num_iterations == 3
+    for _ in range(3):
+        imp.prune()
+    assert {_pruned(m) for m in imp.modules.values()} == {int(1024 * 0.25)}
+    with pytest.raises(ValueError, match="iterations are done"):
+        imp.prune()
+
+
+def test_hard_init_and_threshold_reset_follow_official_counts():
+    """Issue 14.3: the official maskers prune int(n·s) weights per matrix: |W| > kthvalue(|W|,
+    int(n·s)) keeps the rest (s=0.7, n=1024: 716), and reset_threshold sets φ to the kthvalue of
+    the scores at int(n·s) (local) or int(N·s) over all matrices (global)."""
+    model = _tiny(transformers.BertConfig, hidden=32, intermediate=32)
+    mags = {n: m.weight.detach().abs().clone() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+    trainer = MaskTrainer(model, 0.7, init="hard", phi=0.01, backend="reference")
+    for name, m in trainer.modules.items():
+        k = int(mags[name].numel() * 0.7)
+        official = mags[name] > torch.kthvalue(mags[name].reshape(-1), k).values
+        assert torch.equal(m.keep_mask(), official), name
+        assert torch.equal(m.mask_scores, torch.where(official, 0.02, 0.0))
+        if m.weight.numel() == 1024:
+            assert _pruned(m) == 716
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for s in trainer.parameters():
+            s.copy_(torch.randn(s.shape, generator=g))
+    scores = {n: m.mask_scores.detach().clone() for n, m in trainer.modules.items()}
+    trainer.reset_thresholds(0.55)
+    for name, m in trainer.modules.items():
+        phi = torch.kthvalue(scores[name].reshape(-1), int(scores[name].numel() * 0.55)).values
+        assert m.mask_threshold.item() == phi.item()
+        assert torch.equal(m.keep_mask(), scores[name] > phi), name
+    glob_trainer = MaskTrainer(_tiny(transformers.BertConfig, hidden=32, intermediate=32), 0.7,
+                               scope="global", backend="reference")
+    with torch.no_grad():
+        for s in glob_trainer.parameters():
+            s.copy_(torch.randn(s.shape, generator=g))
+    flat = torch.cat([s.detach().reshape(-1) for s in glob_trainer.parameters()])
+    glob_trainer.reset_thresholds(0.55)
+    phi = flat.kthvalue(int(flat.numel() * 0.55)).values
+    for m in glob_trainer.modules.values():
+        assert m.mask_threshold.item() == phi.item()
+        assert torch.equal(m.keep_mask(), m.mask_scores.detach() > phi)
 
 
 def test_imp_pruned_weights_stay_zero_through_masked_adamw():

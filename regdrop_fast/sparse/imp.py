@@ -1,8 +1,11 @@
 """Iterative magnitude pruning with rewinding (REFERENCE.md, Sparse & robust).
 
-Each `prune()` raises the sparsity by `rate` of the original weights (10% per iteration:
-5/7/9 iterations for 50/70/90%), removing the smallest-|W| surviving weights per matrix
-(scope="local") or over all target matrices ("global"), then rewinds every parameter except
+Iteration k = 0, 1, ... prunes the fraction px = 1/(1/rate - k) of the surviving weights,
+round(px·remaining) of them per matrix (scope="local") or over all target matrices ("global"),
+smallest |W| first, exactly as the official trainer_imp.py (`prune.l1_unstructured(amount=
+1/(10 - k))`): with rate 0.1 that is ~10% of the original weights per iteration, 5/7/9
+iterations for 50/70/90%, with compounding rounding (102, 204, 306, 409, 511 of 1024). An
+iteration that would pass `sparsity` prunes to int(n·sparsity) instead. Then it rewinds every parameter except
 the classifier's to the rewind point (the pre-trained weights, or a step saved with
 `save_rewind_point`) and zeroes the pruned weights. Masks are kept packed in the model's
 MaskedLinear layers; train between prunes with a fresh `regdrop_fast.MaskedAdamW(params,
@@ -18,45 +21,73 @@ import torch.nn as nn
 
 from .._checks import check_prob
 from ..masks import PackedMask
-from .mask_training import prune_smallest
+from .mask_training import num_pruned, prune_smallest
 from .prepare import masked_modules, prepare
-from .targets import group_of
+from .targets import DEFAULT_TARGETS, group_of
 
-__all__ = ["magnitude_masks", "IterativeMagnitudePruner"]
+__all__ = ["magnitude_masks", "IterativeMagnitudePruner", "IMP_TARGETS"]
+
+# official trainer_imp.py prunes the encoder matrices and the pooler, never the classifier
+IMP_TARGETS = tuple(t for t in DEFAULT_TARGETS if t != "classifier")
+
+
+def _pruned_counts(keeps: dict, sparsity, amount, scope: str):
+    """How many weights each matrix ("local") or all of them ("global", key None) prune."""
+    groups = keeps if scope == "local" else {None: torch.cat([k.reshape(-1) for k in
+                                                              keeps.values()])}
+    counts = {}
+    for name, keep in groups.items():
+        n = keep.numel()
+        if amount is not None:
+            remaining = int(keep.sum())
+            # torch.nn.utils.prune.l1_unstructured(amount=px) on the surviving weights: Python's
+            # round (half to even) of px·remaining, added to those already pruned
+            counts[name] = (n - remaining) + round(amount * remaining)
+        else:
+            counts[name] = max(num_pruned(sparsity, n), n - int(keep.sum()))
+    return counts
 
 
 @torch.no_grad()
-def magnitude_masks(modules: dict, sparsity: float, scope: str = "local") -> dict:
-    """{name: bool keep mask} pruning round(sparsity·n) weights by |W| (L1 magnitude).
+def magnitude_masks(modules: dict, sparsity: Optional[float] = None, scope: str = "local", *,
+                    amount: Optional[float] = None) -> dict:
+    """{name: bool keep mask} pruning by |W| (L1 magnitude), per matrix or globally.
 
-    Weights already pruned in a module's mask rank below every surviving weight, so masks only
-    grow sparser. Exact counts: ties are broken by index, not by a threshold."""
-    sparsity = check_prob("sparsity", sparsity, low_open=False, high_open=True)
+    Give exactly one of `sparsity` (the fraction of each matrix's, or all, weights pruned
+    afterwards: int(n·s), the official maskers' count) and `amount` (prune round(amount·r) more
+    of the r surviving weights, as torch.nn.utils.prune and the official IMP do). Weights already
+    pruned in a module's mask stay pruned and rank below every surviving weight, so masks only
+    grow sparser. Exact counts: ties in |W| are broken by index, not by a threshold."""
+    if (sparsity is None) == (amount is None):
+        raise ValueError("give exactly one of sparsity and amount")
+    if sparsity is not None:
+        sparsity = check_prob("sparsity", sparsity, low_open=False, high_open=True)
+    else:
+        amount = check_prob("amount", amount, low_open=False, high_open=False)
     if scope not in ("local", "global"):
         raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
-    magnitudes = {}
+    magnitudes, keeps = {}, {}
     for name, module in modules.items():
         mag = module.weight.detach().abs().float()
         if torch.isnan(mag).any():
             raise ValueError(f"weight of {name} contains NaN")
-        magnitudes[name] = torch.where(module.keep_mask(), mag, -1.0)
+        keeps[name] = module.keep_mask()
+        magnitudes[name] = torch.where(keeps[name], mag, -1.0)
+    counts = _pruned_counts(keeps, sparsity, amount, scope)
     if scope == "local":
-        return {name: prune_smallest(mag, int(sparsity * mag.numel() + 0.5))
-                for name, mag in magnitudes.items()}
+        return {name: prune_smallest(mag, counts[name]) for name, mag in magnitudes.items()}
     flat = torch.cat([m.reshape(-1) for m in magnitudes.values()])
-    keep = prune_smallest(flat, int(sparsity * flat.numel() + 0.5))
-    out, offset = {}, 0
-    for name, mag in magnitudes.items():
-        out[name] = keep[offset:offset + mag.numel()].view(mag.shape)
-        offset += mag.numel()
-    return out
+    keep = prune_smallest(flat, counts[None])
+    pieces = keep.split([m.numel() for m in magnitudes.values()])
+    return {name: piece.view(mag.shape) for (name, mag), piece in zip(magnitudes.items(), pieces)}
 
 
 class IterativeMagnitudePruner:
     """IMP state: the schedule, the packed masks and the rewind point.
 
     sparsity: final sparsity in [0, 1); rate: fraction of the original weights pruned per
-    iteration; rewind: "pretrained" (snapshot now, at construction) or None (no rewinding;
+    iteration; targets: default the official IMP set (Q, K, V, attention output, FFN in/out,
+    pooler: not the classifier); rewind: "pretrained" (snapshot now, at construction) or None (no rewinding;
     `save_rewind_point()` later sets one, e.g. at an early training step)."""
 
     def __init__(self, model: nn.Module, sparsity: float, *, rate: float = 0.1,
@@ -69,6 +100,8 @@ class IterativeMagnitudePruner:
         if rewind not in ("pretrained", None):
             raise ValueError(f"rewind must be 'pretrained' or None, got {rewind!r}")
         self.model, self.scope = model, scope
+        if targets is None:
+            targets = IMP_TARGETS
         prepare(model, targets, kind="packed", backend=backend, freeze=False)
         self.modules = {n: m for n, m in masked_modules(model).items() if m.kind == "packed"}
         self.iteration = 0
@@ -97,9 +130,14 @@ class IterativeMagnitudePruner:
         if self.iteration >= self.num_iterations:
             raise ValueError(f"all {self.num_iterations} iterations are done (sparsity "
                              f"{self.final})")
+        k = self.iteration
         self.iteration += 1
+        if self.rate * self.iteration > self.final + 1e-9:
+            keep = magnitude_masks(self.modules, self.final, self.scope)
+        else:
+            keep = magnitude_masks(self.modules, scope=self.scope,
+                                   amount=1.0 / (1.0 / self.rate - k))
         sparsity = self.sparsity_at(self.iteration)
-        keep = magnitude_masks(self.modules, sparsity, self.scope)
         if self._rewind_state is not None:
             params = self._rewound_parameters()
             for name, value in self._rewind_state.items():

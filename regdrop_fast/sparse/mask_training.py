@@ -2,8 +2,8 @@
 
 Keep iff score > φ. Initialization per matrix (or over all target matrices, scope="global"):
   hard  the smallest-|W| fraction s gets score 0, the rest 2φ, threshold φ (φ = 0.01);
-        exactly round(s·n) weights, ties in |W| broken by index
-  soft  score = |W|, φ = the kth smallest score, k = round(s·n)
+        exactly k = int(n·s) weights (the official maskers' count), ties in |W| broken by index
+  soft  score = |W|, φ = the kth smallest score, k = int(n·s)
 φ is reset to the kth value of the scores at the current target sparsity every `interval`
 steps (official Δt), or every step with `topk_every_step=True`. Target sparsity follows the
 cubic schedule s_t = s_f + (s_i − s_f)(1 − (t − t0)/(t_f − t0))³ (constant s_f without a
@@ -19,7 +19,7 @@ import torch.nn as nn
 from .._checks import check_int, check_prob
 from .prepare import masked_modules, prepare
 
-__all__ = ["cubic_sparsity", "kth_threshold", "prune_smallest", "MaskTrainer"]
+__all__ = ["cubic_sparsity", "kth_threshold", "num_pruned", "prune_smallest", "MaskTrainer"]
 
 
 def _check_sparsity(name: str, value) -> float:
@@ -39,8 +39,9 @@ def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int
     return final + (initial - final) * (1.0 - (step - start) / (end - start)) ** 3
 
 
-def _num_pruned(sparsity: float, n: int) -> int:
-    return min(n, int(sparsity * n + 0.5))
+def num_pruned(sparsity: float, n: int) -> int:
+    """int(n·s): how many of n weights the official maskers prune at sparsity s (truncated)."""
+    return min(n, int(n * sparsity))
 
 
 def prune_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,10 +59,10 @@ def prune_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kth_threshold(values: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """fp32 [1] threshold φ with round(sparsity·n) of `values` at or below it (the kth smallest;
+    """fp32 [1] threshold φ with int(n·sparsity) of `values` at or below it (the kth smallest;
     -inf when nothing is pruned), so `values > φ` keeps the rest when values are distinct."""
     flat = values.detach().reshape(-1).float()
-    k = _num_pruned(sparsity, flat.numel())
+    k = num_pruned(sparsity, flat.numel())
     if k == 0:
         return torch.full((1,), float("-inf"), device=flat.device)
     return flat.kthvalue(k).values.reshape(1)
@@ -130,12 +131,12 @@ class MaskTrainer:
             self.modules[name].mask_threshold.fill_(phi)
 
     def _smallest(self, values: dict, sparsity: float) -> dict:
-        """{name: keep} pruning exactly round(s·n) smallest values per matrix or globally."""
+        """{name: keep} pruning exactly int(n·s) smallest values per matrix or globally."""
         if self.scope == "local":
-            return {name: prune_smallest(v, _num_pruned(sparsity, v.numel()))
+            return {name: prune_smallest(v, num_pruned(sparsity, v.numel()))
                     for name, v in values.items()}
         flat = torch.cat([v.reshape(-1) for v in values.values()])
-        keep = prune_smallest(flat, _num_pruned(sparsity, flat.numel()))
+        keep = prune_smallest(flat, num_pruned(sparsity, flat.numel()))
         pieces = keep.split([v.numel() for v in values.values()])
         return {name: piece.view(v.shape) for (name, v), piece in zip(values.items(), pieces)}
 
@@ -144,7 +145,7 @@ class MaskTrainer:
         """Set φ to the kth value of the scores at `sparsity` (default: the schedule's now).
 
         Scores tied with φ that the index order keeps move up one ulp (torch.nextafter), so
-        `score > φ` prunes exactly round(s·n) weights even where scores tie."""
+        `score > φ` prunes exactly int(n·s) weights even where scores tie."""
         sparsity = self.sparsity_at(self.t) if sparsity is None else _check_sparsity(
             "sparsity", sparsity)
         scores = {n: m.mask_scores.detach() for n, m in self.modules.items()}
