@@ -1,9 +1,13 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv from scratch
-# (torch==2.13.0 is the CPU wheel on the CI machine's disk) and build the package in place.
+# (torch==2.13.0 is the CPU wheel on the CI machine's disk) and build the package in place:
+# requirements.txt is the pinned form of `pip install regdrop_fast[all]`, and the extension is
+# built the documented way (--no-build-isolation, against the venv's torch), where a failed
+# build is an error (REGDROP_FAST_BUILD_EXT=1) instead of a fallback to the JIT.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.regdrop-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export REGDROP_FAST_BUILD_EXT := 1
 
 .PHONY: demo test setup build pytest ctest check-cuda check-triton bench clean
 

@@ -26,6 +26,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from . import _extension
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
@@ -81,10 +83,7 @@ _UNLISTED = OpInfo()
 _log = logging.getLogger("regdrop_fast")
 _logged_fallbacks: set = set()
 
-BUILD_HINT = (
-    "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext "
-    "--inplace`) in an environment that has torch and a C++ compiler"
-)
+BUILD_HINT = _extension.BUILD_HINT
 
 
 class BackendUnavailableError(RuntimeError):
@@ -106,11 +105,8 @@ def _triton_import_error() -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _extension_and_error():
-    try:
-        module = importlib.import_module("regdrop_fast._C")
-    except ImportError as exc:
-        return None, f"the C++ extension regdrop_fast._C is not built ({exc}); {BUILD_HINT}"
-    return module, None
+    # the installed regdrop_fast._C, else torch's JIT build of csrc (cached), else the reason
+    return _extension.load()
 
 
 def extension():

@@ -35,6 +35,7 @@ def extension_missing(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     backends._extension_and_error.cache_clear()
+    monkeypatch.setenv("REGDROP_FAST_JIT", "0")  # no JIT build of the missing module either
     monkeypatch.setattr(backends.importlib, "import_module", failing_import)
     monkeypatch.setattr(backends, "_logged_fallbacks", set())
     yield
@@ -156,7 +157,8 @@ def test_package_imports_without_the_extension(tmp_path):
         "    print('ERROR:', exc)\n"
         "print('AUTO:', regdrop_fast.philox_words(1, torch.arange(4)).tolist())\n"
     )
-    env = {**os.environ, "REGDROP_FAST_BACKEND": "auto", "TRITON_INTERPRET": "0"}
+    env = {**os.environ, "REGDROP_FAST_BACKEND": "auto", "TRITON_INTERPRET": "0",
+           "REGDROP_FAST_JIT": "0"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
