@@ -9,6 +9,7 @@ import sys
 # subcommand -> module defining add_parser(subparsers)
 SUBCOMMANDS = {
     "bench": "regdrop_fast.benchmarking.cli",
+    "build-ext": "regdrop_fast._extension",
     "finetune": "regdrop_fast.finetune.cli",
 }
 
