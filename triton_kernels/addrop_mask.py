@@ -1,18 +1,22 @@
 """AD-DROP keep mask in Triton: attribution row, exact top-p threshold, Philox drop, bit packing.
 
-For each (batch b, head h, query row i) over the valid_len[b] real keys (semantics and the
-reference: regdrop_fast/reference/addrop.py):
-  B[i, j]   = dO[i]·V[j]  (tl.dot, fp32 accumulation; or read from an attribution tensor)
-  threshold = value at ascending index rank[b] = floor((1 − p)·valid_len[b]) of the real keys
-  keep[i,j] = real(j) AND (B[i,j] < threshold OR philox_word(b·H·Lq·Lk + h·Lq·Lk + i·Lk + j)
+For each (batch b, head h, query row i) over the row's allowed keys (real, and with IS_CAUSAL
+j <= i + Lk − Lq; semantics and the reference: regdrop_fast/reference/addrop.py):
+  B[i, j]   = dO[i]·V[j]  (tl.dot, fp32 accumulation; or read from an attribution tensor; V of
+              kv head h // GROUP for grouped-query attention)
+  threshold = value at ascending index rank[b, i] of the allowed keys (the host computes rank
+              with the official float32 rule: ((1 − p)·n).long() for "high", (p·n).long() "low")
+  candidate = B[i,j] >= threshold ("high") or B[i,j] < threshold ("low")
+  keep[i,j] = allowed(i,j) AND (NOT candidate OR philox_word(b·H·Lq·Lk + h·Lq·Lk + i·Lk + j)
               >= floor(q·2^32))
-and writes keep as bits [B,H,Lq,ceil(Lk/32)] int32 (bit j of word w = key 32w + j). drop="low"
-uses −B. No [B,H,Lq,Lk] float tensor is written.
+and writes keep as bits [B,H,Lq,ceil(Lk/32)] int32 (bit j of word w = key 32w + j). No
+[B,H,Lq,Lk] float tensor is written.
 
 Exact selection: each score maps to an int32 sort key with the same order (fp32 bit pattern,
 negatives' magnitude bits flipped, −0 folded into +0); the rank-th smallest key is found by a
 32-step bisection on the key's bits (count of keys below each probe), then candidates are the
-keys >= it, so ties are included exactly like the sort-based reference.
+keys >= it ("high": ties included) or the keys below it ("low": ties kept), exactly like the
+sort-based reference.
 
 Two paths (constexpr RESIDENT): when the padded row fits one tile (16 rows x the row in
 registers, and V's [D, row] dot operand within 64 KiB of shared memory: Lk <= 512 for bf16
@@ -47,22 +51,20 @@ def mask_element_index(b, h, H, Lq, Lk, offs_m, offs_n):
 
 
 @triton.jit
-def _sort_key(score, DROP_LOW: tl.constexpr):
-    """int32 keys ordered like the fp32 scores (−score for DROP_LOW); −0 and +0 share a key."""
-    if DROP_LOW:
-        score = -score
+def _sort_key(score):
+    """int32 keys ordered like the fp32 scores; −0 and +0 share a key."""
     score = tl.where(score == 0.0, 0.0, score)
     bits = score.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
-def _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, offs_m, start_n,
+def _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, hkv, offs_m, start_n,
                s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
-               FROM_ATTR: tl.constexpr, HAS_KPM: tl.constexpr, DROP_LOW: tl.constexpr,
+               FROM_ATTR: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Sort keys [BLOCK_M, BLOCK_N] of one key tile (INT32_MAX where not a real key), the real-key
-    flags and the key offsets."""
+    """Sort keys [BLOCK_M, BLOCK_N] of one key tile (INT32_MAX where not allowed), the allowed
+    flags [BLOCK_M, BLOCK_N] and the key offsets. h: the query head, hkv: its kv head (V)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_k = offs_n < Lk
     if FROM_ATTR:
@@ -71,26 +73,34 @@ def _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, offs_m, start_n,
         score = score.to(tl.float32)
     else:
         offs_d = tl.arange(0, BLOCK_D)
-        vt_ptrs = v_ptr + b * v_b + h * v_h + offs_n[None, :] * v_n + offs_d[:, None]
+        vt_ptrs = v_ptr + b * v_b + hkv * v_h + offs_n[None, :] * v_n + offs_d[:, None]
         vt = tl.load(vt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)
         score = tl.dot(do, vt, input_precision=DOT_PRECISION)
     real = in_k
     if HAS_KPM:
         flags = tl.load(kpm_ptr + b * kpm_b + offs_n, mask=in_k, other=0)
         real = real & (flags != 0)
-    key = tl.where(real[None, :], _sort_key(score, DROP_LOW), INT32_MAX)
-    return key, real, offs_n
+    allowed = real[None, :] & (offs_m[:, None] < Lq)
+    if IS_CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
+    key = tl.where(allowed, _sort_key(score), INT32_MAX)
+    return key, allowed, offs_n
 
 
 @triton.jit
-def _store_keep_bits(words_ptr, key, real, thr, offs_m, offs_n, start_n, b, h, H, Lq, Lk, W,
-                     seed_lo, seed_hi, step, stream, drop_threshold,
+def _store_keep_bits(words_ptr, key, allowed, thr, offs_m, offs_n, start_n, b, h, H, Lq, Lk, W,
+                     seed_lo, seed_hi, step, stream, drop_threshold, DROP_LOW: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """keep = real AND (key < thr OR word >= drop_threshold), packed 32 keys per int32 word."""
+    """keep = allowed AND (NOT candidate OR word >= drop_threshold), packed 32 keys per int32
+    word; candidates are key >= thr ("high") or key < thr ("low")."""
     index = mask_element_index(b, h, H, Lq, Lk, offs_m, offs_n)
     word = philox_word(seed_lo, seed_hi, index, step, stream)
     spared = word.to(tl.int64) >= drop_threshold
-    keep = real[None, :] & ((key < thr[:, None]) | spared)
+    if DROP_LOW:
+        not_candidate = key >= thr[:, None]
+    else:
+        not_candidate = key < thr[:, None]
+    keep = allowed & (not_candidate | spared)
     bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_N // 32, 32))
     shifts = tl.arange(0, 32)
     # distinct bits never carry, so the sum is the bitwise OR (bit 31 wraps to the sign bit)
@@ -106,17 +116,21 @@ def addrop_mask_kernel(
     src_ptr,  # FROM_ATTR: attribution [B,H,Lq,Lk]; else dO [B,H,Lq,D] (last stride 1)
     v_ptr,  # V [B,H,Lk,D] (last stride 1); unused when FROM_ATTR
     kpm_ptr,  # uint8 [B,Lk], 1 = real key; unused unless HAS_KPM
-    rank_ptr,  # int32 [B]: ascending index of the threshold among the real keys
+    rank_ptr,  # int32 [B, Lq] (by strides): ascending index of the threshold among the row's
+    #            allowed keys
     words_ptr,  # int32 [B,H,Lq,W] output bits, contiguous
     s_b, s_h, s_m, s_n,  # strides of src (s_n unused for dO)
     v_b, v_h, v_n,  # strides of V
     kpm_b,  # row stride of the key padding mask
+    rank_b, rank_m,  # strides of rank (rank_m 0 when every row of a sample shares it)
     H, Lq, Lk, D, W,  # heads, query/key lengths, head dim, words per row
+    GROUP,  # query heads per kv head: V of kv head h // GROUP
     seed_lo, seed_hi, step, stream,  # Philox key halves, counter words 2 and 3
     drop_threshold,  # floor(q * 2^32): a candidate is dropped iff its word is below it
     FROM_ATTR: tl.constexpr,  # read B from an attribution tensor instead of dO·Vᵀ
     HAS_KPM: tl.constexpr,  # a key padding mask is given
-    DROP_LOW: tl.constexpr,  # select the lowest attributions (bisect on −B)
+    DROP_LOW: tl.constexpr,  # candidates strictly below the threshold (official "low")
+    IS_CAUSAL: tl.constexpr,  # only keys j <= i + Lk - Lq are allowed
     RESIDENT: tl.constexpr,  # the whole padded row is one tile (BLOCK_N >= Lk)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key tile (multiple of 32)
@@ -128,7 +142,8 @@ def addrop_mask_kernel(
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rank = tl.load(rank_ptr + b)
+    rank = tl.load(rank_ptr + b * rank_b + offs_m * rank_m, mask=offs_m < Lq, other=0)
+    hkv = h // GROUP
     drop_thr = tl.cast(drop_threshold, tl.int64)
     if FROM_ATTR:
         do = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -137,10 +152,14 @@ def addrop_mask_kernel(
         do_ptrs = src_ptr + b * s_b + h * s_h + offs_m[:, None] * s_m + offs_d[None, :]
         do = tl.load(do_ptrs, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
     if RESIDENT:
-        key, real, offs_n = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, offs_m, 0,
-                                       s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
-                                       FROM_ATTR, HAS_KPM, DROP_LOW, BLOCK_N, BLOCK_D,
-                                       DOT_PRECISION)
+        key, allowed, offs_n = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, hkv, offs_m, 0,
+                                          s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
+                                          FROM_ATTR, HAS_KPM, IS_CAUSAL, BLOCK_N, BLOCK_D,
+                                          DOT_PRECISION)
+    # key tiles past the block's last visible key hold no allowed key: the counts skip them
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + (Lk - Lq)))
     # bisection on the key bits in the unsigned domain u = key + 2^31: the largest u with
     # count(keys < u) <= rank is the rank-th smallest key
     ans = tl.zeros((BLOCK_M,), dtype=tl.int64)
@@ -151,44 +170,49 @@ def addrop_mask_kernel(
             below = tl.sum((key < probe_key[:, None]).to(tl.int32), axis=1)
         else:
             below = tl.zeros((BLOCK_M,), dtype=tl.int32)
-            for start_n in range(0, Lk, BLOCK_N):
-                tkey, _, _ = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, offs_m, start_n,
+            for start_n in range(0, hi, BLOCK_N):
+                tkey, _, _ = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, hkv, offs_m, start_n,
                                         s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
-                                        FROM_ATTR, HAS_KPM, DROP_LOW, BLOCK_N, BLOCK_D,
+                                        FROM_ATTR, HAS_KPM, IS_CAUSAL, BLOCK_N, BLOCK_D,
                                         DOT_PRECISION)
                 below += tl.sum((tkey < probe_key[:, None]).to(tl.int32), axis=1)
         ans = tl.where(below <= rank, probe, ans)
     thr = (ans - SIGN_BIT).to(tl.int32)
     if RESIDENT:
-        _store_keep_bits(words_ptr, key, real, thr, offs_m, offs_n, 0, b, h, H, Lq, Lk, W,
-                         seed_lo, seed_hi, step, stream, drop_thr, BLOCK_M, BLOCK_N)
+        _store_keep_bits(words_ptr, key, allowed, thr, offs_m, offs_n, 0, b, h, H, Lq, Lk, W,
+                         seed_lo, seed_hi, step, stream, drop_thr, DROP_LOW, BLOCK_M, BLOCK_N)
     else:
+        # every tile is written (zeros past the causal limit): the words are not pre-cleared
         for start_n in range(0, Lk, BLOCK_N):
-            tkey, treal, toffs = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, offs_m, start_n,
-                                            s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk,
-                                            D, FROM_ATTR, HAS_KPM, DROP_LOW, BLOCK_N, BLOCK_D,
-                                            DOT_PRECISION)
-            _store_keep_bits(words_ptr, tkey, treal, thr, offs_m, toffs, start_n, b, h, H, Lq,
-                             Lk, W, seed_lo, seed_hi, step, stream, drop_thr, BLOCK_M, BLOCK_N)
+            tkey, tallowed, toffs = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, hkv, offs_m,
+                                               start_n, s_b, s_h, s_m, s_n, v_b, v_h, v_n,
+                                               kpm_b, Lq, Lk, D, FROM_ATTR, HAS_KPM, IS_CAUSAL,
+                                               BLOCK_N, BLOCK_D, DOT_PRECISION)
+            _store_keep_bits(words_ptr, tkey, tallowed, thr, offs_m, toffs, start_n, b, h, H,
+                             Lq, Lk, W, seed_lo, seed_hi, step, stream, drop_thr, DROP_LOW,
+                             BLOCK_M, BLOCK_N)
 
 
 def keep_mask_bits(attr, v, key_padding_mask, rank, drop_threshold: int, seed: int, step: int,
-                   stream: int, drop_low: bool, block_n=None) -> torch.Tensor:
+                   stream: int, drop_low: bool, is_causal: bool = False,
+                   block_n=None) -> torch.Tensor:
     """Launcher: int32 bits [B,H,Lq,ceil(Lk/32)].
 
-    attr: a [B,H,Lq,Lk] attribution tensor (v None) or dO [B,H,Lq,D] with v [B,H,Lk,D] (last
-    stride 1, same dtype); key_padding_mask: uint8/bool [B,Lk] or None; rank: int32 [B];
-    drop_threshold = floor(q·2^32). block_n forces the streamed path with that key tile (tests)."""
+    attr: a [B,H,Lq,Lk] attribution tensor (v None) or dO [B,H,Lq,D] with v [B,Hkv,Lk,D] (Hkv
+    dividing H; last stride 1, same dtype); key_padding_mask: uint8/bool [B,Lk] or None; rank:
+    int32 [B] or [B,Lq] (per row, for causal rows); drop_threshold = floor(q·2^32). block_n
+    forces the streamed path with that key tile (tests)."""
     from_attr = v is None
     if from_attr:
         batch, heads, lq, lk = attr.shape
-        d = 1
+        d, group = 1, 1
         s_b, s_h, s_m, s_n = attr.stride()
         v_b = v_h = v_n = 0
         v = attr
     else:
         batch, heads, lq, d = attr.shape
         lk = v.shape[2]
+        group = heads // v.shape[1]
         s_b, s_h, s_m, s_n = attr.stride()
         v_b, v_h, v_n, _ = v.stride()
     n_words = triton.cdiv(lk, 32)
@@ -210,15 +234,16 @@ def keep_mask_bits(attr, v, key_padding_mask, rank, drop_threshold: int, seed: i
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask.view(torch.uint8) if has_kpm else rank
     kpm_b = key_padding_mask.stride(0) if has_kpm else 0
+    rank_b, rank_m = (rank.stride(0), 0) if rank.dim() == 1 else rank.stride()
     precision = "ieee" if attr.dtype == torch.float32 else "tf32"
     num_warps = 8 if block_m * tile_n >= 8192 else 4
     grid = (triton.cdiv(lq, block_m), batch * heads)
     addrop_mask_kernel[grid](
         attr, v, kpm, rank, words,
-        s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b,
-        heads, lq, lk, d, n_words,
+        s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, rank_b, rank_m,
+        heads, lq, lk, d, n_words, group,
         seed & 0xFFFFFFFF, seed >> 32, step, stream, drop_threshold,
-        FROM_ATTR=from_attr, HAS_KPM=has_kpm, DROP_LOW=drop_low, RESIDENT=resident,
-        BLOCK_M=block_m, BLOCK_N=tile_n, BLOCK_D=block_d,
+        FROM_ATTR=from_attr, HAS_KPM=has_kpm, DROP_LOW=drop_low, IS_CAUSAL=is_causal,
+        RESIDENT=resident, BLOCK_M=block_m, BLOCK_N=tile_n, BLOCK_D=block_d,
         DOT_PRECISION=precision, num_warps=num_warps)
     return words

@@ -2,22 +2,33 @@
 
   S = scale·Q·Kᵀ (+ additive mask), S = −inf where not allowed
   allowed[b,h,i,j] = bit j of keep[b,h,i] AND key padding[b,j] AND bool mask[b,h,i,j]
+                     (AND j <= i + Lk − Lq when IS_CAUSAL: bottom-right aligned)
   P = softmax_j(S) (a row with nothing allowed gives P = 0, O = 0, zero gradients)
   O = (P ⊙ Z / (1 − dropout_p))·V,  Z = philox_word(seed, index, step, stream) <
       floor((1 − dropout_p)·2^32), index = b·H·Lq·Lk + h·Lq·Lk + i·Lk + j (when dropout_p > 0)
-Online softmax in base 2; saved state: O and the row logsumexp (base 2, +inf on empty rows);
-Z is regenerated in backward, nothing of size L² is written.
+Online softmax in base 2 (scores scaled by scale·log2 e once after the dot, exp2 only); saved
+state: O and the row logsumexp (base 2, +inf on empty rows); Z is regenerated in backward,
+nothing of size L² is written. The keep bits of a tile are one [BLOCK_M, BLOCK_N/32] word load
+expanded by shifts.
 
-Backward (FlashAttention-2): delta_i = rowsum(dO ⊙ O); one kernel per key block accumulates
-dK, dV over the query blocks, one per query block accumulates dQ over the key blocks (no
-atomics): dP = dO·Vᵀ ⊙ Z/(1 − dropout_p), dS = P ⊙ (dP − delta), dQ = scale·dS·K,
-dK = scale·dSᵀ·Q, dV = (P ⊙ Z/(1 − dropout_p))ᵀ·dO.
+Grouped-query attention: K, V have Hkv heads (Hkv divides H); query head h reads kv head
+h // GROUP, GROUP = H / Hkv, in place. Causal: the forward and dQ loops stop at the block's
+last visible key, the dK/dV loop starts at the first query block that sees the key block.
+
+Backward (FlashAttention-2): delta_i = rowsum(dO ⊙ O); one program per (key block, kv head)
+accumulates dK, dV over the GROUP query heads and their query blocks, one per query block
+accumulates dQ over the key blocks (no atomics): dP = dO·Vᵀ ⊙ Z/(1 − dropout_p),
+dS = P ⊙ (dP − delta), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = (P ⊙ Z/(1 − dropout_p))ᵀ·dO.
+
+Tiles: autotuned on GPU over a pruned list keyed on (Lq, Lk, D, GROUP, dtype, flags); one
+config under the interpreter (small tiles that exercise the loops).
 
 Memory traffic per (b,h): forward reads Q once, K and V once per query block, the mask bits
 Lq·Lk/8 bytes, writes O and lse; backward reads Q, K, V, O, dO, the bits, writes dQ, dK, dV.
-Launch grids: forward and dQ (cdiv(Lq, BLOCK_M), B·H); dK/dV (cdiv(Lk, BLOCK_N), B·H).
+Launch grids: forward and dQ (cdiv(Lq, BLOCK_M), B·H); dK/dV (cdiv(Lk, BLOCK_N), B·Hkv).
 """
 import math
+import os
 
 import torch
 import triton
@@ -35,16 +46,14 @@ MASK_ADDITIVE = tl.constexpr(2)
 @triton.jit
 def _keep_bits(row_ptr, offs_m, Lq, start_n, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """bool [BLOCK_M, BLOCK_N]: keep bits of keys start_n .. start_n + BLOCK_N − 1 (start_n a
-    multiple of 32), read as BLOCK_N/32 words per row: one [BLOCK_M] load per word, so no
-    per-key pointers (registers) and no 32x repeated loads."""
-    cols = tl.arange(0, BLOCK_N)
-    bits = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for c in tl.static_range(BLOCK_N // 32):
-        # the word test as a block: a scalar bool in the mask trips the interpreter
-        in_row = (offs_m < Lq) & (offs_m * 0 + start_n + 32 * c < Lk)
-        word = tl.load(row_ptr + start_n // 32 + c, mask=in_row, other=0)
-        bits = tl.where((cols // 32 == c)[None, :], word[:, None] >> (cols % 32)[None, :], bits)
-    return (bits & 1) != 0
+    multiple of 32): one [BLOCK_M, BLOCK_N/32] word tile load, expanded by shifts (no per-key
+    pointers, no per-word loop)."""
+    offs_w = start_n // 32 + tl.arange(0, BLOCK_N // 32)
+    in_tile = (offs_m[:, None] < Lq) & (offs_w[None, :] * 32 < Lk)
+    words = tl.load(row_ptr[:, None] + offs_w[None, :], mask=in_tile, other=0)
+    shifts = tl.arange(0, 32)
+    bits = (words[:, :, None] >> shifts[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
 
 
 @triton.jit
@@ -53,11 +62,13 @@ def _masked_scores(s, offs_m, start_n, b, h, Lq, Lk,
                    kpm_ptr, kpm_b,
                    am_ptr, am_b, am_h, am_m, am_n,
                    HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores (base-2 units) of keys start_n .. start_n + BLOCK_N − 1 with the additive mask
     added and −inf where not allowed."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if IS_CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
     if HAS_KEEP:
         allowed = allowed & _keep_bits(keep_ptr + b * keep_b + h * keep_h + offs_m * keep_m,
                                        offs_m, Lq, start_n, Lk, BLOCK_M, BLOCK_N)
@@ -75,6 +86,24 @@ def _masked_scores(s, offs_m, start_n, b, h, Lq, Lk,
 
 
 @triton.jit
+def _key_end(start_m, Lq, Lk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Exclusive end of the keys visible from query rows start_m .. start_m + BLOCK_M − 1."""
+    end = Lk
+    if IS_CAUSAL:
+        end = tl.minimum(Lk, tl.maximum(0, start_m + BLOCK_M + (Lk - Lq)))
+    return end
+
+
+@triton.jit
+def _query_start(start_n, Lq, Lk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """First query block start (a multiple of BLOCK_M) whose rows can see key start_n."""
+    start = 0
+    if IS_CAUSAL:
+        start = tl.maximum(0, start_n - (Lk - Lq)) // BLOCK_M * BLOCK_M
+    return start
+
+
+@triton.jit
 def _dropout_keep(b, h, H, Lq, Lk, offs_m, offs_n, seed_lo, seed_hi, step, stream, keep_thr):
     """Attention-dropout keep decisions of a tile: word < floor((1 − dropout_p)·2^32)."""
     index = mask_element_index(b, h, H, Lq, Lk, offs_m, offs_n)
@@ -82,22 +111,61 @@ def _dropout_keep(b, h, H, Lq, Lk, offs_m, offs_n, seed_lo, seed_hi, step, strea
     return word.to(tl.int64) < keep_thr
 
 
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs that suit the call: exact-fp32 ("ieee") dots get the small tiles,
+    D = 128 drops the tiles whose accumulators do not fit the registers (spills)."""
+    fp32 = named_args["q_ptr"].dtype == torch.float32
+    big_d = named_args["D"] > 64
+    kept = []
+    for config in configs:
+        area = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+        if fp32 and area > 64 * 32:
+            continue
+        if big_d and area > 128 * 64:
+            continue
+        kept.append(config)
+    return kept or configs[:1]
+
+
+def _configs(kernel: str):
+    """Pruned tile list of one kernel ("fwd", "dkdv", "dq"); one small config in the
+    interpreter (tiles that exercise the loops). BLOCK_N is a multiple of 32: a key tile covers
+    whole words of the keep bits."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32), num_warps=1, num_stages=1)]
+    shapes = {
+        "fwd": [(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2),
+                (64, 32, 4, 2)],
+        "dkdv": [(64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 32, 4, 1)],
+        "dq": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 1)],
+    }[kernel]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
+            for m, n, w, st in shapes]
+
+
+_TUNE_KEY = ["Lq", "Lk", "D", "GROUP", "HAS_KEEP", "HAS_KPM", "MASK_KIND", "HAS_DROPOUT",
+             "IS_CAUSAL"]
+
+
+@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY,
+                 prune_configs_by=dict(early_config_prune=_prune))
 @triton.jit
 def masked_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr,  # [B,H,L,D], last stride 1
+    q_ptr, k_ptr, v_ptr,  # q [B,H,Lq,D], k/v [B,Hkv,Lk,D], last stride 1
     o_ptr,  # [B,H,Lq,D] output, contiguous
     lse_ptr,  # fp32 [B,H,Lq] base-2 logsumexp, contiguous
     keep_ptr, keep_b, keep_h, keep_m,  # int32 bits [B,H,Lq,W] and strides (HAS_KEEP)
     kpm_ptr, kpm_b,  # uint8 [B,Lk] key padding, 1 = attend (HAS_KPM)
     am_ptr, am_b, am_h, am_m, am_n,  # 4-D mask broadcast to [B,H,Lq,Lk] by strides (MASK_KIND)
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n,  # strides of q, k, v
-    H, Lq, Lk, D,  # heads, query/key lengths, head dim
+    H, Lq, Lk, D,  # query heads, query/key lengths, head dim
+    GROUP,  # query heads per kv head
     qk_scale,  # scale * log2(e)
     seed_lo, seed_hi, step, stream,  # attention-dropout Philox key halves and counter words
     dropout_keep_thr,  # floor((1 - dropout_p) * 2^32)
     dropout_scale,  # 1 / (1 - dropout_p)
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
 ):
@@ -105,7 +173,9 @@ def masked_attention_fwd_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    hkv = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
     q = tl.load(q_ptr + b * q_b + h * q_h + offs_m[:, None] * q_m + offs_d[None, :],
@@ -114,15 +184,17 @@ def masked_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
+    k_base = k_ptr + b * k_b + hkv * k_h
+    v_base = v_ptr + b * v_b + hkv * v_h
+    for start_n in range(0, _key_end(start_m, Lq, Lk, IS_CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < Lk
-        kt = tl.load(k_ptr + b * k_b + h * k_h + offs_n[None, :] * k_n + offs_d[:, None],
+        kt = tl.load(k_base + offs_n[None, :] * k_n + offs_d[:, None],
                      mask=in_n[None, :] & in_d[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = _masked_scores(s, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h, keep_m,
                            kpm_ptr, kpm_b, am_ptr, am_b, am_h, am_m, am_n,
-                           HAS_KEEP, HAS_KPM, MASK_KIND, BLOCK_M, BLOCK_N)
+                           HAS_KEEP, HAS_KPM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # rows with nothing allowed yet: subtract 0 so exp2 gives 0, not NaN from −inf − −inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -133,7 +205,7 @@ def masked_attention_fwd_kernel(
             z = _dropout_keep(b, h, H, Lq, Lk, offs_m, offs_n, seed_lo, seed_hi, step, stream,
                               keep_thr)
             p = tl.where(z, p * dropout_scale, 0.0)
-        v = tl.load(v_ptr + b * v_b + h * v_h + offs_n[:, None] * v_n + offs_d[None, :],
+        v = tl.load(v_base + offs_n[:, None] * v_n + offs_d[None, :],
                     mask=in_n[:, None] & in_d[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -175,14 +247,14 @@ def _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk, qk_sc
               am_ptr, am_b, am_h, am_m, am_n,
               seed_lo, seed_hi, step, stream, keep_thr, dropout_scale,
               HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(P ⊙ Z/(1−dropout_p), dS) of one [BLOCK_M, BLOCK_N] tile, recomputed from Q, K, lse."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
     s = _masked_scores(s, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h, keep_m,
                        kpm_ptr, kpm_b, am_ptr, am_b, am_h, am_m, am_n,
-                       HAS_KEEP, HAS_KPM, MASK_KIND, BLOCK_M, BLOCK_N)
+                       HAS_KEEP, HAS_KPM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
     p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
@@ -196,57 +268,66 @@ def _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk, qk_sc
     return p_drop, ds
 
 
+@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY,
+                 prune_configs_by=dict(early_config_prune=_prune))
 @triton.jit
 def masked_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr,  # [B,H,L,D], last stride 1
+    q_ptr, k_ptr, v_ptr, do_ptr,  # q/dO [B,H,Lq,D], k/v [B,Hkv,Lk,D], last stride 1
     lse_ptr, delta_ptr,  # fp32 [B,H,Lq]
-    dk_ptr, dv_ptr,  # [B,H,Lk,D] outputs, contiguous
+    dk_ptr, dv_ptr,  # [B,Hkv,Lk,D] outputs, contiguous
     keep_ptr, keep_b, keep_h, keep_m,
     kpm_ptr, kpm_b,
     am_ptr, am_b, am_h, am_m, am_n,
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n, do_b, do_h, do_m,
     H, Lq, Lk, D,
+    GROUP,  # query heads per kv head: this program sums over heads hkv·GROUP .. + GROUP − 1
     qk_scale, sm_scale,  # scale * log2(e), scale
     seed_lo, seed_hi, step, stream, dropout_keep_thr, dropout_scale,
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bhkv = tl.program_id(1).to(tl.int64)
+    hkv_count = H // GROUP
+    b = bhkv // hkv_count
+    hkv = bhkv % hkv_count
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
     in_n = offs_n < Lk
-    kt = tl.load(k_ptr + b * k_b + h * k_h + offs_n[None, :] * k_n + offs_d[:, None],
+    kt = tl.load(k_ptr + b * k_b + hkv * k_h + offs_n[None, :] * k_n + offs_d[:, None],
                  mask=in_n[None, :] & in_d[:, None], other=0.0)
-    vt = tl.load(v_ptr + b * v_b + h * v_h + offs_n[None, :] * v_n + offs_d[:, None],
+    vt = tl.load(v_ptr + b * v_b + hkv * v_h + offs_n[None, :] * v_n + offs_d[:, None],
                  mask=in_n[None, :] & in_d[:, None], other=0.0)
     keep_thr = tl.cast(dropout_keep_thr, tl.int64)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for start_m in range(0, Lq, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_m = offs_m < Lq
-        mask_md = in_m[:, None] & in_d[None, :]
-        q = tl.load(q_ptr + b * q_b + h * q_h + offs_m[:, None] * q_m + offs_d[None, :],
-                    mask=mask_md, other=0.0)
-        do = tl.load(do_ptr + b * do_b + h * do_h + offs_m[:, None] * do_m + offs_d[None, :],
-                     mask=mask_md, other=0.0)
-        lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=in_m, other=float("inf"))
-        delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=in_m, other=0.0)
-        p_drop, ds = _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk,
-                               qk_scale, keep_ptr, keep_b, keep_h, keep_m, kpm_ptr, kpm_b,
-                               am_ptr, am_b, am_h, am_m, am_n, seed_lo, seed_hi, step, stream,
-                               keep_thr, dropout_scale, HAS_KEEP, HAS_KPM, MASK_KIND,
-                               HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
-        dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    row = bh * Lk + offs_n
+    lo = _query_start(start_n, Lq, Lk, IS_CAUSAL, BLOCK_M)
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        bh = b * H + h
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            in_m = offs_m < Lq
+            mask_md = in_m[:, None] & in_d[None, :]
+            q = tl.load(q_ptr + b * q_b + h * q_h + offs_m[:, None] * q_m + offs_d[None, :],
+                        mask=mask_md, other=0.0)
+            do = tl.load(do_ptr + b * do_b + h * do_h + offs_m[:, None] * do_m
+                         + offs_d[None, :], mask=mask_md, other=0.0)
+            lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=in_m, other=float("inf"))
+            delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=in_m, other=0.0)
+            p_drop, ds = _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk,
+                                   qk_scale, keep_ptr, keep_b, keep_h, keep_m, kpm_ptr, kpm_b,
+                                   am_ptr, am_b, am_h, am_m, am_n, seed_lo, seed_hi, step,
+                                   stream, keep_thr, dropout_scale, HAS_KEEP, HAS_KPM,
+                                   MASK_KIND, HAS_DROPOUT, IS_CAUSAL, DOT_PRECISION, BLOCK_M,
+                                   BLOCK_N)
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    row = bhkv * Lk + offs_n
     mask_nd = in_n[:, None] & in_d[None, :]
     tl.store(dk_ptr + row[:, None] * D + offs_d[None, :],
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=mask_nd)
@@ -254,9 +335,11 @@ def masked_attention_bwd_dkdv_kernel(
              mask=mask_nd)
 
 
+@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY,
+                 prune_configs_by=dict(early_config_prune=_prune))
 @triton.jit
 def masked_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr,  # [B,H,L,D], last stride 1
+    q_ptr, k_ptr, v_ptr, do_ptr,  # q/dO [B,H,Lq,D], k/v [B,Hkv,Lk,D], last stride 1
     lse_ptr, delta_ptr,  # fp32 [B,H,Lq]
     dq_ptr,  # [B,H,Lq,D] output, contiguous
     keep_ptr, keep_b, keep_h, keep_m,
@@ -264,10 +347,11 @@ def masked_attention_bwd_dq_kernel(
     am_ptr, am_b, am_h, am_m, am_n,
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n, do_b, do_h, do_m,
     H, Lq, Lk, D,
+    GROUP,  # query heads per kv head
     qk_scale, sm_scale,
     seed_lo, seed_hi, step, stream, dropout_keep_thr, dropout_scale,
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -275,7 +359,9 @@ def masked_attention_bwd_dq_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    hkv = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
     in_m = offs_m < Lq
@@ -288,18 +374,20 @@ def masked_attention_bwd_dq_kernel(
     delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=in_m, other=0.0)
     keep_thr = tl.cast(dropout_keep_thr, tl.int64)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
+    k_base = k_ptr + b * k_b + hkv * k_h
+    v_base = v_ptr + b * v_b + hkv * v_h
+    for start_n in range(0, _key_end(start_m, Lq, Lk, IS_CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < Lk
-        kt = tl.load(k_ptr + b * k_b + h * k_h + offs_n[None, :] * k_n + offs_d[:, None],
+        kt = tl.load(k_base + offs_n[None, :] * k_n + offs_d[:, None],
                      mask=in_n[None, :] & in_d[:, None], other=0.0)
-        vt = tl.load(v_ptr + b * v_b + h * v_h + offs_n[None, :] * v_n + offs_d[:, None],
+        vt = tl.load(v_base + offs_n[None, :] * v_n + offs_d[:, None],
                      mask=in_n[None, :] & in_d[:, None], other=0.0)
         _, ds = _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk,
                           qk_scale, keep_ptr, keep_b, keep_h, keep_m, kpm_ptr, kpm_b,
                           am_ptr, am_b, am_h, am_m, am_n, seed_lo, seed_hi, step, stream,
                           keep_thr, dropout_scale, HAS_KEEP, HAS_KPM, MASK_KIND,
-                          HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                          HAS_DROPOUT, IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
     row = bh * Lq + offs_m
     tl.store(dq_ptr + row[:, None] * D + offs_d[None, :],
@@ -329,20 +417,7 @@ class MaskArgs:
         self.flags = dict(HAS_KEEP=self.has_keep, HAS_KPM=self.has_kpm, MASK_KIND=self.kind)
 
 
-def _settings(q, kernel: str):
-    """(tile sizes, num_warps) of "fwd", "dkdv" or "dq": small tiles under the interpreter
-    (they exercise the loops), FlashAttention-2-like ones on GPU (not tuned on hardware yet).
-    BLOCK_N is a multiple of 32: a key tile covers whole words of the keep bits."""
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    if q.device.type == "cpu":
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d), 1
-    if q.dtype == torch.float32:  # exact-fp32 ("ieee") dots: a correctness path, small tiles
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d), 4
-    if kernel == "fwd":
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d), 8
-    if kernel == "dkdv":  # 8 warps: dK, dV accumulators plus the recomputed tiles fit registers
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d), 8
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d), 4 if block_d <= 64 else 8
+DELTA_BLOCK_M = 64
 
 
 def _dropout_args(dropout_p, seed, step, stream):
@@ -351,48 +426,53 @@ def _dropout_args(dropout_p, seed, step, stream):
     return (seed & 0xFFFFFFFF, seed >> 32, step, stream, keep_thr, scale)
 
 
-def masked_attention_forward(q, k, v, masks: MaskArgs, scale: float, dropout_p: float,
-                             seed: int, step: int, stream: int):
-    """(O [B,H,Lq,D] contiguous in q's dtype, lse fp32 [B,H,Lq] base 2)."""
+def _common(q, k):
+    """(batch, heads, kv heads, lq, lk, d, BLOCK_D, dot precision)."""
     batch, heads, lq, d = q.shape
-    lk = k.shape[2]
+    kv_heads, lk = k.shape[1], k.shape[2]
+    block_d = max(16, triton.next_power_of_2(d))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return batch, heads, kv_heads, lq, lk, d, block_d, precision
+
+
+def masked_attention_forward(q, k, v, masks: MaskArgs, scale: float, dropout_p: float,
+                             seed: int, step: int, stream: int, is_causal: bool = False):
+    """(O [B,H,Lq,D] contiguous in q's dtype, lse fp32 [B,H,Lq] base 2). k, v [B,Hkv,Lk,D]."""
+    batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
     out = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=q.device)
-    blocks, num_warps = _settings(q, "fwd")
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(lq, blocks["BLOCK_M"]), batch * heads)
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     masked_attention_fwd_kernel[grid](
         q, k, v, out, lse, *masks.args,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        heads, lq, lk, d, scale * math.log2(math.e),
+        heads, lq, lk, d, heads // kv_heads, scale * math.log2(math.e),
         *_dropout_args(dropout_p, seed, step, stream),
-        **masks.flags, HAS_DROPOUT=dropout_p > 0.0, **blocks, DOT_PRECISION=precision,
-        num_warps=num_warps)
+        **masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal, BLOCK_D=block_d,
+        DOT_PRECISION=precision)
     return out, lse
 
 
 def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: float,
-                              dropout_p: float, seed: int, step: int, stream: int):
-    """(dq, dk, dv), contiguous, in q's dtype. `do` needs last stride 1."""
-    batch, heads, lq, d = q.shape
-    lk = k.shape[2]
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+                              dropout_p: float, seed: int, step: int, stream: int,
+                              is_causal: bool = False):
+    """(dq [B,H,Lq,D], dk, dv [B,Hkv,Lk,D]), contiguous, in q's dtype. `do` needs last
+    stride 1."""
+    batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
     delta = torch.empty_like(lse)
-    blocks, num_warps = _settings(q, "dq")
-    grid_m = (triton.cdiv(lq, blocks["BLOCK_M"]), batch * heads)
-    masked_attention_bwd_delta_kernel[grid_m](
-        out, do, delta, *do.stride()[:3], heads, lq, d,
-        BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], num_warps=num_warps)
+    delta_m = 16 if q.device.type == "cpu" else DELTA_BLOCK_M
+    masked_attention_bwd_delta_kernel[(triton.cdiv(lq, delta_m), batch * heads)](
+        out, do, delta, *do.stride()[:3], heads, lq, d, BLOCK_M=delta_m, BLOCK_D=block_d,
+        num_warps=1 if q.device.type == "cpu" else 4)
     dq = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=q.device)
-    dk = torch.empty(batch, heads, lk, d, dtype=k.dtype, device=q.device)
-    dv = torch.empty(batch, heads, lk, d, dtype=v.dtype, device=q.device)
+    dk = torch.empty(batch, kv_heads, lk, d, dtype=k.dtype, device=q.device)
+    dv = torch.empty(batch, kv_heads, lk, d, dtype=v.dtype, device=q.device)
     common = (*masks.args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-              *do.stride()[:3], heads, lq, lk, d, scale * math.log2(math.e), scale,
-              *_dropout_args(dropout_p, seed, step, stream))
-    flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=precision)
-    kv_blocks, kv_warps = _settings(q, "dkdv")
-    masked_attention_bwd_dkdv_kernel[(triton.cdiv(lk, kv_blocks["BLOCK_N"]), batch * heads)](
-        q, k, v, do, lse, delta, dk, dv, *common, **flags, **kv_blocks, num_warps=kv_warps)
-    masked_attention_bwd_dq_kernel[grid_m](q, k, v, do, lse, delta, dq, *common, **flags,
-                                           **blocks, num_warps=num_warps)
+              *do.stride()[:3], heads, lq, lk, d, heads // kv_heads,
+              scale * math.log2(math.e), scale, *_dropout_args(dropout_p, seed, step, stream))
+    flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal,
+                 BLOCK_D=block_d, DOT_PRECISION=precision)
+    grid_kv = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+    masked_attention_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *common, **flags)
+    grid_q = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    masked_attention_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *common, **flags)
     return dq, dk, dv

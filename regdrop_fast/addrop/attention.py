@@ -1,10 +1,17 @@
 """Attention under an AD-DROP keep mask: `masked_attention(q, k, v, keep=None, ...)`.
 
-  O = dropout(softmax(scale·Q·Kᵀ + mask)) · V,   q/k/v [B,H,L,D] -> O [B,H,Lq,D]
+  O = dropout(softmax(scale·Q·Kᵀ + mask)) · V,   q [B,H,Lq,D], k/v [B,Hkv,Lk,D] -> O [B,H,Lq,D]
 where positions whose keep bit is 0, pad keys and False entries of a bool mask get −inf; a row
 with nothing left gives O = 0 and zero gradients (never NaN). Differentiable w.r.t. q, k, v
 (not the masks). The triton backend is flash-attention style: no L² tensor in memory, only O
 and the row logsumexp are saved.
+
+Grouped-query attention: k and v may have Hkv heads with Hkv dividing H; query head h reads kv
+head h // (H // Hkv) (read in place, never repeated in memory; dK/dV sum over the group).
+is_causal=True: key j is visible from query row i iff j <= i + Lk − Lq, the bottom-right
+alignment of flash-attn (the usual j <= i when Lq == Lk; with Lq > Lk the first Lq − Lk rows see
+no key and give zeros). The kernels skip the key blocks above the diagonal.
+scale: a finite number >= 0 (default D^-0.5); 0 gives uniform attention over the allowed keys.
 
 Masks: `keep` a PackedMask [B,H,Lq,Lk] (1 = keep, from `keep_mask`); `attn_mask` either bool
 [B,Lk] key padding (True = attend, the HF attention_mask convention) or a 4-D bool (True =
@@ -17,6 +24,8 @@ backward pass regenerates the same decisions from (seed, step, stream).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -33,13 +42,15 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 class _MaskedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, keep_words, kpm, am, scale, dropout_p, seed, step, stream):
+    def forward(ctx, q, k, v, keep_words, kpm, am, scale, dropout_p, seed, step, stream,
+                is_causal):
         from ..triton_kernels import masked_attention as _tk
         masks = _tk.MaskArgs(keep_words, kpm, am, q)
         out, lse = _tk.masked_attention_forward(q, k, v, masks, scale, dropout_p, seed, step,
-                                                stream)
+                                                stream, is_causal)
         ctx.save_for_backward(q, k, v, out, lse, keep_words, kpm, am)
         ctx.config = (scale, dropout_p, seed, step, stream)
+        ctx.is_causal = is_causal
         return out
 
     @staticmethod
@@ -49,8 +60,8 @@ class _MaskedAttention(torch.autograd.Function):
         masks = _tk.MaskArgs(keep_words, kpm, am, q)
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         dq, dk, dv = _tk.masked_attention_backward(grad_out, q, k, v, out, lse, masks,
-                                                   *ctx.config)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+                                                   *ctx.config, ctx.is_causal)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def _split_attn_mask(attn_mask, shape, device):
@@ -79,22 +90,29 @@ def _split_attn_mask(attn_mask, shape, device):
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      keep: Optional[PackedMask] = None, attn_mask: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None, dropout_p: float = 0.0, seed: int = 0,
-                     step: int = 0, stream: int = 0, backend: Optional[str] = None):
+                     step: int = 0, stream: int = 0, backend: Optional[str] = None,
+                     is_causal: bool = False):
     """Attention [B,H,Lq,D] with the AD-DROP keep mask (see the module docstring).
 
-    scale defaults to D^-0.5; dropout_p in [0, 1); seed in [0, 2^64), step and stream in
-    [0, 2^32) name the dropout's Philox stream (independent of the mask's)."""
+    k, v: [B,Hkv,Lk,D] with Hkv dividing H; scale: finite, >= 0, default D^-0.5; dropout_p in
+    [0, 1); seed in [0, 2^64), step and stream in [0, 2^32) name the dropout's Philox stream
+    (independent of the mask's); is_causal: bottom-right aligned causal mask."""
     check_tensor("q", q, dtypes=_FLOATS, ndim=4)
     check_tensor("k", k, dtypes=_FLOATS, ndim=4, device=q.device)
     check_tensor("v", v, dtypes=_FLOATS, ndim=4, device=q.device)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads, lq, d = q.shape
-    lk = k.shape[2]
-    if k.shape != (batch, heads, lk, d) or v.shape != k.shape:
-        raise ValueError(f"k and v must be [B,H,Lk,D] with B,H,D of q {tuple(q.shape)}, got k "
+    kv_heads, lk = k.shape[1], k.shape[2]
+    if k.shape != (batch, kv_heads, lk, d) or v.shape != k.shape:
+        raise ValueError(f"k and v must be [B,Hkv,Lk,D] with B,D of q {tuple(q.shape)}, got k "
                          f"{tuple(k.shape)} and v {tuple(v.shape)}")
-    if min(batch, heads, lq, lk, d) == 0:
+    if kv_heads and heads % kv_heads:
+        raise ValueError(f"k and v heads (Hkv = {kv_heads}) must divide q's heads (H = "
+                         f"{heads}) for grouped-query attention")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if min(batch, heads, kv_heads, lq, lk, d) == 0:
         raise ValueError(f"q, k, v must be non-empty (empty batch, heads, length or head dim), "
                          f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
     shape = (batch, heads, lq, lk)
@@ -110,8 +128,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kpm, am = _split_attn_mask(attn_mask, shape, q.device)
     if scale is None:
         scale = d ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    elif not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale must be finite and >= 0 (0 = uniform attention), got {scale!r}")
     dropout_p = check_prob("dropout_p", dropout_p, low_open=False, high_open=True)
     seed = check_int("seed", seed, 0, UINT64_MAX)
     step = check_int("step", step, 0, UINT32_MAX)
@@ -121,8 +141,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if name == "reference":
         dense = None if keep is None else unpack_mask(keep, backend="reference")
         return _ref.masked_attention(q, k, v, dense, attn_mask, float(scale), dropout_p, seed,
-                                     step, stream)
+                                     step, stream, is_causal=is_causal)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     keep_words = None if keep is None else keep.words.contiguous()
     return _MaskedAttention.apply(q, k, v, keep_words, kpm, am, float(scale), dropout_p, seed,
-                                  step, stream)
+                                  step, stream, is_causal)

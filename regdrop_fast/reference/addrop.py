@@ -3,26 +3,32 @@
 The ground truth the Triton kernels are tested against (../shared/REFERENCE.md, "AD-DROP").
 
 Attribution (kind "gradient"): with O = A_drop·V, the gradient of a target w.r.t. the attention
-map is B = ∂target/∂A = dO·Vᵀ, [B,H,Lq,Lk] (`attribution`).
+map is B = ∂target/∂A = dO·Vᵀ, [B,H,Lq,Lk] (`attribution`; v may have Hkv heads dividing H, query
+head h then reads kv head h // (H // Hkv)).
 
-Keep mask (`keep_mask`), per (batch b, head h, query row i), over the valid_len[b] real keys:
-  rank      = floor((1 − p) · valid_len)   (float64; clamped to valid_len − 1 for the p where
-              1 − p rounds to 1)
-  threshold = the value at ascending index `rank` of the row restricted to real keys (sorted)
-  candidate = real key AND B >= threshold  (ties included)
-  keep      = real key AND (NOT candidate OR word >= floor(q · 2^32))
-  word      = philox_words(seed, index, step, stream), index = b·H·Lq·Lk + h·Lq·Lk + i·Lk + j,
-so a candidate is dropped iff word < floor(q · 2^32) (probability q). Pad keys are never kept;
-rows of a sample with no real key keep nothing. drop="low" is drop="high" applied to −B: the
-threshold is the value of −B at ascending index `rank` (i.e. B at descending index `rank`) and
-the candidates are B <= −threshold, the lowest fraction p. Attributions must not be NaN.
-The official code pushes pad keys to the end with +100 on their score; here pad keys get +inf,
-which selects the same threshold for any finite attribution.
+Keep mask (`keep_mask`), per (batch b, head h, query row i), over the row's allowed keys: the
+real (non-pad) keys of sample b, and with is_causal only those j <= i + Lk − Lq (bottom-right
+aligned, as flash-attn); n = their number:
+  drop="high" (official generate_mask_high):
+    rank      = ((1 − p)·n).long() with torch's float32 product (`threshold_rank`)
+    threshold = the value at ascending index `rank` of the row's allowed keys (sorted)
+    candidate = allowed AND B >= threshold  (ties included)
+  drop="low" (official generate_mask_low):
+    rank      = (p·n).long(), same float32 rule; threshold as above
+    candidate = allowed AND B < threshold   (strictly below: ties with it are kept)
+  keep = allowed AND (NOT candidate OR word >= floor(q · 2^32))
+  word = philox_words(seed, index, step, stream), index = b·H·Lq·Lk + h·Lq·Lk + i·Lk + j,
+so a candidate is dropped iff word < floor(q · 2^32) (probability q). Keys that are not allowed
+are never kept; rows without an allowed key keep nothing. rank is clamped to n − 1 (only reached
+for p within float32 rounding of 0 or 1, where the official code would index past the row).
+The official code pushes pad keys to the end with +100 on their score; here they get +inf, which
+selects the same threshold for any finite attribution. Attributions must not be NaN.
 
 Masked attention (`masked_attention`): eager softmax(scale·QKᵀ + masks) with the unpacked keep
-mask; fully masked rows give zeros. Optional attention dropout keeps a probability iff
-word < floor((1 − dropout_p) · 2^32) (its own seed/step/stream, the same flat index) and
-rescales by 1 / (1 − dropout_p).
+mask (and with is_causal the bottom-right causal mask); fully masked rows give zeros. k, v may
+have Hkv heads dividing H (grouped-query attention). Optional attention dropout keeps a
+probability iff word < floor((1 − dropout_p) · 2^32) (its own seed/step/stream, the same flat
+index over [B,H,Lq,Lk]) and rescales by 1 / (1 − dropout_p).
 """
 from __future__ import annotations
 
@@ -34,11 +40,16 @@ from .._checks import keep_threshold
 from . import philox as _philox
 
 
+def expand_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B,Hkv,L,D] -> [B,H,L,D]: query head h reads kv head h // (H // Hkv)."""
+    return t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t
+
+
 def attribution(dO: torch.Tensor, v: torch.Tensor, upcast: bool = True) -> torch.Tensor:
-    """B = dO·Vᵀ: dO [B,H,Lq,D], v [B,H,Lk,D] -> [B,H,Lq,Lk] (fp32, or fp64 for fp64 inputs)."""
+    """B = dO·Vᵀ: dO [B,H,Lq,D], v [B,H|Hkv,Lk,D] -> [B,H,Lq,Lk] (fp32, or fp64 for fp64)."""
     if upcast and dO.dtype != torch.float64:
         dO, v = dO.float(), v.float()
-    return torch.matmul(dO, v.transpose(-1, -2))
+    return torch.matmul(dO, expand_kv_heads(v, dO.shape[1]).transpose(-1, -2))
 
 
 def valid_lengths(key_padding_mask: Optional[torch.Tensor], batch: int, lk: int,
@@ -49,11 +60,35 @@ def valid_lengths(key_padding_mask: Optional[torch.Tensor], batch: int, lk: int,
     return key_padding_mask.to(torch.int64).sum(-1)
 
 
-def threshold_rank(valid_len: torch.Tensor, p: float) -> torch.Tensor:
-    """int64 [B]: ascending index of the threshold, floor((1 − p)·valid_len) in float64,
-    clamped to valid_len − 1 (0 for samples without real keys)."""
-    rank = torch.floor((1.0 - p) * valid_len.to(torch.float64)).to(torch.int64)
-    return torch.minimum(rank, (valid_len - 1).clamp_min(0))
+def causal_allowed(lq: int, lk: int, device) -> torch.Tensor:
+    """bool [Lq,Lk]: key j is visible from query row i iff j <= i + Lk − Lq (bottom-right)."""
+    rows = torch.arange(lq, device=device)[:, None]
+    return torch.arange(lk, device=device)[None, :] <= rows + (lk - lq)
+
+
+def allowed_keys(key_padding_mask: Optional[torch.Tensor], batch: int, lq: int, lk: int,
+                 device, is_causal: bool = False) -> torch.Tensor:
+    """bool [B,1,Lq|1,Lk]: the keys each row's threshold is taken over (real, causal)."""
+    if key_padding_mask is None:
+        real = torch.ones(batch, lk, dtype=torch.bool, device=device)
+    else:
+        real = key_padding_mask.to(device=device, dtype=torch.bool)
+    allowed = real[:, None, None, :]
+    if is_causal:
+        allowed = allowed & causal_allowed(lq, lk, device)
+    return allowed
+
+
+def threshold_rank(allowed_len: torch.Tensor, p: float, drop: str = "high") -> torch.Tensor:
+    """int64, shape of allowed_len: the ascending index of the threshold, the official
+    ((1 − p)·n).long() ("high") or (p·n).long() ("low") where a Python float times an int64
+    tensor is a float32 product (both factors rounded to float32, then the product), clamped to
+    n − 1 (0 for rows without allowed keys). Written with explicit float32 so torch's default
+    dtype cannot change it."""
+    frac = (1.0 - p) if drop == "high" else p
+    product = allowed_len.to(torch.float32) * torch.tensor(frac, dtype=torch.float32)
+    rank = product.to(torch.int64)
+    return torch.minimum(rank, (allowed_len - 1).clamp_min(0))
 
 
 def flat_indices(shape, device) -> torch.Tensor:
@@ -65,29 +100,25 @@ def flat_indices(shape, device) -> torch.Tensor:
 
 
 def keep_mask(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor] = None,
-              seed: int = 0, step: int = 0, stream: int = 0, drop: str = "high") -> torch.Tensor:
+              seed: int = 0, step: int = 0, stream: int = 0, drop: str = "high",
+              is_causal: bool = False) -> torch.Tensor:
     """bool keep mask [B,H,Lq,Lk] of the official algorithm (sort + Bernoulli), see module doc.
 
     `attr` is a [B,H,Lq,Lk] attribution tensor or a (dO, v) pair."""
     if isinstance(attr, (tuple, list)):
         attr = attribution(*attr)
     scores = attr.double() if attr.dtype == torch.float64 else attr.float()
-    if drop == "low":
-        scores = -scores
-    batch, _, _, lk = scores.shape
+    batch, _, lq, lk = scores.shape
     device = scores.device
-    if key_padding_mask is None:
-        real = torch.ones(batch, lk, dtype=torch.bool, device=device)
-    else:
-        real = key_padding_mask.to(device=device, dtype=torch.bool)
-    real4 = real[:, None, None, :]
-    ranked = scores.masked_fill(~real4, float("inf")).sort(dim=-1).values
-    rank = threshold_rank(real.to(torch.int64).sum(-1), p)
-    threshold = ranked.gather(-1, rank.view(batch, 1, 1, 1).expand(*ranked.shape[:-1], 1))
-    candidate = real4 & (scores >= threshold)
+    allowed = allowed_keys(key_padding_mask, batch, lq, lk, device, is_causal)
+    ranked = scores.masked_fill(~allowed, float("inf")).sort(dim=-1).values
+    rank = threshold_rank(allowed.to(torch.int64).sum(-1, keepdim=True), p, drop)
+    threshold = ranked.gather(-1, rank.expand(*ranked.shape[:-1], 1))
+    above = scores >= threshold
+    candidate = allowed & (above if drop == "high" else ~above)
     words = _philox.philox_words(seed, flat_indices(scores.shape, device), step, stream)
     spared = words >= keep_threshold(q)
-    return real4 & (~candidate | spared)
+    return allowed & (~candidate | spared)
 
 
 def dropout_keep(shape, dropout_p: float, seed: int, step: int, stream: int,
@@ -119,8 +150,9 @@ def allowed_mask(shape, keep: Optional[torch.Tensor] = None,
 def masked_attention(q, k, v, keep: Optional[torch.Tensor] = None,
                      attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                      dropout_p: float = 0.0, seed: int = 0, step: int = 0, stream: int = 0,
-                     upcast: bool = True) -> torch.Tensor:
-    """Eager attention [B,H,Lq,D]; `keep` a dense bool [B,H,Lq,Lk] (or None). Differentiable.
+                     upcast: bool = True, is_causal: bool = False) -> torch.Tensor:
+    """Eager attention [B,H,Lq,D]; `keep` a dense bool [B,H,Lq,Lk] (or None); k, v [B,Hkv,Lk,D]
+    with Hkv dividing H. Differentiable.
 
     Computed in fp32 (fp64 for fp64 inputs) when `upcast`, returned in q's dtype."""
     out_dtype = q.dtype
@@ -130,8 +162,11 @@ def masked_attention(q, k, v, keep: Optional[torch.Tensor] = None,
         scale = q.shape[-1] ** -0.5
     batch, heads, lq, _ = q.shape
     lk = k.shape[-2]
+    k, v = expand_kv_heads(k, heads), expand_kv_heads(v, heads)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     allowed, bias = allowed_mask((batch, heads, lq, lk), keep, attn_mask, q.device)
+    if is_causal:
+        allowed = allowed & causal_allowed(lq, lk, q.device)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     scores = scores.masked_fill(~allowed, float("-inf"))
