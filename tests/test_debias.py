@@ -88,6 +88,30 @@ def test_loss_bad_input():
         poe_loss(z, y.float(), p.log())
 
 
+@pytest.mark.parametrize("bad_label", [3, -1, 7])
+def test_out_of_range_labels(device, bad_label):
+    """Issue 15: a label outside [0, C) that is not ignore_index is refused naming `labels` on
+    the CPU; on a GPU (no host sync per step) it makes the loss NaN, never an index error."""
+    logits = torch.randn(4, 3, device=device)
+    probs = torch.softmax(torch.randn(4, 3), -1).to(device)
+    labels = torch.tensor([0, 1, bad_label, -100], device=device)
+    calls = [lambda: poe_loss(logits, labels, probs.log()),
+             lambda: reweight_loss(logits, labels, probs),
+             lambda: conf_reg_loss(logits, labels, probs, probs)]
+    for call in calls:
+        if device.type == "cpu":
+            with pytest.raises(ValueError, match=f"labels must be in \\[0, 3\\).*got {bad_label}"):
+                call()
+        else:
+            assert torch.isnan(call())
+    # the same batch with the bad row ignored is fine
+    ok = labels.clone()
+    ok[2] = -100
+    assert torch.isfinite(poe_loss(logits, ok, probs.log()))
+    assert torch.isfinite(reweight_loss(logits, ok, probs))
+    assert torch.isfinite(conf_reg_loss(logits, ok, probs, probs))
+
+
 def test_overlap_features():
     feats = overlap_features(
         ["the doctor saw the lawyer", "the cat sat", "a b c"],

@@ -77,6 +77,113 @@ def test_triton_matches_reference_fwd_bwd(device, lead, n, k, kind):
         _close(grads[id(leaf)], ref_grad, name)
 
 
+@pytest.mark.parametrize("lead,n,k", SHAPES)
+@pytest.mark.parametrize("kind", ["packed", "scores"])
+@pytest.mark.parametrize("train_w", [True, False])
+def test_default_path_matches_reference_fwd_bwd(device, lead, n, k, kind, train_w):
+    """backend=None: W ⊙ M once + torch GEMMs; y, dx, db, dW, dScore against float64."""
+    x, w, b, mask, phi = _inputs(lead, n, k, device, kind)
+    dy = torch.randn(*lead, n, generator=torch.Generator().manual_seed(1)).to(device)
+    y, grads, leaves = _run(None, x, w, b, mask, phi, dy, train_w=train_w)
+    want = _ref64(x, w, b, mask, phi, dy)
+    _close(y, want[0], "y")
+    for name, leaf, ref_grad in zip(["dx", "dW", "db", "dScore"], leaves, want[1:]):
+        if leaf.requires_grad:
+            _close(grads[id(leaf)], ref_grad, name)
+    assert train_w or id(leaves[1]) not in grads
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
+def test_expanded_bias_and_strided_operands(device, backend):
+    """Issue 15 W1: a stride-0 (expanded) bias, a transposed weight and sliced scores give the
+    reference's answer on every path (the Triton kernel read the bias as if contiguous)."""
+    if backend == "triton":
+        require_backend("triton", device)
+    x, w, b, scores, phi = _inputs((7,), 20, 40, device, "scores")
+    bias = torch.tensor(0.75, device=device).expand(20)
+    weight = w.t().contiguous().t()  # a transposed view: column stride 20
+    wide = torch.randn(20, 90, device=device)
+    wide[:, 3:43] = scores
+    sliced = wide[:, 3:43]
+    y = masked_linear(x, weight, sliced, bias, threshold=phi, backend=backend)
+    want = ref.masked_linear(x.double(), w.double(), bias=torch.full((20,), 0.75).double().to(
+        device), scores=scores, threshold=phi)
+    _close(y, want, f"y[{backend}]")
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
+def test_nan_threshold_tensor_raises(device, backend):
+    """Issue 15 W2: a NaN threshold tensor pruned every weight silently; ±inf stay valid."""
+    if backend == "triton":
+        require_backend("triton", device)
+    x, w, b, scores, _ = _inputs((3,), 8, 40, device, "scores")
+    for phi in (torch.tensor(float("nan")), torch.tensor([float("nan")], device=device)):
+        with pytest.raises(ValueError, match="threshold must not be NaN"):
+            masked_linear(x, w, scores, b, threshold=phi, backend=backend)
+    y = masked_linear(x, w, scores, b, threshold=torch.tensor(float("-inf")), backend=backend)
+    _close(y, (x.double() @ w.double().T + b.double()), "phi=-inf keeps all")
+    y = masked_linear(x, w, scores, b, threshold=float("inf"), backend=backend)
+    assert torch.equal(y, b.expand(3, 8))
+
+
+def test_default_path_under_autocast_matches_reference():
+    """Mixed precision: fp32 weights and scores, x in fp32 or bf16, compute in bf16."""
+    x, w, b, scores, phi = _inputs((16,), 24, 48, "cpu", "scores")
+    dy = torch.randn(16, 24)
+    for x_dtype in (torch.float32, torch.bfloat16):
+        xx = x.detach().to(x_dtype).requires_grad_(True)
+        s = scores.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = masked_linear(xx, w, s, b, threshold=phi)
+        assert y.dtype == torch.bfloat16
+        y.backward(dy.bfloat16())
+        want = _ref64(x, w, b, scores, phi, dy)
+        torch.testing.assert_close(y.double(), want[0], rtol=2e-2, atol=5e-2)
+        assert xx.grad.dtype == x_dtype
+        torch.testing.assert_close(xx.grad.double(), want[1], rtol=2e-2, atol=5e-2)
+        torch.testing.assert_close(s.grad.double(), want[4], rtol=2e-2, atol=5e-2)
+
+
+def _saved_new_bytes(fn, inputs):
+    """Bytes of the tensors autograd saves during fn() that share no storage with `inputs`."""
+    owned = {t.untyped_storage().data_ptr() for t in inputs}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in owned:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
+def test_mask_training_saves_one_compute_dtype_copy():
+    """Issue 18 memory: a mask-training layer (frozen fp32 W, fp32 scores, bf16 autocast) keeps
+    for backward what a dense layer keeps (x and one bf16 copy of the weight), nothing more: no
+    fp32 W ⊙ M, no float mask (checked: an fp32 W ⊙ M makes it fail)."""
+    n, k, m = 64, 96, 8
+    w = torch.randn(n, k)
+    scores = torch.randn(n, k, requires_grad=True)
+    x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
+    dense_w = w.clone().requires_grad_(True)
+
+    def dense():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.functional.linear(x, dense_w)
+
+    def default():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            masked_linear(x, w, scores, threshold=0.1)
+
+    inputs = [x, w, scores, dense_w]
+    assert _saved_new_bytes(dense, inputs) == n * k * 2  # the bf16 weight copy
+    # the bf16 W ⊙ M and the 4-byte fp32 threshold, only
+    assert _saved_new_bytes(default, inputs) == n * k * 2 + 4
+
+
 @pytest.mark.parametrize("kind", ["packed", "scores"])
 def test_all_pruned_rows_output_bias(device, kind, kernel_backends):
     x, w, b, mask, phi = _inputs((9,), 20, 40, device, kind)

@@ -14,10 +14,16 @@ Extra traffic over a plain GEMM per weight element and pass: 1/8 B (packed bits)
 (fp32 scores) read, instead of writing and re-reading a W⊙M copy (2·sizeof(W) + mask).
 fp32 inputs use IEEE fp32 dot products unless torch.backends.cuda.matmul.allow_tf32 is set
 (torch's own rule for F.linear); bf16/fp16 tiles go to tl.dot as they are.
+
+Reached only by name (`masked_linear(..., backend="triton")`): one H200 run measured it at
+0.20-0.87x of F.linear(x, W*M), so the default is W ⊙ M written once + cuBLAS
+(mask_training.py) until a GPU comparison at full size says otherwise (issue 18).
 """
 import torch
 import triton
 import triton.language as tl
+
+from .mask_training import keep_tile as _keep_tile
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -27,29 +33,6 @@ _GPU_CONFIGS = [
 ]
 # the interpreter runs one numpy step per program: one small config, no autotuning
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-
-
-@triton.jit
-def _keep_tile(
-    words_ptr,  # int32 [N, W] packed mask (unused when FROM_SCORES)
-    scores_ptr,  # [N, K] scores (unused unless FROM_SCORES)
-    phi,  # fp32 threshold (keep iff score > phi)
-    rn,  # int64 [BLOCK_N] weight rows
-    rk,  # int64 [BLOCK_K] weight columns
-    valid,  # bool [BLOCK_N, BLOCK_K] in-bounds
-    stride_words_n,
-    stride_scores_n,
-    FROM_SCORES: tl.constexpr,
-):
-    if FROM_SCORES:
-        s = tl.load(scores_ptr + rn[:, None] * stride_scores_n + rk[None, :], mask=valid,
-                    other=0.0).to(tl.float32)
-        keep = s > phi
-    else:
-        word = tl.load(words_ptr + rn[:, None] * stride_words_n + (rk[None, :] >> 5), mask=valid,
-                       other=0)
-        keep = ((word >> (rk[None, :] & 31).to(tl.int32)) & 1) != 0
-    return keep & valid
 
 
 @triton.jit

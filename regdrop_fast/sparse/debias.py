@@ -7,6 +7,8 @@ probabilities p_b [B, C] (log-probabilities b = log p_b):
   conf_reg_loss  mean(−Σ_c S_c log softmax(z)_c),  S ∝ p_t^(1 − p_b[y])  confidence
                  regularization with a teacher's probabilities p_t
 All reduce in fp32; a batch whose rows are all ignored (or all weighted 0) gives 0, not NaN.
+A label outside [0, C) that is not ignore_index raises ValueError on the CPU; on a GPU (where
+checking would cost a host sync every step) it makes the loss NaN.
 
 The bias-only model is a logistic regression (torch, full-batch L-BFGS) on lexical-overlap
 features of (premise, hypothesis): all hypothesis words in the premise, hypothesis a contiguous
@@ -47,9 +49,24 @@ def _check_batch(logits, labels, name, other):
         raise ValueError("logits must have at least one row (empty batch)")
 
 
-def _valid_and_safe_labels(labels, ignore_index):
+def _valid_and_safe_labels(labels, ignore_index, num_classes):
+    """(valid rows, labels safe to index with, rows whose label is out of range).
+
+    Out-of-range labels (not ignore_index) raise on the CPU. On a GPU the check would cost a
+    host sync per call, so those rows are indexed at class 0 (no device-side assert) and the
+    loss comes out NaN instead."""
     valid = labels != ignore_index
-    return valid, torch.where(valid, labels, 0).long()
+    bad = valid & ((labels < 0) | (labels >= num_classes))
+    if labels.device.type == "cpu" and bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, {num_classes}) or ignore_index={ignore_index}, "
+                         f"got {first}")
+    return valid, torch.where(valid & ~bad, labels, 0).long(), bad
+
+
+def _poison(loss, bad):
+    # NaN if any row had an out-of-range label (GPU; the CPU raised already)
+    return torch.where(bad.any(), torch.full_like(loss, float("nan")), loss)
 
 
 def poe_loss(logits: torch.Tensor, labels: torch.Tensor, bias_log_probs: torch.Tensor,
@@ -57,20 +74,20 @@ def poe_loss(logits: torch.Tensor, labels: torch.Tensor, bias_log_probs: torch.T
     """Product of experts: mean over kept rows of CE(log_softmax(logits) + bias_log_probs, y)."""
     _check_batch(logits, labels, "bias_log_probs", bias_log_probs)
     combined = F.log_softmax(logits.float(), dim=-1) + bias_log_probs.float()
-    valid, safe = _valid_and_safe_labels(labels, ignore_index)
+    valid, safe, bad = _valid_and_safe_labels(labels, ignore_index, logits.shape[1])
     ce = F.cross_entropy(combined, safe, reduction="none")
-    return torch.where(valid, ce, 0.0).sum() / valid.sum().clamp_min(1)
+    return _poison(torch.where(valid, ce, 0.0).sum() / valid.sum().clamp_min(1), bad)
 
 
 def reweight_loss(logits: torch.Tensor, labels: torch.Tensor, bias_probs: torch.Tensor,
                   ignore_index: int = -100) -> torch.Tensor:
     """Example reweighting: Σ w·CE / Σ w with w = 1 − bias_probs[y] (0 on ignored rows)."""
     _check_batch(logits, labels, "bias_probs", bias_probs)
-    valid, safe = _valid_and_safe_labels(labels, ignore_index)
+    valid, safe, bad = _valid_and_safe_labels(labels, ignore_index, logits.shape[1])
     ce = F.cross_entropy(logits.float(), safe, reduction="none")
     w = torch.where(valid, 1.0 - bias_probs.float().gather(1, safe[:, None]).squeeze(1), 0.0)
     weighted = torch.where(w != 0, w * ce, 0.0)
-    return weighted.sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return _poison(weighted.sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny), bad)
 
 
 def conf_reg_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor,
@@ -79,12 +96,12 @@ def conf_reg_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_probs: tor
     probabilities scaled as S_c = p_t,c^(1−β) / Σ_k p_t,k^(1−β), β = bias_probs[y]."""
     _check_batch(logits, labels, "teacher_probs", teacher_probs)
     _check_batch(logits, labels, "bias_probs", bias_probs)
-    valid, safe = _valid_and_safe_labels(labels, ignore_index)
+    valid, safe, bad = _valid_and_safe_labels(labels, ignore_index, logits.shape[1])
     beta = bias_probs.float().gather(1, safe[:, None])
     scaled = teacher_probs.float().pow(1.0 - beta)
     scaled = scaled / scaled.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     per_row = -(scaled * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1)
+    return _poison(torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp_min(1), bad)
 
 
 _WORD = re.compile(r"[\w']+")

@@ -8,7 +8,8 @@ iterations for 50/70/90%, with compounding rounding (102, 204, 306, 409, 511 of 
 iteration that would pass `sparsity` prunes to int(n·sparsity) instead. Then it rewinds every parameter except
 the classifier's to the rewind point (the pre-trained weights, or a step saved with
 `save_rewind_point`) and zeroes the pruned weights. Masks are kept packed in the model's
-MaskedLinear layers; train between prunes with a fresh `regdrop_fast.MaskedAdamW(params,
+MaskedLinear layers, whose pruned weights are held at exactly 0 so that their forward and
+backward are plain F.linear (no masking op); train between prunes with a fresh `regdrop_fast.MaskedAdamW(params,
 masks)` (the paper recreates the optimizer per prune), which keeps pruned weights exactly 0.
 """
 from __future__ import annotations
@@ -104,6 +105,8 @@ class IterativeMagnitudePruner:
             targets = IMP_TARGETS
         prepare(model, targets, kind="packed", backend=backend, freeze=False)
         self.modules = {n: m for n, m in masked_modules(model).items() if m.kind == "packed"}
+        for module in self.modules.values():
+            module.zero_pruned()  # forward = plain F.linear; MaskedAdamW keeps the zeros
         self.iteration = 0
         self.num_iterations = math.ceil(self.final / self.rate - 1e-9)
         self._rewind_state = None
@@ -151,7 +154,7 @@ class IterativeMagnitudePruner:
     def apply_masks(self) -> None:
         """Zero the pruned weights in place."""
         for module in self.modules.values():
-            module.weight.mul_(module.keep_mask().to(module.weight.dtype))
+            module.zero_pruned()
 
     def masks(self) -> dict:
         """{weight Parameter: PackedMask} for the masked optimizer."""

@@ -1,18 +1,28 @@
 """Masked linear: y = x · (W ⊙ M)ᵀ + b, M from a PackedMask or from scores > threshold.
 
-`masked_linear` validates and dispatches (reference: F.linear(x, W * M, b); triton: the fused
-GEMM of triton_kernels/masked_linear.py, which never materializes W ⊙ M). `MaskedLinear` is the
-nn.Linear that `prepare` puts in place of a target layer: it shares the original weight and
-bias Parameters (no copy) and adds either trainable `mask_scores` + a `mask_threshold` buffer,
-or a `mask_words` buffer of packed bits.
+`masked_linear` validates and dispatches:
+  default (backend=None)  W ⊙ M written once in the compute dtype, then torch's GEMMs (cuBLAS
+                          on a GPU) for y, dx and G = dyᵀx; the straight-through dScore = G ⊙ W
+                          and dW = G ⊙ M in one elementwise pass (Triton on CUDA,
+                          triton_kernels/mask_training.py). Saves x and W ⊙ M only.
+  "reference"             F.linear(x, W * M, b) under autograd (the ground truth)
+  "triton"                the fused masked GEMM of triton_kernels/masked_linear.py, which never
+                          materializes W ⊙ M; kept by name until a GPU comparison (issue 18)
+`MaskedLinear` is the nn.Linear that `prepare` puts in place of a target layer: it shares the
+original weight and bias Parameters (no copy) and adds either trainable `mask_scores` + a
+`mask_threshold` buffer, or a `mask_words` buffer of packed bits. A packed layer whose pruned
+weights are held at 0 (`zero_pruned`, as IMP does; train it with MaskedAdamW) runs plain
+F.linear: no masking op at all.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import backends
 from .._checks import check_tensor
@@ -20,13 +30,82 @@ from ..masks import PackedMask, num_words
 from ..reference import masked_linear as _ref
 from ..reference import masks as _ref_masks
 
-__all__ = ["masked_linear", "MaskedLinear", "MaskedLinearFunction"]
+__all__ = ["masked_linear", "MaskedLinear", "MaskedLinearFunction", "MaterializedMaskedLinear"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _use_triton_elementwise(device: torch.device) -> bool:
+    return device.type == "cuda" and backends.unavailable_reason("triton", device) is None
+
+
+def _keep(weight, words, scores, phi) -> torch.Tensor:
+    if scores is not None:
+        return scores.float() > phi
+    return _ref_masks.unpack_bits(words, weight.shape[1])
+
+
+def materialize(weight, words, scores, phi, dtype) -> torch.Tensor:
+    """W ⊙ M in `dtype` (contiguous): one Triton pass on CUDA, torch ops elsewhere."""
+    if _use_triton_elementwise(weight.device):
+        from ..triton_kernels import mask_training as _mt
+        return _mt.materialize(weight, words, scores, phi, dtype)
+    return torch.where(_keep(weight, words, scores, phi), weight.to(dtype), 0)
+
+
+def ste_grads(g, weight, words, scores, phi, want_dscore, want_dw, score_dtype):
+    """(dScore = G ⊙ W, dW = G ⊙ M), each None unless wanted: one Triton pass on CUDA."""
+    if _use_triton_elementwise(g.device):
+        from ..triton_kernels import mask_training as _mt
+        return _mt.ste_grads(g, weight, words, scores, phi, want_dscore, want_dw, score_dtype)
+    dscore = (g.float() * weight.float()).to(score_dtype) if want_dscore else None
+    dw = (torch.where(_keep(weight, words, scores, phi), g.to(weight.dtype), 0)
+          if want_dw else None)
+    return dscore, dw
+
+
+class MaterializedMaskedLinear(torch.autograd.Function):
+    """The default path. Forward: W' = W ⊙ M once in the compute dtype, y = F.linear(x, W', b).
+    Saves x and W' (in the compute dtype: what a dense layer under autocast saves, x and its
+    16-bit weight copy) and references to W and the mask source, no other weight-sized tensor.
+    Backward: dx = dy·W', G = dyᵀ·x (torch GEMMs), then dScore = G ⊙ W and dW = G ⊙ M."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scores, words, phi, compute_dtype):
+        need_x, need_w, _, need_s = ctx.needs_input_grad[:4]
+        w_eff = materialize(weight, words, scores, phi, compute_dtype)
+        xc = x.to(compute_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(xc, w_eff, None if bias is None else bias.to(compute_dtype))
+        # weight, scores, words, phi: the caller's tensors, saved without a copy
+        ctx.save_for_backward(xc if (need_w or need_s) else None, w_eff if need_x else None,
+                              weight, scores, words, phi)
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype,
+                      None if scores is None else scores.dtype)
+        ctx.compute_dtype = compute_dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, w_eff, weight, scores, words, phi = ctx.saved_tensors
+        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        x_dtype, b_dtype, s_dtype = ctx.dtypes
+        n, k = weight.shape
+        dy = dy.to(ctx.compute_dtype)
+        dx = dw = db = dscore = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if need_x:
+                dx = (dy @ w_eff).to(x_dtype)
+            if need_w or need_s:
+                g = dy.reshape(-1, n).t() @ xc.reshape(-1, k)
+                dscore, dw = ste_grads(g, weight, words, scores, phi, need_s, need_w, s_dtype)
+            if need_b:
+                db = dy.reshape(-1, n).float().sum(0).to(b_dtype)
+        return dx, dw, db, dscore, None, None, None
+
+
 class MaskedLinearFunction(torch.autograd.Function):
-    """Triton forward/backward. Saves x, W and the mask source (bits or scores + φ); the mask is
+    """Triton forward/backward (backend="triton"). Saves x, W and the mask source (bits or scores + φ); the mask is
     rebuilt inside every GEMM tile, so nothing the size of W is stored."""
 
     @staticmethod
@@ -62,12 +141,18 @@ class MaskedLinearFunction(torch.autograd.Function):
         return dx, dw, db, dscore, None, None
 
 
-def _threshold_tensor(threshold, device) -> torch.Tensor:
+def _threshold_tensor(threshold, device, check_finite: bool) -> torch.Tensor:
+    """fp32 [1] φ on `device`. NaN raises (it would prune every weight); ±inf is a valid φ
+    (-inf keeps every weight, +inf none). A tensor φ on a GPU is checked only with
+    check_finite (one host sync), one on the CPU always."""
     if isinstance(threshold, torch.Tensor):
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be a scalar, got shape {tuple(threshold.shape)}")
         if threshold.is_floating_point() and threshold.device == device:
-            return threshold.detach().reshape(1).float()
+            phi = threshold.detach().reshape(1).float()
+            if (check_finite or phi.device.type == "cpu") and bool(torch.isnan(phi)):
+                raise ValueError("threshold must not be NaN")
+            return phi
         threshold = threshold.item()
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a real number or a 1-element tensor, got "
@@ -87,14 +172,19 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask, bias: Optional[to
     float scores tensor of weight's shape with `threshold` (float or 1-element tensor): M =
     scores > threshold, compared in fp32, gradient to scores by the straight-through estimator
     dScore = dW_eff ⊙ W. A row whose weights are all pruned outputs its bias.
-    check_finite: raise on NaN scores (one host sync); training loops that check their scores
-    when they reset φ pass False. backend: "reference" | "triton" | None (dispatch)."""
+    check_finite: raise on NaN scores or a NaN threshold tensor (one host sync); training loops
+    that check their scores when they reset φ pass False.
+    backend: None or "auto" (default: W ⊙ M once + torch GEMMs, see the module docstring),
+    "reference" or "triton" (the fused masked GEMM); REGDROP_FAST_BACKEND applies when None.
+    Under torch.autocast x may differ from weight's dtype and the output has the autocast dtype.
+    """
     check_tensor("x", x, dtypes=_FLOATS)
     check_tensor("weight", weight, dtypes=_FLOATS, ndim=2, device=x.device)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must have last dimension in_features={weight.shape[1]}, got shape "
                          f"{tuple(x.shape)}")
-    if x.dtype != weight.dtype:
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if x.dtype != weight.dtype and not autocast:
         raise TypeError(f"x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
     if bias is not None:
         check_tensor("bias", bias, dtypes=(weight.dtype,), ndim=1, device=x.device)
@@ -121,20 +211,32 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask, bias: Optional[to
         if check_finite and bool(torch.isnan(mask).any()):
             raise ValueError("mask (scores) contains NaN")
         scores = mask
-        phi = _threshold_tensor(threshold, x.device)
+        phi = _threshold_tensor(threshold, x.device, check_finite)
     else:
         raise TypeError(f"mask must be a PackedMask or a scores tensor, got {type(mask).__name__}")
-    name = backends.resolve("masked_linear", backend, x.device,
-                            implemented=("reference", "triton"))
+    requested = backend if backend is not None else os.environ.get(backends.ENV_VAR, "auto")
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string or None, got {type(requested).__name__}")
+    name = "auto" if requested.strip().lower() == "auto" else backends.resolve(
+        "masked_linear", backend, x.device, implemented=("reference", "triton"))
     if name == "reference":
         return _ref.masked_linear(x, weight, bias=bias, words=words, scores=scores, threshold=phi)
+    if name == "triton" and x.dtype != weight.dtype:
+        raise TypeError(f"backend 'triton' needs x and weight of the same dtype (no autocast), "
+                        f"got {x.dtype} and {weight.dtype}")
+    # the kernels take a row stride and assume unit column strides (a 1-d bias: unit stride)
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
     if words is not None and words.stride(-1) != 1:
         words = words.contiguous()
     if scores is not None and scores.stride(-1) != 1:
         scores = scores.contiguous()
-    return MaskedLinearFunction.apply(x, weight, bias, scores, words, phi)
+    if name == "triton":
+        return MaskedLinearFunction.apply(x, weight, bias, scores, words, phi)
+    compute = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    return MaterializedMaskedLinear.apply(x, weight, bias, scores, words, phi, compute)
 
 
 class MaskedLinear(nn.Linear):
@@ -145,6 +247,10 @@ class MaskedLinear(nn.Linear):
       "scores": Parameter `mask_scores` (fp32, weight's shape) and buffer `mask_threshold`
                 (fp32 [1]); keep iff score > threshold; scores train by the STE.
       "packed": buffer `mask_words` (int32 [out, ceil(in/32)]), 1 = keep.
+    A "packed" layer after `zero_pruned()` holds its pruned weights at exactly 0 in the
+    Parameter itself (again after every `set_mask` and `load_state_dict`), so its forward and
+    backward are plain F.linear; its optimizer must keep them at 0 (`MaskedAdamW` with
+    `packed_mask()`, as IMP does) or leave the weight frozen.
     """
 
     def __init__(self, *args, **kwargs):
@@ -162,6 +268,7 @@ class MaskedLinear(nn.Linear):
         self.bias = linear.bias
         self.kind = kind
         self.backend = backend
+        self.zeroed = False
         device = linear.weight.device
         if kind == "scores":
             self.mask_scores = nn.Parameter(
@@ -174,6 +281,23 @@ class MaskedLinear(nn.Linear):
                 device=device))
             self._clear_tail_bits()
         return self
+
+    @torch.no_grad()
+    def zero_pruned(self) -> None:
+        """Set the pruned weights to exactly 0 and from now on run plain F.linear ("packed")."""
+        if self.kind != "packed":
+            raise ValueError("zero_pruned needs a 'packed' MaskedLinear")
+        self.zeroed = True
+        self._apply_zeros()
+
+    @torch.no_grad()
+    def _apply_zeros(self) -> None:
+        self.weight.mul_(self.keep_mask().to(self.weight.device, self.weight.dtype))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.zeroed:  # the loaded mask may prune weights the loaded values do not zero
+            self._apply_zeros()
 
     def _clear_tail_bits(self):
         tail = self.in_features % 32
@@ -203,14 +327,19 @@ class MaskedLinear(nn.Linear):
             raise ValueError(f"keep must have the weight's shape {tuple(self.weight.shape)}, got "
                              f"{tuple(keep.shape)}")
         self.mask_words.copy_(_ref_masks.pack_bits(keep.to(self.mask_words.device)))
+        if self.zeroed:
+            self._apply_zeros()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "scores":
             return masked_linear(x, self.weight, self.mask_scores, self.bias,
                                  threshold=self.mask_threshold, backend=self.backend,
                                  check_finite=False)
+        if self.zeroed:
+            return F.linear(x, self.weight, self.bias)
         return masked_linear(x, self.weight, PackedMask(self.mask_words, self.weight.shape),
                              self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mask={self.kind}"
+        zeroed = ", pruned weights held at 0" if self.zeroed else ""
+        return f"{super().extra_repr()}, mask={self.kind}{zeroed}"

@@ -2,8 +2,9 @@
 
 `prepare` swaps each target nn.Linear for a `MaskedLinear` that holds the very same weight and
 bias Parameters (so optimizers, tied references and state_dict keys of the weights are
-unchanged) plus its mask; `masked_modules` finds them again; `merge` writes W ⊙ M into the
-weights and puts plain nn.Linear layers back (for export).
+unchanged) plus its mask; `masked_modules` finds them again; `fix_masks` turns trained score
+masks into fixed packed ones (pruned weights held at 0, plain F.linear); `merge` writes W ⊙ M
+into the weights and puts plain nn.Linear layers back (for export).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn as nn
 from .masked_linear import MaskedLinear
 from .targets import resolve_targets
 
-__all__ = ["prepare", "masked_modules", "merge", "score_parameters"]
+__all__ = ["prepare", "masked_modules", "merge", "score_parameters", "fix_masks"]
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -84,4 +85,26 @@ def merge(model: nn.Module) -> dict:
         linear.weight, linear.bias = module.weight, module.bias
         _set_module(model, name, linear)
         out[name] = linear
+    return out
+
+
+@torch.no_grad()
+def fix_masks(model: nn.Module) -> dict:
+    """Freeze the current mask of every "scores" layer into a fixed "packed" one (in place).
+
+    The pruned weights are set to exactly 0 and held there (`MaskedLinear.zero_pruned`), so
+    the layer runs plain F.linear: fine-tune the subnetwork with
+    `regdrop_fast.MaskedAdamW(params, fix_masks(model))`. The scores and thresholds are
+    dropped (the state_dict has `mask_words` instead); requires_grad is left as it is.
+    Returns {weight Parameter: PackedMask}."""
+    out = {}
+    for name, module in masked_modules(model).items():
+        if module.kind != "scores":
+            continue
+        keep = module.keep_mask()
+        fixed = MaskedLinear.from_linear(module, "packed", backend=module.backend)
+        fixed.set_mask(keep)
+        fixed.zero_pruned()
+        _set_module(model, name, fixed)
+        out[fixed.weight] = fixed.packed_mask()
     return out
