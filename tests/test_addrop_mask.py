@@ -1,10 +1,12 @@
 """AD-DROP attribution and keep mask: Triton kernel vs the sort-based reference, bit for bit."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import require_backend
 
+from regdrop_fast import backends
 from regdrop_fast._checks import keep_threshold
 from regdrop_fast.addrop.attribution import attribution
 from regdrop_fast.addrop.mask import keep_mask
@@ -176,6 +178,93 @@ def test_pair_and_tensor_inputs_agree_on_reference():
     a = keep_mask((dO, v), 0.3, 0.5, seed=1, backend="reference")
     b = keep_mask(attribution(dO, v), 0.3, 0.5, seed=1, backend="reference")
     assert torch.equal(a.words, b.words)
+
+
+P_GRID = [k / 100 for k in range(1, 100)]
+LENGTHS = torch.arange(1, 4097)
+
+
+def _official_index(frac: float, lengths: torch.Tensor) -> torch.Tensor:
+    """The index exactly as the official compute_actual_lens(_rev) writes it: a Python float
+    times the int64 lengths (torch's float32 product under the default dtype), then .long()."""
+    assert torch.get_default_dtype() == torch.float32
+    return (frac * lengths).long()
+
+
+def _float32_index(frac: float, lengths: torch.Tensor) -> torch.Tensor:
+    """The same rule in numpy: both factors rounded to float32, one rounded product, truncated."""
+    product = np.float32(frac) * lengths.numpy().astype(np.float32)
+    return torch.from_numpy(product.astype(np.int64))
+
+
+@pytest.mark.parametrize("drop", ["high", "low"])
+def test_threshold_index_is_the_official_float32_product(drop):
+    """Every p on the 0.01 grid, every length 1..4096: the index of both backends (the triton
+    launcher takes the same host ranks) equals the official one."""
+    for p in P_GRID:
+        frac = 1 - p if drop == "high" else p
+        want = _official_index(frac, LENGTHS)
+        assert torch.equal(want, _float32_index(frac, LENGTHS)), p
+        assert torch.equal(ref.threshold_rank(LENGTHS, p, drop), want), p
+
+
+def test_threshold_index_examples_where_float64_differs():
+    high = ref.threshold_rank
+    assert high(torch.tensor([10]), 0.9).item() == 1  # float64 floor: 0, the whole row masked
+    fives = torch.arange(5, 4097, 5)
+    assert torch.equal(high(fives, 0.8), fives // 5)  # float64 floor: one less
+    assert high(torch.tensor([90, 170]), 0.3).tolist() == [63, 119]  # float64: 62, 118
+    assert high(torch.tensor([10]), 0.25, "low").item() == 2
+
+
+def _kept_counts(lengths, p, drop, backend, device, causal=False):
+    """Kept keys per row with q = 1 (every candidate dropped) for samples of these lengths."""
+    gen = torch.Generator().manual_seed(len(lengths))
+    lk = max(lengths)
+    attr = torch.randn(len(lengths), 1, 2 if not causal else lk, lk, generator=gen).to(device)
+    kpm = (torch.arange(lk)[None, :] < torch.tensor(lengths)[:, None]).to(device)
+    keep = keep_mask(attr, p, 1.0, kpm, drop=drop, backend=backend, is_causal=causal)
+    return unpack_mask(keep, backend="reference").sum(-1).cpu()
+
+
+@pytest.mark.parametrize("drop", ["high", "low"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_official_counts_on_every_backend(device, backend, drop):
+    """Distinct attributions and q = 1: "high" keeps exactly the official index of keys (the
+    ones below the threshold), "low" keeps n minus floor(p·n) (float32 rule)."""
+    require_backend(backend, device)
+    lengths = [10, 5, 15, 90, 170, 1, 7]
+    for p in (0.9, 0.8, 0.3, 0.25, 0.7):
+        frac = 1 - p if drop == "high" else p
+        index = _official_index(frac, torch.tensor(lengths)).clamp(max=torch.tensor(lengths) - 1)
+        want = index if drop == "high" else torch.tensor(lengths) - index
+        got = _kept_counts(lengths, p, drop, backend, device)
+        assert torch.equal(got, want.view(-1, 1, 1).expand_as(got)), (p, got[:, 0, 0], want)
+
+
+def test_low_keeps_ties_with_the_threshold(device):
+    """Official generate_mask_low: keys equal to the threshold value are kept, only strictly
+    lower ones are candidates (p = 0.25, n = 10: index 2, value 0.0 tied three times)."""
+    attr = torch.tensor([-2.0, -1.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0]).view(1, 1, 1, 10)
+    for backend in ("reference", "triton"):
+        if backends.unavailable_reason(backend, device) is not None:
+            continue
+        keep = unpack_mask(keep_mask(attr.to(device), 0.25, 1.0, drop="low", backend=backend))
+        assert keep.view(-1).tolist() == [False, False] + [True] * 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop", ["high", "low"])
+def test_kernel_counts_over_the_p_grid(device, drop):
+    """Every p on the 0.01 grid through the kernel: causal rows give every length 1..64."""
+    require_backend("triton", device)
+    for p in P_GRID:
+        frac = 1 - p if drop == "high" else p
+        lengths = torch.arange(1, 65)
+        index = _official_index(frac, lengths).clamp(max=lengths - 1)
+        want = index if drop == "high" else lengths - index
+        got = _kept_counts([64], p, drop, "triton", device, causal=True)
+        assert torch.equal(got[0, 0], want), p
 
 
 def test_threshold_rank_clamps_to_last_real_key():
