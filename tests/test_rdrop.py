@@ -101,14 +101,17 @@ def test_kernel_paths_multi_block_and_row_tiles(device):
 
     for n_classes, block_v, block_n in [(1000, 256, 1), (257, 64, 4), (3, 4, 8), (1000, 1024, 2)]:
         z1, z2, labels = make_inputs((10, n_classes), device, seed=block_v)
-        scale = torch.full((1,), 0.25, device=device)
-        rows, g1, g2 = rdrop_forward(z1, z2, labels, 0.9, -100, True, scale, True,
-                                     block_v=block_v, block_n=block_n)
-        ref, r1, r2 = rdrop_grads_reference(z1, z2, labels, alpha=0.9, reduction="none",
-                                            grad_output=torch.full((10,), 0.25))
-        assert_rel(rows, ref, 1e-5, f"row loss V={n_classes}")
-        assert_rel(g1, r1, 1e-5, f"grad1 V={n_classes}")
-        assert_rel(g2, r2, 1e-5, f"grad2 V={n_classes}")
+        scale = torch.tensor([0.25, 0.5], device=device)  # CE and KL gradient weights
+        terms, g1, g2 = rdrop_forward(z1, z2, labels, 0.9, -100, True, scale, True,
+                                      block_v=block_v, block_n=block_n)
+        ce_ref, c1, c2 = rdrop_grads_reference(z1, z2, labels, alpha=0.0, reduction="none",
+                                               grad_output=torch.full((10,), 0.25))
+        kl_ref, k1, k2 = rdrop_grads_reference(z1, z2, labels, alpha=2.0, reduction="none",
+                                               ce=False, grad_output=torch.full((10,), 0.5))
+        assert_rel(terms[0], ce_ref, 1e-5, f"row CE V={n_classes}")
+        assert_rel(terms[1], kl_ref, 1e-5, f"row KL V={n_classes}")
+        assert_rel(g1, c1 + 0.45 * k1, 1e-5, f"grad1 V={n_classes}")
+        assert_rel(g2, c2 + 0.45 * k2, 1e-5, f"grad2 V={n_classes}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -346,7 +349,7 @@ from regdrop_fast.triton_kernels import rdrop as K
 
 def sig(dt):
     s = {n: "*" + dt for n in ("z1_ptr", "z2_ptr", "g1_ptr", "g2_ptr")}
-    s.update(labels_ptr="*i64", loss_ptr="*fp32", scale_ptr="*fp32", z1_stride="i64",
+    s.update(labels_ptr="*i64", terms_ptr="*fp32", scale_ptr="*fp32", z1_stride="i64",
              z2_stride="i64", g1_stride="i64", g2_stride="i64", n_rows="i32", n_cols="i32",
              alpha_half="fp32", ignore_index="i64")
     s.update({k: "constexpr" for k in ("HAS_LABELS", "HAS_CE", "NEED_GRAD", "ONE_BLOCK",

@@ -2,20 +2,20 @@
 
 Per row r (V classes, label y, P_i = softmax(z_i), D = z1 - z2, a = alpha / 2):
     E1 = E_P1[D],  E2 = E_P2[-D]                      (then KL12 + KL21 = E1 + E2)
-    loss_r = ce * (lse1 - z1[y] + lse2 - z2[y]) + a * (E1 + E2)
-    dL/dz1 = ce * (P1 - onehot(y)) + a * ((P1 - P2) + P1 * (D - E1))
-    dL/dz2 = ce * (P2 - onehot(y)) + a * ((P2 - P1) + P2 * (-D - E2))
+    CE_r = ce * (lse1 - z1[y] + lse2 - z2[y]),  KL_r = E1 + E2,  loss_r = CE_r + a * KL_r
+    dL/dz1 = w_ce * ce * (P1 - onehot(y)) + w_kl * a * ((P1 - P2) + P1 * (D - E1))
+    dL/dz2 = w_ce * ce * (P2 - onehot(y)) + w_kl * a * ((P2 - P1) + P2 * (-D - E2))
 (the REFERENCE.md form P1 * (logP1 - logP2 - KL12) with the lse terms cancelled: D - E1 needs no
-lse, so logits of 1e4 lose no digits to cancellation against lse). Gradients are multiplied by a
-per-row weight w_r: `scale` (1/n_valid for "mean", 1 otherwise) on rows that count, 0 on rows
-labelled ignore_index.
+lse, so logits of 1e4 lose no digits to cancellation against lse). The kernel stores CE_r and
+KL_r separately; the per-row gradient weights are `scale` = (w_ce, w_kl) on rows that count
+(1/n_valid for a "mean" term, 1 for a summed one) and 0 on rows labelled ignore_index.
 
 rdrop_fwd_kernel, grid cdiv(N, BLOCK_N): a program owns BLOCK_N rows. Pass 1 runs online over
 V blocks: running max m, s = sum exp(z - m) and t = sum exp(z - m) * D for both logits (fp32).
 Pass 2 (NEED_GRAD) walks the row again and writes both gradients in the gradient dtype; when V
 fits one block (ONE_BLOCK) it reuses the registers of pass 1, otherwise it re-reads the row
 (mostly from L2 on a GPU). Bytes: 2 reads + 2 writes per element of [N, V] in the logits' dtype
-(+ a re-read of both when V > one block), 4 B/row of fp32 loss, nothing [N, V] in fp32. The
+(+ a re-read of both when V > one block), 8 B/row of fp32 terms, nothing [N, V] in fp32. The
 gradient buffers may alias the logits (the fused-linear form overwrites its chunk of logits).
 
 rdrop_scale_grads_kernel, grid (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)): the backward. Multiplies the
@@ -61,18 +61,19 @@ def _online_update(m, s, t, x, d):
 
 
 @triton.jit
-def _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w, alpha_half,
+def _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w_ce, w_kl,
                 HAS_CE: tl.constexpr):
-    """Both gradient tiles of a block (fp32), weighted per row by w."""
+    """Both gradient tiles of a block (fp32): the KL part weighted per row by w_kl (alpha/2
+    included), the CE part by w_ce."""
     p1 = tl.exp(x1 - m1[:, None]) * inv_s1[:, None]
     p2 = tl.exp(x2 - m2[:, None]) * inv_s2[:, None]
-    g1 = alpha_half * ((p1 - p2) + p1 * (d - e1[:, None]))
-    g2 = alpha_half * ((p2 - p1) - p2 * (d + e2[:, None]))
+    g1 = w_kl[:, None] * ((p1 - p2) + p1 * (d - e1[:, None]))
+    g2 = w_kl[:, None] * ((p2 - p1) - p2 * (d + e2[:, None]))
     if HAS_CE:
         hit = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-        g1 += p1 - hit
-        g2 += p2 - hit
-    return g1 * w[:, None], g2 * w[:, None]
+        g1 += w_ce[:, None] * (p1 - hit)
+        g2 += w_ce[:, None] * (p2 - hit)
+    return g1, g2
 
 
 @triton.jit
@@ -80,8 +81,8 @@ def rdrop_fwd_kernel(
     z1_ptr, z2_ptr,  # logits [N, V], last-dim stride 1
     g1_ptr, g2_ptr,  # gradient outputs [N, V] (may alias z1_ptr / z2_ptr)
     labels_ptr,  # int32/int64 [N] (unused without HAS_LABELS)
-    loss_ptr,  # fp32 [N]: per-row loss, 0 on ignored rows
-    scale_ptr,  # fp32 [1]: gradient weight of a counted row (1/n_valid for "mean")
+    terms_ptr,  # fp32 [2, N]: per-row CE1 + CE2, then KL12 + KL21; 0 on ignored rows
+    scale_ptr,  # fp32 [2]: gradient weights (CE, KL) of a counted row (1/n_valid for "mean")
     z1_stride, z2_stride, g1_stride, g2_stride,  # row strides in elements
     n_rows, n_cols,  # N, V
     alpha_half,  # alpha / 2
@@ -130,26 +131,27 @@ def rdrop_fwd_kernel(
     inv_s2 = 1.0 / s2
     e1 = t1 * inv_s1  # E_P1[z1 - z2]
     e2 = t2 * inv_s2  # E_P2[z2 - z1]
-    row = alpha_half * (e1 + e2)
+    tl.store(terms_ptr + n_rows + rows, tl.where(valid, e1 + e2, 0.0), mask=row_ok)
     if HAS_CE:
         take = valid & label_ok
         zy1 = tl.load(z1_row + y, mask=take, other=0.0).to(tl.float32)
         zy2 = tl.load(z2_row + y, mask=take, other=0.0).to(tl.float32)
-        row += (m1 - zy1 + tl.log(s1)) + (m2 - zy2 + tl.log(s2))
-    row = tl.where(valid, row, 0.0)
-    if HAS_CE:
-        row = tl.where(bad, float("nan"), row)
-    tl.store(loss_ptr + rows, row, mask=row_ok)
+        ce_row = (m1 - zy1 + tl.log(s1)) + (m2 - zy2 + tl.log(s2))
+        ce_row = tl.where(bad, float("nan"), tl.where(valid, ce_row, 0.0))
+    else:
+        ce_row = tl.zeros([BLOCK_N], dtype=tl.float32)
+    tl.store(terms_ptr + rows, ce_row, mask=row_ok)
 
     if NEED_GRAD:
-        w = tl.where(valid, tl.load(scale_ptr), 0.0)
+        w_ce = tl.where(valid, tl.load(scale_ptr), 0.0)
+        w_kl = tl.where(valid, tl.load(scale_ptr + 1), 0.0) * alpha_half
         if HAS_CE:
-            w = tl.where(bad, float("nan"), w)
+            w_ce = tl.where(bad, float("nan"), w_ce)
         g1_row = g1_ptr + rows * g1_stride
         g2_row = g2_ptr + rows * g2_stride
         if ONE_BLOCK:
-            g1, g2 = _grad_block(x1, x2, d, cols0, m1, inv_s1, m2, inv_s2, e1, e2, y, w,
-                                 alpha_half, HAS_CE)
+            g1, g2 = _grad_block(x1, x2, d, cols0, m1, inv_s1, m2, inv_s2, e1, e2, y, w_ce,
+                                 w_kl, HAS_CE)
             smask = row_ok[:, None] & (cols0[None, :] < n_cols)
             tl.store(g1_row[:, None] + cols0[None, :], g1.to(g1_ptr.dtype.element_ty), mask=smask)
             tl.store(g2_row[:, None] + cols0[None, :], g2.to(g2_ptr.dtype.element_ty), mask=smask)
@@ -157,8 +159,8 @@ def rdrop_fwd_kernel(
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + cols0
                 x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols, n_cols)
-                g1, g2 = _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w,
-                                     alpha_half, HAS_CE)
+                g1, g2 = _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w_ce,
+                                     w_kl, HAS_CE)
                 smask = row_ok[:, None] & (cols[None, :] < n_cols)
                 tl.store(g1_row[:, None] + cols[None, :], g1.to(g1_ptr.dtype.element_ty),
                          mask=smask)
@@ -218,11 +220,12 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, scale, need_grad, g1=
                   block_v=None, block_n=None):
     """Launch the fused forward on 2-D logits [N, V] (last-dim stride 1).
 
-    labels: int [N] or None. scale: fp32 tensor [1] on the device (gradient weight of a counted
-    row). g1/g2: gradient outputs (default: new tensors like the logits; pass z1/z2 to write
-    in place). Returns (row_loss fp32 [N], g1, g2); g1/g2 are None without need_grad."""
+    labels: int [N] or None. scale: fp32 tensor [2] on the device (gradient weights of the CE
+    and KL terms of a counted row). g1/g2: gradient outputs (default: new tensors like the
+    logits; pass z1/z2 to write in place). Returns (terms fp32 [2, N]: per-row CE1 + CE2 and
+    KL12 + KL21, g1, g2); g1/g2 are None without need_grad."""
     n_rows, n_cols = z1.shape
-    loss = torch.empty(n_rows, dtype=torch.float32, device=z1.device)
+    terms = torch.empty(2, n_rows, dtype=torch.float32, device=z1.device)
     if need_grad:
         g1 = torch.empty_like(z1) if g1 is None else g1
         g2 = torch.empty_like(z2) if g2 is None else g2
@@ -231,13 +234,13 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, scale, need_grad, g1=
     grid = (triton.cdiv(n_rows, block_n),)
     rdrop_fwd_kernel[grid](
         z1, z2, g1 if need_grad else z1, g2 if need_grad else z2,
-        labels if has_labels else loss, loss, scale,
+        labels if has_labels else terms, terms, scale,
         z1.stride(0), z2.stride(0),
         g1.stride(0) if need_grad else 0, g2.stride(0) if need_grad else 0,
         n_rows, n_cols, float(alpha) * 0.5, int(ignore_index),
         HAS_LABELS=has_labels, HAS_CE=bool(ce and has_labels), NEED_GRAD=bool(need_grad),
         ONE_BLOCK=n_cols <= block_v, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
-    return loss, (g1 if need_grad else None), (g2 if need_grad else None)
+    return terms, (g1 if need_grad else None), (g2 if need_grad else None)
 
 
 def rdrop_scale_grads_(g1, g2, grad_output):

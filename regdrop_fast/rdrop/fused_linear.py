@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference.rdrop import check_rdrop_inputs, check_rdrop_values
-from .loss import _mean_scale, _reference_forward, resolve_backend
+from .loss import combine_terms, gradient_scales, reference_terms, resolve_backend
 
 
 def _check_linear_args(hidden1, hidden2, weight, bias, labels, chunk_size):
@@ -71,8 +71,8 @@ def default_chunk_size(n_rows: int, hidden: int, n_classes: int) -> int:
 
 class _FusedLinearRDrop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden1, hidden2, weight, bias, labels, alpha, ignore_index, reduction, ce,
-                backend, check_finite, chunk_size):
+    def forward(ctx, hidden1, hidden2, weight, bias, labels, alpha, ignore_index, reduction,
+                kl_reduction, ce, backend, check_finite, chunk_size):
         lead = hidden1.shape[:-1]
         n_hidden = hidden1.shape[-1]
         h1 = hidden1.reshape(-1, n_hidden)
@@ -80,10 +80,7 @@ class _FusedLinearRDrop(torch.autograd.Function):
         flat = None if labels is None else labels.reshape(-1)
         n_rows, n_classes = h1.shape[0], weight.shape[0]
         device = h1.device
-        if reduction == "mean":
-            scale = _mean_scale(flat, ignore_index, n_rows, device)
-        else:
-            scale = torch.ones(1, dtype=torch.float32, device=device)
+        scale, _ = gradient_scales(flat, ignore_index, n_rows, device, reduction, kl_reduction)
         chunk = chunk_size or default_chunk_size(n_rows, n_hidden, n_classes)
         need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_w = ctx.needs_input_grad[2]
@@ -95,7 +92,7 @@ class _FusedLinearRDrop(torch.autograd.Function):
         grad_h2 = torch.empty_like(h2) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_w else None
         grad_b = torch.zeros(n_classes, dtype=acc_dtype, device=device) if need_b else None
-        total = torch.zeros((), dtype=torch.float32, device=device)
+        sums = torch.zeros(2, dtype=torch.float32, device=device)
         if backend == "triton":
             from ..triton_kernels import rdrop as kernels
         for start in range(0, n_rows, chunk):
@@ -104,19 +101,15 @@ class _FusedLinearRDrop(torch.autograd.Function):
             y = None if flat is None else flat[start:stop]
             z1 = F.linear(c1, weight, bias)
             z2 = F.linear(c2, weight, bias)
+            if check_finite:
+                check_rdrop_values(z1, z2, None, ignore_index, "classification")
             if backend == "triton":
-                if check_finite:
-                    check_rdrop_values(z1, z2, None, ignore_index, "classification")
-                rows, g1, g2 = kernels.rdrop_forward(z1, z2, y, alpha, ignore_index, ce, scale,
-                                                     need_grad, g1=z1, g2=z2)
-                total += rows.sum()
+                terms, g1, g2 = kernels.rdrop_forward(z1, z2, y, alpha, ignore_index, ce, scale,
+                                                      need_grad, g1=z1, g2=z2)
             else:
-                part, g1, g2 = _reference_forward(z1, z2, y, alpha, ignore_index, "sum", ce,
-                                                  "classification", check_finite, need_grad,
-                                                  check_labels=False)
-                if need_grad:
-                    g1, g2 = g1 * scale.to(g1.dtype), g2 * scale.to(g2.dtype)
-                total += part.to(torch.float32)
+                terms, g1, g2 = reference_terms(z1, z2, y, alpha, ignore_index, ce,
+                                                "classification", scale, need_grad)
+            sums += terms.sum(1).to(torch.float32)
             if need_h:
                 torch.mm(g1, weight, out=grad_h1[start:stop])
                 torch.mm(g2, weight, out=grad_h2[start:stop])
@@ -128,7 +121,7 @@ class _FusedLinearRDrop(torch.autograd.Function):
                     grad_w += torch.mm(g2.t(), c2)
             if need_b:
                 grad_b += g1.sum(0, dtype=acc_dtype) + g2.sum(0, dtype=acc_dtype)
-        loss = total * scale[0] if reduction == "mean" else total
+        loss = combine_terms(sums, scale, 0.5 * alpha)
         ctx.save_for_backward(
             None if grad_h1 is None else grad_h1.view(*lead, n_hidden),
             None if grad_h2 is None else grad_h2.view(*lead, n_hidden),
@@ -139,20 +132,21 @@ class _FusedLinearRDrop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return grads + (None,) * 8
+        return grads + (None,) * 9
 
 
 def fused_linear_rdrop_loss(hidden1: Tensor, hidden2: Tensor, weight: Tensor,
                             bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                             alpha: float = 1.0, ignore_index: int = -100,
                             backend: Optional[str] = None, *, reduction: str = "mean",
-                            ce: bool = True, check_labels: bool = False,
+                            ce: bool = True, kl_reduction: str = "mean",
+                            check_labels: bool = False,
                             check_finite: Optional[bool] = None,
                             chunk_size: Optional[int] = None) -> Tensor:
     """R-Drop loss of logits_i = hidden_i @ weight.T + bias, chunked over rows.
 
     hidden1, hidden2: [N, H] or [B, T, H]; weight [V, H]; bias [V] or None; labels int64 [N] /
-    [B, T] or None. Same loss, ignore_index and check semantics as `rdrop_loss`
+    [B, T] or None. Same loss, ignore_index, kl_reduction and check semantics as `rdrop_loss`
     (reduction "mean" or "sum" only). Gradients flow to hidden1, hidden2, weight and bias;
     they are computed in the forward, chunk by chunk. chunk_size: rows per chunk (default
     about N * H / V).
@@ -163,12 +157,13 @@ def fused_linear_rdrop_loss(hidden1: Tensor, hidden2: Tensor, weight: Tensor,
                          f"{reduction!r} (use rdrop_loss on materialized logits for 'none')")
     lead = tuple(hidden1.shape[:-1])
     probe = hidden1.new_empty(()).expand(*lead, weight.shape[0])
-    check_rdrop_inputs(probe, probe, labels, alpha, reduction, "classification", ignore_index)
+    check_rdrop_inputs(probe, probe, labels, alpha, reduction, "classification", ignore_index,
+                       kl_reduction)
     name = resolve_backend(backend, hidden1.device, hidden1.dtype, "classification")
     finite = (name == "reference") if check_finite is None else bool(check_finite)
     if labels is not None:
         check_rdrop_values(probe, probe, labels, ignore_index, "classification",
                            labels_in_range=check_labels, finite=False)
     return _FusedLinearRDrop.apply(hidden1, hidden2, weight, bias, labels, float(alpha),
-                                   int(ignore_index), reduction, bool(ce), name, finite,
-                                   chunk_size)
+                                   int(ignore_index), reduction, kl_reduction, bool(ce), name,
+                                   finite, chunk_size)

@@ -15,14 +15,14 @@ product `g * grad_output`, which the compiler fuses.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import backends
 from ..reference.rdrop import (check_rdrop_inputs, check_rdrop_values, label_out_of_range,
-                               rdrop_loss_reference)
+                               rdrop_regression_terms_reference, rdrop_row_terms_reference)
 
 IMPLEMENTED = ("reference", "triton")
 
@@ -50,15 +50,43 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _mean_scale(labels: Optional[Tensor], ignore_index: int, n_rows: int, device) -> Tensor:
-    """fp32 [1]: 1 / max(#non-ignored rows, 1), computed on the device (no host sync)."""
+def gradient_scales(labels: Optional[Tensor], ignore_index: int, n_rows: int, device,
+                    reduction: str, kl_reduction: str) -> Tuple[Tensor, Tensor]:
+    """(fp32 [2]: the gradient weights of the CE and KL terms of a counted row, fp32 []:
+    1 / max(#counted rows, 1)), computed on the device (no host sync). A row counts unless
+    its label is ignore_index; "mean" divides a term by the count, a summed term keeps 1."""
     if labels is None:
-        return torch.full((1,), 1.0 / n_rows, dtype=torch.float32, device=device)
-    count = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
-    return count.reciprocal().reshape(1)
+        inv = torch.full((), 1.0 / n_rows, dtype=torch.float32, device=device)
+    else:
+        inv = (labels != ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
+    if reduction != "mean":
+        return torch.ones(2, dtype=torch.float32, device=device), inv
+    if kl_reduction == "sum":
+        return torch.stack([inv, torch.ones_like(inv)]), inv
+    return inv.repeat(2), inv
 
 
-def _triton_forward(logits1, logits2, labels, alpha, ignore_index, reduction, ce, need_grad):
+def combine_terms(sums: Tensor, scale: Tensor, cons_weight: float) -> Tensor:
+    """The reduced loss from the summed (CE, KL) terms [2] and their weights [2]."""
+    scale = scale.to(sums.dtype)
+    return sums[0] * scale[0] + cons_weight * sums[1] * scale[1]
+
+
+def _cons_weight(alpha: float, task: str) -> float:
+    """Weight of the consistency term: alpha/2 on KL12 + KL21, alpha on |p1 - p2|^2."""
+    return alpha if task == "regression" else 0.5 * alpha
+
+
+def mean_parts(sums: Tensor, inv: Tensor, task: str) -> Tensor:
+    """[2]: the mean per-pass CE (CE1 + CE2) / 2 and the mean consistency term ((KL12 + KL21)
+    / 2, or |p1 - p2|^2 for regression) over the counted rows."""
+    cons = 1.0 if task == "regression" else 0.5
+    return torch.stack([sums[0] * 0.5, sums[1] * cons]) * inv.to(sums.dtype)
+
+
+def _triton_terms(logits1, logits2, labels, alpha, ignore_index, ce, scale, need_grad, g1=None,
+                  g2=None):
+    """terms [2, N] (CE1 + CE2, KL12 + KL21 per row) and both gradients, from the kernel."""
     from ..triton_kernels import rdrop as kernels
 
     n_cols = logits1.shape[-1]
@@ -67,107 +95,112 @@ def _triton_forward(logits1, logits2, labels, alpha, ignore_index, reduction, ce
     z1 = z1 if z1.stride(-1) == 1 else z1.contiguous()
     z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
     flat = None if labels is None else labels.reshape(-1).contiguous()
-    if reduction == "mean":
-        scale = _mean_scale(flat, ignore_index, z1.shape[0], z1.device)
-    else:
-        scale = torch.ones(1, dtype=torch.float32, device=z1.device)
-    rows, g1, g2 = kernels.rdrop_forward(z1, z2, flat, alpha, ignore_index, ce, scale, need_grad)
-    if reduction == "none":
-        loss = rows.reshape(_lead_shape(logits1.shape))
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() * scale[0]
-    if not need_grad:
-        empty = logits1.new_empty(0)
-        return loss, empty, empty.clone()
-    return loss, g1.view(logits1.shape), g2.view(logits2.shape)
+    return kernels.rdrop_forward(z1, z2, flat, alpha, ignore_index, ce, scale, need_grad,
+                                 g1=g1, g2=g2)
 
 
-def _reference_forward(logits1, logits2, labels, alpha, ignore_index, reduction, ce, task,
-                       check_finite, need_grad, check_labels=True):
-    """Loss from the reference; gradients from the closed form in plain torch (autograd does not
-    run inside a custom op's kernel), computed in fp32 (fp64 for fp64 logits). The tests check
-    this closed form against autograd of the float64 reference. Unchecked out-of-range labels
-    give their rows a NaN loss and NaN gradients, as on triton."""
-    loss = rdrop_loss_reference(logits1, logits2, labels, alpha, ignore_index, reduction, ce,
-                                task=task, upcast=False, check_finite=check_finite,
-                                check_labels=check_labels)
-    if not need_grad:
-        empty = logits1.new_empty(0)
-        return loss, empty, empty.clone()
+def reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task, scale, need_grad):
+    """The reference backend: terms [2, N] (per-row CE terms, unweighted consistency terms) from
+    the reference, and both gradients from the closed form in plain torch (autograd does not
+    run inside a custom op's kernel), weighted per counted row by scale = (w_ce, w_kl); fp32
+    (fp64 for fp64 logits). The tests check this closed form against autograd of the float64
+    reference. Out-of-range labels give their rows NaN terms and NaN gradients, as on triton."""
     compute = _loss_dtype(logits1.dtype)
-    z1 = logits1.to(compute)
-    z2 = logits2.to(compute)
+    w = scale.to(compute)
     if task == "regression":
-        g1 = 2.0 * alpha * (z1 - z2)
+        z1, z2 = logits1.to(compute), logits2.to(compute)
+        y = None if labels is None else labels.to(compute).reshape(z1.shape)
+        err, cons = rdrop_regression_terms_reference(z1, z2, y, ce)
+        terms = torch.stack([err.reshape(-1), cons.reshape(-1)])
+        if not need_grad:
+            return terms, None, None
+        g1 = (2.0 * alpha) * w[1] * (z1 - z2)
         g2 = -g1
-        if labels is not None and ce:
-            y = labels.to(compute).reshape(z1.shape)
-            g1 = g1 + 2.0 * (z1 - y)
-            g2 = g2 + 2.0 * (z2 - y)
-        if reduction == "mean":
-            rows = z1.shape[0] if z1.dim() == 1 else z1.numel() // z1.shape[-1]
-            g1, g2 = g1 / rows, g2 / rows
-        return loss, g1.to(logits1.dtype), g2.to(logits2.dtype)
+        if y is not None and ce:
+            g1 = g1 + 2.0 * w[0] * (z1 - y)
+            g2 = g2 + 2.0 * w[0] * (z2 - y)
+        return terms, g1.to(logits1.dtype), g2.to(logits2.dtype)
+    n_cols = logits1.shape[-1]
+    z1 = logits1.reshape(-1, n_cols).to(compute)
+    z2 = logits2.reshape(-1, n_cols).to(compute)
+    flat = None if labels is None else labels.reshape(-1)
+    ce_row, kl_row, valid = rdrop_row_terms_reference(z1, z2, flat, ignore_index, ce)
+    terms = torch.stack([ce_row, kl_row])
+    if not need_grad:
+        return terms, None, None
     logp1 = torch.log_softmax(z1, dim=-1)
     logp2 = torch.log_softmax(z2, dim=-1)
     p1, p2 = logp1.exp(), logp2.exp()
     d = logp1 - logp2
     kl12 = (p1 * d).sum(-1, keepdim=True)
     kl21 = -(p2 * d).sum(-1, keepdim=True)
-    g1 = 0.5 * alpha * ((p1 - p2) + p1 * (d - kl12))
-    g2 = 0.5 * alpha * ((p2 - p1) - p2 * (d + kl21))
-    weight = torch.ones(z1.shape[:-1] + (1,), dtype=compute, device=z1.device)
-    bad = None
-    if labels is not None:
-        valid = (labels != ignore_index).unsqueeze(-1)
-        if ce:
-            bad = label_out_of_range(labels, ignore_index, z1.shape[-1]).unsqueeze(-1)
-            onehot = torch.zeros_like(p1).scatter_(
-                -1, torch.where(valid & ~bad, labels.unsqueeze(-1), 0).long(), 1.0)
-            g1 = g1 + p1 - onehot
-            g2 = g2 + p2 - onehot
-        weight = weight * valid
-    if reduction == "mean":
-        weight = weight / weight.sum().clamp_min(1)
-    if bad is not None:
-        weight = torch.where(bad, float("nan"), weight)
-    return loss, (g1 * weight).to(logits1.dtype), (g2 * weight).to(logits2.dtype)
+    counted = valid.unsqueeze(-1).to(compute)
+    w_kl = (0.5 * alpha) * w[1] * counted
+    g1 = w_kl * ((p1 - p2) + p1 * (d - kl12))
+    g2 = w_kl * ((p2 - p1) - p2 * (d + kl21))
+    if flat is not None and ce:
+        bad = label_out_of_range(flat, ignore_index, n_cols).unsqueeze(-1)
+        onehot = torch.zeros_like(p1).scatter_(
+            -1, torch.where(valid.unsqueeze(-1) & ~bad, flat.unsqueeze(-1), 0).long(), 1.0)
+        w_ce = torch.where(bad, float("nan"), w[0] * counted)
+        g1 = g1 + w_ce * (p1 - onehot)
+        g2 = g2 + w_ce * (p2 - onehot)
+    return terms, g1.view(logits1.shape).to(logits1.dtype), g2.view(logits2.shape).to(logits2.dtype)
 
 
 @torch.library.custom_op("regdrop_fast::rdrop_loss", mutates_args=())
 def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], alpha: float,
-                  ignore_index: int, reduction: str, ce: bool, task: str, backend: str,
-                  check_labels: bool, check_finite: int, need_grad: bool
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(loss, dloss/dlogits1, dloss/dlogits2); the gradients are empty without need_grad.
-    backend "" = resolve (argument > env > auto); check_finite -1 = the backend's default."""
+                  ignore_index: int, reduction: str, kl_reduction: str, ce: bool, task: str,
+                  backend: str, check_labels: bool, check_finite: int, need_grad: bool,
+                  need_parts: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dloss/dlogits1, dloss/dlogits2, parts); the gradients are empty without
+    need_grad, parts ([2], see `mean_parts`) without need_parts. backend "" = resolve
+    (argument > env > auto); check_finite -1 = the backend's default."""
     name = resolve_backend(backend or None, logits1.device, logits1.dtype, task)
-    if name == "reference":
-        finite = check_finite != 0
-        return _reference_forward(logits1, logits2, labels, alpha, ignore_index, reduction, ce,
-                                  task, finite, need_grad, check_labels)
+    finite = check_finite == 1 or (check_finite == -1 and name == "reference")
     check_rdrop_values(logits1, logits2, labels, ignore_index, task,
-                       labels_in_range=check_labels, finite=check_finite == 1)
-    return _triton_forward(logits1, logits2, labels, alpha, ignore_index, reduction, ce, need_grad)
+                       labels_in_range=check_labels, finite=finite)
+    regression = task == "regression"
+    n_rows = logits1.numel() // logits1.shape[-1] if logits1.dim() > 1 else logits1.shape[0]
+    scale, inv = gradient_scales(None if regression else labels, ignore_index, n_rows,
+                                 logits1.device, reduction, kl_reduction)
+    if name == "reference":
+        terms, g1, g2 = reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task,
+                                        scale, need_grad)
+    else:
+        terms, g1, g2 = _triton_terms(logits1, logits2, labels, alpha, ignore_index, ce, scale,
+                                      need_grad)
+    weight = _cons_weight(alpha, task)
+    if reduction == "none":
+        loss = (terms[0] + weight * terms[1]).reshape(_lead_shape(logits1.shape))
+        sums = terms.sum(1) if need_parts else None
+    else:
+        sums = terms.sum(1)
+        loss = combine_terms(sums, scale, weight)
+    parts = mean_parts(sums, inv, task) if need_parts else terms.new_empty(0)
+    if not need_grad:
+        empty = logits1.new_empty(0)
+        return loss, empty, empty.clone(), parts
+    return loss, g1.view(logits1.shape), g2.view(logits2.shape), parts
 
 
 @rdrop_loss_op.register_fake
-def _rdrop_loss_fake(logits1, logits2, labels, alpha, ignore_index, reduction, ce, task, backend,
-                     check_labels, check_finite, need_grad):
+def _rdrop_loss_fake(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduction, ce,
+                     task, backend, check_labels, check_finite, need_grad, need_parts):
     shape = () if reduction != "none" else _lead_shape(logits1.shape)
-    loss = logits1.new_empty(shape, dtype=_loss_dtype(logits1.dtype))
+    dtype = _loss_dtype(logits1.dtype)
+    loss = logits1.new_empty(shape, dtype=dtype)
+    parts = logits1.new_empty(2 if need_parts else 0, dtype=dtype)
     if not need_grad:
-        return loss, logits1.new_empty(0), logits1.new_empty(0)
-    return loss, torch.empty_like(logits1), torch.empty_like(logits2)
+        return loss, logits1.new_empty(0), logits1.new_empty(0), parts
+    return loss, torch.empty_like(logits1), torch.empty_like(logits2), parts
 
 
 def _setup_context(ctx, inputs, output):
-    logits1, _, _, _, _, reduction, _, task, backend, _, _, need_grad = inputs
-    _, g1, g2 = output
+    logits1, task, backend, need_grad = inputs[0], inputs[8], inputs[9], inputs[12]
+    _, g1, g2, _ = output
     ctx.save_for_backward(g1, g2)
-    ctx.reduction = reduction
+    ctx.reduction = inputs[5]
     ctx.in_place = need_grad and resolve_backend(
         backend or None, logits1.device, logits1.dtype, task) == "triton"
     ctx.consumed = False
@@ -178,7 +211,10 @@ def _is_plain(*tensors) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
-def _backward(ctx, grad_loss, _grad_g1, _grad_g2):
+_N_ARGS = 14  # inputs of rdrop_loss_op
+
+
+def _backward(ctx, grad_loss, _grad_g1, _grad_g2, _grad_parts):
     if ctx.in_place and _is_plain(grad_loss):
         if ctx.consumed:
             raise RuntimeError("rdrop_loss: backward ran twice through the same graph; its saved "
@@ -192,21 +228,33 @@ def _backward(ctx, grad_loss, _grad_g1, _grad_g2):
             n_cols = g1.shape[-1]
             kernels.rdrop_scale_grads_(g1.view(-1, n_cols), g2.view(-1, n_cols),
                                        grad_loss.to(torch.float32).contiguous())
-            return (g1, g2) + (None,) * 10
+            return (g1, g2) + (None,) * (_N_ARGS - 2)
     g1, g2 = ctx.saved_tensors
     if ctx.reduction == "none":
         go = grad_loss.reshape(*grad_loss.shape, *([1] * (g1.dim() - grad_loss.dim())))
-        return ((g1 * go).to(g1.dtype), (g2 * go).to(g2.dtype)) + (None,) * 10
-    return (g1 * grad_loss.to(g1.dtype), g2 * grad_loss.to(g2.dtype)) + (None,) * 10
+        return ((g1 * go).to(g1.dtype), (g2 * go).to(g2.dtype)) + (None,) * (_N_ARGS - 2)
+    return (g1 * grad_loss.to(g1.dtype), g2 * grad_loss.to(g2.dtype)) + (None,) * (_N_ARGS - 2)
 
 
 rdrop_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class RDropParts(NamedTuple):
+    """`rdrop_loss(..., return_parts=True)`: the loss and its two parts on the CE scale (both
+    detached fp32 means over the counted rows, whatever the reductions): `ce` = (CE1 + CE2) / 2,
+    comparable with the loss of a run without R-Drop; `kl` = (KL12 + KL21) / 2 (|p1 - p2|^2 for
+    regression), so that loss = 2 * ce + alpha * kl for reduction="mean"."""
+
+    loss: Tensor
+    ce: Tensor
+    kl: Tensor
+
+
 def rdrop_loss(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None,
                alpha: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
                ce: bool = True, backend: Optional[str] = None, *, task: Optional[str] = None,
-               check_labels: bool = False, check_finite: Optional[bool] = None) -> Tensor:
+               kl_reduction: str = "mean", check_labels: bool = False,
+               check_finite: Optional[bool] = None, return_parts: bool = False):
     """R-Drop loss of two forward passes, with gradients to both.
 
     Per row: ce * (CE(z1, y) + CE(z2, y)) + alpha/2 * (KL(P1||P2) + KL(P2||P1)).
@@ -218,6 +266,12 @@ def rdrop_loss(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None
     labels): ce * (|p1-y|^2 + |p2-y|^2) + alpha * |p1-p2|^2 per row.
     The loss is float32 (float64 for float64 logits).
 
+    kl_reduction (with reduction="mean"; "sum" and "none" are the same either way):
+      "mean" (default) divides the KL term by the row count like the CE terms: the official
+        fairseq criteria (NMT, summarization, LM, RoBERTa GLUE), up to their alpha.
+      "sum" sums the KL term over the rows, the CE terms stay means: the official HF BERT
+        GLUE script, CE1_mean + CE2_mean + alpha/2 * sum(KL12 + KL21) with alpha = 0.5
+        (its regression heads use "mean" with alpha = 1).
     check_labels: raise ValueError for labels outside [0, V) other than ignore_index. Off by
     default: the check costs a host sync on every call (no CUDA-graph capture), and unchecked,
     such a row gets a NaN loss and NaN gradients on every backend (never a finite wrong value;
@@ -225,17 +279,22 @@ def rdrop_loss(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None
     check_finite: raise ValueError for +-inf/NaN logits. Default: always on the reference
     backend; off on triton, where the check would read both logits once more and sync, and a
     row with non-finite logits gets a NaN loss and NaN gradients instead.
+    return_parts: return `RDropParts(loss, ce, kl)` instead of the loss alone.
     backend: "reference" | "triton" | None (REGDROP_FAST_BACKEND, then auto).
     """
-    task = check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_index)
+    task = check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_index,
+                              kl_reduction)
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
     need_grad = torch.is_grad_enabled() and (logits1.requires_grad or logits2.requires_grad)
     finite = -1 if check_finite is None else int(bool(check_finite))
-    loss, _, _ = rdrop_loss_op(logits1, logits2, labels, float(alpha), int(ignore_index),
-                               reduction, bool(ce), task, backend or "", bool(check_labels),
-                               finite, need_grad)
-    return loss
+    loss, _, _, parts = rdrop_loss_op(logits1, logits2, labels, float(alpha), int(ignore_index),
+                                      reduction, kl_reduction, bool(ce), task, backend or "",
+                                      bool(check_labels), finite, need_grad, bool(return_parts))
+    if not return_parts:
+        return loss
+    parts = parts.detach()
+    return RDropParts(loss, parts[0], parts[1])
 
 
 class RDropLoss(nn.Module):
@@ -243,11 +302,13 @@ class RDropLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
                  ce: bool = True, backend: Optional[str] = None, task: Optional[str] = None,
-                 check_labels: bool = False, check_finite: Optional[bool] = None):
+                 kl_reduction: str = "mean", check_labels: bool = False,
+                 check_finite: Optional[bool] = None):
         super().__init__()
         self.alpha = alpha
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.kl_reduction = kl_reduction
         self.ce = ce
         self.backend = backend
         self.task = task
@@ -256,9 +317,9 @@ class RDropLoss(nn.Module):
 
     def forward(self, logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return rdrop_loss(logits1, logits2, labels, self.alpha, self.ignore_index, self.reduction,
-                          self.ce, self.backend, task=self.task, check_labels=self.check_labels,
-                          check_finite=self.check_finite)
+                          self.ce, self.backend, task=self.task, kl_reduction=self.kl_reduction,
+                          check_labels=self.check_labels, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, ce={self.ce}")
+                f"reduction={self.reduction!r}, kl_reduction={self.kl_reduction!r}, ce={self.ce}")

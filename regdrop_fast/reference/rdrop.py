@@ -5,7 +5,9 @@ Classification, per row r of logits z1, z2 [N, V] with label y (../shared/REFERE
 rows whose label is `ignore_index` contribute 0; reduction "mean" divides the sum by the number
 of non-ignored rows (at least 1, so all-ignored batches give 0, never NaN). Without labels every
 row counts and there is no CE term. KL is F.kl_div on log_softmax, as in the official code,
-with gradients through both sides.
+with gradients through both sides. kl_reduction "sum" (with reduction "mean") divides only the
+CE terms by that count and sums the KL term over the rows: the official HF BERT GLUE script,
+CE1_mean + CE2_mean + alpha/2 * sum_r (KL12 + KL21).
 
 Regression (task="regression", or V=1 with floating labels), per row with predictions p1, p2:
     loss_r = ce * (|p1 - y|^2 + |p2 - y|^2) + alpha * |p1 - p2|^2    (summed over the last dim)
@@ -23,11 +25,13 @@ import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("mean", "sum", "none")
+KL_REDUCTIONS = ("mean", "sum")
 TASKS = ("classification", "regression")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_index=-100):
+def check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_index=-100,
+                       kl_reduction="mean"):
     """Validate shapes, dtypes and scalars; return the resolved task name."""
     for name, t in (("logits1", logits1), ("logits2", logits2)):
         if not isinstance(t, torch.Tensor):
@@ -55,6 +59,8 @@ def check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_
         raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if kl_reduction not in KL_REDUCTIONS:
+        raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
     if task is not None and task not in TASKS:
@@ -125,26 +131,31 @@ def label_out_of_range(labels, ignore_index, n_classes):
     return (labels != ignore_index) & ((labels < 0) | (labels >= n_classes))
 
 
-def _reduce(row_loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(ce_row, cons_row, valid, reduction, kl_reduction="mean"):
+    """Per-row CE terms and weighted consistency terms -> the loss. "mean" divides by the
+    counted rows (at least 1); kl_reduction "sum" leaves the consistency term summed."""
     if reduction == "none":
-        return row_loss
-    total = row_loss.sum()
+        return ce_row + cons_row
+    count = valid.sum().clamp_min(1).to(ce_row.dtype)
     if reduction == "sum":
-        return total
-    return total / valid.sum().clamp_min(1).to(total.dtype)
+        return ce_row.sum() + cons_row.sum()
+    if kl_reduction == "sum":
+        return ce_row.sum() / count + cons_row.sum()
+    return (ce_row.sum() + cons_row.sum()) / count
 
 
-def rdrop_row_losses_reference(logits1, logits2, labels=None, alpha=1.0, ignore_index=-100,
-                               ce=True):
-    """(per-row loss [N], valid [N] bool) for 2-D classification logits; math in their dtype."""
+def rdrop_row_terms_reference(logits1, logits2, labels=None, ignore_index=-100, ce=True):
+    """(CE1 + CE2 [N], KL(P1||P2) + KL(P2||P1) [N], valid [N] bool) for 2-D classification
+    logits, 0 on ignored rows; math in their dtype."""
     logp1 = F.log_softmax(logits1, dim=-1)
     logp2 = F.log_softmax(logits2, dim=-1)
     # F.kl_div(input=log q, target=p) = sum p (log p - log q): the official pair of calls
     kl_21 = F.kl_div(logp1, logp2, reduction="none", log_target=True).sum(-1)
     kl_12 = F.kl_div(logp2, logp1, reduction="none", log_target=True).sum(-1)
-    row = 0.5 * alpha * (kl_12 + kl_21)
+    kl = kl_12 + kl_21
+    ce_row = torch.zeros_like(kl)
     if labels is None:
-        return row, torch.ones_like(row, dtype=torch.bool)
+        return ce_row, kl, torch.ones_like(kl, dtype=torch.bool)
     valid = labels != ignore_index
     if ce:
         bad = label_out_of_range(labels, ignore_index, logits1.shape[-1])
@@ -152,76 +163,90 @@ def rdrop_row_losses_reference(logits1, logits2, labels=None, alpha=1.0, ignore_
         ce1 = -logp1.gather(-1, safe[:, None])[:, 0]
         ce2 = -logp2.gather(-1, safe[:, None])[:, 0]
         # an unchecked out-of-range label has no CE: NaN, never a finite wrong value
-        row = torch.where(bad, torch.full_like(row, float("nan")), row + ce1 + ce2)
-    return torch.where(valid, row, torch.zeros_like(row)), valid
+        ce_row = torch.where(bad, torch.full_like(kl, float("nan")), ce1 + ce2)
+    zero = torch.zeros_like(kl)
+    return torch.where(valid, ce_row, zero), torch.where(valid, kl, zero), valid
 
 
 def rdrop_loss_reference(logits1, logits2, labels=None, alpha=1.0, ignore_index=-100,
                          reduction="mean", ce=True, task=None, upcast=True, check_finite=True,
-                         check_labels=True):
+                         check_labels=True, kl_reduction="mean"):
     """R-Drop loss; `upcast` computes in float64 (else in fp32, or the input's dtype if wider).
 
     reduction "none" returns the per-row losses with the leading shape of the logits.
+    kl_reduction "sum" (with reduction "mean"): CE terms averaged, KL term summed over the rows.
     check_labels=False: an out-of-range label gives its row a NaN loss instead of raising."""
-    task = check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_index)
+    task = check_rdrop_inputs(logits1, logits2, labels, alpha, reduction, task, ignore_index,
+                              kl_reduction)
     check_rdrop_values(logits1, logits2, labels, ignore_index, task,
                        labels_in_range=check_labels, finite=check_finite)
     compute = torch.float64 if upcast else torch.promote_types(logits1.dtype, torch.float32)
     if task == "regression":
         return rdrop_regression_reference(logits1.to(compute), logits2.to(compute),
                                           None if labels is None else labels.to(compute),
-                                          alpha, reduction, ce)
+                                          alpha, reduction, ce, kl_reduction)
     lead = logits1.shape[:-1]
     z1 = logits1.reshape(-1, logits1.shape[-1]).to(compute)
     z2 = logits2.reshape(-1, logits2.shape[-1]).to(compute)
     flat = None if labels is None else labels.reshape(-1)
-    row, valid = rdrop_row_losses_reference(z1, z2, flat, alpha, ignore_index, ce)
-    out = _reduce(row, valid, reduction)
+    ce_row, kl_row, valid = rdrop_row_terms_reference(z1, z2, flat, ignore_index, ce)
+    out = _reduce(ce_row, 0.5 * alpha * kl_row, valid, reduction, kl_reduction)
     return out.reshape(lead) if reduction == "none" else out
 
 
-def rdrop_regression_reference(pred1, pred2, labels=None, alpha=1.0, reduction="mean", ce=True):
-    """Regression R-Drop: alpha*|p1-p2|^2 (+ ce * MSE of each pass to labels), per row."""
-    row = alpha * (pred1 - pred2).square()
+def rdrop_regression_terms_reference(pred1, pred2, labels=None, ce=True):
+    """(|p1-y|^2 + |p2-y|^2 [N] (0 without labels or ce), |p1-p2|^2 [N]) per row."""
+    cons = (pred1 - pred2).square()
+    err = torch.zeros_like(cons)
     if labels is not None and ce:
         target = labels.reshape(pred1.shape)
-        row = row + (pred1 - target).square() + (pred2 - target).square()
+        err = (pred1 - target).square() + (pred2 - target).square()
     if pred1.dim() > 1:
-        row = row.sum(-1)
-    valid = torch.ones_like(row, dtype=torch.bool)
-    return _reduce(row, valid, reduction)
+        cons, err = cons.sum(-1), err.sum(-1)
+    return err, cons
+
+
+def rdrop_regression_reference(pred1, pred2, labels=None, alpha=1.0, reduction="mean", ce=True,
+                               kl_reduction="mean"):
+    """Regression R-Drop: alpha*|p1-p2|^2 (+ ce * MSE of each pass to labels), per row."""
+    err, cons = rdrop_regression_terms_reference(pred1, pred2, labels, ce)
+    valid = torch.ones_like(err, dtype=torch.bool)
+    return _reduce(err, alpha * cons, valid, reduction, kl_reduction)
 
 
 def multi_rdrop_loss_reference(logits: Sequence[torch.Tensor], labels=None, alpha=1.0,
-                               ignore_index=-100, ce=True):
+                               ignore_index=-100, ce=True, kl_reduction="mean"):
     """m-pass R-Drop (paper's m-time variant), mean over non-ignored rows:
-    sum_i CE_i + alpha / (m (m-1)) * sum_{i != j} KL(P_i || P_j)."""
+    sum_i CE_i + alpha / (m (m-1)) * sum_{i != j} KL(P_i || P_j) (the KL term summed over the
+    rows instead with kl_reduction "sum")."""
     m = len(logits)
     if m < 2:
         raise ValueError(f"logits must hold at least 2 passes, got {m}")
     z = [t.reshape(-1, t.shape[-1]).double() for t in logits]
     logp = [F.log_softmax(t, dim=-1) for t in z]
-    row = torch.zeros(z[0].shape[0], dtype=torch.float64, device=z[0].device)
+    kl = torch.zeros(z[0].shape[0], dtype=torch.float64, device=z[0].device)
     for i in range(m):
         for j in range(m):
             if i != j:
-                row = row + alpha / (m * (m - 1)) * F.kl_div(
+                kl = kl + alpha / (m * (m - 1)) * F.kl_div(
                     logp[j], logp[i], reduction="none", log_target=True).sum(-1)
-    valid = torch.ones_like(row, dtype=torch.bool)
+    ce_row = torch.zeros_like(kl)
+    valid = torch.ones_like(kl, dtype=torch.bool)
     if labels is not None:
         flat = labels.reshape(-1)
         valid = flat != ignore_index
         if ce:
             safe = torch.where(valid, flat, torch.zeros_like(flat))[:, None]
             for lp in logp:
-                row = row - lp.gather(-1, safe)[:, 0]
-        row = torch.where(valid, row, torch.zeros_like(row))
-    return _reduce(row, valid, "mean")
+                ce_row = ce_row - lp.gather(-1, safe)[:, 0]
+        ce_row = torch.where(valid, ce_row, torch.zeros_like(ce_row))
+        kl = torch.where(valid, kl, torch.zeros_like(kl))
+    return _reduce(ce_row, kl, valid, "mean", kl_reduction)
 
 
 def fused_linear_rdrop_loss_reference(hidden1, hidden2, weight, bias=None, labels=None,
                                       alpha=1.0, ignore_index=-100, reduction="mean", ce=True,
-                                      upcast=True):
+                                      upcast=True, kl_reduction="mean"):
     """Reference for the fused-linear form: logits_i = hidden_i @ weight.T + bias, then R-Drop."""
     dtype = torch.float64 if upcast else hidden1.dtype
     w = weight.to(dtype)
@@ -229,16 +254,18 @@ def fused_linear_rdrop_loss_reference(hidden1, hidden2, weight, bias=None, label
     z1 = F.linear(hidden1.to(dtype), w, b)
     z2 = F.linear(hidden2.to(dtype), w, b)
     return rdrop_loss_reference(z1, z2, labels, alpha, ignore_index, reduction, ce,
-                                task="classification", upcast=upcast)
+                                task="classification", upcast=upcast, kl_reduction=kl_reduction)
 
 
 def rdrop_grads_reference(logits1, logits2, labels=None, alpha=1.0, ignore_index=-100,
-                          reduction="mean", ce=True, grad_output: Optional[torch.Tensor] = None):
+                          reduction="mean", ce=True, grad_output: Optional[torch.Tensor] = None,
+                          kl_reduction="mean"):
     """(loss, d loss/d logits1, d loss/d logits2) in float64 by autograd of the reference."""
     z1 = logits1.detach().double().requires_grad_(True)
     z2 = logits2.detach().double().requires_grad_(True)
     with torch.enable_grad():
-        loss = rdrop_loss_reference(z1, z2, labels, alpha, ignore_index, reduction, ce)
+        loss = rdrop_loss_reference(z1, z2, labels, alpha, ignore_index, reduction, ce,
+                                    kl_reduction=kl_reduction)
         go = (torch.ones_like(loss) if grad_output is None
               else grad_output.to(device=loss.device, dtype=loss.dtype))
         g1, g2 = torch.autograd.grad(loss, (z1, z2), go, allow_unused=True)
