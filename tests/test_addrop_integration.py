@@ -226,9 +226,13 @@ def test_mask_builder_keeps_a_key_padding_view():
     assert set(records) == {1}
     assert torch.equal(records[1].key_padding, batch["attention_mask"].bool())
     assert records[1].out.shape == (2, 4, 6, 8) and records[1].value.shape == (2, 4, 6, 8)
+    # an all-real mask stays a view: skipping it would need a host sync (mask.all())
     unpadded = batch_of(model, [6, 6], 6, labels=False)
     with state.recording() as records, torch.no_grad():
         model(**unpadded)
+    assert records[1].key_padding.all() and records[1].key_padding.shape == (2, 6)
+    with state.recording() as records, torch.no_grad():
+        model(input_ids=unpadded["input_ids"])
     assert records[1].key_padding is None
 
 
@@ -339,13 +343,79 @@ def test_enable_rejects_bad_kinds_and_types():
         addrop.enable(torch.nn.Linear(2, 2))
 
 
-def test_enable_rejects_unsupported_models_listing_supported():
+def _refusal(model):
+    with pytest.raises(ValueError, match="Supported: encoders: BERT, RoBERTa") as info:
+        addrop.enable(model)
+    assert type(model).__name__ in str(info.value)
+    assert not hasattr(model, integration._STATE_ATTR)
+    return str(info.value)
+
+
+def test_enable_refuses_unservable_models_with_the_true_reason():
+    import transformers as tf
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=31, d_model=16, d_kv=4, d_ff=24,
+                                                   num_layers=1, num_heads=2))
+    assert "encoder-decoder" in _refusal(t5)
+    cross = tiny_model("bert", is_decoder=True, add_cross_attention=True)
+    assert "cross-attend" in _refusal(cross)
+    bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=31, hidden_size=16, n_layer=1,
+                                               n_head=2))
+    assert "does not call transformers' AttentionInterface" in _refusal(bloom)
+    mistral = tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    assert "sliding-window attention (sliding_window=4096)" in _refusal(mistral)
+    qwen = tf.Qwen2ForCausalLM(tf.Qwen2Config(
+        vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=8,
+        max_window_layers=1))
+    addrop.enable(qwen, layers=(0,))  # layer 0 is full attention, layer 1 slides
+    with pytest.raises(ValueError, match="layer 1 uses sliding-window attention"):
+        addrop.enable(qwen, layers=(0, 1))
+
+
+def test_decoders_that_were_refused_are_served():
+    """GPT-2 and a causal BERT were refused ("no encoder layer list", "decoder"): both are
+    causal self-attention through AttentionInterface, now AD-DROP's causal rows."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    decoder_bert = tiny_model("bert", is_decoder=True)
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=31,
-                                      n_positions=16))
-    for model in (decoder_bert, gpt2):
-        with pytest.raises(ValueError, match="Supported: BERT, RoBERTa, ELECTRA") as info:
-            addrop.enable(model)
-        assert type(model).__name__ in str(info.value)
-    assert not hasattr(gpt2, integration._STATE_ATTR)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=31,
+                                      n_positions=16, bos_token_id=1, eos_token_id=2))
+    decoder_bert = tiny_model("bert", head="token", is_decoder=True)
+    for model in (gpt2, decoder_bert):
+        state = addrop.enable(model, layers=(1,))
+        assert len(state.modules) == 2 and all(mod.is_causal for mod in state.modules)
+
+
+def test_registered_on_import_for_from_pretrained(tmp_path):
+    """A fresh interpreter: `import regdrop_fast.addrop`, then from_pretrained with the name."""
+    import subprocess
+    import sys
+    model = tiny_model("bert")
+    model.save_pretrained(tmp_path / "tiny")
+    script = f"""
+import torch, regdrop_fast.addrop as addrop
+from transformers import AutoModelForSequenceClassification as Auto
+path = {str(tmp_path / "tiny")!r}
+ours = Auto.from_pretrained(path, attn_implementation="regdrop_addrop").eval()
+sdpa = Auto.from_pretrained(path, attn_implementation="sdpa").eval()
+assert ours.config._attn_implementation == "regdrop_addrop"
+ids = torch.randint(5, 61, (2, 6)); mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+with torch.no_grad():
+    assert torch.equal(ours(input_ids=ids, attention_mask=mask).logits,
+                       sdpa(input_ids=ids, attention_mask=mask).logits)
+step = addrop.apply_addrop(ours, layers=(0,))
+assert step.state.modules[0]._regdrop_addrop is step.state
+print("ok")
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_registration_is_idempotent():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    integration._register()
+    integration._register()
+    assert AttentionInterface._global_mapping["regdrop_addrop"] is integration._attention_function
+    assert AttentionMaskInterface._global_mapping["regdrop_addrop"] is integration._mask_builder

@@ -2,24 +2,29 @@
 
 Kernels: `attribution(dO, v)` (B = dO·Vᵀ), `keep_mask(attr, p, q, ...)` (bit-packed keep mask
 [B,H,Lq,Lk]), `masked_attention(q, k, v, keep, ...)` (flash-style attention reading the bits).
-Training: `enable(model, ...)` / `disable(model)` (transformers attention implementation),
-`ADDrop(model, ...).step(model, batch)` (pass 1, masks, pass 2 + backward), `CrossTuning`
-(AD-DROP in odd epochs), `ADDropTrainer` / `ADDropTrainerMixin` / `ADDropEpochCallback` (HF
-Trainer; imported on first use because transformers' Trainer is slow to import).
+Training: `apply_addrop(model_or_trainer, ...)` (one call), `enable(model, ...)` /
+`disable(model)` (transformers attention implementation "regdrop_addrop", registered on import
+when transformers is installed), `ADDrop(model, ...).step(model, batch)` (pass 1, masks, pass 2
++ backward), `CrossTuning` (AD-DROP in odd epochs), `SelfAttention` (drop-in multi-head
+self-attention for models outside transformers), `ADDropTrainer` / `ADDropTrainerMixin` /
+`ADDropEpochCallback` (HF Trainer; imported on first use because transformers' Trainer is slow
+to import).
 """
 import importlib
 
+from .apply import apply_addrop
 from .attention import masked_attention
 from .attribution import attribution
 from .integration import disable, enable
 from .mask import keep_mask
+from .module import SelfAttention
 from .schedule import CrossTuning
 from .step import ADDrop, StepOutput
 
 _TRAINER_NAMES = ("ADDropTrainerMixin", "ADDropTrainer", "ADDropEpochCallback")
 
 __all__ = ["attribution", "keep_mask", "masked_attention", "enable", "disable", "ADDrop",
-           "StepOutput", "CrossTuning", *_TRAINER_NAMES]
+           "StepOutput", "CrossTuning", "SelfAttention", "apply_addrop", *_TRAINER_NAMES]
 
 
 def __getattr__(name):

@@ -1,35 +1,46 @@
 """AD-DROP as a transformers attention implementation: `enable(model, ...)`, `disable(model)`.
 
-`enable` registers one attention function (AttentionInterface) and its mask builder
-(AttentionMaskInterface) under the name "regdrop_addrop" and switches the model to it. Both are
-needed: with only the function registered, transformers finds no mask builder for the name and
-hands the attention attention_mask=None, so padding would be silently attended.
+Importing regdrop_fast.addrop registers one attention function (AttentionInterface) and its mask
+builder (AttentionMaskInterface) under the name "regdrop_addrop" (when transformers is
+installed), so `from_pretrained(..., attn_implementation="regdrop_addrop")` works; `enable`
+registers again (idempotent) and switches the model to it. Both are needed: with only the
+function registered, transformers finds no mask builder for the name and hands the attention
+attention_mask=None, so padding would be silently attended.
 
-The mask builder returns what `sdpa_mask` returns, except that a plain key-padding mask stays a
-broadcast view bool [B,1,1,Lk] (True = attend) instead of a materialized [B,1,Lq,Lk]; None when
-nothing is padded. The attention function then runs in one of three modes, per model:
+The mask builder returns what `sdpa_mask` returns, except that a plain key-padding mask, with or
+without the causal structure, stays a broadcast view bool [B,1,1,Lk] (True = attend) instead of
+a materialized [B,1,Lq,Lk]; None when no attention_mask is given. A causal layer (the module's
+`is_causal`, as transformers' SDPA path reads it) adds the causal structure itself. The
+attention function then runs in one of three modes, per model:
 
   plain   every layer: transformers' SDPA attention (what the unpatched model computes)
   record  pass 1 of an AD-DROP step. Chosen layers compute O = A_drop·V as a [B,H,Lq,D] tensor
-          of the autograd graph and keep it with V (detached) and the key padding, so that
-          dO = ∂target/∂O comes from `torch.autograd.grad(target, outputs)` alone (no parameter
-          gradients) and B = dO·Vᵀ is never formed. Kinds that need the map itself
-          ("attention", "integrated_gradients") materialize A [B,H,Lq,Lk] for the chosen
-          layers in this pass only. An output scale α per layer serves integrated gradients.
+          and keep it with V (detached) and the key padding, so that dO = ∂target/∂O comes
+          from `torch.autograd.grad(target, outputs)` alone (no parameter gradients) and
+          B = dO·Vᵀ is never formed. When differentiable, the forward runs without autograd
+          up to the lowest chosen layer, whose O becomes the leaf that autograd starts from: no
+          graph (and no backward) below it. Kinds that need the map itself ("attention",
+          "integrated_gradients") materialize A [B,H,Lq,Lk] for the chosen layers in this pass
+          only. An output scale α per layer serves integrated gradients.
   masked  pass 2. Chosen layer i attends through `masked_attention` with keep mask i.
 
 Philox streams (DESIGN.md): the keep mask of layer i draws stream i, the attention-probability
 dropout of the masked pass stream DROPOUT_STREAM + i, random candidates ("random" kind)
 stream RANDOM_STREAM + i; all at the step counter of the AD-DROP step.
 
-Supported: BERT, RoBERTa, ELECTRA and other encoders that call
-`ALL_ATTENTION_FUNCTIONS.get_interface` (`_supports_attention_backend`), with self-attention
-modules at one of LAYER_PATHS × ATTENTION_PATHS. Decoders and causal attention are refused: the
-AD-DROP threshold is defined over a sample's real keys, not a causal prefix.
+Supported (SUPPORTED): encoders (BERT, RoBERTa, ELECTRA, DistilBERT, ...) and decoder-only
+models (Llama, Qwen2, Mistral, GPT-2, ...: causal, grouped-query K/V, rotary) whose attention
+calls `ALL_ATTENTION_FUNCTIONS.get_interface` (`_supports_attention_backend`), with
+self-attention modules at one of LAYER_PATHS × ATTENTION_PATHS; and any nn.Module built from
+`regdrop_fast.addrop.SelfAttention`. On causal layers a row's AD-DROP candidates are taken over
+the keys it may attend (its causal, non-pad prefix): our extension of the paper, which covers
+encoders. Masks other than key padding (+ causal) on a causal layer, sliding windows and
+encoder-decoder models are refused with the reason.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -39,8 +50,9 @@ import torch.nn.functional as F
 from .._checks import UINT64_MAX, check_int, check_prob
 from .attention import masked_attention
 
-__all__ = ["enable", "disable", "get_state", "ADDropAttention", "IMPLEMENTATION_NAME",
-           "ATTRIBUTIONS", "DROPS", "DROPOUT_STREAM", "RANDOM_STREAM", "SUPPORTED"]
+__all__ = ["enable", "disable", "get_state", "attention_modules", "ADDropAttention",
+           "IMPLEMENTATION_NAME", "ATTRIBUTIONS", "DROPS", "DROPOUT_STREAM", "RANDOM_STREAM",
+           "SUPPORTED"]
 
 IMPLEMENTATION_NAME = "regdrop_addrop"
 ATTRIBUTIONS = ("gradient", "integrated_gradients", "attention", "random")
@@ -48,12 +60,15 @@ DROPS = ("high", "low")
 DROPOUT_STREAM = 1 << 20
 RANDOM_STREAM = 2 << 20
 # where the layer list and, inside a layer, the self-attention module live
-LAYER_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers")
+LAYER_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "h")
 ATTENTION_PATHS = ("attention.self", "self_attn", "attn", "attention")
-SUPPORTED = ("BERT, RoBERTa, ELECTRA, DistilBERT (and encoders of the same layout: XLM-RoBERTa, "
-             "CamemBERT, ...), or any non-causal encoder whose attention calls transformers' "
-             "AttentionInterface (class attribute _supports_attention_backend = True) with "
-             f"layers at one of {LAYER_PATHS} and self-attention at one of {ATTENTION_PATHS}")
+SUPPORTED = ("encoders: BERT, RoBERTa, ELECTRA, DistilBERT (and models of the same layout: "
+             "XLM-RoBERTa, CamemBERT, ...); decoder-only models: Llama, Qwen2, Mistral "
+             "(sliding_window=None), GPT-2 and others of the same layout (causal, grouped-query, "
+             "rotary); that is, transformers models whose self-attention calls AttentionInterface "
+             "(class attribute _supports_attention_backend = True) with layers at one of "
+             f"{LAYER_PATHS} and self-attention at one of {ATTENTION_PATHS}; or any nn.Module "
+             "built from regdrop_fast.addrop.SelfAttention")
 _STATE_ATTR = "_regdrop_addrop"
 _LAYER_ATTR = "_regdrop_addrop_layer"
 
@@ -63,10 +78,11 @@ class LayerRecord:
     """What pass 1 keeps for one chosen layer."""
 
     out: torch.Tensor  # O [B,H,Lq,D], in the graph (scaled by α under integrated gradients)
-    value: torch.Tensor  # V [B,H,Lk,D], detached
+    value: torch.Tensor  # V [B,Hkv,Lk,D], detached (Hkv divides H: grouped-query attention)
     key_padding: Optional[torch.Tensor]  # bool [B,Lk], True = real key; None = no padding
     probs: Optional[torch.Tensor] = None  # A_drop [B,H,Lq,Lk] detached, materializing kinds only
     scale: float = 1.0  # α the output was scaled by
+    causal: bool = False  # whether the layer's rows see their causal prefix only
 
 
 @dataclass
@@ -84,6 +100,7 @@ class ADDropAttention:
     previous_implementation: Optional[str]
     mode: str = "plain"
     materialize: bool = False
+    differentiable: bool = False
     output_scale: Dict[int, float] = field(default_factory=dict)
     records: Dict[int, LayerRecord] = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
@@ -99,20 +116,26 @@ class ADDropAttention:
 
     @contextlib.contextmanager
     def recording(self, materialize: bool = False, output_scale: Optional[dict] = None,
-                  layers: Optional[Sequence[int]] = None):
+                  layers: Optional[Sequence[int]] = None, differentiable: bool = False):
         """Pass 1: the chosen layers (or `layers`, a subset) keep O, V, the key padding and,
-        when `materialize`, A in `records`; `output_scale` {layer: α} scales their O."""
+        when `materialize`, A in `records`; `output_scale` {layer: α} scales their O.
+
+        differentiable: run the forward under torch.no_grad(); the lowest recording layer
+        turns autograd on, its O being a leaf, so the graph starts there."""
         self.records = {}
         with self._mode("record"):
             self.materialize = materialize
+            self.differentiable = differentiable
             self.output_scale = dict(output_scale or {})
-            self.active = tuple(self.layers if layers is None else layers)
+            self.active = tuple(sorted(self.layers if layers is None else layers))
             try:
-                yield self.records
+                with torch.no_grad() if differentiable else contextlib.nullcontext():
+                    yield self.records
             finally:
                 # the caller keeps the yielded dict; the state drops its graph references
                 self.records = {}
                 self.materialize = False
+                self.differentiable = False
                 self.output_scale = {}
                 self.active = self.layers
 
@@ -147,43 +170,59 @@ class ADDropAttention:
         finally:
             self.mode = "plain"
 
-    def attend(self, layer, module, query, key, value, attention_mask, scaling, dropout):
-        """Attention output [B,Lq,H,D] of a chosen layer in the record or masked mode."""
+    def attend(self, layer, module, query, key, value, attention_mask, scaling, dropout,
+               causal: bool = False):
+        """Attention output [B,Lq,H,D] of a chosen layer in the record or masked mode.
+
+        query [B,H,Lq,D]; key, value [B,Hkv,Lk,D] with Hkv dividing H."""
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        key, value = _repeat_kv(query, key), _repeat_kv(query, value)
-        key_padding, attn_mask = _split_mask(attention_mask)
+        key_padding, attn_mask = _split_mask(attention_mask, causal, layer)
         if self.mode == "masked":
             out = masked_attention(query, key, value, keep=self.masks[layer], attn_mask=attn_mask,
                                    scale=scaling, dropout_p=dropout, seed=self.seed,
                                    step=self.step, stream=DROPOUT_STREAM + layer,
-                                   backend=self.backend)
+                                   backend=self.backend, is_causal=causal)
             return out.transpose(1, 2).contiguous(), None
-        probs = None
-        if self.materialize:
-            probs = _eager_probs(query, key, attn_mask, scaling)
-            probs = F.dropout(probs, p=dropout, training=dropout > 0.0)
-            out = torch.matmul(probs.to(value.dtype), value)
-            probs = probs.detach()
-        else:
-            out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=_sdpa_mask(attn_mask), dropout_p=dropout,
-                scale=scaling)
-        alpha = self.output_scale.get(layer, 1.0)
-        if alpha != 1.0:
-            out = out * alpha
-        self.records[layer] = LayerRecord(out, value.detach(), key_padding, probs, alpha)
+        first = self.differentiable and layer == self.active[0]
+        with torch.no_grad() if first else contextlib.nullcontext():
+            probs = None
+            if self.materialize:
+                probs = _eager_probs(query, _repeat_kv(query, key), attn_mask, causal, scaling)
+                probs = F.dropout(probs, p=dropout, training=dropout > 0.0)
+                out = torch.matmul(probs.to(value.dtype), _repeat_kv(query, value))
+                probs = probs.detach()
+            else:
+                mask = _dense_mask(attn_mask, causal, query.shape[2], key.shape[2])
+                out = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                    is_causal=causal and mask is None,
+                    enable_gqa=query.shape[1] != key.shape[1])
+            alpha = self.output_scale.get(layer, 1.0)
+            if alpha != 1.0:
+                out = out * alpha
+        if first:
+            # everything above this layer is recorded; nothing below it is
+            out.requires_grad_(True)
+            torch.set_grad_enabled(True)
+        self.records[layer] = LayerRecord(out, value.detach(), key_padding, probs, alpha, causal)
         return out.transpose(1, 2).contiguous(), None
 
 
 def _repeat_kv(query, tensor):
-    """Grouped-query K/V expanded to the query heads (masked_attention takes equal heads)."""
+    """Grouped-query K/V expanded to the query heads (head h reads kv head h // groups)."""
     groups = query.shape[1] // tensor.shape[1]
     return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
 
 
-def _split_mask(attention_mask):
-    """(key padding bool [B,Lk] or None, attn_mask for masked_attention) of a built mask."""
+def _causal(lq: int, lk: int, device) -> torch.Tensor:
+    """bool [Lq,Lk]: key j visible from query row i iff j <= i + Lk − Lq (bottom-right)."""
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+
+
+def _split_mask(attention_mask, causal: bool = False, layer=None):
+    """(key padding bool [B,Lk] or None, the mask beside the causal structure: key padding
+    [B,Lk], a 4-D bool mask (non-causal layers only) or None) of a built mask."""
     if attention_mask is None:
         return None, None
     if attention_mask.dtype != torch.bool:
@@ -192,21 +231,31 @@ def _split_mask(attention_mask):
     if attention_mask.shape[-2] == 1:  # a pure key-padding mask
         key_padding = attention_mask[:, 0, 0, :]
         return key_padding, key_padding
+    if causal:
+        raise ValueError(
+            f"AD-DROP on causal layer {layer} takes the causal mask with key padding only (a "
+            "2-D attention_mask); this forward built a [B,1,Lq,Lk] mask with more structure "
+            "(packed sequences, a sliding or chunked window, a cache offset, or a 4-D "
+            "attention_mask passed by the caller) that the keep mask cannot express")
     # any structure over queries: keys some query attends count as real for the threshold
     return attention_mask.any(dim=-2).all(dim=1), attention_mask
 
 
-def _sdpa_mask(attn_mask):
-    """A [B,Lk] key padding as the broadcastable [B,1,1,Lk] SDPA takes; others unchanged."""
-    if attn_mask is not None and attn_mask.dim() == 2:
-        return attn_mask[:, None, None, :]
-    return attn_mask
+def _dense_mask(attn_mask, causal: bool, lq: int, lk: int):
+    """The mask SDPA takes: key padding as [B,1,1,Lk], with the causal structure when `causal`
+    ([B,1,Lq,Lk]); None for a causal layer without padding (SDPA's is_causal then)."""
+    if attn_mask is None or attn_mask.dim() != 2:
+        return attn_mask
+    mask = attn_mask[:, None, None, :]
+    return mask & _causal(lq, lk, attn_mask.device) if causal else mask
 
 
-def _eager_probs(query, key, attn_mask, scaling):
+def _eager_probs(query, key, attn_mask, causal, scaling):
     """softmax(scale·QKᵀ) in fp32 over the allowed keys."""
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
-    mask = _sdpa_mask(attn_mask)
+    mask = _dense_mask(attn_mask, causal, query.shape[2], key.shape[2])
+    if mask is None and causal:
+        mask = _causal(query.shape[2], key.shape[2], query.device)
     if mask is None:
         return torch.softmax(scores, dim=-1)
     probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=-1)
@@ -214,35 +263,50 @@ def _eager_probs(query, key, attn_mask, scaling):
     return probs * mask.any(dim=-1, keepdim=True)
 
 
+def is_causal_call(module, kwargs) -> bool:
+    """Whether a call of `module` is causal, as transformers' SDPA path decides it."""
+    is_causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+
+
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         **kwargs):
     """The registered AttentionInterface function (see the module docstring)."""
     state = getattr(module, _STATE_ATTR, None)
     layer = getattr(module, _LAYER_ATTR, None)
+    causal = is_causal_call(module, kwargs)
     if state is None or not state.intercepts(layer):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        if causal and attention_mask is not None and attention_mask.shape[-2] == 1:
+            attention_mask = _dense_mask(attention_mask[:, 0, 0, :], True, query.shape[2],
+                                         key.shape[2])
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    return state.attend(layer, module, query, key, value, attention_mask, scaling, dropout)
+    return state.attend(layer, module, query, key, value, attention_mask, scaling, dropout,
+                        causal)
 
 
 def _mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, local_size=None, allow_is_causal_skip=True,
                   allow_is_bidirectional_skip=False, use_vmap=False, device="cpu", **kwargs):
-    """The registered AttentionMaskInterface builder: sdpa_mask, with a plain padding mask kept
-    as a bool [B,1,1,Lk] view (no [B,1,Lq,Lk] tensor)."""
-    from transformers.masking_utils import (bidirectional_mask_function, prepare_padding_mask,
-                                            sdpa_mask)
-    plain_padding = (mask_function is bidirectional_mask_function and not use_vmap
-                     and local_size is None and q_offset == 0 and kv_offset == 0)
-    if not plain_padding:
+    """The registered AttentionMaskInterface builder: sdpa_mask, with a plain padding mask
+    (bidirectional, or causal without offsets) kept as a bool [B,1,1,Lk] view (no
+    [B,1,Lq,Lk] tensor, no host sync to skip an all-real mask)."""
+    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function,
+                                            prepare_padding_mask, sdpa_mask)
+    # q_offset is a tensor under a static cache: anything but the int 0 is not plain
+    plain = (not use_vmap and local_size is None and isinstance(q_offset, int) and q_offset == 0
+             and isinstance(kv_offset, int) and kv_offset == 0)
+    plain = plain and (mask_function is bidirectional_mask_function
+                       or (mask_function is causal_mask_function and q_length == kv_length))
+    if not plain:
         return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
                          mask_function=mask_function, attention_mask=attention_mask,
                          local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
                          allow_is_bidirectional_skip=allow_is_bidirectional_skip,
                          use_vmap=use_vmap, device=device, **kwargs)
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if padding is None or (allow_is_bidirectional_skip and bool(padding.all())):
+    if padding is None:
         return None
     return padding.to(device=device, dtype=torch.bool)[:, None, None, :].expand(batch_size, 1, 1,
                                                                                kv_length)
@@ -268,18 +332,39 @@ def _unsupported(model, why: str) -> ValueError:
                       f"({why}). Supported: {SUPPORTED}")
 
 
-def attention_modules(model) -> list:
-    """The self-attention module of each encoder layer of `model`, in order (or a ValueError
-    naming what is supported)."""
+def _has_transformers() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _is_hf_model(model) -> bool:
+    if not _has_transformers():
+        return False
     from transformers import PreTrainedModel
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    if not getattr(model, "_supports_attention_backend", False):
-        raise _unsupported(model, "its attention does not go through AttentionInterface")
+    return isinstance(model, PreTrainedModel)
+
+
+def attention_modules(model) -> list:
+    """The self-attention module of each layer of `model`, in order (or a ValueError giving
+    the reason and naming what is supported)."""
+    if not _is_hf_model(model):
+        from .module import SelfAttention
+        found = ([mod for mod in model.modules() if isinstance(mod, SelfAttention)]
+                 if isinstance(model, torch.nn.Module) else [])
+        if not found:
+            raise TypeError(f"model must be a transformers PreTrainedModel or an nn.Module built "
+                            f"from regdrop_fast.addrop.SelfAttention, got {type(model).__name__}")
+        return found
     config = model.config
-    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
-        raise _unsupported(model, "it is a decoder or encoder-decoder; AD-DROP masks bidirectional "
-                                  "encoder self-attention")
+    if getattr(config, "is_encoder_decoder", False):
+        raise _unsupported(model, "it is an encoder-decoder model; AD-DROP here masks the "
+                                  "self-attention of an encoder or of a decoder-only model")
+    if getattr(config, "add_cross_attention", False):
+        raise _unsupported(model, "its layers cross-attend to encoder states "
+                                  "(config.add_cross_attention); only self-attention is masked")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise _unsupported(model, "its attention does not call transformers' AttentionInterface "
+                                  "(_supports_attention_backend is not set), so the "
+                                  f"{IMPLEMENTATION_NAME!r} implementation would never run")
     base = model.base_model
     for layer_path in LAYER_PATHS:
         layer_list = _get_path(base, layer_path)
@@ -288,10 +373,30 @@ def attention_modules(model) -> list:
         for attn_path in ATTENTION_PATHS:
             found = [_get_path(layer, attn_path) for layer in layer_list]
             if all(isinstance(mod, torch.nn.Module) for mod in found):
-                if any(getattr(mod, "is_causal", False) for mod in found):
-                    raise _unsupported(model, "its self-attention is causal")
                 return found
-    raise _unsupported(model, "no encoder layer list with self-attention modules was found")
+    raise _unsupported(model, f"no layer list with self-attention modules at "
+                              f"{type(base).__name__}.{{{', '.join(LAYER_PATHS)}}}"
+                              f"[i].{{{', '.join(ATTENTION_PATHS)}}}")
+
+
+def _check_windows(model, modules, layers) -> None:
+    """Refuse chosen layers whose attention is windowed: the keep mask and masked_attention
+    express key padding (+ causal) only."""
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    for layer in layers:
+        module = modules[layer]
+        window = (module.sliding_window if hasattr(module, "sliding_window")
+                  else getattr(config, "sliding_window", None))
+        kind = layer_types[layer] if layer_types is not None else "full_attention"
+        if window is not None or kind != "full_attention":
+            what = (f"sliding-window attention (sliding_window={window})" if window is not None
+                    else f"{kind!r} attention")
+            raise _unsupported(model, f"layer {layer} uses {what}: "
+                                      "AD-DROP masks full causal or bidirectional attention "
+                                      "with key padding; set config.sliding_window = None "
+                                      "(and use_sliding_window=False) when sequences fit the "
+                                      "window, or choose full-attention layers")
 
 
 def _check_layers(layers, num_layers: int) -> tuple:
@@ -337,7 +442,8 @@ def get_state(model) -> ADDropAttention:
 def enable(model, layers: Sequence[int] = (0,), p: float = 0.3, q: float = 0.2,
            attribution: str = "gradient", drop: str = "high", seed: int = 0,
            backend: Optional[str] = None) -> ADDropAttention:
-    """Switch `model` to the AD-DROP attention implementation and return its state.
+    """Switch `model` (a supported transformers model, or an nn.Module built from
+    `SelfAttention`) to the AD-DROP attention implementation and return its state.
 
     layers: indices of the self-attention layers to mask (official default: layer 0).
     p: fraction of each row's real keys that are drop candidates, in (0, 1).
@@ -351,10 +457,11 @@ def enable(model, layers: Sequence[int] = (0,), p: float = 0.3, q: float = 0.2,
     seed = check_int("seed", seed, 0, UINT64_MAX)
     modules = attention_modules(model)
     layers = _check_layers(layers, len(modules))
+    _check_windows(model, modules, layers)
+    hf_model = _is_hf_model(model)
     previous = getattr(model, _STATE_ATTR, None)
     previous_impl = (previous.previous_implementation if isinstance(previous, ADDropAttention)
-                     else model.config._attn_implementation)
-    _register()
+                     else model.config._attn_implementation if hf_model else None)
     state = ADDropAttention(modules=modules, layers=layers, p=p, q=q, attribution=attribution,
                             drop=drop, seed=seed, backend=backend,
                             previous_implementation=previous_impl)
@@ -362,7 +469,9 @@ def enable(model, layers: Sequence[int] = (0,), p: float = 0.3, q: float = 0.2,
         module.__dict__[_STATE_ATTR] = state
         module.__dict__[_LAYER_ATTR] = index
     model.__dict__[_STATE_ATTR] = state
-    model.set_attn_implementation(IMPLEMENTATION_NAME)
+    if hf_model:
+        _register()
+        model.set_attn_implementation(IMPLEMENTATION_NAME)
     return state
 
 
@@ -374,5 +483,11 @@ def disable(model) -> None:
         module.__dict__.pop(_STATE_ATTR, None)
         module.__dict__.pop(_LAYER_ATTR, None)
     owner.__dict__.pop(_STATE_ATTR, None)
-    owner.set_attn_implementation(state.previous_implementation or "sdpa")
+    if _is_hf_model(owner):
+        owner.set_attn_implementation(state.previous_implementation or "sdpa")
+
+
+# from_pretrained(..., attn_implementation="regdrop_addrop") right after the import
+if _has_transformers():
+    _register()
 

@@ -4,10 +4,13 @@ Pass 1 (train mode, as the official code) runs the model with the chosen layers 
 (integration.py) and builds a target from its logits:
   classification  sum over the batch of the pseudo-label logit, pseudo label = argmax
   regression      −MSE(prediction, gold labels)           (the official "mask from −grad")
-  token           −CE(token logits, per-token argmax) over non-pad tokens, mean
-dO = ∂target/∂O per chosen layer comes from `torch.autograd.grad(target, outputs)` alone (no
-parameter gradient is formed or accumulated), then keep mask i = keep_mask((dO_i, V_i), ...) with
-stream i and step = this object's step counter (recorded in `last_step` for reproducibility).
+  token           −CE(token logits, per-token argmax) over non-pad tokens, mean; on a causal
+                  LM over the positions its next-token loss counts (labels[t+1] != −100)
+dO = ∂target/∂O per chosen layer comes from `torch.autograd.grad(target, outputs)` alone: no
+parameter gradient is formed or accumulated, and the forward records autograd only from the
+lowest chosen layer's attention output up, so nothing below it is back-propagated. Then keep
+mask i = keep_mask((dO_i, V_i), ...) with stream i (causal rows: over their causal prefix) and
+step = this object's step counter (recorded in `last_step` for reproducibility).
 Pass 2 runs the model with layer i masked by keep mask i; only its loss is back-propagated.
 
 Attribution kinds:
@@ -24,6 +27,7 @@ Attribution kinds:
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -41,6 +45,7 @@ from .mask import keep_mask
 __all__ = ["ADDrop", "StepOutput", "TASKS"]
 
 TASKS = ("classification", "regression", "token")
+IGNORE_INDEX = -100  # label of positions a transformers loss skips
 _STEP_MODULUS = 2**32
 
 
@@ -66,6 +71,27 @@ def _model_inputs(batch) -> dict:
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping of model inputs, got {type(batch).__name__}")
     return {name: value for name, value in batch.items() if name != "labels"}
+
+
+def _token_weights(batch, pseudo: torch.Tensor, causal: bool) -> torch.Tensor:
+    """bool [B,L]: the positions task "token" averages over. Encoders: the real tokens
+    (attention_mask). Causal LMs: the positions whose next token the model's own loss counts,
+    i.e. labels[t+1] != IGNORE_INDEX (HF's shift), or without labels attention_mask[t+1]; never
+    the last position."""
+    if not causal:
+        real = batch.get("attention_mask")
+        return torch.ones_like(pseudo, dtype=torch.bool) if real is None else real.bool()
+    labels = batch.get("labels")
+    if labels is not None:
+        if tuple(labels.shape) != tuple(pseudo.shape):
+            raise ValueError(f"task='token' on a causal LM needs labels [B, L] = "
+                             f"{tuple(pseudo.shape)}, got {tuple(labels.shape)}")
+        counted = labels[:, 1:] != IGNORE_INDEX
+    else:
+        real = batch.get("attention_mask")
+        counted = (torch.ones_like(pseudo[:, 1:], dtype=torch.bool) if real is None
+                   else real[:, 1:].bool())
+    return F.pad(counted, (0, 1), value=False)
 
 
 class ADDrop:
@@ -96,8 +122,10 @@ class ADDrop:
         return self.state.layers
 
     # -- targets ---------------------------------------------------------------------------
-    def target(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        """The scalar whose gradient w.r.t. the attention maps is the attribution."""
+    def target(self, logits: torch.Tensor, batch: dict, causal: bool = False) -> torch.Tensor:
+        """The scalar whose gradient w.r.t. the attention maps is the attribution.
+
+        causal: the model is a causal LM, its position t predicting token t+1 (task "token")."""
         logits = logits.float()
         if self.task == "classification":
             if logits.dim() != 2:
@@ -116,32 +144,33 @@ class ADDrop:
                              f"{tuple(logits.shape)}")
         pseudo = logits.argmax(dim=-1)
         token_loss = F.cross_entropy(logits.transpose(1, 2), pseudo, reduction="none")
-        real = batch.get("attention_mask")
-        real = torch.ones_like(pseudo) if real is None else real.to(token_loss.dtype)
-        # mean over real tokens; a batch without any real token gives 0, not NaN
-        return -(token_loss * real).sum() / real.sum().clamp_min(1)
+        weight = _token_weights(batch, pseudo, causal).to(token_loss.dtype)
+        # mean over the counted tokens; a batch without any gives 0, not NaN
+        return -(token_loss * weight).sum() / weight.sum().clamp_min(1)
 
     # -- pass 1 ------------------------------------------------------------------------------
     def _forward_records(self, model, batch, grad: bool, **recording):
-        with torch.set_grad_enabled(grad), self.state.recording(**recording) as records:
+        # grad: autograd records from the lowest chosen layer's output up (integration.py)
+        with (contextlib.nullcontext() if grad else torch.no_grad()), \
+                self.state.recording(differentiable=grad, **recording) as records:
             outputs = model(**_model_inputs(batch))
         return _logits(outputs), dict(records)
 
     def _gradients(self, model, batch) -> dict:
-        """{layer: (dO, V, key padding)} of the gradient kind."""
+        """{layer: (dO, record)} of the gradient kind (record: the layer's LayerRecord)."""
         logits, records = self._forward_records(model, batch, grad=True)
-        target = self.target(logits, batch)
+        target = self.target(logits, batch, causal=records[self.layers[0]].causal)
         outs = [records[layer].out for layer in self.layers]
         grads = torch.autograd.grad(target, outs, allow_unused=True)
         result = {}
         for layer, out, g in zip(self.layers, outs, grads):
-            value = records[layer].value
+            record = records[layer]
             dO = torch.zeros_like(out) if g is None else g
-            result[layer] = (dO.to(value.dtype), value, records[layer].key_padding)
+            result[layer] = (dO.to(record.value.dtype), record)
         return result
 
     def _integrated_gradients(self, model, batch) -> dict:
-        """{layer: (A ⊙ mean_k ∂target_k/∂A, key padding)}, official IGA (eval mode)."""
+        """{layer: (A ⊙ mean_k ∂target_k/∂A, record)}, official IGA (eval mode)."""
         was_training = model.training
         model.eval()
         result = {}
@@ -154,13 +183,13 @@ class ADDrop:
                         model, batch, grad=True, materialize=k == self.ig_steps,
                         output_scale={layer: alpha}, layers=(layer,))
                     record = records[layer]
-                    (g,) = torch.autograd.grad(self.target(logits, batch), record.out,
-                                               allow_unused=True)
+                    target = self.target(logits, batch, causal=record.causal)
+                    (g,) = torch.autograd.grad(target, record.out, allow_unused=True)
                     g = torch.zeros_like(record.out) if g is None else g
                     term = g.float() * (alpha / self.ig_steps)
                     mean_grad = term if mean_grad is None else mean_grad + term
                 attr = record.probs * _attribution(mean_grad, record.value.float())
-                result[layer] = (attr, record.key_padding)
+                result[layer] = (attr, record)
         finally:
             model.train(was_training)
         return result
@@ -173,8 +202,8 @@ class ADDrop:
         kind = self.state.attribution
         model.train()
         if kind == "gradient":
-            return {layer: _attribution(dO, v)
-                    for layer, (dO, v, _) in self._gradients(model, batch).items()}
+            return {layer: _attribution(dO, record.value)
+                    for layer, (dO, record) in self._gradients(model, batch).items()}
         if kind == "integrated_gradients":
             return {layer: attr for layer, (attr, _) in
                     self._integrated_gradients(model, batch).items()}
@@ -197,28 +226,29 @@ class ADDrop:
         kind = state.attribution
         masks = {}
         if kind == "gradient":
-            for layer, (dO, v, padding) in self._gradients(model, batch).items():
-                masks[layer] = self._keep(layer, (dO, v), padding, step)
+            for layer, (dO, record) in self._gradients(model, batch).items():
+                masks[layer] = self._keep(layer, (dO, record.value), record, step)
         elif kind == "integrated_gradients":
-            for layer, (attr, padding) in self._integrated_gradients(model, batch).items():
-                masks[layer] = self._keep(layer, attr, padding, step)
+            for layer, (attr, record) in self._integrated_gradients(model, batch).items():
+                masks[layer] = self._keep(layer, attr, record, step)
         else:
             _, records = self._forward_records(model, batch, grad=False,
                                                materialize=kind == "attention")
             for layer in self.layers:
                 record = records[layer]
                 if kind == "attention":
-                    masks[layer] = self._keep(layer, record.probs, record.key_padding, step)
+                    masks[layer] = self._keep(layer, record.probs, record, step)
                 else:
                     masks[layer] = self._random(layer, record, step)
         self.last_step = {"step": step, "seed": state.seed,
                           "streams": {layer: layer for layer in self.layers}}
         return masks
 
-    def _keep(self, layer, attr, padding, step) -> PackedMask:
+    def _keep(self, layer, attr, record, step) -> PackedMask:
         state = self.state
-        return keep_mask(attr, state.p, state.q, key_padding_mask=padding, seed=state.seed,
-                         step=step, stream=layer, backend=state.backend, drop=state.drop)
+        return keep_mask(attr, state.p, state.q, key_padding_mask=record.key_padding,
+                         seed=state.seed, step=step, stream=layer, backend=state.backend,
+                         drop=state.drop, is_causal=record.causal)
 
     def _random(self, layer, record, step) -> PackedMask:
         state = self.state
@@ -234,6 +264,8 @@ class ADDrop:
         keep = ~candidate | spared
         if record.key_padding is not None:
             keep = keep & record.key_padding[:, None, None, :]
+        if record.causal:
+            keep = keep & torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
         return pack_mask(keep)
 
     # -- passes ------------------------------------------------------------------------------

@@ -41,6 +41,10 @@ class ADDropTrainerMixin:
 
     def __init__(self, *args, addrop=None, cross_tuning=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.setup_addrop(addrop, cross_tuning)
+
+    def setup_addrop(self, addrop, cross_tuning=None) -> None:
+        """Configure AD-DROP on the trainer's model (what __init__ does with its keywords)."""
         if addrop is None:
             raise ValueError("addrop must be an ADDrop or a dict of ADDrop keyword arguments")
         if isinstance(addrop, dict):
@@ -54,8 +58,9 @@ class ADDropTrainerMixin:
                             f"{type(cross_tuning).__name__}")
         self.addrop = addrop
         self.cross_tuning = cross_tuning
-        self.addrop_epochs = ADDropEpochCallback()
-        self.add_callback(self.addrop_epochs)
+        if not isinstance(getattr(self, "addrop_epochs", None), ADDropEpochCallback):
+            self.addrop_epochs = ADDropEpochCallback()
+            self.add_callback(self.addrop_epochs)
 
     def addrop_active(self) -> bool:
         return self.cross_tuning.is_addrop_epoch(self.addrop_epochs.epoch)
