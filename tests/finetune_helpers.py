@@ -71,3 +71,32 @@ def base_args(task: dict, out: Path, *extra) -> list:
     return ["finetune", "--model", task["model"], "--train", task["train"], "--eval", task["eval"],
             "--text-cols", "review", "--label-col", "sentiment", "--output-dir", str(out),
             "--device", "cpu", *map(str, extra)]
+
+
+STABLE_METRICS = ("epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",
+                  "lr")
+
+
+def stable_metrics(out: Path) -> list:
+    """The metrics rows without the timings (which differ between runs)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in STABLE_METRICS if k in r} for r in rows]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two runs' final checkpoints and metrics are bit-identical (weights, optimizer state)."""
+    import torch
+    from safetensors.torch import load_file
+    from regdrop_fast.finetune import checkpoint as ckpt
+
+    wa = load_file(str(a / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(b / "checkpoint" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    sa = torch.load(a / "checkpoint" / ckpt.STATE_FILE, weights_only=False)
+    sb = torch.load(b / "checkpoint" / ckpt.STATE_FILE, weights_only=False)
+    for pid, state in sa["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, sb["optimizer"]["state"][pid][key]), (pid, key)
+    assert stable_metrics(a) == stable_metrics(b)

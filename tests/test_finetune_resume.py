@@ -3,28 +3,18 @@ ends bit-identical to an uninterrupted run (weights, optimizer state, metrics); 
 checkpoint save leaves the previous checkpoint intact."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from finetune_helpers import base_args, tiny_task
+from finetune_helpers import assert_same_run, base_args, tiny_task
 from regdrop_fast.cli import main
 from regdrop_fast.finetune import checkpoint as ckpt
 from regdrop_fast.finetune import train
-
-STABLE = ("epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "lr")
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     return tiny_task(tmp_path_factory.mktemp("resume"), n_train=20, n_eval=8)
-
-
-def _metrics(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: r[k] for k in STABLE} for r in rows]
 
 
 def _crash_at(monkeypatch, step, where="_step"):
@@ -35,20 +25,6 @@ def _crash_at(monkeypatch, step, where="_step"):
             raise RuntimeError("simulated crash")
         return original(self, *args)
     monkeypatch.setattr(train.Job, where, crashing)
-
-
-def _assert_same_run(a, b):
-    wa = load_file(str(a / "checkpoint" / "model.safetensors"))
-    wb = load_file(str(b / "checkpoint" / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
-    sa = torch.load(a / "checkpoint" / ckpt.STATE_FILE, weights_only=False)
-    sb = torch.load(b / "checkpoint" / ckpt.STATE_FILE, weights_only=False)
-    for pid, state in sa["optimizer"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, sb["optimizer"]["state"][pid][key]), (pid, key)
-    assert _metrics(a) == _metrics(b)
 
 
 @pytest.mark.parametrize("method", ["none", "rdrop"])
@@ -72,7 +48,7 @@ def test_resume_mid_epoch_is_bit_identical(task, tmp_path, monkeypatch, method):
     state = torch.load(crashed / "checkpoint" / ckpt.STATE_FILE, weights_only=False)
     assert (state["global_step"], state["epoch"], state["batches_done"]) == (6, 1, 1)
     assert main(base_args(task, crashed, *args, "--resume")) == 0
-    _assert_same_run(full, crashed)
+    assert_same_run(full, crashed)
 
 
 def test_interrupted_save_keeps_previous_checkpoint(task, tmp_path, monkeypatch):
@@ -94,7 +70,7 @@ def test_interrupted_save_keeps_previous_checkpoint(task, tmp_path, monkeypatch)
     assert main(base_args(task, out, *args, "--resume")) == 0
     reference = tmp_path / "reference"
     assert main(base_args(task, reference, *args)) == 0
-    _assert_same_run(reference, out)
+    assert_same_run(reference, out)
 
 
 def test_resume_refuses_other_settings(task, tmp_path, capsys):

@@ -40,6 +40,7 @@ def check_model_folder(path) -> Path:
 def load_model(path, labels: list, seed: Optional[int] = None):
     """(model, tokenizer) from a local folder, with a classification head for `labels`."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -55,7 +56,7 @@ def load_model(path, labels: list, seed: Optional[int] = None):
             str(path), local_files_only=True, num_labels=len(labels),
             id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
             ignore_mismatched_sizes=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # e.g. a truncated weights file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FinetuneError(f"cannot load the model from {path}: {first}") from None
     finally:

@@ -231,7 +231,15 @@ class Job:
     def _save(self, batches_done: int, acc: dict) -> None:
         if self.config.no_save:
             return
-        staging = Path(self.output_dir) / (ckpt.NAME + ".tmp")
+        try:
+            self._write_checkpoint(batches_done, acc)
+        except OSError as exc:  # disk full, quota, read-only: the previous checkpoint is intact
+            where = exc.filename or self.output_dir
+            raise FinetuneError(f"cannot save the checkpoint ({where}): "
+                                f"{exc.strerror or exc}") from None
+
+    def _write_checkpoint(self, batches_done: int, acc: dict) -> None:
+        staging = Path(self.output_dir) / ckpt.STAGING
         if self.info.is_main:
             ckpt.staging_dir(self.output_dir)
         D.barrier(self.info)
