@@ -136,6 +136,9 @@ class TrainerStandIn:
         outputs = model(**inputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    def log(self, logs, start_time=None):
+        self.logged = logs
+
 
 def make_trainer(model, tmp_path, dataset=None, **kw):
     from regdrop_fast.rdrop import RDropTrainerMixin
@@ -243,11 +246,147 @@ def test_real_trainer_trains(tmp_path):
     before = model.classifier.weight.detach().clone()
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
                                           num_train_epochs=1, report_to=[], use_cpu=True,
-                                          logging_strategy="no", save_strategy="no",
-                                          learning_rate=1e-2)
+                                          logging_strategy="steps", logging_steps=1,
+                                          save_strategy="no", learning_rate=1e-2)
     trainer = RDropTrainer(model=model, args=args, train_dataset=data, rdrop_alpha=0.5,
                            rdrop_every=2)
     result = trainer.train()
     assert trainer.state.global_step == 2
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(before, model.classifier.weight.detach())
+    # the Trainer's own log carries the parts: CE on both steps, KL on the R-Drop step only
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(steps) == 2 and {"rdrop_ce", "rdrop_kl"} <= set(steps[0])
+    assert "rdrop_ce" in steps[1] and "rdrop_kl" not in steps[1]
+    assert abs(steps[1]["loss"] - steps[1]["rdrop_ce"]) <= 1e-5 * steps[1]["loss"]
+
+
+def test_trainer_kl_sum_is_the_official_bert_glue_script_and_logs_parts(tmp_path):
+    from test_rdrop_official import official_bert_glue
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(bert_config(num_labels=3)).train()
+    trainer = make_trainer(model, tmp_path, rdrop_alpha=0.5, rdrop_kl_reduction="sum")
+    labels = torch.tensor([0, 2, 1, 1])
+    torch.manual_seed(7)
+    loss = trainer.compute_loss(model, {**bert_inputs(), "labels": labels})
+    torch.manual_seed(7)
+    logits = model(**duplicate_batch(bert_inputs(), 2)).logits.detach().double()
+    expected = official_bert_glue(logits[:4], logits[4:], labels, 0.5)
+    assert_rel(loss, expected, 1e-5, "kl_reduction='sum' trainer loss")
+    # the logged parts: mean single-pass CE and mean symmetric KL of the step
+    ce = (nn.functional.cross_entropy(logits[:4], labels)
+          + nn.functional.cross_entropy(logits[4:], labels)) / 2
+    kl = (expected - 2 * ce) / (0.5 * 4)
+    trainer.log({"loss": 1.0})
+    assert set(trainer.logged) == {"loss", "rdrop_ce", "rdrop_kl"}
+    assert abs(trainer.logged["rdrop_ce"] - ce.item()) <= 1e-5 * ce.item()
+    assert abs(trainer.logged["rdrop_kl"] - kl.item()) <= 1e-4 * kl.item()
+    trainer.log({"eval_loss": 1.0})  # evaluation logs carry no training parts
+    assert set(trainer.logged) == {"eval_loss"}
+
+
+def test_rdrop_forward_kl_reduction_and_parts():
+    torch.manual_seed(0)
+    model = TinyClassifier().train()
+    batch = tiny_batch()
+    torch.manual_seed(1)
+    out = rdrop_forward(model, batch, alpha=0.5, kl_reduction="sum")
+    z1, z2 = (z.detach().double() for z in out.logits)
+    from test_rdrop_official import official_bert_glue
+
+    assert_rel(out.loss, official_bert_glue(z1, z2, batch["labels"], 0.5), 1e-5, "kl sum loss")
+    ce = (nn.functional.cross_entropy(z1, batch["labels"])
+          + nn.functional.cross_entropy(z2, batch["labels"])) / 2
+    assert_rel(out.ce, ce, 1e-5, "ce part")
+    mean = rdrop_forward(model, batch, alpha=0.5, passes=3)
+    assert_rel(mean.loss.detach(), 3 * mean.ce + 0.5 * mean.kl, 1e-5, "3 passes: 3 ce + alpha kl")
+    skipped = rdrop_forward(model, batch, every=2, step=1)
+    assert skipped.kl is None and torch.equal(skipped.ce, skipped.loss.detach())
+    with pytest.raises(ValueError, match="kl_reduction"):
+        rdrop_forward(model, batch, kl_reduction="batchmean")
+
+
+# --- causal language models ---------------------------------------------------------------
+
+
+def llama(cls_name="LlamaForCausalLM", dropout=0.0, **kw):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=32,
+                                      attention_dropout=dropout, pad_token_id=0, **kw)
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(config)
+
+
+def lm_batch(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (3, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_causal_lm_detection_from_the_config():
+    from regdrop_fast.rdrop import is_causal_lm
+
+    class MyLM(transformers.LlamaForCausalLM):
+        pass
+
+    assert is_causal_lm(llama())
+    assert is_causal_lm(MyLM(llama().config))
+    for cls_name in ("LlamaForSequenceClassification", "LlamaForTokenClassification"):
+        assert not is_causal_lm(llama(cls_name))
+    assert not is_causal_lm(transformers.BertForMaskedLM(bert_config()))
+    assert not is_causal_lm(transformers.BertForTokenClassification(bert_config()))
+    assert is_causal_lm(transformers.BertLMHeadModel(bert_config(is_decoder=True)))
+    assert not is_causal_lm(TinyClassifier())
+
+
+def test_causal_lm_eval_is_twice_the_models_own_shifted_loss():
+    """In eval mode (no dropout) both passes coincide: R-Drop = 2 x the model's own loss,
+    which scores logits[:, :-1] against labels[:, 1:] and skips -100."""
+    model = llama().eval()
+    batch = lm_batch()
+    with torch.no_grad():
+        own = model(**batch).loss
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    shifted = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64),
+                                          batch["labels"][:, 1:].reshape(-1))
+    assert_rel(own, shifted, 1e-6, "the model's own loss is the shifted CE")
+    for mode in ("duplicate", "twice"):
+        out = rdrop_forward(model, batch, alpha=1.0, mode=mode)
+        assert_rel(out.loss, 2 * own, 1e-5, f"R-Drop on a causal LM ({mode})")
+        assert_rel(out.ce, own, 1e-5, "ce part = the model's own loss")
+        assert abs(out.kl.item()) < 1e-6
+    unshifted = rdrop_forward(model, batch, causal_lm=False)
+    assert abs(unshifted.loss.item() - 2 * own.item()) > 1e-3  # the override is honoured
+    with pytest.raises(TypeError, match="causal_lm"):
+        rdrop_forward(model, batch, causal_lm="yes")
+
+
+def test_trainer_on_a_causal_lm():
+    model = llama(dropout=0.0).train()  # Llama has no dropout but attention's (0 here)
+    trainer = make_trainer(model, None, rdrop_alpha=0.7)
+    batch = lm_batch(seed=1)
+    with torch.no_grad():
+        own = model(**batch).loss
+        n_items = (batch["labels"][:, 1:] != -100).sum()
+        own_by_items = model(**batch, num_items_in_batch=n_items * 2).loss
+    loss = trainer.compute_loss(model, dict(batch))
+    assert_rel(loss, 2 * own, 1e-5, "trainer R-Drop on a causal LM = 2 x its own loss")
+    trainer.model_accepts_loss_kwargs = True  # gradient accumulation over token counts
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items * 2)
+    assert_rel(loss, 2 * own_by_items, 1e-5, "normalized by num_items_in_batch")
+    trainer.log({"loss": 0.0})
+    assert_rel(torch.tensor(trainer.logged["rdrop_ce"]), own, 1e-5, "logged CE")
+    # with attention dropout the passes differ and the KL is positive
+    model = llama(dropout=0.3).train()
+    trainer = make_trainer(model, None, rdrop_alpha=0.7)
+    loss = trainer.compute_loss(model, dict(batch))
+    trainer.log({"loss": 0.0})
+    assert trainer.logged["rdrop_kl"] > 0
+    assert_rel(loss.detach(), torch.tensor(2 * trainer.logged["rdrop_ce"]
+                                           + 0.7 * trainer.logged["rdrop_kl"]), 1e-5,
+               "loss = 2 ce + alpha kl")

@@ -3,15 +3,15 @@
 `rdrop_loss` / `RDropLoss`: CE of both passes + symmetric KL, fused (loss and both gradients in
 one kernel call). `fused_linear_rdrop_loss`: the same from hidden states and the classifier
 weight, chunked so the [N, V] logits never exist whole. `rdrop_forward`: the two-pass forward
-(duplicated batch or two calls, every k steps, m passes). `RDropTrainerMixin` / `RDropTrainer`:
-Hugging Face Trainer integration.
+(duplicated batch or two calls, every k steps, m passes; causal LMs scored on next-token
+targets). `RDropTrainerMixin` / `RDropTrainer`: Hugging Face Trainer integration.
 """
-from .forward import RDropOutput, multi_rdrop_loss, rdrop_forward
+from .forward import RDropOutput, is_causal_lm, multi_rdrop_loss, rdrop_forward
 from .fused_linear import fused_linear_rdrop_loss
-from .loss import RDropLoss, rdrop_loss
+from .loss import RDropLoss, RDropParts, rdrop_loss
 
-__all__ = ["rdrop_loss", "RDropLoss", "fused_linear_rdrop_loss", "rdrop_forward", "RDropOutput",
-           "multi_rdrop_loss", "RDropTrainerMixin", "RDropTrainer"]
+__all__ = ["rdrop_loss", "RDropLoss", "RDropParts", "fused_linear_rdrop_loss", "rdrop_forward",
+           "RDropOutput", "multi_rdrop_loss", "is_causal_lm", "RDropTrainerMixin", "RDropTrainer"]
 
 
 def __getattr__(name):

@@ -4,42 +4,58 @@
     trainer = MyTrainer(model=model, args=args, train_dataset=ds, rdrop_alpha=0.5)
 
 Works with any model whose output carries logits: sequence classification ([B, V] logits,
-[B] labels), token classification ([B, T, V], -100 on padding/sub-words) and regression heads
-(num_labels = 1 / problem_type "regression", float labels). Training steps run `rdrop_forward`;
-evaluation (model.eval()) runs the Trainer's ordinary single-pass loss. When the Trainer passes
-`num_items_in_batch` and treats the loss as normalized by it (gradient accumulation over
-token counts), the R-Drop loss is summed and divided by that count, like the model's own loss.
+[B] labels), token classification ([B, T, V], -100 on padding/sub-words), regression heads
+(num_labels = 1 / problem_type "regression", float labels) and causal language models (next-
+token targets, shifted as their own loss does; detected from the config, see
+`forward.is_causal_lm`). Training steps run `rdrop_forward`; evaluation (model.eval()) runs the
+Trainer's ordinary single-pass loss. When the Trainer passes `num_items_in_batch` and treats
+the loss as normalized by it (gradient accumulation over token counts), the R-Drop loss is
+summed and divided by that count, like the model's own loss.
+
+Logging: every training log that carries "loss" also gets "rdrop_ce" (the mean single-pass CE,
+comparable with the loss of a run without R-Drop) and "rdrop_kl" (the mean symmetric KL
+(KL12 + KL21) / 2, without alpha), averaged over the steps since the last log (and over the
+processes of a distributed run); so loss = passes * rdrop_ce + alpha * rdrop_kl with the
+default reductions.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from transformers import Trainer
 
-from .forward import rdrop_forward
+from .forward import is_causal_lm, rdrop_forward
 
 
 class RDropTrainerMixin:
     """Mix in before `transformers.Trainer`. Keyword options (also class attributes):
     rdrop_alpha (KL weight), rdrop_passes (m), rdrop_mode ("duplicate" | "twice"),
-    rdrop_every (k), rdrop_backend."""
+    rdrop_every (k), rdrop_kl_reduction ("mean": the fairseq criteria; "sum" with alpha 0.5:
+    the official HF BERT GLUE script), rdrop_causal_lm (None: detect), rdrop_backend."""
 
     rdrop_alpha: float = 1.0
     rdrop_passes: int = 2
     rdrop_mode: str = "duplicate"
     rdrop_every: int = 1
+    rdrop_kl_reduction: str = "mean"
+    rdrop_causal_lm: Optional[bool] = None
     rdrop_backend: Optional[str] = None
 
     def __init__(self, *args, rdrop_alpha: Optional[float] = None,
                  rdrop_passes: Optional[int] = None, rdrop_mode: Optional[str] = None,
-                 rdrop_every: Optional[int] = None, rdrop_backend: Optional[str] = None,
+                 rdrop_every: Optional[int] = None, rdrop_kl_reduction: Optional[str] = None,
+                 rdrop_causal_lm: Optional[bool] = None, rdrop_backend: Optional[str] = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
         for name, value in (("rdrop_alpha", rdrop_alpha), ("rdrop_passes", rdrop_passes),
                             ("rdrop_mode", rdrop_mode), ("rdrop_every", rdrop_every),
+                            ("rdrop_kl_reduction", rdrop_kl_reduction),
+                            ("rdrop_causal_lm", rdrop_causal_lm),
                             ("rdrop_backend", rdrop_backend)):
             if value is not None:
                 setattr(self, name, value)
+        self._rdrop_parts = {"rdrop_ce": [], "rdrop_kl": []}
 
     def _rdrop_task(self, model) -> Optional[str]:
         config = getattr(self.accelerator.unwrap_model(model), "config", None)
@@ -50,6 +66,11 @@ class RDropTrainerMixin:
         if problem == "regression" or getattr(config, "num_labels", None) == 1:
             return "regression"
         return None
+
+    def _rdrop_causal_lm(self, model) -> bool:
+        if self.rdrop_causal_lm is not None:
+            return self.rdrop_causal_lm
+        return is_causal_lm(self.accelerator.unwrap_model(model))
 
     def _loss_normalized_by_items(self, num_items_in_batch) -> bool:
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
@@ -62,18 +83,47 @@ class RDropTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         by_items = self._loss_normalized_by_items(num_items_in_batch)
-        out = rdrop_forward(model, inputs, alpha=self.rdrop_alpha, passes=self.rdrop_passes,
-                            mode=self.rdrop_mode, every=self.rdrop_every,
-                            step=self.state.global_step, task=self._rdrop_task(model),
-                            reduction="sum" if by_items else "mean", backend=self.rdrop_backend)
+        factor = 1
+        if by_items and getattr(self.args, "average_tokens_across_devices", False):
+            # num_items_in_batch counts every rank's items (the Trainer does the same)
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            factor = self.accelerator.num_processes // tp_size
+        alpha = self.rdrop_alpha
+        if by_items and self.rdrop_kl_reduction == "sum":
+            # the KL term stays summed while the loss is divided by the item count below
+            # (one host read of the count, only in this combination)
+            alpha = alpha * float(num_items_in_batch) / factor
+        out = rdrop_forward(model, inputs, alpha=alpha, passes=self.rdrop_passes,
+                            mode=self.rdrop_mode,
+                            every=self.rdrop_every, step=self.state.global_step,
+                            task=self._rdrop_task(model), reduction="sum" if by_items else "mean",
+                            kl_reduction=self.rdrop_kl_reduction,
+                            causal_lm=self._rdrop_causal_lm(model), backend=self.rdrop_backend)
+        self._rdrop_parts["rdrop_ce"].append(out.ce)
+        if out.kl is not None:
+            self._rdrop_parts["rdrop_kl"].append(out.kl)
         loss = out.loss
         if by_items:
-            loss = loss / num_items_in_batch
-            if getattr(self.args, "average_tokens_across_devices", False):
-                # num_items_in_batch counts every rank's items (the Trainer does the same)
-                tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-                loss = loss * (self.accelerator.num_processes // tp_size)
+            loss = loss / num_items_in_batch * factor
         return (loss, out.outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            logs.update(self._rdrop_log_parts())
+        return super().log(logs, *args, **kwargs)
+
+    def _rdrop_log_parts(self) -> dict:
+        """The CE/KL means since the last log (one host sync, at log time only)."""
+        parts = {}
+        for name, values in self._rdrop_parts.items():
+            if values:
+                mean = torch.stack([v.float() for v in values]).mean()
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(mean)
+                    mean = mean / torch.distributed.get_world_size()
+                parts[name] = mean.item()
+            values.clear()
+        return parts
 
 
 class RDropTrainer(RDropTrainerMixin, Trainer):
