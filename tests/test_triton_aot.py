@@ -185,3 +185,68 @@ def test_main_specializations_merge_triton_value_specializations(launches):
     assert status == 1 and _status_lines(output, "scale_kernel") == ["OK", "OK"], output
     assert "BLOCK=64, n=1, opt_ptr=None;" not in output
     assert "3 OK, 0 WARN, 1 FAIL" in output
+
+
+def _policy():
+    return _load("regdrop_triton_aot_policy", os.path.join(TOOLS, "policy.py"))
+
+
+def _result(qualname, ptrs=("*bf16",), gpu=True, spill=0, dot=False, wgmma=False, **constexprs):
+    return {"qualname": qualname, "ptrs": list(ptrs), "gpu": gpu, "spill_stores": spill,
+            "dot": dot, "wgmma": wgmma, "constexprs": constexprs, "label": qualname}
+
+
+def test_ptxas_log_gives_registers_stack_and_spills():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+           "ptxas info    : Function properties for k\n"
+           "    152 bytes stack frame, 148 bytes spill stores, 140 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 152 bytes cumulative stack size")
+    assert _policy().parse_ptxas_log(log) == {"stack": 152, "spill_stores": 148,
+                                              "spill_loads": 140, "regs": 255}
+    assert _policy().parse_ptxas_log("")["spill_stores"] is None
+
+
+def test_policy_fails_half_gpu_spills_and_dots_without_wgmma_unless_allowlisted():
+    policy = _policy()
+    spilling = _result("attn_kernel", spill=4, BLOCK_D=128)
+    mma_sync = _result("lin_kernel", dot=True, wgmma=False)
+    results = [
+        spilling, mma_sync,
+        _result("attn_kernel", spill=0, dot=True, wgmma=True, BLOCK_D=64),  # fine
+        _result("attn_kernel", ptrs=("*fp32",), spill=800, BLOCK_D=128),  # fp32: not checked
+        _result("attn_kernel", gpu=False, spill=8, BLOCK_D=128),  # CPU-only tiles: not checked
+        _result("lin_kernel", ptrs=("*fp16", "*i32"), dot=True, wgmma=False),
+    ]
+    judged = policy.judge(results, [])
+    assert [(r["qualname"], p) for r, p in judged["violations"]] == [
+        ("attn_kernel", "spill"), ("lin_kernel", "no-wgmma"), ("lin_kernel", "no-wgmma")]
+    allow = [{"kernel": "attn_kernel", "problem": "spill", "dtype": "bf16",
+              "where": {"BLOCK_D": 128}, "reason": "known"},
+             {"kernel": "lin_kernel", "problem": "no-wgmma", "dtype": "bf16", "reason": "known"},
+             {"kernel": "gone_kernel", "problem": "spill", "reason": "fixed since"}]
+    judged = policy.judge(results, allow)
+    # the fp16 dot is not covered by the bf16 entry; the entry that matches nothing is stale
+    assert [(r["ptrs"], p) for r, p in judged["violations"]] == [(["*fp16", "*i32"],
+                                                                  "no-wgmma")]
+    assert [(r["qualname"], p, why) for r, p, why in judged["allowed"]] == [
+        ("attn_kernel", "spill", "known"), ("lin_kernel", "no-wgmma", "known")]
+    assert [e["kernel"] for e in judged["stale"]] == ["gone_kernel"]
+    assert policy.verdict(spilling, judged) == "allowed(spill)"
+    assert policy.verdict(results[2], judged) == "ok" and policy.verdict(results[3], judged) == "-"
+    assert policy.verdict(results[5], judged) == "FAIL(no-wgmma)"
+
+
+@pytest.mark.parametrize("entry, word", [({"kernel": "k", "problem": "spill"}, "reason"),
+                                         ({"kernel": "k", "problem": "slow", "reason": "r"},
+                                          "problem"),
+                                         ({"kernel": "k", "problem": "spill", "reason": "r",
+                                           "dtyp": "bf16"}, "unknown")])
+def test_malformed_allowlist_entry_is_rejected(entry, word):
+    with pytest.raises(ValueError, match=word):
+        _policy().judge([], [entry])
+
+
+def test_repository_allowlist_is_well_formed():
+    allowlist = _load("regdrop_triton_aot_allowlist", os.path.join(TOOLS, "allowlist.py"))
+    _policy().check_allowlist(allowlist.ALLOWLIST)
+    assert all(e["reason"].strip() for e in allowlist.ALLOWLIST)

@@ -2,6 +2,7 @@
 
     python tools/triton_aot/compile.py launches.jsonl [more.jsonl ...] [--jobs 2]
         [--specializations all|main] [--autotune none|one|all] [--expect-kernels PACKAGE]
+        [--gpu-records gpu.jsonl] [--allowlist tools/triton_aot/allowlist.py]
 
 Reads the JSON lines that tools/triton_aot/record.py wrote during an interpreter test run,
 imports each kernel with TRITON_INTERPRET unset (so the module attribute is a real
@@ -11,22 +12,27 @@ end, the Hopper TTGIR/LLVM passes and the wheel's bundled ptxas. A kernel wrappe
 autotuner in its module is also compiled with each of the autotuner's configs (the GPU path's
 block sizes, warps and stages, which interpreter runs never launch).
 
-Prints one line per kernel and specialization, then its registers, stack frame (spills) and
-shared memory: OK; FAIL (the compiler rejects it, or its shared memory exceeds sm_90's
-227 KiB); WARN (an autotune config over that limit, which the autotuner skips, or with
---expect-kernels a kernel no test launched); SKIP (a kernel defined inside a function).
+Prints one line per kernel and specialization, then its registers, stack frame, spill stores
+(from `ptxas -v`; every kernel is recompiled, not taken from Triton's cache, so the log exists),
+shared memory and, for a kernel with a `tl.dot`, whether its PTX uses wgmma: OK; FAIL (the
+compiler rejects it, or its shared memory exceeds sm_90's 227 KiB); WARN (an autotune config
+over that limit, which the autotuner skips, or with --expect-kernels a kernel no test
+launched); SKIP (a kernel defined inside a function). Then a table of every specialization and
+the performance rules of policy.py: a bf16/fp16 specialization a GPU launches (from
+--gpu-records, or an autotune config) fails on a spill or a dot without wgmma, unless the
+allowlist names it with a reason; allowlist entries that match nothing are listed (no failure).
 Exit status 1 on any FAIL, else 0; also 0, with a SKIP message, when the triton wheel has no
 NVIDIA backend or ptxas (--check-backend then exits 3). At most 2 worker processes.
 """
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
 import multiprocessing
 import os
-import re
-import subprocess
 import sys
+import io
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 # Do not let this script's own folder shadow modules named like its siblings.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 TARGET = ("cuda", 90, 32)
@@ -173,12 +180,27 @@ def _general_key(entry):
 def main_specializations(entries):
     """One entry per kernel, pointer/int types, declared constexprs and launch options: the
     most general of the launches that differ only in Triton's value specializations."""
-    best = {}
+    best, gpu = {}, set()
     for entry in entries:
         key, rank = _general_key(entry)
+        if entry.get("gpu"):
+            gpu.add(key)
         if key not in best or rank < best[key][0]:
             best[key] = (rank, entry)
-    return [entry for _, entry in best.values()]
+    return [dict(entry, gpu=True) if key in gpu else entry for key, (_, entry) in best.items()]
+
+
+def is_autotuned(entry) -> bool:
+    """An autotuner in the kernel's module wraps it: a GPU launches it only with the
+    autotuner's configs (a meta-device dry run may record the launcher's CPU tiles)."""
+    from triton.runtime.autotuner import Autotuner
+
+    try:
+        kernel, module = resolve_kernel(entry), import_module(entry)
+    except Exception:
+        return False
+    return any(isinstance(obj, Autotuner) and unwrap_jit(obj) is kernel
+               for obj in vars(module).values())
 
 
 def autotune_variants(entry):
@@ -206,6 +228,7 @@ def autotune_variants(entry):
                 if value is not None:
                     v["options"][key] = value
             v["origin"] = "autotune config"
+            v["gpu"] = True  # an autotuner's configs are what a GPU launch picks from
             variants.append(v)
     return variants
 
@@ -240,58 +263,135 @@ def label(entry):
             f"{origin}")
 
 
-_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+)")
+def _load_sibling(name):
+    spec = importlib.util.spec_from_file_location(f"regdrop_triton_aot_{name}",
+                                                  os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def resource_usage(cubin: bytes) -> str:
-    """Registers and stack frame (spills, local arrays) per thread from the wheel's cuobjdump,
-    which also works for kernels Triton took from its cache (no ptxas log then); '' if none."""
-    import tempfile
+policy = _load_sibling("policy")
 
-    try:
-        from triton import knobs
-        tool = knobs.nvidia.cuobjdump.path
-    except Exception:
-        return ""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = _RES_USAGE.search(out)
-    return f"regs={found.group(1)} stack={found.group(2)}B" if found else ""
+
+def _result(entry, status, detail, **facts):
+    """compile_entry's answer: the status line and the facts policy.py judges."""
+    sig = entry.get("signature", {})
+    return {"status": status, "label": label(entry), "detail": detail,
+            "module": entry.get("module"), "qualname": entry.get("qualname"),
+            "constexprs": entry.get("constexprs", {}), "options": entry.get("options", {}),
+            "ptrs": sorted({t for t in sig.values() if t.startswith("*")}),
+            "gpu": bool(entry.get("gpu")), **facts}
+
+
+def _compile_with_usage(src, options):
+    """(compiled kernel, ptxas usage). The usage of a kernel Triton took from its cache (no
+    ptxas run, no log) comes from a side file written when it was built; else it is rebuilt."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    for always in (False, True):
+        knobs.compilation.always_compile = always
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget(*TARGET), options=options)
+        side = os.path.join(knobs.cache.dir, "regdrop_aot_ptxas", f"{compiled.hash}.json")
+        usage = policy.parse_ptxas_log(log.getvalue())
+        if usage["spill_stores"] is not None:
+            os.makedirs(os.path.dirname(side), exist_ok=True)
+            with open(side, "w", encoding="utf-8") as f:
+                json.dump(usage, f)
+            return compiled, usage
+        if os.path.exists(side):
+            with open(side, encoding="utf-8") as f:
+                return compiled, json.load(f)
+    return compiled, usage
 
 
 def compile_entry(entry):
-    """(status, label, detail) for one specialization."""
-    import triton
-    from triton.backends.compiler import BaseBackend, GPUTarget
+    """The result dict (see policy.py) of one specialization."""
+    from triton import knobs
+    from triton.backends.compiler import BaseBackend
     from triton.compiler import ASTSource
 
-    name = label(entry)
     if "unsupported" in entry:
-        return "FAIL", name, f"launch could not be recorded: {entry['unsupported']}"
+        return _result(entry, "FAIL", f"launch could not be recorded: {entry['unsupported']}")
     start = time.time()
+    knobs.nvidia.dump_ptxas_log = True  # printed to stdout by the compile that runs ptxas
     try:
         kernel = resolve_kernel(entry)
+    except LookupError as exc:
+        return _result(entry, "SKIP", str(exc))
+    try:
         signature = {arg: entry["signature"][arg] for arg in kernel.arg_names}
         constexprs = {arg: decode_value(v) for arg, v in entry["constexprs"].items()}
         attrs = {(kernel.arg_names.index(arg),): BaseBackend.parse_attr(a)
                  for arg, a in entry["attrs"].items()}
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget(*TARGET), options=dict(entry["options"]))
-    except LookupError as exc:
-        return "SKIP", name, str(exc)
+        compiled, usage = _compile_with_usage(src, dict(entry["options"]))
     except Exception as exc:
-        return "FAIL", name, _short_error(exc)
+        return _result(entry, "FAIL", _short_error(exc))
     shared = getattr(compiled.metadata, "shared", 0) or 0
-    info = [f"{time.time() - start:.1f}s", f"smem={shared}B", resource_usage(compiled.asm["cubin"])]
+    dot = "tt.dot" in compiled.asm.get("ttir", "")
+    wgmma = "wgmma.mma_async" in compiled.asm.get("ptx", "")
+    facts = dict(usage, smem=shared, dot=dot, wgmma=wgmma)
+    info = [f"{time.time() - start:.1f}s", f"smem={shared}B", f"regs={usage['regs']}",
+            f"stack={usage['stack']}B", f"spill_stores={usage['spill_stores']}B"]
+    if dot:
+        info.append("dot=wgmma" if wgmma else "dot=mma.sync (no wgmma)")
     if shared > SM90_MAX_SHARED:
         # a launch would raise OutOfResources; an autotuner skips such a config instead
         status = "WARN" if entry.get("origin") == "autotune config" else "FAIL"
-        return status, name, (f"needs {shared} B of shared memory, sm_90 has {SM90_MAX_SHARED}"
-                              f"{' (the autotuner skips this config)' if status == 'WARN' else ''}"
-                              f"; {' '.join(info)}")
-    return "OK", name, " ".join(info)
+        return _result(entry, status,
+                       f"needs {shared} B of shared memory, sm_90 has {SM90_MAX_SHARED}"
+                       f"{' (the autotuner skips this config)' if status == 'WARN' else ''}"
+                       f"; {' '.join(info)}", **facts)
+    return _result(entry, "OK", " ".join(info), **facts)
+
+
+def _cell(value):
+    if value is None:
+        return "?"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def print_table(results, judged) -> None:
+    """One row per compiled specialization (# = its position in the lines above)."""
+    head = ("#", "kernel", "pointers", "warps", "stages", "regs", "spill", "stack", "smem",
+            "dot", "wgmma", "gpu", "verdict")
+    rows = []
+    for i, r in enumerate(results, 1):
+        if r["status"] not in ("OK", "WARN"):
+            continue
+        opts = r["options"]
+        rows.append((str(i), r["qualname"], "/".join(p[1:] for p in r["ptrs"]),
+                     _cell(opts.get("num_warps")), _cell(opts.get("num_stages")),
+                     _cell(r.get("regs")), _cell(r.get("spill_stores")), _cell(r.get("stack")),
+                     _cell(r.get("smem")), _cell(r.get("dot")),
+                     _cell(r.get("wgmma")) if r.get("dot") else "-", _cell(r["gpu"]),
+                     policy.verdict(r, judged)))
+    widths = [max(len(row[c]) for row in [head, *rows]) for c in range(len(head))]
+    print("sm_90 resources (spill/stack/smem in bytes; gpu: launched by a GPU; verdict: the "
+          "bf16/fp16 GPU rules of policy.py)")
+    for row in [head, *rows]:
+        print("  " + " ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for r, problem, reason in judged["allowed"]:
+        print(f"ALLOWED {problem}: {r['label']}\n      {reason}")
+    for entry in judged["stale"]:
+        print(f"NOTE allowlist entry matches nothing in this run (fixed? remove it): {entry}")
+    for r, problem in judged["violations"]:
+        print(f"FAIL {problem}: {r['label']}\n      {r['detail']}\n      fix it, or add an "
+              f"entry with a reason to {os.path.join(HERE, 'allowlist.py')}")
+
+
+def load_allowlist(path):
+    spec = importlib.util.spec_from_file_location("regdrop_triton_aot_allowlist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ALLOWLIST
 
 
 def _short_error(exc, max_lines=25):
@@ -317,6 +417,11 @@ def main(argv=None):
     parser.add_argument("--expect-kernels", metavar="PACKAGE",
                         help="also list (as WARN) each @triton.jit *_kernel of PACKAGE's modules "
                              "that no recorded launch covers")
+    parser.add_argument("--gpu-records", nargs="+", default=[], metavar="JSONL",
+                        help="launches a GPU makes (gpu_launches.py): their bf16/fp16 "
+                             "specializations are held to the performance rules")
+    parser.add_argument("--allowlist", default=os.path.join(HERE, "allowlist.py"),
+                        help="Python file defining ALLOWLIST (default: %(default)s)")
     parser.add_argument("--autotune", choices=("none", "one", "all"), default="one",
                         help="also compile the configs of an autotuner wrapping a kernel: on "
                              "one recorded specialization per kernel (default), on every one, "
@@ -330,16 +435,28 @@ def main(argv=None):
         return NO_BACKEND_EXIT if args.check_backend else 0
     if args.check_backend:
         return 0
-    if not args.records:
+    if not args.records and not args.gpu_records:
         parser.error("give the JSON-lines files that record.py wrote")
+    allowlist = load_allowlist(args.allowlist)
+    policy.check_allowlist(allowlist)
     entries = load_entries(args.records)
+    seen = {json.dumps(e, sort_keys=True) for e in entries}
+    gpu_lines = {json.dumps(e, sort_keys=True) for e in load_entries(args.gpu_records)}
+    for entry in entries:
+        if json.dumps(entry, sort_keys=True) in gpu_lines:
+            entry["gpu"] = True
+    entries += [dict(json.loads(line), gpu=True) for line in sorted(gpu_lines - seen)]
+    for entry in entries:
+        if entry.get("gpu") and is_autotuned(entry):
+            entry["gpu"] = False
     if not entries:
         print(f"FAIL no kernel launches recorded in {', '.join(args.records)}")
         return 1
     if args.specializations == "main":
         entries = main_specializations(entries)
     if args.autotune != "none":
-        seen = {json.dumps(e, sort_keys=True) for e in entries}
+        seen = {json.dumps({k: x for k, x in e.items() if k != "gpu"}, sort_keys=True)
+                for e in entries}
         # "one": the most general recorded specialization of each kernel
         candidates = sorted((e for e in entries if "unsupported" not in e),
                             key=lambda e: _general_key(e)[1])
@@ -352,7 +469,8 @@ def main(argv=None):
             if variants:
                 expanded.add(kernel)
             for v in variants:
-                key = json.dumps({k: x for k, x in v.items() if k != "origin"}, sort_keys=True)
+                key = json.dumps({k: x for k, x in v.items() if k not in ("origin", "gpu")},
+                                 sort_keys=True)
                 if key not in seen:
                     seen.add(key)
                     entries.append(v)
@@ -366,13 +484,18 @@ def main(argv=None):
     # fork: the workers inherit the imported triton and kernel modules (no CUDA state exists)
     with ProcessPoolExecutor(max_workers=jobs,
                              mp_context=multiprocessing.get_context("fork")) as pool:
-        for status, name, detail in pool.map(compile_entry, entries):
-            counts[status] += 1
-            print(f"{status:4} {name}\n      {detail}", flush=True)
+        results = []
+        for i, r in enumerate(pool.map(compile_entry, entries), 1):
+            counts[r["status"]] += 1
+            results.append(r)
+            print(f"{r['status']:4} #{i} {r['label']}\n      {r['detail']}", flush=True)
+    judged = policy.judge([r for r in results if r["status"] in ("OK", "WARN")], allowlist)
+    print_table(results, judged)
     print(f"sm_90 compile check: {counts['OK']} OK, {counts['WARN']} WARN, {counts['FAIL']} FAIL, "
-          f"{counts['SKIP']} SKIP "
+          f"{counts['SKIP']} SKIP; {len(judged['violations'])} performance violation(s), "
+          f"{len(judged['allowed'])} allowed, {len(judged['stale'])} stale allowlist entries "
           f"({len(entries)} specializations, {time.time() - start:.0f}s, {jobs} jobs)")
-    return 1 if counts["FAIL"] else 0
+    return 1 if counts["FAIL"] or judged["violations"] else 0
 
 
 if __name__ == "__main__":

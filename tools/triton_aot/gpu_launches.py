@@ -5,12 +5,15 @@
 Under the interpreter the launchers pick small CPU tiles, so a recorded test run misses the
 specializations a GPU compiles (bf16 tensor-core tiles, streamed paths, more warps). This
 script calls each launcher in triton_kernels/ on meta-device tensors of BERT-base-like shapes
-with record.py installed: the launcher takes its non-CPU branch, and the recorder appends the
+and of the GPU benchmarks' main cases (regdrop_fast/benchmarking, issue 13) with record.py
+installed: the launcher takes its non-CPU branch, and the recorder appends the
 launch (or, for an autotuned kernel, each config) without running it. compile.py then
 compiles the file. A launcher that cannot be dry-run this way fails the script with the
-reason: update the call here when a launcher's signature changes.
+reason: update the call here when a launcher's signature changes. Options a launcher may not
+have yet (is_causal) are passed only when its signature names them (`optional`).
 """
 import importlib.util
+import inspect
 import os
 import sys
 import traceback
@@ -24,8 +27,21 @@ B, H, L, D, HIDDEN, FFN, VOCAB = 8, 12, 128, 64, 768, 3072, 30522
 SEED = 0x0123456789ABCDEF  # low half >= 2**31: the i64 specialization of the seed halves
 
 
+# The GPU benchmarks' main cases (16k tokens; see the bench modules): attention (B, H, L, D),
+# masked linear (tokens, in, out), R-Drop vocabularies at N = 8192 rows.
+ATTENTION_CASES = [(16384 // n, 12, n, 64) for n in (512, 1024, 2048, 4096)] + [(8, 32, 2048, 128)]
+LINEAR_CASES = [(16384, 768, 3072), (16384, 3072, 768), (16384, 1024, 4096), (16384, 4096, 1024)]
+RDROP_VOCABS = (2, 32000, 50265, 128256, 151936)
+
+
 def t(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device=META)
+
+
+def optional(fn, **options):
+    """The subset of `options` that fn's signature accepts (features other work may add)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in options.items() if k in params}
 
 
 def philox_and_masks():
@@ -42,11 +58,12 @@ def rdrop():
     from regdrop_fast.triton_kernels import rdrop as K
 
     for dtype in (torch.bfloat16, torch.float32):
-        for rows, vocab in ((B * L, VOCAB), (32, 2)):  # token LM head, sentence classifier
+        # token LM head, sentence classifier, the benchmarks' vocabularies
+        for rows, vocab in ((B * L, VOCAB), (32, 2), *((8192, v) for v in RDROP_VOCABS)):
             z = t(rows, vocab, dtype=dtype)
             K.rdrop_forward(z, z, t(rows, dtype=torch.int64), 1.0, -100, True,
-                            t(1, dtype=torch.float32), True)
-            K.rdrop_forward(z, z, None, 1.0, -100, False, t(1, dtype=torch.float32), False)
+                            t(2, dtype=torch.float32), True)
+            K.rdrop_forward(z, z, None, 1.0, -100, False, t(2, dtype=torch.float32), False)
             K.rdrop_scale_grads_(z, z, t(rows, dtype=torch.float32))
 
 
@@ -54,38 +71,50 @@ def addrop_mask():
     from regdrop_fast.triton_kernels import addrop_mask as K
 
     for dtype in (torch.bfloat16, torch.float32):
-        for lk in (L, 4096):  # resident row, streamed row
+        for lk in (L, 512, 4096):  # resident row, the L=512 train step, streamed row
             kpm, rank = t(B, lk, dtype=torch.bool), t(B, dtype=torch.int32)
             K.keep_mask_bits(t(B, H, L, lk, dtype=dtype), None, kpm, rank, 3 << 30, SEED, 2, 0,
                              False)
-            K.keep_mask_bits(t(B, H, L, D, dtype=dtype), t(B, H, lk, D, dtype=dtype), None,
-                             rank, 3 << 30, SEED, 2, 0, True)
+            for causal in (False, True):
+                extra = optional(K.keep_mask_bits, is_causal=True) if causal else {}
+                if causal and not extra:
+                    continue
+                K.keep_mask_bits(t(B, H, L, D, dtype=dtype), t(B, H, lk, D, dtype=dtype), None,
+                                 rank, 3 << 30, SEED, 2, 0, True, **extra)
 
 
 def masked_attention():
     from regdrop_fast.triton_kernels import masked_attention as K
 
-    for dtype, d in ((torch.bfloat16, D), (torch.bfloat16, 128), (torch.float32, D)):
-        q = t(B, H, L, d, dtype=dtype)
-        lse = t(B, H, L, dtype=torch.float32)
+    cases = [(torch.bfloat16, (B, H, L, D)), (torch.bfloat16, (B, H, L, 128)),
+             (torch.float32, (B, H, L, D)), *((torch.bfloat16, c) for c in ATTENTION_CASES)]
+    causal_options = [{}] + [o for o in [optional(K.masked_attention_forward, is_causal=True)]
+                             if o]
+    for dtype, (b, h, n, d) in cases:
+        q = t(b, h, n, d, dtype=dtype)
+        lse = t(b, h, n, dtype=torch.float32)
         dummy = t(1, dtype=torch.uint8)
-        for masks, p in ((K.MaskArgs(t(B, H, L, L // 32, dtype=torch.int32),
-                                     t(B, L, dtype=torch.bool), None, dummy), 0.1),
-                         (K.MaskArgs(None, None, t(B, 1, 1, L, dtype=dtype), dummy), 0.0)):
-            K.masked_attention_forward(q, q, q, masks, d ** -0.5, p, SEED, 5, 2)
-            K.masked_attention_backward(q, q, q, q, q, lse, masks, d ** -0.5, p, SEED, 5, 2)
+        for masks, p in ((K.MaskArgs(t(b, h, n, n // 32, dtype=torch.int32),
+                                     t(b, n, dtype=torch.bool), None, dummy), 0.1),
+                         (K.MaskArgs(None, None, t(b, 1, 1, n, dtype=dtype), dummy), 0.0)):
+            for extra in causal_options:
+                back = optional(K.masked_attention_backward, **extra)
+                K.masked_attention_forward(q, q, q, masks, d ** -0.5, p, SEED, 5, 2, **extra)
+                K.masked_attention_backward(q, q, q, q, q, lse, masks, d ** -0.5, p, SEED, 5, 2,
+                                            **back)
 
 
 def masked_linear():
     from regdrop_fast.triton_kernels import masked_linear as K
 
-    x, w, dy = t(B * L, HIDDEN), t(FFN, HIDDEN), t(B * L, FFN)
-    words, phi = t(FFN, HIDDEN // 32, dtype=torch.int32), t(1, dtype=torch.float32)
-    scores = t(FFN, HIDDEN, dtype=torch.float32)
-    K.masked_linear_forward(x, w, t(FFN), words, None, None)
-    K.masked_linear_forward(x, w, None, None, scores, phi)
-    K.masked_linear_backward_input(dy, w, words, None, None)
-    K.masked_linear_backward_weight(dy, x, w, None, scores, phi, True, True)
+    for tokens, n_in, n_out in ((B * L, HIDDEN, FFN), *LINEAR_CASES):
+        x, w, dy = t(tokens, n_in), t(n_out, n_in), t(tokens, n_out)
+        words, phi = t(n_out, n_in // 32, dtype=torch.int32), t(1, dtype=torch.float32)
+        scores = t(n_out, n_in, dtype=torch.float32)
+        K.masked_linear_forward(x, w, t(n_out), words, None, None)
+        K.masked_linear_forward(x, w, None, None, scores, phi)
+        K.masked_linear_backward_input(dy, w, words, None, None)
+        K.masked_linear_backward_weight(dy, x, w, None, scores, phi, True, True)
 
 
 LAUNCHERS = (philox_and_masks, rdrop, addrop_mask, masked_attention, masked_linear)

@@ -2,7 +2,9 @@
 # sm_90 compile check of every Triton kernel the tests launch (see record.py, compile.py):
 # runs the kernel tests under the interpreter with the launch recorder on, adds the launches
 # the library makes on a GPU (gpu_launches.py, a dry run on meta tensors), then compiles each
-# recorded kernel specialization for an H100 with the real compiler (no GPU needed).
+# recorded kernel specialization for an H100 with the real compiler (no GPU needed), prints
+# registers, spills, shared memory and wgmma use per specialization, and fails on a bf16/fp16
+# GPU specialization that spills or has a dot without wgmma (unless allowlist.py names it).
 #   tools/triton_aot/run.sh [extra compile.py args]     PYTHON=... to pick the interpreter
 # Exit status: the tests' if they fail, else compile.py's (1 on any kernel that fails).
 set -euo pipefail
@@ -37,10 +39,14 @@ else
         -m "not slow" -k "not kernels_compile_for_sm90" -p no:cacheprovider "${tests[@]}"
 fi
 
-# The launches a GPU would make (its tile sizes, bf16), dry-run on meta tensors.
-"$PY" tools/triton_aot/gpu_launches.py "$records"
+# The launches a GPU would make (its tile sizes, bf16, the benchmarks' shapes), dry-run on
+# meta tensors; compile.py holds their bf16/fp16 specializations to the rules of policy.py
+# (no spills, wgmma for dots) unless allowlist.py names them.
+gpu_records="$(mktemp -t regdrop-triton-gpu-launches.XXXXXX.jsonl)"
+trap 'rm -f "$records" "$gpu_records"' EXIT
+"$PY" tools/triton_aot/gpu_launches.py "$gpu_records"
 
 # "main": launches that differ only in Triton's value specializations (an int == 1, a
 # divisibility-by-16 hint) compile once, which keeps this within a few minutes on 2 cores.
 "$PY" tools/triton_aot/compile.py --specializations main --jobs 2 \
-    --expect-kernels regdrop_fast.triton_kernels "$@" "$records"
+    --expect-kernels regdrop_fast.triton_kernels --gpu-records "$gpu_records" "$@" "$records"
