@@ -341,6 +341,11 @@ def test_backend_environment_variable(device, monkeypatch):
     assert torch.isfinite(rdrop_loss(z1, z2, labels))
 
 
+def test_float64_on_triton_names_the_op_and_logits1(device):
+    with pytest.raises(TypeError, match="rdrop_loss: logits1 is torch.float64"):
+        rdrop_loss(*make_inputs((3, 5), device, dtype=torch.float64)[:2], backend="triton")
+
+
 _SM90_COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget

@@ -147,3 +147,20 @@ def test_no_grad_forward(device, backend):
     ref = fused_linear_rdrop_loss_reference(h1.double(), h2.double(), w.double(), b.double(),
                                             labels)
     assert_rel(loss, ref, 1e-5, "no-grad loss")
+
+
+def test_backend_errors_name_this_op_and_hidden1(device, monkeypatch):
+    """Dispatch errors say fused_linear_rdrop_loss and hidden1, the names the caller used."""
+    from regdrop_fast.backends import BackendUnavailableError
+
+    h1, h2, w, b, labels = make_linear((4,), 8, 5, device)
+    with pytest.raises(TypeError, match="fused_linear_rdrop_loss: hidden1 is torch.float64"):
+        fused_linear_rdrop_loss(h1.double(), h2.double(), w.double(), b.double(), labels,
+                                backend="triton")
+    monkeypatch.setenv("REGDROP_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="fused_linear_rdrop_loss has no 'cuda'"):
+        fused_linear_rdrop_loss(h1, h2, w, b, labels)
+    # float64 on auto runs the reference
+    monkeypatch.setenv("REGDROP_FAST_BACKEND", "auto")
+    loss = fused_linear_rdrop_loss(h1.double(), h2.double(), w.double(), b.double(), labels)
+    assert loss.dtype == torch.float64

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference.rdrop import check_rdrop_inputs, check_rdrop_values
-from .loss import combine_terms, gradient_scales, reference_terms, resolve_backend
+from .loss import (_loss_dtype, combine_terms, gradient_scales, reference_terms,
+                   resolve_backend)
 
 
 def _check_linear_args(hidden1, hidden2, weight, bias, labels, chunk_size):
@@ -92,7 +93,7 @@ class _FusedLinearRDrop(torch.autograd.Function):
         grad_h2 = torch.empty_like(h2) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_w else None
         grad_b = torch.zeros(n_classes, dtype=acc_dtype, device=device) if need_b else None
-        sums = torch.zeros(2, dtype=torch.float32, device=device)
+        sums = torch.zeros(2, dtype=_loss_dtype(weight.dtype), device=device)
         if backend == "triton":
             from ..triton_kernels import rdrop as kernels
         for start in range(0, n_rows, chunk):
@@ -109,7 +110,7 @@ class _FusedLinearRDrop(torch.autograd.Function):
             else:
                 terms, g1, g2 = reference_terms(z1, z2, y, alpha, ignore_index, ce,
                                                 "classification", scale, need_grad)
-            sums += terms.sum(1).to(torch.float32)
+            sums += terms.sum(1)
             if need_h:
                 torch.mm(g1, weight, out=grad_h1[start:stop])
                 torch.mm(g2, weight, out=grad_h2[start:stop])
@@ -159,7 +160,8 @@ def fused_linear_rdrop_loss(hidden1: Tensor, hidden2: Tensor, weight: Tensor,
     probe = hidden1.new_empty(()).expand(*lead, weight.shape[0])
     check_rdrop_inputs(probe, probe, labels, alpha, reduction, "classification", ignore_index,
                        kl_reduction)
-    name = resolve_backend(backend, hidden1.device, hidden1.dtype, "classification")
+    name = resolve_backend(backend, hidden1.device, hidden1.dtype, "classification",
+                           op="fused_linear_rdrop_loss", arg="hidden1")
     finite = (name == "reference") if check_finite is None else bool(check_finite)
     if labels is not None:
         check_rdrop_values(probe, probe, labels, ignore_index, "classification",

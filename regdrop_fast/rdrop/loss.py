@@ -24,22 +24,12 @@ from .. import backends
 from ..reference.rdrop import (check_rdrop_inputs, check_rdrop_values, label_out_of_range,
                                rdrop_regression_terms_reference, rdrop_row_terms_reference)
 
-IMPLEMENTED = ("reference", "triton")
-
-
-def resolve_backend(backend: Optional[str], device, dtype, task: str) -> str:
-    """Backend running R-Drop here. Regression (O(N) elementwise) and float64 logits run on the
-    reference; naming "triton" for float64 raises TypeError (the kernel computes in fp32)."""
-    name = backends.resolve("rdrop_loss", backend, device, implemented=IMPLEMENTED)
-    if task == "regression":
-        return "reference"
-    if dtype == torch.float64:
-        if name == "triton":
-            requested = backend if backend is not None else "$REGDROP_FAST_BACKEND"
-            raise TypeError(f"logits1 is float64, which only the reference backend computes "
-                            f"(backend {requested!r} names triton, which accumulates in fp32)")
-        return "reference"
-    return name
+def resolve_backend(backend: Optional[str], device, dtype, task: str, op: str = "rdrop_loss",
+                    arg: str = "logits1") -> str:
+    """Backend running R-Drop here: the dispatch table's choice for `op` (float64 is the
+    reference's), except that regression (O(N) elementwise, no kernel) runs on the reference."""
+    name = backends.resolve(op, backend, device, dtype, arg=arg)
+    return "reference" if task == "regression" else name
 
 
 def _lead_shape(shape) -> Tuple[int, ...]:
