@@ -23,7 +23,7 @@ usage() {
 usage: bash benchmarks/gpu_check.sh OUTDIR [--quick] [--ops "OP ..."] [--with-slow] [--budget S]
                                    [--stages "STAGE ..."] [--kernel-tests "NAME ..."] [--graphs]
   --quick          quick benchmark sizes (default: full sizes)
-  --ops "OP ..."   only these benches (bench_<op>.py), e.g. --ops "philox masks"
+  --ops "OP ..."   only these benches (benchmarking/ops/<op>.py), e.g. --ops "philox masks"
   --with-slow      include tests marked slow in the whole-suite run
   --budget S       wall-clock budget for all stages in seconds (default 480)
   --stages "..."   only these stages (env build imports op_errors pytest_cuda bench pytest_all)

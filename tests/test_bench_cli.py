@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from regdrop_fast import backends
-from regdrop_fast.benchmarking.cli import default_bench_dir
 from regdrop_fast.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 REQUIRED_KEYS = {
     "bench", "op", "impl", "baseline", "case", "dtype", "shape", "device", "ms", "p20_ms",
@@ -209,10 +210,26 @@ def test_missing_bench_dir_is_a_clear_error(tmp_path):
     assert code == 2 and "absent" in stderr and "not found" in stderr
 
 
-def test_default_bench_dir_is_the_repository_benchmarks():
-    bench_dir = default_bench_dir()
-    assert (bench_dir / "bench_philox.py").is_file()
-    assert (bench_dir / "bench_masks.py").is_file()
+def test_benches_ship_in_the_package():
+    from setuptools import find_packages
+
+    from regdrop_fast.benchmarking.runner import packaged_benches
+
+    benches = packaged_benches()
+    assert {"philox", "masks", "rdrop", "addrop", "childtuning", "sparse"} <= set(benches)
+    assert benches["philox"] == "regdrop_fast.benchmarking.ops.philox"
+    # setup.py's package list (a non-editable install copies exactly these)
+    assert "regdrop_fast.benchmarking.ops" in find_packages(
+        str(REPO), include=["regdrop_fast", "regdrop_fast.*"])
+
+
+def test_bench_runs_from_any_directory(tmp_path):
+    """No source tree needed: the CLI in a fresh process, from an empty working directory."""
+    proc = subprocess.run([sys.executable, "-m", "regdrop_fast", "bench", "--quick", "--ops",
+                           "philox", "--device", "cpu", "--out", "out"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## philox_keep_mask" in (tmp_path / "out" / "results.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
@@ -223,7 +240,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 def test_gpu_check_script_is_valid_bash():
-    script = default_bench_dir() / "gpu_check.sh"
+    script = REPO / "benchmarks" / "gpu_check.sh"
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)

@@ -1,6 +1,6 @@
-"""Benchmark plumbing shared by benchmarks/bench_<op>.py and `regdrop-fast bench`.
+"""Benchmark plumbing shared by the benches (benchmarking.ops) and `regdrop-fast bench`.
 
-A bench script defines `run(ctx: BenchContext) -> None` and calls `ctx.record(...)` once per
+A bench module defines `run(ctx: BenchContext) -> None` and calls `ctx.record(...)` once per
 (implementation, case): baseline and ours measured in the same run, on the same device.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`regdrop-fast bench`: run the bench_<op>.py scripts; write results.jsonl/.md/.png.
+"""`regdrop-fast bench`: run the benchmarks; write results.jsonl/.md/.png.
 
 The markdown table is also printed to stdout; progress and tracebacks go to stderr.
 
@@ -15,12 +15,7 @@ import torch
 
 from .. import backends
 
-__all__ = ["add_parser", "default_bench_dir", "main"]
-
-
-def default_bench_dir() -> Path:
-    """The repository's benchmarks/: the package is installed editable, so it lies beside it."""
-    return Path(__file__).resolve().parents[2] / "benchmarks"
+__all__ = ["add_parser", "main"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,15 +25,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="small shapes (well under a minute on a 2-core CPU)")
     parser.add_argument("--ops", nargs="+", metavar="OP",
-                        help="benches to run, by the <op> of bench_<op>.py (default: all found)")
+                        help="benches to run, by op name (default: all found)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), metavar="DIR",
                         help="output directory for results.jsonl/.md/.png (default: bench_out)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to benchmark (default: cuda if available, else cpu)")
     parser.add_argument("--bench-dir", type=Path, default=None, metavar="DIR",
-                        help="directory holding bench_<op>.py (default: the repository's "
-                             "benchmarks/ next to the package source)")
+                        help="run the bench_<op>.py scripts of DIR instead of the benches "
+                             "shipped in regdrop_fast.benchmarking.ops")
     parser.set_defaults(func=main)
     return parser
 
@@ -51,21 +46,18 @@ def _fail(message: str) -> int:
 def main(args: argparse.Namespace) -> int:
     from . import report, runner
 
-    bench_dir = args.bench_dir if args.bench_dir is not None else default_bench_dir()
-    if not bench_dir.is_dir():
-        hint = ("" if args.bench_dir is not None else
-                " (the default is the repository's benchmarks/ beside the package source, which "
-                "exists only for an editable install: `pip install --no-build-isolation -e .` "
-                "from the repository); pass --bench-dir DIR")
-        return _fail(f"bench directory {bench_dir} not found{hint}")
+    bench_dir = args.bench_dir
+    if bench_dir is not None and not bench_dir.is_dir():
+        return _fail(f"bench directory {bench_dir} not found")
     if args.device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda: no CUDA device is visible (torch.cuda.is_available() is "
                      "False)")
     if args.device == "cuda" and backends.interpreter_enabled():
         return _fail("TRITON_INTERPRET=1 is set: Triton kernels would run in the interpreter, "
                      "whose timings are not performance; unset it for a CUDA benchmark")
+    found = runner.packaged_benches() if bench_dir is None else runner.find_benches(bench_dir)
     try:
-        benches = runner.select(runner.find_benches(bench_dir), args.ops)
+        benches = runner.select(found, args.ops)
     except ValueError as exc:
         return _fail(str(exc))
     if not benches:

@@ -1,4 +1,5 @@
-"""Runs the bench scripts `benchmarks/bench_<op>.py`: discover, import by path, call `run(ctx)`.
+"""Runs the benches: the package's `regdrop_fast.benchmarking.ops.<op>` modules (default) or
+`bench_<op>.py` scripts of a --bench-dir; discover, import, call `run(ctx)`.
 
 A bench that raises (on import or while running) is reported with its traceback and the others
 still run; the rows it recorded before failing are kept. Every row gets the run's environment
@@ -8,8 +9,10 @@ over many runs and machines stays self-describing.
 from __future__ import annotations
 
 import datetime
+import importlib
 import importlib.util
 import os
+import pkgutil
 import platform
 import re
 import subprocess
@@ -18,14 +21,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from .. import backends
 from . import BenchContext, time_fn
 
-__all__ = ["BenchFailure", "RunResult", "find_benches", "select", "environment", "run_benches"]
+__all__ = ["BenchFailure", "RunResult", "find_benches", "packaged_benches", "select",
+           "environment", "run_benches"]
 
 _BENCH_FILE = re.compile(r"^bench_(\w+)\.py$")
 
@@ -43,6 +47,17 @@ class RunResult:
     rows: List[dict] = field(default_factory=list)
     failures: List[BenchFailure] = field(default_factory=list)
     benches: List[str] = field(default_factory=list)
+
+
+PACKAGE = "regdrop_fast.benchmarking.ops"
+
+
+def packaged_benches() -> Dict[str, str]:
+    """{op: module name} of the benches shipped in regdrop_fast.benchmarking.ops, by op."""
+    package = importlib.import_module(PACKAGE)
+    names = sorted(info.name for info in pkgutil.iter_modules(package.__path__)
+                   if not info.name.startswith("_"))
+    return {name: f"{PACKAGE}.{name}" for name in names}
 
 
 def find_benches(bench_dir: Path) -> Dict[str, Path]:
@@ -127,7 +142,14 @@ def environment(device: torch.device, quick: bool) -> dict:
     }
 
 
-def _load(op: str, path: Path):
+def _load(op: str, source: Union[str, Path]):
+    """The bench module: a packaged one by name, else a bench_<op>.py script by path."""
+    if isinstance(source, str):
+        module = importlib.import_module(source)
+        if not callable(getattr(module, "run", None)):
+            raise TypeError(f"{source} defines no run(ctx) function")
+        return module
+    path = source
     name = f"regdrop_fast_bench_{op}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -145,7 +167,7 @@ def _load(op: str, path: Path):
     return module
 
 
-def run_benches(benches: Dict[str, Path], device: torch.device, quick: bool,
+def run_benches(benches: Dict[str, Union[str, Path]], device: torch.device, quick: bool,
                 log=print, after_each=None) -> RunResult:
     """Run each bench in order; failures are collected, never raised.
 
@@ -181,12 +203,12 @@ def run_benches(benches: Dict[str, Path], device: torch.device, quick: bool,
     return result
 
 
-def select(available: Dict[str, Path], ops: Optional[Sequence[str]]) -> Dict[str, Path]:
+def select(available: Dict[str, Union[str, Path]], ops: Optional[Sequence[str]]) -> dict:
     """The benches named by --ops (all when None), in the order given; ValueError on unknown."""
     if not ops:
         return dict(available)
     unknown = [op for op in ops if op not in available]
     if unknown:
-        raise ValueError(f"--ops: no bench_<op>.py for {unknown}; available: "
+        raise ValueError(f"--ops: no bench for {unknown}; available: "
                          f"{sorted(available) or 'none'}")
     return {op: available[op] for op in dict.fromkeys(ops)}
