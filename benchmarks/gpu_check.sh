@@ -21,14 +21,12 @@ set -uo pipefail
 usage() {
     cat >&2 <<'EOF'
 usage: bash benchmarks/gpu_check.sh OUTDIR [--quick] [--ops "OP ..."] [--with-slow] [--budget S]
-                                   [--stages "STAGE ..."] [--kernel-tests "NAME ..."] [--graphs]
+                                   [--stages "STAGE ..."] [--kernel-tests "NAME ..."]
   --quick          quick benchmark sizes (default: full sizes)
   --ops "OP ..."   only these benches (benchmarking/ops/<op>.py), e.g. --ops "philox masks"
   --with-slow      include tests marked slow in the whole-suite run
   --budget S       wall-clock budget for all stages in seconds (default 480)
   --stages "..."   only these stages (env build imports op_errors pytest_cuda bench pytest_all)
-  --graphs         benches also time a CUDA-graph replay of each measured function (GPU time
-                   without the host's launch work; REGDROP_BENCH_GRAPHS=1)
   --kernel-tests "..."  the kernel test files of pytest_cuda, by the NAME of tests/test_NAME.py
                    (default: all of them); pytest_all still leaves out the default list
 Environment: PYTHON (default python, else python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
@@ -201,7 +199,6 @@ while [[ $# -gt 0 ]]; do
         --ops) [[ $# -ge 2 ]] || usage; OPS="$2"; shift ;;
         --with-slow) WITH_SLOW=1 ;;
         --stages) [[ $# -ge 2 ]] || usage; STAGES="$2"; shift ;;
-        --graphs) export REGDROP_BENCH_GRAPHS=1 ;;
         --kernel-tests) [[ $# -ge 2 ]] || usage; ONLY_KERNEL_TESTS="$2"; shift ;;
         --budget) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || usage; BUDGET="$2"; shift ;;
         *) echo "unknown argument: $1" >&2; usage ;;

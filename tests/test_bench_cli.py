@@ -247,47 +247,56 @@ def test_gpu_check_script_is_valid_bash():
     assert usage.returncode == 2 and "usage" in usage.stderr.lower()
 
 
-def test_markdown_of_a_cuda_run_shows_copy_share_and_missing_backends():
+def test_markdown_of_a_cuda_run_shows_both_times_roofline_and_missing_backends():
     # the CUDA-only parts of the report, from a synthetic run (no GPU needed)
+    from regdrop_fast.benchmarking import roofline_share
     from regdrop_fast.benchmarking.report import add_speedups, markdown
     from regdrop_fast.benchmarking.runner import RunResult
 
     env = {"device_name": "Some GPU", "torch_version": "2.x", "triton_version": "3.x",
            "python_version": "3.12", "cuda_version": "12.8", "timestamp": "t", "quick": False,
-           "copy_gbps": 1000.0, "unavailable_backends": {"cuda": "built without CUDA kernels"}}
+           "copy_gbps": 1000.0, "mm_tflops": 800.0,
+           "unavailable_backends": {"cuda": "built without CUDA kernels"}}
     common = {"op": "toy", "case": "n=8", "dtype": "bool", "baseline": "base",
               "device": "cuda", "p20_ms": None, "p80_ms": None}
-    rows = [dict(common, impl="base", ms=2.0, gbps=250.0, peak_mem_bytes=3 * 2 ** 20),
-            dict(common, impl="ours", ms=0.5, gbps=500.0, peak_mem_bytes=2 ** 20)]
+    rows = [dict(common, impl="base", ms=2.0, graph_ms=1.5, host_ms=0.5, gbps=250.0,
+                 peak_mem_bytes=3 * 2 ** 20),
+            dict(common, impl="ours", ms=0.5, graph_ms=0.5, host_ms=0.0, gbps=500.0,
+                 tflops=200.0, peak_mem_bytes=2 ** 20)]
+    for row in rows:
+        row["roofline_share"], row["roofline_of"] = roofline_share(row, 1000.0, 800.0)
+    assert (rows[0]["roofline_share"], rows[1]["roofline_share"]) == (0.25, 0.25)
+    assert (rows[0]["roofline_of"], rows[1]["roofline_of"]) == ("copy", "mm")  # FLOPs first
     add_speedups(rows)
     md = markdown(RunResult(env=env, rows=rows, benches=["toy"]), "cuda")
     assert "NOT performance" not in md
     assert "`cuda`: built without CUDA kernels" in md
-    assert "GB/s (% of copy)" in md
+    assert "GB/s (% of copy)" in md and "800 TFLOP/s" in md
     table = _table_rows(md, "toy")
-    assert table[1][2:] == ["ours", "0.5", "4x vs base", "500 (50%)", "1.0 MiB", ""]
-    assert table[0][4:7] == ["baseline", "250 (25%)", "3.0 MiB"]
+    assert table[1][2:] == ["ours", "0.5", "0.5", "0", "4x vs base", "500 (50%)", "25% of mm",
+                            "1.0 MiB", ""]
+    assert table[0][3:10] == ["2", "1.5", "0.5", "baseline", "250 (25%)", "25% of copy",
+                              "3.0 MiB"]
 
 
-def test_graph_timing_is_opt_in_and_shown_in_the_notes(monkeypatch, device):
+def test_graph_time_and_host_overhead_on_cuda_only(device):
     from regdrop_fast.benchmarking import BenchContext
     from regdrop_fast.benchmarking.report import markdown
     from regdrop_fast.benchmarking.runner import RunResult, environment
 
-    assert not BenchContext(device=device).graphs
-    monkeypatch.setenv("REGDROP_BENCH_GRAPHS", "1")
     ctx = BenchContext(device=device)
-    assert ctx.graphs
     timing = ctx.measure(lambda: torch.ones(8, device=device) + 1, warmup=1, repeat=3)
-    # CUDA graphs exist on CUDA only: a CPU measurement has no graph time
-    assert ("graph_ms" in timing) == (device.type == "cuda")
+    # CUDA graphs exist on CUDA only: a CPU measurement has no graph time, no host overhead
+    assert ("graph_ms" in timing) == ("host_ms" in timing) == (device.type == "cuda")
     ctx.record(op="toy", impl="base", baseline="base", case="c", dtype="float32", ms=2.0,
-               graph_ms=0.5, note="first note")
+               note="first note")
     ctx.record(op="toy", impl="ours", baseline="base", case="c", dtype="float32", ms=1.0)
     result = RunResult(env=environment(torch.device("cpu"), quick=True), benches=["toy"],
                        rows=ctx.rows)
-    rows = _table_rows(markdown(result, "cpu"), "toy")
-    assert rows[0][-1] == "first note; CUDA graph replay 0.5 ms" and rows[1][-1] == ""
+    md = markdown(result, "cpu")
+    rows = _table_rows(md, "toy")
+    assert rows[0][-1] == "first note" and rows[1][-1] == ""
+    assert "graph ms" not in md and "roofline" not in md  # CPU: no ceilings measured
 
 
 def test_measure_rounds_alternates_order_and_pairs_each_round(monkeypatch):

@@ -5,7 +5,6 @@ A bench module defines `run(ctx: BenchContext) -> None` and calls `ctx.record(..
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -14,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["BenchContext", "time_fn", "graph_replay_ms", "peak_memory_bytes"]
+__all__ = ["BenchContext", "time_fn", "graph_replay_ms", "peak_memory_bytes", "roofline_share"]
 
 
 def _sync(device: torch.device) -> None:
@@ -92,6 +91,17 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def roofline_share(row: dict, copy_gbps: Optional[float], mm_tflops: Optional[float]):
+    """(share, ceiling name) of a row: FLOP rate / measured bf16 matmul rate when the row
+    counts FLOPs (attention, linear), else GB/s / measured copy bandwidth when it counts bytes;
+    (None, None) without a count or a ceiling (a CPU run measures none)."""
+    if row.get("tflops") is not None and mm_tflops:
+        return row["tflops"] / mm_tflops, "mm"
+    if row.get("gbps") is not None and copy_gbps:
+        return row["gbps"] / copy_gbps, "copy"
+    return None, None
+
+
 @dataclass
 class BenchContext:
     """What a bench script gets: the device, the size regime and a sink for result rows."""
@@ -99,15 +109,17 @@ class BenchContext:
     device: torch.device
     quick: bool = False
     rows: list = field(default_factory=list)
-    # REGDROP_BENCH_GRAPHS=1 (gpu_check.sh --graphs): also time a CUDA-graph replay of every
-    # measured function, to tell launch-bound rows from kernel-bound ones (graph_ms)
-    graphs: bool = field(default_factory=lambda: os.environ.get("REGDROP_BENCH_GRAPHS") == "1")
 
     def measure(self, fn: Callable[[], object], **timing) -> dict:
+        """ms/p20_ms/p80_ms (eager), peak_mem_bytes and, on CUDA, graph_ms (median of a
+        CUDA-graph replay: the GPU time without the host's launch work) and host_ms = ms -
+        graph_ms, the host overhead per call that the eager time carries."""
         result = time_fn(fn, self.device, **timing)
         result["peak_mem_bytes"] = peak_memory_bytes(fn, self.device)
-        if self.graphs and self.device.type == "cuda":
-            result["graph_ms"] = graph_replay_ms(fn, self.device)
+        if self.device.type == "cuda":
+            graph = graph_replay_ms(fn, self.device)
+            result["graph_ms"] = graph
+            result["host_ms"] = None if graph is None else result["ms"] - graph
         return result
 
     def measure_rounds(self, fns: dict, *, baseline: str, rounds: int, **timing) -> dict:

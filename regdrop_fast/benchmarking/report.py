@@ -73,11 +73,14 @@ def _mem(row: dict) -> str:
     return f"{row['peak_mem_bytes'] / MIB:.1f} MiB"
 
 
+def _roofline(row: dict) -> str:
+    if row.get("roofline_share") is None:
+        return "n/a"
+    return f"{100 * row['roofline_share']:.0f}% of {row['roofline_of']}"
+
+
 def _notes(row: dict) -> str:
-    notes = [row["note"]] if row.get("note") else []
-    if row.get("graph_ms") is not None:  # gpu_check.sh --graphs: GPU time without launch work
-        notes.append(f"CUDA graph replay {_num(row['graph_ms'], 4)} ms")
-    return "; ".join(notes)
+    return row.get("note") or ""
 
 
 def _cell(text: str) -> str:
@@ -106,6 +109,13 @@ def markdown(result: RunResult, device_type: str) -> str:
            f"({_num(env['copy_gbps'])} GB/s, read + write of a 1 GiB copy)"
            if env.get("copy_gbps") else ""),
     ]
+    if device_type == "cuda":
+        lines.append(
+            "- graph ms: median of a CUDA-graph replay (GPU time without launch work); host ms "
+            "= ms − graph ms, the host overhead per call; roofline: a FLOP-counted row's rate "
+            "as a share of this run's bf16 torch.mm 8192³ rate "
+            f"({_num(env.get('mm_tflops'))} TFLOP/s, \"mm\"), else its GB/s as a share of the "
+            "copy bandwidth (\"copy\")")
     if device_type == "cpu":
         load = env.get("load_avg_1m")
         lines.append(f"- CPU threads: {env.get('cpu_threads')} of {env.get('cpu_count')} cores; "
@@ -118,14 +128,17 @@ def markdown(result: RunResult, device_type: str) -> str:
         lines += ["", "Backends not benchmarked (no rows for them):", ""]
         lines += [f"- `{name}`: {_cell(reason)}" for name, reason in missing.items()]
     gbps_title = "GB/s (% of copy)" if env.get("copy_gbps") else "GB/s"
+    gpu = device_type == "cuda"
+    head = ["case", "dtype", "impl", "ms (p20–p80)", *(["graph ms", "host ms"] if gpu else []),
+            "speedup", gbps_title, *(["roofline"] if gpu else []), "peak mem", "notes"]
     for op in _ops(result.rows):
-        lines += ["", f"## {op}", "",
-                  f"| case | dtype | impl | ms (p20–p80) | speedup | {gbps_title} | peak mem "
-                  "| notes |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", f"## {op}", "", "| " + " | ".join(head) + " |",
+                  "|" + " --- |" * len(head)]
         for row in (r for r in result.rows if r["op"] == op):
-            cells = [row["case"], row["dtype"], row["impl"], _ms(row), _speedup(row),
-                     _gbps(row, env.get("copy_gbps")), _mem(row), _notes(row)]
+            times = [_num(row.get("graph_ms"), 4), _num(row.get("host_ms"), 3)] if gpu else []
+            cells = [row["case"], row["dtype"], row["impl"], _ms(row), *times, _speedup(row),
+                     _gbps(row, env.get("copy_gbps")), *([_roofline(row)] if gpu else []),
+                     _mem(row), _notes(row)]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     if not result.rows:
         lines += ["", "No results were recorded."]

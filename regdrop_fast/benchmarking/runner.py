@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from .. import backends
-from . import BenchContext, time_fn
+from . import BenchContext, roofline_share, time_fn
 
 __all__ = ["BenchFailure", "RunResult", "find_benches", "packaged_benches", "select",
            "environment", "run_benches"]
@@ -113,6 +113,20 @@ def copy_bandwidth_gbps(device: torch.device) -> Optional[float]:
     return 2 * (1 << 30) / (ms * 1e-3) / 1e9
 
 
+def matmul_tflops(device: torch.device) -> Optional[float]:
+    """Achieved TFLOP/s of a bf16 torch.mm at 8192^3 on random data: the measured ceiling of
+    the FLOP-counted rows (attention, linear). CUDA only (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = time_fn(lambda: torch.mm(a, b), device)["ms"]
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
 def environment(device: torch.device, quick: bool) -> dict:
     """Fields added to every row of this run."""
     if device.type == "cuda":
@@ -139,6 +153,7 @@ def environment(device: torch.device, quick: bool) -> dict:
         "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"),
         "quick": bool(quick),
         "copy_gbps": copy_bandwidth_gbps(device),
+        "mm_tflops": matmul_tflops(device),
     }
 
 
@@ -197,6 +212,9 @@ def run_benches(benches: Dict[str, Union[str, Path]], device: torch.device, quic
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         new_rows = [{"bench": op, **row, **result.env} for row in ctx.rows]
+        for row in new_rows:
+            row["roofline_share"], row["roofline_of"] = roofline_share(
+                row, result.env.get("copy_gbps"), result.env.get("mm_tflops"))
         result.rows.extend(new_rows)
         if after_each is not None:
             after_each(result, new_rows)
