@@ -6,20 +6,23 @@
     floor((1−p)·len), a float Bernoulli(1−q) map from torch's RNG, a long [B,H,L,L] mask.
     Ours: keep_mask((dO, V), ...) per backend (reference = sort + Philox; triton = no L² tensor).
     bytes_moved: dO and V read once plus the bit mask written (what the fused kernel must move).
-(b) addrop_masked_attention: forward + backward, d=64 (bf16 on CUDA), keep mask with p=0.3,
-    q=0.2 and 10% key padding. Baselines: SDPA without a mask (flash on CUDA: the speed of
-    light), SDPA with the dense bool mask, eager softmax attention with an additive mask.
-    flops: 3.5 × the forward's 4·B·H·L²·D (FlashAttention's accounting).
+(b) addrop_masked_attention: forward + backward (bf16 on CUDA), keep mask with p=0.3, q=0.2
+    and 10% key padding; on CUDA 16k tokens at d=64, H=12, L=512..4096 and d=128, H=32,
+    L=2048 (plus the small L=128 row), causal rows when the op has is_causal. Baselines: each
+    fused SDPA backend without a mask (the fastest is the reference), SDPA with the dense bool
+    mask (and dropout), FlexAttention reading the keep bits, eager softmax attention.
+    flops: 3.5 × the forward's 4·B·H·L²·D (FlashAttention's accounting), halved when causal.
 (c) addrop_train_step: one optimizer-free training step (forward + backward) of a
     BERT-base-shaped random BertForSequenceClassification (12 layers, 768 hidden, 12 heads,
-    bf16 autocast on CUDA), L=128: plain step (SDPA), ADDrop.step (AD-DROP on layer 0 and on
-    all 12 layers), and the official procedure (eager attention with output_attentions,
-    autograd.grad on the maps, sort-based masks, a second eager pass with additive per-layer
-    masks). Peak memory is recorded on CUDA.
+    bf16 autocast on CUDA), L=128 B=32 and L=512 B=8: plain step (SDPA), ADDrop.step (AD-DROP
+    on layer 0 and on all 12 layers), and the official procedure (eager attention with
+    output_attentions, autograd.grad on the maps, sort-based masks, a second eager pass with
+    additive per-layer masks). Peak memory is recorded on CUDA.
 On CPU (ctx.quick or not) only reference paths run at small shapes: the Triton interpreter is
 never timed.
 """
 import copy
+import inspect
 import math
 
 import torch
@@ -83,51 +86,136 @@ def bench_keep_mask(ctx):
                        **ctx.measure(ours))
 
 
-def bench_masked_attention(ctx):
+def _attention_cases(ctx):
+    """(batch, heads, length, head dim, main): GPU-filling main cases (16k tokens at d=64,
+    H=12; d=128, H=32 at L=2048) and the earlier small case as a secondary row."""
     device = ctx.device
     if ctx.quick:
-        cases = [(1, 2, 32)]
-    elif device.type == "cuda":
-        cases = [(32, HEADS, 128), (8, HEADS, 512), (2, HEADS, 2048)]
-    else:
-        cases = [(2, 4, 128)]
+        return [(1, 2, 32, HEAD_DIM, False)] if device.type == "cpu" else \
+            [(32, HEADS, 512, HEAD_DIM, True)]
+    if device.type == "cuda":
+        return ([(16384 // n, HEADS, n, HEAD_DIM, True) for n in (512, 1024, 2048, 4096)]
+                + [(8, 32, 2048, 128, True), (32, HEADS, 128, HEAD_DIM, False)])
+    return [(2, 4, 128, HEAD_DIM, False)]
+
+
+def _sdpa_backends(device):
+    """{name: SDPBackend} of the fused SDPA backends to try on this device (CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    from torch.nn.attention import SDPBackend
+    names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "efficient": "EFFICIENT_ATTENTION"}
+    return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
+
+
+def _flex(keep, pad, causal):
+    """FlexAttention (compiled) with a mask_mod reading the same packed keep bits and key
+    padding; None with the reason printed when flex_attention is unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except Exception as exc:
+        print(f"bench_addrop: flex_attention unavailable, skipped: {exc!r}")
+        return None
+    words, batch, heads, length = keep.words, *keep.shape[:3]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        bit = (words[b, h, q_idx, kv_idx // 32] >> (kv_idx % 32)) & 1
+        allowed = (bit == 1) & pad[b, kv_idx]
+        return allowed & (kv_idx <= q_idx) if causal else allowed
+
+    block_mask = create_block_mask(mask_mod, batch, heads, length, length,
+                                   device=words.device)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def bench_masked_attention(ctx):
+    """Forward + backward. Baselines: every fused SDPA backend available (no mask: the speed of
+    light; the fastest is the reference the speedups use), SDPA with the dense bool mask (and
+    with dropout 0.1), FlexAttention reading the keep bits, eager softmax attention (L <= 2048).
+    Causal rows when masked_attention has is_causal."""
+    device = ctx.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for batch, heads, length in cases:
-        gen = torch.Generator(device=device).manual_seed(1)
-        q, k, v = (torch.randn(batch, heads, length, HEAD_DIM, device=device, dtype=dtype,
-                               generator=gen).requires_grad_() for _ in range(3))
-        grad_out = torch.randn(batch, heads, length, HEAD_DIM, device=device, dtype=dtype,
-                               generator=gen)
-        pad = _padding(batch, length, device)
-        keep = addrop.keep_mask(torch.randn(batch, heads, length, length, device=device,
-                                            generator=gen), P, Q, key_padding_mask=pad,
-                                seed=SEED, backend="reference")
-        dense = keep.unpack(backend="reference")
+    has_causal = "is_causal" in inspect.signature(addrop.masked_attention).parameters
+    if not has_causal:
+        print("bench_addrop: masked_attention has no is_causal yet: causal rows skipped")
+    for batch, heads, length, head_dim, main in _attention_cases(ctx):
+        for causal in ((False, True) if has_causal else (False,)):
+            _attention_case(ctx, batch, heads, length, head_dim, main, causal, dtype)
+
+
+def _attention_case(ctx, batch, heads, length, head_dim, main, causal, dtype):
+    device = ctx.device
+    gen = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype,
+                           generator=gen).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype,
+                           generator=gen)
+    pad = _padding(batch, length, device)
+    extra = {"is_causal": True} if causal else {}
+    keep = addrop.keep_mask(torch.randn(batch, heads, length, length, device=device,
+                                        generator=gen), P, Q, key_padding_mask=pad, seed=SEED,
+                            **extra)
+    dense = keep.unpack() & pad[:, None, None, :]
+    if causal:
+        dense &= torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    case = f"L={length},H={heads},d={head_dim}{',causal' if causal else ''}" + (
+        "" if main else " (small)")
+    flops = 3.5 * 4 * batch * heads * length * length * head_dim * (0.5 if causal else 1.0)
+
+    def fwd_bwd(fn):
+        def run():
+            q.grad = k.grad = v.grad = None
+            fn().backward(grad_out)
+        return run
+
+    def sdpa(**kw):
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw)
+
+    timings = {}
+    for name, sdp_backend in _sdpa_backends(device).items():
+        from torch.nn.attention import sdpa_kernel
+
+        def pinned(sdp_backend=sdp_backend):
+            with sdpa_kernel([sdp_backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        try:
+            pinned()  # raises when this backend cannot run these inputs
+        except RuntimeError as exc:
+            print(f"bench_addrop: sdpa[{name}] cannot run {case}: {str(exc).splitlines()[0]}")
+            continue
+        timings[f"sdpa[{name}](no mask)"] = ctx.measure(fwd_bwd(pinned))
+    if not timings:  # CPU: the default SDPA
+        timings["sdpa(no mask)"] = ctx.measure(fwd_bwd(sdpa()))
+    baseline = min(timings, key=lambda n: timings[n]["ms"])
+    # a bool mask and is_causal together are refused by SDPA: the causal rule is in `dense`
+    timings["sdpa(bool mask)"] = ctx.measure(fwd_bwd(
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)))
+    timings["sdpa(bool mask, dropout 0.1)"] = ctx.measure(fwd_bwd(
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, dropout_p=0.1)))
+    if device.type == "cuda":
+        flex = _flex(keep, pad, causal)
+        if flex is not None:
+            timings["flex_attention(keep bits)"] = ctx.measure(fwd_bwd(lambda: flex(q, k, v)))
+    if length <= 2048:
         additive = torch.zeros(dense.shape, device=device, dtype=dtype).masked_fill(
             ~dense, torch.finfo(dtype).min)
-        common = dict(op="addrop_masked_attention", baseline="sdpa(no mask)",
-                      case=f"L={length}", dtype=str(dtype).replace("torch.", ""),
-                      shape=[batch, heads, length, HEAD_DIM])
-        flops = 3.5 * 4 * batch * heads * length * length * HEAD_DIM
-
-        def fwd_bwd(fn):
-            def run():
-                q.grad = k.grad = v.grad = None
-                fn().backward(grad_out)
-            return run
-
-        impls = {
-            "sdpa(no mask)": lambda: F.scaled_dot_product_attention(q, k, v),
-            "sdpa(bool mask)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
-            "eager+mask": lambda: torch.matmul(torch.softmax(
-                torch.matmul(q, k.transpose(-1, -2)) * HEAD_DIM ** -0.5 + additive, -1), v),
-        }
-        for name in _ours(device):
-            impls[f"masked_attention[{name}]"] = (
-                lambda name=name: addrop.masked_attention(q, k, v, keep, attn_mask=pad,
-                                                          backend=name))
-        for impl, fn in impls.items():
-            ctx.record(impl=impl, flops=flops, **common, **ctx.measure(fwd_bwd(fn)))
+        timings["eager+mask"] = ctx.measure(fwd_bwd(lambda: torch.matmul(torch.softmax(
+            torch.matmul(q, k.transpose(-1, -2)) * head_dim ** -0.5 + additive, -1), v)))
+        del additive
+    for name in _ours(device):
+        timings[f"masked_attention[{name}]"] = ctx.measure(fwd_bwd(
+            lambda name=name: addrop.masked_attention(q, k, v, keep, attn_mask=pad,
+                                                      backend=name, **extra)))
+        timings[f"masked_attention[{name}], dropout 0.1"] = ctx.measure(fwd_bwd(
+            lambda name=name: addrop.masked_attention(q, k, v, keep, attn_mask=pad,
+                                                      dropout_p=0.1, backend=name, **extra)))
+    common = dict(op="addrop_masked_attention", baseline=baseline, case=case,
+                  dtype=str(dtype).replace("torch.", ""),
+                  shape=[batch, heads, length, head_dim], main_case=main)
+    for impl, timing in timings.items():
+        ctx.record(impl=impl, flops=flops, **common, **timing)
 
 
 def _bert(device, quick):
@@ -195,10 +283,14 @@ def official_step(model, batch, layers):
 
 
 def bench_train_step(ctx):
+    quick_shapes = ctx.quick or ctx.device.type == "cpu"
+    base = _bert(ctx.device, ctx.quick)
+    for batch_size, length in [(2, 16)] if quick_shapes else [(32, 128), (8, 512)]:
+        _train_step_case(ctx, base, batch_size, length)
+
+
+def _train_step_case(ctx, base, batch_size, length):
     device = ctx.device
-    quick_shapes = ctx.quick or device.type == "cpu"
-    batch_size, length = (2, 16) if quick_shapes else (32, 128)
-    base = _bert(device, ctx.quick)
     gen = torch.Generator(device=device).manual_seed(2)
     pad = _padding(batch_size, length, device)
     batch = {"input_ids": torch.randint(5, base.config.vocab_size, (batch_size, length),
@@ -227,7 +319,8 @@ def bench_train_step(ctx):
     _register_official_attention()
     official_model.set_attn_implementation("bench_official_addrop")
     case_layers = {"layer 0": (0,), f"all {num_layers} layers": tuple(range(num_layers))}
-    for case, layers in case_layers.items():
+    for layer_case, layers in case_layers.items():
+        case = f"L={length},B={batch_size},{layer_case}"
         ctx.record(impl="plain", case=case, **common, **ctx.measure(plain, **timing))
 
         def official(layers=layers):
