@@ -237,6 +237,85 @@ def test_step_bad_input():
                                                                 task="token"))
 
 
+# -- pass 1 is as cheap as the method allows; no host syncs ------------------------------------
+def _tiny(kind):
+    if kind == "bert":
+        model = tiny_model("bert", dropout=0.1, seed=30)
+        return model, batch_of(model, [6, 4, 5], 6, seed=30), "classification", \
+            model.bert.encoder.layer
+    from test_addrop_decoder import lm_batch, tiny_decoder
+    model = tiny_decoder("llama", seed=30)
+    return model, lm_batch([6, 4, 5], 6, seed=30), "token", model.model.layers
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_pass_one_touches_no_parameter_grad_and_nothing_below_the_lowest_layer(kind):
+    model, batch, task, blocks = _tiny(kind)
+    step = addrop.ADDrop(model, layers=(1,), task=task)
+    sentinel = {name: torch.full_like(p, 7.0) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = sentinel[name].clone()
+    backward_calls, graph_below = [], []
+    blocks[0].register_full_backward_hook(lambda *args: backward_calls.append(1))
+    blocks[0].register_forward_hook(
+        lambda mod, args, out: graph_below.append((out[0] if isinstance(out, tuple)
+                                                   else out).requires_grad))
+    masks = step.compute_masks(None, batch)
+    assert masks[1].density < 1.0
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, sentinel[name]), name
+    assert backward_calls == [] and graph_below == [False]
+    with step.masked(masks):  # the hooks do fire on a pass that back-propagates
+        step._loss(model(**batch), batch, None).backward()
+    assert backward_calls and graph_below[-1] is True
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_pass_one_masks_equal_a_full_graph_pass_one(kind):
+    """The graph starting at the lowest chosen layer gives the same dO, hence the same masks,
+    as a pass 1 recording autograd through the whole model."""
+    model, batch, task, _ = _tiny(kind)
+    step = addrop.ADDrop(model, layers=(0, 1), task=task, p=0.5, q=0.5, seed=6)
+    torch.manual_seed(1)  # the same hidden dropout in both passes
+    ours = step.compute_masks(None, batch, step=3)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    torch.manual_seed(1)
+    with torch.enable_grad(), step.state.recording() as records:
+        logits = model(**inputs).logits
+    assert records[0].out.grad_fn is not None  # the whole model is in this graph
+    causal = records[0].causal
+    grads = torch.autograd.grad(step.target(logits, batch, causal=causal),
+                                [records[layer].out for layer in (0, 1)])
+    for layer, dO in zip((0, 1), grads):
+        record = records[layer]
+        expected = addrop.keep_mask((dO, record.value), 0.5, 0.5,
+                                    key_padding_mask=record.key_padding, seed=6, step=3,
+                                    stream=layer, is_causal=causal)
+        assert torch.equal(ours[layer].words, expected.words)
+
+
+_SYNCS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_step_asks_the_host_for_no_tensor_value(kind, backend, monkeypatch):
+    """No Tensor.item / bool / tolist / int / float / index in a step: the Python ways of a
+    host sync (the first step may validate; later ones must not)."""
+    model, batch, task, _ = _tiny(kind)
+    step = addrop.ADDrop(model, layers=(0, 1), task=task, backend=backend)
+    step.step(None, batch)
+    calls = []
+    for name in _SYNCS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _n=name, _o=original, **k: (calls.append(_n),
+                                                                         _o(self, *a, **k))[1])
+    out = step.step(None, batch)
+    monkeypatch.undo()
+    assert calls == [] and torch.isfinite(out.loss)
+
+
 # -- cross-tuning ----------------------------------------------------------------------------------
 def test_cross_tuning_schedule():
     official = addrop.CrossTuning()
