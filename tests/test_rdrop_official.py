@@ -192,3 +192,57 @@ def test_bad_kl_reduction_names_the_argument(device):
                                                labels=None, kl_reduction="none")):
         with pytest.raises(ValueError, match="kl_reduction must be one of"):
             fn()
+
+
+def official_hf_roberta(z1, z2, labels):
+    """modeling_roberta.py (HF RoBERTa GLUE script): halved CE means, 0.7 * summed KLs / 2."""
+    loss = 0.5 * F.cross_entropy(z1, labels) + 0.5 * F.cross_entropy(z2, labels)
+    kl = F.kl_div(torch.log_softmax(z1, -1), torch.softmax(z2, -1), reduction="none").sum()
+    reverse = F.kl_div(torch.log_softmax(z2, -1), torch.softmax(z1, -1), reduction="none").sum()
+    return loss + 0.7 * (kl + reverse) / 2
+
+
+def official_hf_roberta_regression(p1, p2, labels):
+    loss = 0.5 * F.mse_loss(p1.view(-1), labels.view(-1)) + 0.5 * F.mse_loss(p2.view(-1),
+                                                                              labels.view(-1))
+    return loss + 0.8 * F.mse_loss(p1.view(-1), p2.view(-1))
+
+
+def official_vit(z1, z2, labels, alpha=0.3):
+    """vit_src/models/modeling.py: CE means + alpha * (summed KL12 + summed KL21)."""
+    loss = F.cross_entropy(z1, labels) + F.cross_entropy(z2, labels)
+    kl = F.kl_div(torch.log_softmax(z1, -1), torch.softmax(z2, -1), reduction="none").sum()
+    reverse = F.kl_div(torch.log_softmax(z2, -1), torch.softmax(z1, -1), reduction="none").sum()
+    return loss + alpha * (kl + reverse)
+
+
+def official_roberta_fairseq_regression(p1, p2, labels, alpha):
+    """reg_sentence_prediction.forward_kl, regression branch: only the first pass has a target
+    term; sums divided by the sample size."""
+    p1 = p1.view(-1)
+    loss = F.mse_loss(p1, labels, reduction="sum")
+    loss = loss + alpha * F.mse_loss(p1, p2.view(-1), reduction="sum")
+    return loss / labels.numel()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_other_official_scripts_as_documented(device, backend):
+    """docs/differences.md, R-Drop: each official script as one setting of rdrop_loss."""
+    require_backend(backend, device)
+    z1, z2, labels = make_inputs((12, 4), device, ignore_frac=0.0, seed=11)
+
+    def ours_fn(**kw):
+        return lambda a, b: rdrop_loss(a, b, labels, backend=backend, **kw)
+
+    check(ours((z1, z2), lambda a, b: 0.5 * ours_fn(alpha=1.4, kl_reduction="sum")(a, b)),
+          autograd64(official_hf_roberta, (z1, z2), labels), 1e-5)
+    check(ours((z1, z2), ours_fn(alpha=0.6, kl_reduction="sum")),
+          autograd64(official_vit, (z1, z2), labels), 1e-5)
+    gen = torch.Generator().manual_seed(12)
+    p1, p2 = (torch.randn(6, 1, generator=gen).to(device) for _ in range(2))
+    y = torch.randn(6, generator=gen).to(device)
+    check(ours((p1, p2), lambda a, b: 0.5 * rdrop_loss(a, b, y, 1.6, backend=backend)),
+          autograd64(official_hf_roberta_regression, (p1, p2), y), 1e-6)
+    check(ours((p1, p2), lambda a, b: rdrop_loss(a, b, y, 0.7, ce=False, task="regression",
+                                                 backend=backend) + F.mse_loss(a[:, 0], y)),
+          autograd64(official_roberta_fairseq_regression, (p1, p2), y, 0.7), 1e-6)
