@@ -1,7 +1,7 @@
 """ChildTuning: one optimizer step over BERT-shaped parameter sets.
 
-Cases: the parameter shapes of BERT-base (110M) and BERT-large (335M) with a classifier head;
-quick mode: the 12 encoder layers of a BERT-base at a quarter of the width (~10M, the same
+Cases: the parameter shapes of BERT-base (110M) and BERT-large (335M) with a classifier head,
+and on CUDA a 1.3B model of the same layout (hidden 2048, 24 layers, FFN 8192); quick mode: the 12 encoder layers of a BERT-base at a quarter of the width (~10M, the same
 tensor count and aspect ratios). fp32 params, grads and moments.
 Implementations, all stepping the same parameter tensors (each with its own moments):
   torch-fused     torch.optim.AdamW(fused=True), no mask: the baseline
@@ -10,8 +10,8 @@ Implementations, all stepping the same parameter tensors (each with its own mome
                   g *= mask/p, HF AdamW update), the path the method's code runs
   ours-F / ours-D / ours-none   ChildTuningAdamW(mode=F | D | None) on the fused kernel: the
                   C++ kernel on CPU, the multi-tensor CUDA kernel and Triton on CUDA.
-Timing: torch-fused and ours are built side by side and measured in 12 alternating rounds
-(median of the round medians), so drift on a shared machine hits them alike; the notes give each
+Timing: torch-fused and ours are built side by side and measured in alternating rounds (12 on
+CPU, 3 on CUDA; median of the round medians), so drift on a shared machine hits them alike; the notes give each
 impl's per-round speedup (torch-fused ms / impl ms of the same round: median, p20–p80), the
 tighter estimate on a noisy machine. foreach and official-F are measured once.
 bytes_moved = numel * (28 B: read p, g, m, v; write p, m, v) + 1/8 B per element for D; the
@@ -42,12 +42,15 @@ def bert_shapes(hidden, layers, intermediate, vocab=30522, positions=512, labels
     return shapes
 
 
-def cases(quick):
+def cases(quick, device_type="cpu"):
     if quick:
         encoder = bert_shapes(192, 12, 768)[5:-4]
         return [("bert-base-encoder-quarter-width", encoder)]
-    return [("bert-base-110M", bert_shapes(768, 12, 3072)),
-            ("bert-large-335M", bert_shapes(1024, 24, 4096))]
+    found = [("bert-base-110M", bert_shapes(768, 12, 3072)),
+             ("bert-large-335M", bert_shapes(1024, 24, 4096))]
+    if device_type == "cuda":  # ~1.27B parameters: 5 GB per fp32 tensor set
+        found.append(("1.3B", bert_shapes(2048, 24, 8192)))
+    return found
 
 
 class OfficialChildTuningF:
@@ -84,7 +87,7 @@ def _our_backends(device):
 
 def run(ctx):
     device = ctx.device
-    for case, shapes in cases(ctx.quick):
+    for case, shapes in cases(ctx.quick, device.type):
         gen = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
         for p in params:
@@ -123,17 +126,21 @@ def run(ctx):
                                peak_mem_bytes=timing["peak_mem_bytes"], p20_ms=timing["p20_ms"],
                                p80_ms=timing["p80_ms"], numel=numel,
                                bytes_per_param=bytes_per_param,
+                               graph_ms=timing.get("graph_ms"), host_ms=timing.get("host_ms"),
                                threads=torch.get_num_threads(), rounds=timing["rounds"],
                                note=note,
                                **{key: timing[key] for key in PAIRED if key in timing})
         finally:
             torch.set_num_threads(default_threads)
+            del params, masks, impls
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 # impls timed in alternating rounds (a shared, noisy machine drifts between back-to-back
 # measurements); the slow Python paths are timed once
 SLOW = ("torch-foreach", "official-F")
-ROUNDS = 12
+ROUNDS = {"cpu": 12, "cuda": 3}  # GPU timings drift little: few rounds keep the playbook short
 PAIRED = ("paired_speedup", "paired_p20", "paired_p80")
 
 
@@ -151,8 +158,8 @@ def _interleaved(ctx, impls, device):
     for opt in opts.values():
         opt.step()
     steps = {impl: opt.step for impl, opt in opts.items()}
-    timings.update(ctx.measure_rounds(steps, baseline="torch-fused", rounds=ROUNDS, warmup=1,
-                                      repeat=5))
+    timings.update(ctx.measure_rounds(steps, baseline="torch-fused", rounds=ROUNDS[device.type],
+                                      warmup=1, repeat=5))
     return timings
 
 

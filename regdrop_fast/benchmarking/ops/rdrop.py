@@ -6,15 +6,16 @@ Impls, all measured in the same run:
                      F.kl_div both ways (the baseline)
   torch.compile      the same function through torch.compile (dynamic shapes, one compile per
                      dtype); skipped with a printed reason if compiling fails
-  liger              Liger-Kernel's cross_entropy + kl_div, only when liger_kernel is importable
-                     (its kl_div sends no gradient to the target side: a timing peer, not the
-                     same gradient)
-  rdrop_loss[...]    ours: triton on CUDA; reference on CPU (Triton under the interpreter is
-                     not timed)
+  liger              what a Liger-Kernel user writes: two LigerCrossEntropyLoss and two
+                     LigerKLDIVLoss calls, only when liger_kernel is importable (its kl_div
+                     sends no gradient to the target side: a timing peer, not the same gradient)
+  rdrop_loss[...]    ours, with the public defaults: triton on CUDA; reference on CPU (Triton
+                     under the interpreter is not timed)
 
 bytes_moved is the floor of the fused op: read both logits and write both gradients in their
 dtype, 4 * N * V * itemsize (the "4 B/element" floor per element of each tensor, in bf16).
-Sizes: full (GPU) N in {4096, 8192} x V in {2, 32000, 128256} x {bf16, fp32}; quick / CPU: small.
+Sizes: full (GPU) N=8192 bf16 x V in {2, 32000, 50265, 128256, 151936} (main), secondary fp32
+N=8192 x V in {2, 32000, 128256} and bf16 N=4096 x V=32000; quick / CPU: small.
 """
 import torch
 import torch.nn.functional as F
@@ -54,11 +55,11 @@ def _liger_rdrop():
 
 def _cases(ctx):
     if ctx.device.type == "cuda" and not ctx.quick:
-        return [(n, v, dt) for dt in (torch.bfloat16, torch.float32)
-                for n in (4096, 8192) for v in (2, 32000, 128256)]
+        return ([(8192, v, torch.bfloat16) for v in (2, 32000, 50265, 128256, 151936)]
+                + [(8192, v, torch.float32) for v in (2, 32000, 128256)]
+                + [(4096, 32000, torch.bfloat16)])
     if ctx.device.type == "cuda":
-        return [(n, v, dt) for dt in (torch.bfloat16, torch.float32) for n in (4096,)
-                for v in (2, 32000)]
+        return [(8192, v, torch.bfloat16) for v in (2, 32000)]
     if ctx.quick:
         return [(256, 2, torch.float32), (256, 1024, torch.float32)]
     return [(n, v, torch.float32) for n in (1024, 4096) for v in (2, 8192)]
@@ -113,7 +114,7 @@ def run(ctx):
         rel_err = abs(got - expected) / max(abs(expected), 1e-12)
 
         def run_ours(a, b, y):
-            return rdrop_loss(a, b, y, ALPHA, backend=ours, check_labels=False)
+            return rdrop_loss(a, b, y, ALPHA, backend=ours)
 
         ctx.record(impl="eager", **common, **ctx.measure(_step(eager_rdrop, z1, z2, labels)))
         compiled = None if compile_broken else _compiled(dtype, compiled_cache)

@@ -15,8 +15,10 @@ timed. flops = 3 GEMMs of 2·M·N·K (forward, dx, dW/dScore).
 Mask memory per weight matrix (extra fields on every row): packed bits N·ceil(K/32)·4 B,
 bool N·K B, float N·K·4 B; `mask_bytes` is what the row's implementation keeps.
 
-Shapes: BERT-base (tokens 16·128 = 2048; Q/K/V/attention output 768×768, FFN in 3072×768,
-FFN out 768×3072). Quick: 256 tokens, a 512×192 weight.
+Shapes (weights out×in): on CUDA 16k tokens through BERT-base (Q/K/V/attention output 768×768,
+FFN in 3072×768, FFN out 768×3072) and BERT-large (1024×1024, 4096×1024, 1024×4096) at each
+sparsity, plus the earlier 2048-token BERT-base rows at 70% as small secondary rows; on CPU
+2048 tokens through BERT-base. Quick: 256 tokens, a 512×192 weight.
 """
 import torch
 import torch.nn.functional as F
@@ -31,10 +33,17 @@ SPARSITIES = (0.5, 0.7, 0.9)
 PHI = 0.0
 
 
-def _shapes(quick):
+def _cases(quick, device_type):
+    """(label, tokens, out, in, sparsities)."""
     if quick:
-        return 256, [("ffn_in", 512, 192)]
-    return 2048, [("qkvo", 768, 768), ("ffn_in", 3072, 768), ("ffn_out", 768, 3072)]
+        return [("ffn_in", 256, 512, 192, SPARSITIES)]
+    base = [("qkvo", 768, 768), ("ffn_in", 3072, 768), ("ffn_out", 768, 3072)]
+    if device_type != "cuda":
+        return [(label, 2048, n, k, SPARSITIES) for label, n, k in base]
+    large = [("large qkvo", 1024, 1024), ("large ffn_in", 4096, 1024),
+             ("large ffn_out", 1024, 4096)]
+    return ([(label, 16384, n, k, SPARSITIES) for label, n, k in base + large]
+            + [(f"{label} (small)", 2048, n, k, (0.7,)) for label, n, k in base])
 
 
 def _ours(device):
@@ -60,8 +69,7 @@ def run(ctx):
     device = ctx.device
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
-    tokens, shapes = _shapes(ctx.quick)
-    for label, n, k in shapes:
+    for label, tokens, n, k, sparsities in _cases(ctx.quick, device.type):
         x = torch.randn(tokens, k, device=device, dtype=dtype, generator=gen).requires_grad_(True)
         w0 = (torch.randn(n, k, device=device, generator=gen) / k ** 0.5).to(dtype)
         b = torch.zeros(n, device=device, dtype=dtype)
@@ -69,7 +77,7 @@ def run(ctx):
         memory = {"packed_bytes": n * num_words(k) * 4, "bool_bytes": n * k,
                   "float_bytes": n * k * 4}
         flops = 3 * 2 * tokens * n * k
-        for sparsity in SPARSITIES:
+        for sparsity in sparsities:
             scores = _scores_with_sparsity(n, k, sparsity, device, gen).requires_grad_(True)
             keep = scores.detach() > PHI
             packed = pack_mask(keep, backend="reference" if device.type == "cpu" else None)
@@ -90,7 +98,7 @@ def run(ctx):
                            baseline=base, mask_bytes=memory["float_bytes"], **common,
                            **ctx.measure(_step(
                                lambda name=name: masked_linear(x, w, scores, b, threshold=PHI,
-                                                               backend=name, check_finite=False),
+                                                               backend=name),
                                (x, scores), dy)))
 
             # IMP / fixed subnetwork: W trains with a fixed mask
