@@ -21,7 +21,7 @@ def make_tiny_bert(folder: Path, dropout: float = 0.1, tokenizer: bool = True) -
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=64,
+                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=128,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(0)
     hf_logging.disable_progress_bar()
@@ -74,12 +74,13 @@ def base_args(task: dict, out: Path, *extra) -> list:
 
 
 STABLE_METRICS = ("epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",
-                  "lr")
+                  "lr", "train_ce", "train_kl")
 
 
-def stable_metrics(out: Path) -> list:
-    """The metrics rows without the timings (which differ between runs)."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def stable_metrics(out: Path, name: str = "metrics.jsonl") -> list:
+    """The metrics rows (of metrics.jsonl or steps.jsonl) without the timings, which differ
+    between runs."""
+    rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
     return [{k: r[k] for k in STABLE_METRICS if k in r} for r in rows]
 
 
@@ -100,3 +101,4 @@ def assert_same_run(a: Path, b: Path) -> None:
         for key, value in state.items():
             assert torch.equal(value, sb["optimizer"]["state"][pid][key]), (pid, key)
     assert stable_metrics(a) == stable_metrics(b)
+    assert stable_metrics(a, "steps.jsonl") == stable_metrics(b, "steps.jsonl")

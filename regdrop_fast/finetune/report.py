@@ -1,5 +1,6 @@
-"""Outputs of a run: metrics per epoch as JSON lines, a markdown summary, and a PNG of the
-train/eval loss and accuracy curves (the overfitting picture of the AD-DROP paper)."""
+"""Outputs of a run: metrics per epoch and per logging step as JSON lines, a markdown summary,
+and a PNG of the train/eval loss and accuracy curves (the overfitting picture of the AD-DROP
+paper), the training loss drawn per logging step."""
 from __future__ import annotations
 
 import json
@@ -7,20 +8,26 @@ import os
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "steps.jsonl"
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
 CURVES_PNG = "curves.png"
 
 
-def write_metrics(output_dir, history: list) -> Path:
-    """All epochs so far (rewritten whole, so a resumed run never duplicates lines)."""
-    path = Path(output_dir) / METRICS_FILE
+def write_metrics(output_dir, history: list, name: str = METRICS_FILE) -> Path:
+    """All rows so far (rewritten whole, so a resumed run never duplicates lines)."""
+    path = Path(output_dir) / name
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         for row in history:
             handle.write(json.dumps(row, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_steps(output_dir, steps: list) -> Path:
+    """The per-step rows (step, fractional epoch, train_loss, lr, method parts)."""
+    return write_metrics(output_dir, steps, STEPS_FILE)
 
 
 def _fmt(value, digits=4):
@@ -70,7 +77,7 @@ def write_summary(output_dir, summary: dict, history: list) -> tuple:
     return out / SUMMARY_JSON, out / SUMMARY_MD
 
 
-def plot_curves(output_dir, history: list, title: str) -> Path:
+def plot_curves(output_dir, history: list, title: str, steps: list = ()) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -84,6 +91,9 @@ def plot_curves(output_dir, history: list, title: str) -> Path:
             if any(v is not None for v in values):
                 ax.plot([e for e, v in zip(epochs, values) if v is not None],
                         [v for v in values if v is not None], style, label=f"{split} {label}")
+        if key == "loss" and steps:
+            ax.plot([row["epoch"] for row in steps], [row["train_loss"] for row in steps], "-",
+                    alpha=0.6, label="train loss per step")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)

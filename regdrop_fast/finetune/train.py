@@ -25,7 +25,7 @@ from .data import LabelSet, default_split, load_table
 from .errors import FinetuneError
 from .methods import build_methods
 from .methods.debias import make_loss
-from .model import check_model_folder, default_model_path, load_model
+from .model import check_model_folder, default_model_path, load_model, position_limit
 
 # fields that must match between a checkpoint and the run resuming it
 RESUME_KEYS = ("method", "model", "train", "epochs", "batch_size", "lr", "weight_decay",
@@ -73,8 +73,10 @@ def _validate(config: FinetuneConfig) -> None:
         raise FinetuneError(f"--lr must be > 0, got {config.lr}")
     if not 0 <= config.warmup_ratio < 1:
         raise FinetuneError(f"--warmup-ratio must be in [0, 1), got {config.warmup_ratio}")
-    if config.save_steps < 0:
-        raise FinetuneError(f"--save-steps must be >= 0, got {config.save_steps}")
+    for name in ("save_steps", "logging_steps"):
+        if getattr(config, name) < 0:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be >= 0, "
+                                f"got {getattr(config, name)}")
     if (config.train is None) != (config.eval is None):
         raise FinetuneError("--train and --eval go together (neither: the embedded demo data)")
     if config.resume and config.no_save:
@@ -126,6 +128,10 @@ class Job:
         self.model_path = str(check_model_folder(c.model) if c.model else default_model_path())
         seed_everything(c.seed)
         self.model, self.tokenizer = load_model(self.model_path, self.label_set.names, c.seed)
+        limit = position_limit(self.model, self.tokenizer)
+        if limit is not None and c.max_length > limit:
+            raise FinetuneError(f"--max-length {c.max_length} is beyond the {limit} positions of "
+                                f"the model in {self.model_path}; pass --max-length {limit} or less")
         self.features = B.tokenize(self.tokenizer, self.train_table.texts, c.max_length)
         self.eval_features = B.tokenize(self.tokenizer, self.eval_table.texts, c.max_length)
         self.collate = B.Collator(self.tokenizer.pad_token_id)
@@ -253,6 +259,7 @@ class Job:
             state = {"fingerprint": self._fingerprint(), "epoch": self.epoch,
                      "batches_done": batches_done, "global_step": self.global_step,
                      "accumulators": acc, "history": self.history,
+                     "step_history": self.step_history,
                      "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "methods": method_state}
             ckpt.write_main(staging, self.model, self.tokenizer, state, masks)
@@ -297,7 +304,7 @@ class Job:
             check_writable(self.output_dir)
         self._load_data()
         self._build()
-        self.history = []
+        self.history, self.step_history = [], []
         resume_state = self._restore() if c.resume else None
         if resume_state is None:
             for method in self.methods:
@@ -308,6 +315,7 @@ class Job:
             self.optimizer.load_state_dict(resume_state["optimizer"])
             self.scheduler.load_state_dict(resume_state["scheduler"])
             self.history = resume_state["history"]
+            self.step_history = resume_state["step_history"]
             self.global_step = resume_state["global_step"]
             start_epoch, skip = resume_state["epoch"], resume_state["batches_done"]
             acc = resume_state["accumulators"]
@@ -324,7 +332,7 @@ class Job:
         self.epoch = epoch
         for method in self.methods:
             method.on_epoch_start(self, epoch)
-        acc = dict(acc) if acc else {"loss_sum": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
+        acc = dict(acc) if acc else _new_accumulators()
         epoch_batches = self.train_batches.epoch(epoch)
         bar = tqdm(total=len(epoch_batches), initial=skip, desc=f"epoch {epoch + 1}/{c.epochs}",
                    disable=not (self.progress and self.info.is_main), dynamic_ncols=True,
@@ -348,10 +356,11 @@ class Job:
             self.global_step += 1
             for method in self.methods:
                 method.after_optimizer_step(self)
-            acc["loss_sum"] += loss.item() * len(rows)
+            _accumulate(acc, loss.item(), len(rows), self._step_parts())
             acc["correct"] += int((logits.detach().argmax(-1) == batch["labels"]).sum())
-            acc["count"] += len(rows)
             acc["seconds"] += time.perf_counter() - tick
+            if c.logging_steps and self.global_step % c.logging_steps == 0:
+                self._log_step(epoch + (index + 1) / len(epoch_batches), acc)
             bar.update(1)
             bar.set_postfix(loss=f"{acc['loss_sum'] / acc['count']:.4f}",
                             samples_s=f"{acc['count'] * self.info.world_size / acc['seconds']:.1f}")
@@ -360,15 +369,40 @@ class Job:
         bar.close()
         self._end_epoch(epoch, acc)
 
+    def _step_parts(self) -> dict:
+        """The loss's parts the methods report for the last step (R-Drop: ce, kl)."""
+        parts = {}
+        for method in self.methods:
+            parts.update(method.step_metrics())
+        return parts
+
+    def _reduced_means(self, loss_sum: float, count: int, parts: dict) -> dict:
+        """train_loss and train_<part> means over the processes."""
+        names = sorted(parts)
+        values = D.all_reduce_sum(self.info, [loss_sum, count] + [v for n in names
+                                                                  for v in parts[n]], self.device)
+        row = {"train_loss": values[0] / max(values[1], 1)}
+        for i, name in enumerate(names):
+            row[f"train_{name}"] = values[2 + 2 * i] / max(values[3 + 2 * i], 1)
+        return row
+
+    def _log_step(self, epoch: float, acc: dict) -> None:
+        row = {"step": self.global_step, "epoch": round(epoch, 4)}
+        row.update(self._reduced_means(acc["window_loss_sum"], acc["window_count"],
+                                       acc["window_parts"]))
+        row["lr"] = self.scheduler.get_last_lr()[0]
+        self.step_history.append(row)
+        acc.update(window_loss_sum=0.0, window_count=0, window_parts={})
+
     def _end_epoch(self, epoch: int, acc: dict) -> None:
-        loss_sum, correct, count, seconds = D.all_reduce_sum(
-            self.info, [acc["loss_sum"], acc["correct"], acc["count"], acc["seconds"]],
-            self.device)
+        correct, count, seconds = D.all_reduce_sum(
+            self.info, [acc["correct"], acc["count"], acc["seconds"]], self.device)
+        means = self._reduced_means(acc["loss_sum"], acc["count"], acc["parts"])
         seconds /= self.info.world_size
         tick = time.perf_counter()
         evaluation = self.evaluate(self.eval_features, self.eval_labels)
-        row = {"epoch": epoch + 1, "step": self.global_step,
-               "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+        row = {"epoch": epoch + 1, "step": self.global_step, **means,
+               "train_accuracy": correct / max(count, 1),
                "eval_loss": evaluation["loss"], "eval_accuracy": evaluation["accuracy"],
                "lr": self.scheduler.get_last_lr()[0], "train_time_s": seconds,
                "train_samples_per_s": count / max(seconds, 1e-9)}
@@ -380,6 +414,7 @@ class Job:
         self.epoch = epoch + 1
         if self.info.is_main:
             report.write_metrics(self.output_dir, self.history)
+            report.write_steps(self.output_dir, self.step_history)
             print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, eval loss "
                   f"{row['eval_loss']:.4f}, eval accuracy {row['eval_accuracy']:.4f}", flush=True)
         self._save(0, None)
@@ -403,10 +438,30 @@ class Job:
                    "output_dir": str(self.output_dir)}
         if self.info.is_main:
             report.write_metrics(self.output_dir, self.history)
+            report.write_steps(self.output_dir, self.step_history)
             report.write_summary(self.output_dir, summary, self.history)
             report.plot_curves(self.output_dir, self.history,
-                               f"{c.method} on {Path(self.train_path).name}")
+                               f"{c.method} on {Path(self.train_path).name}", self.step_history)
         return summary
+
+
+def _new_accumulators() -> dict:
+    """Sums over the epoch so far and over the current logging window (parts: name -> [sum,
+    rows]); checkpointed, so a resumed run logs the same values."""
+    return {"loss_sum": 0.0, "correct": 0, "count": 0, "seconds": 0.0, "parts": {},
+            "window_loss_sum": 0.0, "window_count": 0, "window_parts": {}}
+
+
+def _accumulate(acc: dict, loss: float, rows: int, parts: dict) -> None:
+    acc["loss_sum"] += loss * rows
+    acc["count"] += rows
+    acc["window_loss_sum"] += loss * rows
+    acc["window_count"] += rows
+    for name, value in parts.items():
+        for key in ("parts", "window_parts"):
+            total = acc[key].setdefault(name, [0.0, 0])
+            total[0] += value * rows
+            total[1] += rows
 
 
 def run_finetune(config: FinetuneConfig, progress: bool = True) -> dict:

@@ -65,6 +65,10 @@ class Method:
         (detached loss, logits of the first pass)."""
         raise NotImplementedError
 
+    def step_metrics(self) -> dict:
+        """Parts of the last step's loss to log (name -> float), e.g. R-Drop's ce and kl."""
+        return {}
+
     def after_optimizer_step(self, job) -> None:
         """After each optimizer step (thresholds, pruning schedules)."""
 
