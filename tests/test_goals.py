@@ -1,0 +1,95 @@
+"""regdrop_fast.benchmarking.goals: the goals table from synthetic benchmark rows."""
+import json
+
+import pytest
+
+from regdrop_fast.benchmarking import goals
+from regdrop_fast.benchmarking.goals import Goal, evaluate
+
+
+def _row(op, case, impl, ms, dtype="bfloat16", baseline=None, **extra):
+    return {"op": op, "case": case, "dtype": dtype, "impl": impl, "ms": ms,
+            "baseline": baseline or impl, **extra}
+
+
+ATTN = "addrop_masked_attention"
+ROWS = [
+    _row(ATTN, "L=1024,H=12,d=64", "sdpa[flash](no mask)", 1.0),
+    _row(ATTN, "L=1024,H=12,d=64", "sdpa[cudnn](no mask)", 0.8),
+    _row(ATTN, "L=1024,H=12,d=64", "masked_attention[triton], dropout 0.1", 1.0,
+         baseline="sdpa[cudnn](no mask)", host_ms=0.012),
+    _row(ATTN, "L=2048,H=12,d=64", "sdpa[flash](no mask)", 2.0),
+    _row(ATTN, "L=2048,H=12,d=64", "masked_attention[triton], dropout 0.1", 2.5,
+         baseline="sdpa[flash](no mask)", host_ms=0.045),
+    _row("rdrop_loss_fwd_bwd", "N=8192,V=32000", "rdrop_loss[triton]", 1.0,
+         roofline_share=0.83, shape=[8192, 32000], peak_mem_bytes=2 * 8192 * 32000 * 2),
+    _row("rdrop_loss_fwd_bwd", "N=8192,V=50265", "rdrop_loss[triton]", 1.0,
+         roofline_share=0.79, shape=[8192, 50265], peak_mem_bytes=3 * 8192 * 50265 * 2),
+]
+
+
+def _goal(**kw):
+    base = dict(issue=0, text="t", op=ATTN, impl=r"masked_attention\[triton\], dropout 0.1",
+                metric="speedup", target=0.7, sense=">=")
+    return Goal(**{**base, **kw})
+
+
+def test_speedup_against_each_rows_own_baseline_takes_the_worst_case():
+    result = evaluate(_goal(ref="@baseline"), ROWS)
+    # 0.8 / 1.0 at L=1024 (the cuDNN baseline), 2.0 / 2.5 at L=2048
+    assert [round(m[2], 6) for m in result["measured"]] == [0.8, 0.8]
+    assert result["met"] is True
+    assert evaluate(_goal(ref="@baseline", target=0.81), ROWS)["met"] is False
+    # a named reference: the flash row, present at both lengths
+    named = evaluate(_goal(ref=r"sdpa\[flash\]\(no mask\)", target=1.0), ROWS)
+    assert named["worst"][0] == "L=2048,H=12,d=64" and named["met"] is False
+
+
+def test_field_metrics_and_case_and_dtype_filters():
+    host = evaluate(_goal(metric="host_us", target=30, sense="<="), ROWS)
+    assert host["worst"][2] == pytest.approx(45) and host["met"] is False
+    only_1024 = evaluate(_goal(metric="host_us", target=30, sense="<=", case=r"L=1024.*"), ROWS)
+    assert only_1024["met"] is True
+    roof = evaluate(_goal(op="rdrop_loss_fwd_bwd", impl=r"rdrop_loss\[triton\]",
+                          metric="roofline", target=0.8), ROWS)
+    assert roof["worst"][:2] == ("N=8192,V=50265", "rdrop_loss[triton]") and roof["met"] is False
+    peak = evaluate(_goal(op="rdrop_loss_fwd_bwd", impl=r"rdrop_loss\[triton\]",
+                          metric="peak_over_grads", target=1.0, sense="<="), ROWS)
+    assert peak["worst"][2] == pytest.approx(1.5) and peak["met"] is False
+    fp32 = evaluate(_goal(op="rdrop_loss_fwd_bwd", impl=r"rdrop_loss\[triton\]",
+                          metric="roofline", dtype="float32"), ROWS)
+    assert fp32["met"] is None and fp32["measured"] == []
+
+
+def test_latest_row_of_each_impl_counts():
+    old = _row(ATTN, "L=1024,H=12,d=64", "masked_attention[triton], dropout 0.1", 9.0,
+               baseline="sdpa[cudnn](no mask)")
+    rows = goals.latest_rows([old, *ROWS])
+    assert len(rows) == len(ROWS)
+    assert evaluate(_goal(ref="@baseline"), rows)["met"] is True
+
+
+def test_bad_goal_definitions_raise():
+    with pytest.raises(ValueError, match="metric"):
+        _goal(metric="fast")
+    with pytest.raises(ValueError, match="sense"):
+        _goal(sense=">")
+    with pytest.raises(ValueError, match="ref"):
+        _goal(metric="time_ratio")
+
+
+def test_cli_prints_one_row_per_goal(tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "goals.md"
+    assert goals.main([str(path), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert table == out.read_text()
+    lines = table.splitlines()[2:]
+    assert len(lines) == len(goals.GOALS)
+    by_text = {line.split(" | ")[1]: line for line in lines}
+    rdrop80 = next(v for k, v in by_text.items() if "80% of copy" in k)
+    assert "79% (rdrop_loss[triton], N=8192,V=50265; 2 cases)" in rdrop80
+    assert rdrop80.endswith("| **NOT met** |")
+    assert sum("not measured |" in line for line in lines) >= 10  # no rows for those ops
+    assert goals.main([str(tmp_path / "absent.jsonl")]) == 2
