@@ -202,3 +202,29 @@ def test_cuda_bf16(lq, lk, dropout_p):
         err = (a.double() - b).abs().max().item()
         eager_err = (c.double() - b).abs().max().item()
         assert err <= 3 * eager_err + 1e-2, f"{name}: kernel {err}, eager bf16 {eager_err}"
+
+
+def test_official_additive_form_of_the_mask(device):
+    """docs/differences.md: the keep mask as the official additive (1 − m)·(−10000) mask gives the
+    official pass-2 attention, including a row whose keys are all dropped (softmax over every
+    key, pads included), where keep= gives zeros."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = _inputs(1, 2, 6, 9, 16, device, gen)
+    kpm = _padding(1, 9, [7], device)
+    keep = keep_mask(torch.randn(1, 2, 6, 9, generator=gen).to(device), 0.3, 0.5, kpm, seed=2,
+                     backend="reference")
+    dense = unpack_mask(keep, backend="reference").clone()
+    dense[0, 1, 4] = False  # every key of this row dropped
+    additive = (1 - dense.float()) * -10000.0
+    scores = q @ k.transpose(-1, -2) / 4 + additive
+    official = torch.softmax(scores, -1) @ v
+    # scores shifted by -10000 keep ~1e-3 absolute precision in fp32, in the official code too
+    all_dropped = torch.softmax(q[0, 1, 4] @ k[0, 1].T / 4, -1) @ v[0, 1]
+    torch.testing.assert_close(official[0, 1, 4], all_dropped, rtol=0, atol=2e-3)
+    for backend in ("reference", "triton"):
+        got = masked_attention(q, k, v, attn_mask=additive, backend=backend)
+        torch.testing.assert_close(got, official, rtol=1e-5, atol=2e-3)
+        zeros = masked_attention(q, k, v, keep=pack_mask(dense), backend=backend)
+        assert torch.count_nonzero(zeros[0, 1, 4]) == 0
+        torch.testing.assert_close(zeros[0, 0], official[0, 0], rtol=1e-5, atol=1e-5)
