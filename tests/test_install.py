@@ -1,11 +1,12 @@
 """Installation: what each pip command builds, and dependencies that match use.
 
 The install matrix (slow) installs a copy of this source tree into a fresh venv holding only the
-torch that runs these tests: the default isolated `pip install` (no extension; the JIT builds it
-with `regdrop-fast build-ext`), `--no-build-isolation` (extension built against that torch) and
-`--no-build-isolation` without a working compiler (installs anyway; the reason is reported).
-The fast tests check the CUDA-arch rule of the build, that requirements.txt covers every declared
-requirement, and that the kernels run with the Hugging Face extras hidden.
+torch that runs these tests: the default isolated `pip install` (no extension; the JIT builds
+it with `regdrop-fast build-ext`), `--no-build-isolation` (extension built against that torch;
+the benchmarks run from the installed package) and `--no-build-isolation` without a working
+compiler (installs anyway; the reason is reported). The fast tests check the CUDA-arch rule of
+the build, that requirements.txt covers every declared requirement, and that the kernels run
+with the Hugging Face extras hidden.
 """
 import importlib.metadata
 import os
@@ -192,6 +193,10 @@ def test_install_matrix(tmp_path):
     assert f"against torch {torch.__version__}" in out, out
     out = probe({"REGDROP_FAST_JIT": "0"})
     assert "PREBUILT True" in out and "CPU-MATCHES-REFERENCE" in out, out
+    # the benchmarks ship with the installed package: no source tree needed
+    rc, out = _run([str(venv / "bin" / "regdrop-fast"), "bench", "--quick", "--ops", "philox",
+                    "--device", "cpu", "--out", "bench"], env, elsewhere)
+    assert rc == 0 and "philox" in (elsewhere / "bench" / "results.md").read_text(), out
 
     # 3. --no-build-isolation without a working compiler: installs, and says why there is no C++
     assert _run([*pip, "uninstall", "-y", "regdrop_fast"], env, tmp_path)[0] == 0
