@@ -52,10 +52,12 @@ def _snapshot(model):
 
 
 def test_rdrop_with_childtuning_f(parts, tmp_path):
-    trainer = _trainer(parts, tmp_path, "rdrop,childtuning-f", FinetuneConfig(reserve_p=0.5))
+    trainer = _trainer(parts, tmp_path, "rdrop,childtuning-f",
+                       FinetuneConfig(reserve_p=0.5, rdrop_kl_reduction="sum"))
     from regdrop_fast.childtuning import ChildTuningAdamW
     from regdrop_fast.rdrop import RDropTrainerMixin
     assert isinstance(trainer, RDropTrainerMixin) and trainer.rdrop_alpha == 0.5
+    assert trainer.rdrop_kl_reduction == "sum"
     before = _snapshot(trainer.model)
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")

@@ -80,7 +80,7 @@ def load_masks(path: Path) -> dict:
     return out
 
 
-# -- the save protocol ------------------------------------------------------------------------------
+# -- the save protocol ---------------------------------------------------------------------------
 def _fsync(path: Path) -> None:
     """Flush a file's or a folder's entry to disk (folders: so a rename survives a power cut)."""
     fd = os.open(str(path), os.O_RDONLY)
@@ -199,7 +199,7 @@ def commit(staging: Path, output_dir) -> Path:
     return out / NAME
 
 
-# -- resume -----------------------------------------------------------------------------------------
+# -- resume --------------------------------------------------------------------------------------
 def find(output_dir) -> Path:
     """The newest complete checkpoint in `output_dir`, its files verified against the manifest."""
     out = Path(output_dir)

@@ -105,7 +105,8 @@ def make_trainer(method: str = "none", config: FinetuneConfig = None, **trainer_
         from regdrop_fast.rdrop import RDropTrainerMixin
         bases.append(RDropTrainerMixin)
         extra.update(rdrop_alpha=config.rdrop_alpha, rdrop_passes=config.rdrop_passes,
-                     rdrop_every=config.rdrop_every)
+                     rdrop_every=config.rdrop_every,
+                     rdrop_kl_reduction=config.rdrop_kl_reduction)
     if "addrop" in names:
         from regdrop_fast.addrop import ADDropTrainerMixin, CrossTuning
         bases.append(ADDropTrainerMixin)

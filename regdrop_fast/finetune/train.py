@@ -131,7 +131,8 @@ class Job:
         limit = position_limit(self.model, self.tokenizer)
         if limit is not None and c.max_length > limit:
             raise FinetuneError(f"--max-length {c.max_length} is beyond the {limit} positions of "
-                                f"the model in {self.model_path}; pass --max-length {limit} or less")
+                                f"the model in {self.model_path}; pass --max-length {limit} "
+                                "or less")
         self.features = B.tokenize(self.tokenizer, self.train_table.texts, c.max_length)
         self.eval_features = B.tokenize(self.tokenizer, self.eval_table.texts, c.max_length)
         self.collate = B.Collator(self.tokenizer.pad_token_id)
