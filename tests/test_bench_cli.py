@@ -334,3 +334,16 @@ def test_measure_rounds_alternates_order_and_pairs_each_round(monkeypatch):
         ctx.measure_rounds(fns, baseline="nope", rounds=2)
     with pytest.raises(ValueError, match="rounds"):
         ctx.measure_rounds(fns, baseline="base", rounds=0)
+
+
+def test_host_overhead_bench_times_every_public_op_without_a_gpu(tmp_path):
+    code, _, stderr = _run(["bench", "--quick", "--ops", "host_overhead", "--device", "cpu",
+                            "--out", str(tmp_path)])
+    assert code == 0, stderr
+    rows = {r["impl"]: r for r in _rows(tmp_path / "results.jsonl")}
+    for name in ("bernoulli_keep", "pack_mask", "rdrop_loss fwd", "masked_attention fwd+bwd",
+                 "masked_linear fwd+bwd", "ChildTuningAdamW.step F (201 tensors)"):
+        assert rows[name]["op"] == "host_overhead" and rows[name]["ms"] > 0
+    torch_step = "torch AdamW(fused=True).step (201 tensors)"
+    assert rows["ChildTuningAdamW.step D (201 tensors)"]["baseline"] == torch_step
+    assert rows["pack_mask"]["baseline"] == "pack_mask"
