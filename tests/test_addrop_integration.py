@@ -274,17 +274,29 @@ def test_masked_pass_uses_each_layers_mask():
     assert (masked_first[1] - plain[1]).abs().max() > 1e-3
 
 
-def test_split_mask_of_structured_masks():
-    assert integration._split_mask(None) == (None, None)
+def test_layer_mask_reads_masks_as_sdpa_does():
+    assert integration._layer_mask(None, True, 0) == (True, None, None)
+    assert integration._layer_mask(None, False, 0) == (False, None, None)
     pad = torch.tensor([[True, True, False], [True, False, False]])
     view = pad[:, None, None, :].expand(2, 1, 1, 3)
-    key_padding, attn_mask = integration._split_mask(view)
-    assert torch.equal(key_padding, pad) and torch.equal(attn_mask, pad)
+    causal, key_padding, attn_mask = integration._layer_mask(view, True, 0)
+    assert not causal and torch.equal(key_padding, pad) and torch.equal(attn_mask, pad)
+    built = integration._mask_builder(2, 3, 3, mask_function=_causal_mask_function(),
+                                      attention_mask=pad)
+    causal, key_padding, attn_mask = integration._layer_mask(built, True, 0)
+    assert causal and torch.equal(key_padding, pad) and torch.equal(attn_mask, pad)
     banded = torch.ones(2, 1, 3, 3, dtype=torch.bool).tril() & pad[:, None, None, :]
-    key_padding, attn_mask = integration._split_mask(banded)
-    assert torch.equal(key_padding, pad) and attn_mask is banded
+    causal, key_padding, attn_mask = integration._layer_mask(banded, False, 0)
+    assert not causal and torch.equal(key_padding, pad) and attn_mask is banded
+    with pytest.raises(ValueError, match="causal layer 3 takes the causal mask"):
+        integration._layer_mask(banded, True, 3)  # equal values, but not our causal mask
     with pytest.raises(TypeError, match="bool masks"):
-        integration._split_mask(torch.zeros(2, 1, 1, 3))
+        integration._layer_mask(torch.zeros(2, 1, 1, 3), False, 0)
+
+
+def _causal_mask_function():
+    from transformers.masking_utils import causal_mask_function
+    return causal_mask_function
 
 
 def test_disable_restores_previous_implementation():

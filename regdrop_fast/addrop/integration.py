@@ -7,10 +7,11 @@ registers again (idempotent) and switches the model to it. Both are needed: with
 function registered, transformers finds no mask builder for the name and hands the attention
 attention_mask=None, so padding would be silently attended.
 
-The mask builder returns what `sdpa_mask` returns, except that a plain key-padding mask, with or
-without the causal structure, stays a broadcast view bool [B,1,1,Lk] (True = attend) instead of
-a materialized [B,1,Lq,Lk]; None when no attention_mask is given. A causal layer (the module's
-`is_causal`, as transformers' SDPA path reads it) adds the causal structure itself. The
+The mask builder returns what `sdpa_mask` returns (bool, True = attend; None when no
+attention_mask is given), except that a plain bidirectional key-padding mask stays a broadcast
+view bool [B,1,1,Lk] instead of a materialized [B,1,Lq,Lk], and a plain causal + padding mask is
+remembered as such, so that a chosen layer reads it as is_causal + key padding [B,Lk] (the
+kernels' form) and any other structure on a causal layer is refused, never approximated. The
 attention function then runs in one of three modes, per model:
 
   plain   every layer: transformers' SDPA attention (what the unpatched model computes)
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -71,6 +73,8 @@ SUPPORTED = ("encoders: BERT, RoBERTa, ELECTRA, DistilBERT (and models of the sa
              "built from regdrop_fast.addrop.SelfAttention")
 _STATE_ATTR = "_regdrop_addrop"
 _LAYER_ATTR = "_regdrop_addrop_layer"
+# causal + key padding masks built by _mask_builder, alive while a forward holds them
+_CAUSAL_PADDING: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -170,14 +174,15 @@ class ADDropAttention:
         finally:
             self.mode = "plain"
 
-    def attend(self, layer, module, query, key, value, attention_mask, scaling, dropout,
-               causal: bool = False):
+    def attend(self, layer, query, key, value, key_padding, attn_mask, causal: bool, scaling,
+               dropout):
         """Attention output [B,Lq,H,D] of a chosen layer in the record or masked mode.
 
-        query [B,H,Lq,D]; key, value [B,Hkv,Lk,D] with Hkv dividing H."""
+        query [B,H,Lq,D]; key, value [B,Hkv,Lk,D] with Hkv dividing H; key_padding bool [B,Lk]
+        (True = real) or None; attn_mask: key_padding, a 4-D bool mask (non-causal) or None;
+        causal: rows see their causal prefix (bottom-right aligned)."""
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        key_padding, attn_mask = _split_mask(attention_mask, causal, layer)
         if self.mode == "masked":
             out = masked_attention(query, key, value, keep=self.masks[layer], attn_mask=attn_mask,
                                    scale=scaling, dropout_p=dropout, seed=self.seed,
@@ -220,25 +225,32 @@ def _causal(lq: int, lk: int, device) -> torch.Tensor:
     return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
 
 
-def _split_mask(attention_mask, causal: bool = False, layer=None):
-    """(key padding bool [B,Lk] or None, the mask beside the causal structure: key padding
-    [B,Lk], a 4-D bool mask (non-causal layers only) or None) of a built mask."""
+def _layer_mask(attention_mask, module_causal: bool, layer):
+    """(causal, key padding bool [B,Lk] or None, attn_mask for `attend`) of the mask a layer
+    received, read as transformers' SDPA path reads it: no mask means the module's own
+    causality; a padding view [B,1,1,Lk] is bidirectional; a causal + padding mask of our
+    builder is causal with its last row as the key padding; any other 4-D mask is taken as
+    given on a non-causal layer and refused on a causal one."""
     if attention_mask is None:
-        return None, None
+        return module_causal, None, None
     if attention_mask.dtype != torch.bool:
         raise TypeError("the regdrop_addrop mask builder gives bool masks; got an attention_mask "
                         f"of dtype {attention_mask.dtype} (a 4-D mask passed by the caller?)")
     if attention_mask.shape[-2] == 1:  # a pure key-padding mask
         key_padding = attention_mask[:, 0, 0, :]
-        return key_padding, key_padding
-    if causal:
+        return False, key_padding, key_padding
+    if _CAUSAL_PADDING.get(id(attention_mask)) is attention_mask:
+        # query row Lq-1 = Lk-1 sees every real key
+        key_padding = attention_mask[:, 0, -1, :].contiguous()
+        return True, key_padding, key_padding
+    if module_causal:
         raise ValueError(
             f"AD-DROP on causal layer {layer} takes the causal mask with key padding only (a "
             "2-D attention_mask); this forward built a [B,1,Lq,Lk] mask with more structure "
             "(packed sequences, a sliding or chunked window, a cache offset, or a 4-D "
             "attention_mask passed by the caller) that the keep mask cannot express")
     # any structure over queries: keys some query attends count as real for the threshold
-    return attention_mask.any(dim=-2).all(dim=1), attention_mask
+    return False, attention_mask.any(dim=-2).all(dim=1), attention_mask
 
 
 def _dense_mask(attn_mask, causal: bool, lq: int, lk: int):
@@ -263,35 +275,30 @@ def _eager_probs(query, key, attn_mask, causal, scaling):
     return probs * mask.any(dim=-1, keepdim=True)
 
 
-def is_causal_call(module, kwargs) -> bool:
-    """Whether a call of `module` is causal, as transformers' SDPA path decides it."""
-    is_causal = kwargs.get("is_causal")
-    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-
-
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         **kwargs):
     """The registered AttentionInterface function (see the module docstring)."""
     state = getattr(module, _STATE_ATTR, None)
     layer = getattr(module, _LAYER_ATTR, None)
-    causal = is_causal_call(module, kwargs)
     if state is None or not state.intercepts(layer):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        if causal and attention_mask is not None and attention_mask.shape[-2] == 1:
-            attention_mask = _dense_mask(attention_mask[:, 0, 0, :], True, query.shape[2],
-                                         key.shape[2])
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    return state.attend(layer, module, query, key, value, attention_mask, scaling, dropout,
-                        causal)
+    # causality as transformers' SDPA path decides it: the call's flag, else the module's
+    is_causal = kwargs.get("is_causal")
+    module_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    causal, key_padding, attn_mask = _layer_mask(attention_mask, module_causal, layer)
+    return state.attend(layer, query, key, value, key_padding, attn_mask, causal, scaling,
+                        dropout)
 
 
 def _mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, local_size=None, allow_is_causal_skip=True,
                   allow_is_bidirectional_skip=False, use_vmap=False, device="cpu", **kwargs):
-    """The registered AttentionMaskInterface builder: sdpa_mask, with a plain padding mask
-    (bidirectional, or causal without offsets) kept as a bool [B,1,1,Lk] view (no
-    [B,1,Lq,Lk] tensor, no host sync to skip an all-real mask)."""
+    """The registered AttentionMaskInterface builder: sdpa_mask, except that a plain
+    bidirectional padding mask stays a bool [B,1,1,Lk] view (no [B,1,Lq,Lk] tensor) and a plain
+    causal one (no offsets, Lq = Lk) is remembered as such (`_layer_mask`); no host sync to
+    skip an all-real mask."""
     from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function,
                                             prepare_padding_mask, sdpa_mask)
     # q_offset is a tensor under a static cache: anything but the int 0 is not plain
@@ -307,9 +314,14 @@ def _mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
                          use_vmap=use_vmap, device=device, **kwargs)
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if padding is None:
-        return None
-    return padding.to(device=device, dtype=torch.bool)[:, None, None, :].expand(batch_size, 1, 1,
-                                                                               kv_length)
+        return None  # SDPA's is_causal on causal layers
+    padding = padding.to(device=device, dtype=torch.bool)[:, None, None, :]
+    if mask_function is bidirectional_mask_function:
+        return padding.expand(batch_size, 1, 1, kv_length)
+    # one [B,1,L,L] mask per forward, as sdpa_mask's, shared by the plain layers
+    mask = padding & _causal(q_length, kv_length, device)
+    _CAUSAL_PADDING[id(mask)] = mask
+    return mask
 
 
 def _register() -> None:

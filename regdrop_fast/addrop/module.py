@@ -99,8 +99,7 @@ class SelfAttention(nn.Module):
         state = self.__dict__.get(_STATE_ATTR)
         layer = self.__dict__.get(_LAYER_ATTR)
         if state is not None and state.intercepts(layer):
-            mask = None if real is None else real[:, None, None, :]
-            out, _ = state.attend(layer, self, q, k, v, mask, scale, dropout, causal)
+            out, _ = state.attend(layer, q, k, v, real, real, causal, scale, dropout)
         else:
             mask = _dense_mask(real, causal, length, length)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
