@@ -458,7 +458,8 @@ def enable(model, layers: Sequence[int] = (0,), p: float = 0.3, q: float = 0.2,
     `SelfAttention`) to the AD-DROP attention implementation and return its state.
 
     layers: indices of the self-attention layers to mask (official default: layer 0).
-    p: fraction of each row's real keys that are drop candidates, in (0, 1).
+    p: fraction of each row's allowed keys (real keys; on causal layers those of its causal
+       prefix) that are drop candidates, in (0, 1).
     q: probability of dropping a candidate, in [0, 1].
     attribution: "gradient" | "integrated_gradients" | "attention" | "random".
     drop: "high" (drop the highest attributions, the default) or "low".

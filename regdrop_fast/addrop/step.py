@@ -95,13 +95,15 @@ def _token_weights(batch, pseudo: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 class ADDrop:
-    """AD-DROP (arXiv 2210.05883) on a transformers encoder, see the module docstring.
+    """AD-DROP (arXiv 2210.05883) on a transformers encoder or decoder-only model, or on a model
+    built from `SelfAttention`; see the module docstring.
 
     model: a supported model (integration.SUPPORTED); `enable` is called on it.
     p in (0, 1), q in [0, 1]; layers: chosen self-attention layers; attribution: "gradient" |
     "integrated_gradients" | "attention" | "random"; drop: "high" | "low"; task:
-    "classification" | "regression" | "token"; seed: Philox seed of every mask; backend: kernel
-    backend (None = auto); ig_steps: m of integrated gradients (official: 20)."""
+    "classification" | "regression" | "token" (a causal LM: next-token positions); seed:
+    Philox seed of every mask; backend: kernel backend (None = auto); ig_steps: m of
+    integrated gradients (official: 20)."""
 
     def __init__(self, model, p: float = 0.3, q: float = 0.2, layers=(0,),
                  attribution: str = "gradient", drop: str = "high",
