@@ -13,6 +13,18 @@
 # Both pytest stages spread over pytest-xdist workers when it is installed.
 # results.md is also copied to benchmarks/results/<device-name>-<date>.md.
 #
+# --playbook (issue 13): the one prepared command of a short GPU lease, 8 minutes on an H200
+# with the build: env, liger (installs .whl/liger_kernel-*.whl when present, offline), build,
+# pytest_cuda (kernel tests, fast subset), autotune (benchmarks/autotune_sweep.py: winning
+# config per kernel at the benchmark shapes), bench (full sizes, eager + CUDA-graph times,
+# roofline), goals (one row per performance goal of the open issues: goal, measured, met).
+# results.md (+ goals and autotune tables) and results.jsonl are copied to
+# benchmarks/results/<device>-<date>.{md,jsonl}. --remeasure "OP ..." re-measures those ops
+# only (env, liger, build, bench, goals; 3 minutes). --dry-run stubs every GPU stage (a
+# synthetic results.jsonl stands for the benches) and copies nothing: the plumbing, on CPU.
+#   .whl/: `pip download liger-kernel --no-deps -d .whl/` on a machine with a registry; the
+#   run tool carries it with the tree (`carry: [".whl"]`).
+#
 # Every stage runs even when an earlier one failed; the exit status is 1 if any failed.
 # A time budget (default 480 s, ~8 min on an H100) bounds the whole run: each stage gets a
 # timeout out of what is left, keeping a reserve for the stages after it.
@@ -22,11 +34,16 @@ usage() {
     cat >&2 <<'EOF'
 usage: bash benchmarks/gpu_check.sh OUTDIR [--quick] [--ops "OP ..."] [--with-slow] [--budget S]
                                    [--stages "STAGE ..."] [--kernel-tests "NAME ..."]
+       bash benchmarks/gpu_check.sh OUTDIR --playbook [--dry-run]
+       bash benchmarks/gpu_check.sh OUTDIR --remeasure "OP ..." [--dry-run]
   --quick          quick benchmark sizes (default: full sizes)
   --ops "OP ..."   only these benches (benchmarking/ops/<op>.py), e.g. --ops "philox masks"
   --with-slow      include tests marked slow in the whole-suite run
   --budget S       wall-clock budget for all stages in seconds (default 480)
   --stages "..."   only these stages (env build imports op_errors pytest_cuda bench pytest_all)
+  --playbook       the 8-minute GPU playbook (see the header of this script)
+  --remeasure "OP ..."  re-measure these benches only (3-minute budget), with the goals table
+  --dry-run        with --playbook/--remeasure: stub the GPU stages, check the plumbing on CPU
   --kernel-tests "..."  the kernel test files of pytest_cuda, by the NAME of tests/test_NAME.py
                    (default: all of them); pytest_all still leaves out the default list
 Environment: PYTHON (default python, else python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
@@ -171,6 +188,50 @@ stage_pytest_all() {
         --junitxml="$OUT/pytest_all.xml" "${ignore[@]}" tests
 }
 
+stage_liger() {
+    # Liger-Kernel, the R-Drop bench's named baseline: offline, from the wheel carried in .whl/
+    cd "$ROOT" || return 1
+    local wheels=(.whl/liger_kernel-*.whl)
+    if [[ ! -e "${wheels[0]}" ]]; then
+        echo "no .whl/liger_kernel-*.whl: the liger rows are skipped"
+        return 0
+    fi
+    "$PY" -m pip install --no-index --no-deps "${wheels[@]}"
+    "$PY" -c "import liger_kernel.transformers as t; print('liger ok', t.__name__)"
+}
+
+stage_autotune() {
+    cd "$ROOT" || return 1
+    env -u TRITON_INTERPRET "$PY" benchmarks/autotune_sweep.py "$OUT"
+}
+
+stage_goals() {
+    cd "$ROOT" || return 1
+    [[ -s "$OUT/results.jsonl" ]] || { echo "no results.jsonl: no goals table"; return 1; }
+    "$PY" -m regdrop_fast.benchmarking.goals "$OUT/results.jsonl" --out "$OUT/goals.md"
+}
+
+# --dry-run: the GPU stages print what they stand for; bench writes synthetic rows (two goals
+# met, one not) so that the goals stage runs on a real results.jsonl
+dry_stage() {
+    echo "dry run: stage $1 stubbed (the GPU part)"
+    [[ "$1" == bench ]] || return 0
+    "$PY" - "$OUT/results.jsonl" <<'PYEOF'
+import json, sys
+rows = [dict(op="rdrop_loss_fwd_bwd", case="N=8192,V=32000", dtype="bfloat16", impl=impl,
+             baseline="eager", ms=ms, roofline_share=share, graph_ms=ms, host_ms=0.0)
+        for impl, ms, share in (("eager", 4.0, 0.1), ("liger", 2.0, 0.2),
+                                ("rdrop_loss[triton]", 1.0, 0.7))]
+rows.append(dict(op="childtuning_step", case="bert-large-335M", dtype="float32",
+                 impl="torch-fused", baseline="torch-fused", ms=2.0, roofline_share=0.8))
+rows.append(dict(op="childtuning_step", case="bert-large-335M", dtype="float32",
+                 impl="ours-F[cuda]", baseline="torch-fused", ms=1.9, roofline_share=0.86))
+with open(sys.argv[1], "a", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+print(f"dry run: wrote {len(rows)} synthetic rows to {sys.argv[1]}")
+PYEOF
+}
+
 stage_bench() {
     cd "$ROOT" || return 1
     local args=(bench --device cuda --out "$OUT")
@@ -185,16 +246,25 @@ stage_bench() {
 }
 
 if [[ "${1:-}" == "__stage" ]]; then
-    "stage_$2"
+    if [[ "${DRY_RUN:-0}" == 1 && " env liger build pytest_cuda autotune bench " == *" $2 "* ]]
+    then
+        dry_stage "$2"
+    else
+        "stage_$2"
+    fi
     exit $?
 fi
 
 # ---------------------------------------------------------------- arguments
 [[ $# -ge 1 && "$1" != -* ]] || usage
 OUT="$1"; shift
-QUICK=0; OPS=""; WITH_SLOW=0; BUDGET=480; STAGES=""; ONLY_KERNEL_TESTS=""
+QUICK=0; OPS=""; WITH_SLOW=0; BUDGET=""; STAGES=""; ONLY_KERNEL_TESTS=""
+MODE=full; DRY_RUN=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --playbook) MODE=playbook ;;
+        --remeasure) [[ $# -ge 2 && -n "$2" ]] || usage; MODE=remeasure; OPS="$2"; shift ;;
+        --dry-run) DRY_RUN=1 ;;
         --quick) QUICK=1 ;;
         --ops) [[ $# -ge 2 ]] || usage; OPS="$2"; shift ;;
         --with-slow) WITH_SLOW=1 ;;
@@ -205,6 +275,14 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
+if [[ "$DRY_RUN" == 1 && "$MODE" == full ]]; then
+    echo "--dry-run goes with --playbook or --remeasure" >&2; usage
+fi
+BASE=480; [[ "$MODE" == remeasure ]] && BASE=180
+BUDGET="${BUDGET:-$BASE}"
+if [[ "$MODE" == playbook && -z "$OPS" ]]; then
+    OPS="rdrop childtuning addrop sparse host_overhead philox masks"  # most wanted first
+fi
 mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -212,7 +290,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 PY="$PYTHON"
 unset TRITON_INTERPRET
-export OUT PY QUICK OPS WITH_SLOW ONLY_KERNEL_TESTS HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INPUT=1
+export OUT PY QUICK OPS WITH_SLOW ONLY_KERNEL_TESTS DRY_RUN HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INPUT=1
 
 # ---------------------------------------------------------------- driver
 START=$SECONDS
@@ -220,10 +298,10 @@ FAILED=0
 : > "$OUT/summary.txt"
 
 # run_stage NAME CAP_S RESERVE_S: run stage NAME with a timeout of at most CAP_S seconds, keeping
-# RESERVE_S for the stages after it (both given for the default 480 s budget and scaled with it);
+# RESERVE_S for the stages after it (both given for the default budget BASE, scaled with BUDGET);
 # log to OUTDIR/NAME.log
 run_stage() {
-    local name=$1 cap=$(( $2 * BUDGET / 480 )) reserve=$(( $3 * BUDGET / 480 ))
+    local name=$1 cap=$(( $2 * BUDGET / BASE )) reserve=$(( $3 * BUDGET / BASE ))
     [[ -n "$STAGES" ]] && reserve=0  # a chosen subset: each stage gets its cap
     local left=$(( BUDGET - (SECONDS - START) - reserve ))
     local limit=$(( left < cap ? left : cap ))
@@ -234,7 +312,8 @@ run_stage() {
         status="SKIPPED (time budget of ${BUDGET}s spent)"
         FAILED=1
     else
-        echo "==== $name (timeout ${limit}s) ===="
+        echo "==== $name (timeout ${limit}s; $(( BUDGET - (SECONDS - START) ))s of the" \
+             "${BUDGET}s budget left) ===="
         timeout --kill-after=15 "$limit" bash "$SELF" __stage "$name" 2>&1 | tee "$OUT/$name.log"
         rc=${PIPESTATUS[0]}
         if (( rc == 0 )); then
@@ -251,23 +330,49 @@ run_stage() {
         | tee -a "$OUT/summary.txt"
 }
 
-# (cap, reserve) per stage for the default 480 s budget. The benchmarks run before the whole
-# suite: their numbers are what a short GPU lease is for, and the suite takes whatever is left.
-run_stage env 30 440
-run_stage build 200 240
-run_stage imports 45 210
-run_stage op_errors 60 200
-run_stage pytest_cuda 120 150
-run_stage bench 260 40
-run_stage pytest_all 480 5
+# (cap, reserve) per stage for the mode's default budget BASE (480 s; remeasure 180 s), scaled
+# with --budget. The benchmarks run before the whole suite: their numbers
+# are what a short GPU lease is for, and the suite takes whatever is left.
+if [[ "$MODE" == playbook ]]; then
+    run_stage env 20 450
+    run_stage liger 20 430
+    run_stage build 200 230
+    run_stage pytest_cuda 60 200
+    run_stage autotune 50 150
+    run_stage bench 300 20
+    run_stage goals 20 0
+elif [[ "$MODE" == remeasure ]]; then
+    run_stage env 15 165
+    run_stage liger 15 150
+    run_stage build 90 85
+    run_stage bench 150 15
+    run_stage goals 15 0
+else
+    run_stage env 30 440
+    run_stage build 200 240
+    run_stage imports 45 210
+    run_stage op_errors 60 200
+    run_stage pytest_cuda 120 150
+    run_stage bench 260 40
+    run_stage pytest_all 480 5
+fi
 
-if [[ -s "$OUT/results.md" ]]; then
+if [[ "$DRY_RUN" == 1 ]]; then
+    echo "dry run: nothing copied to benchmarks/results/" | tee -a "$OUT/summary.txt"
+elif [[ -s "$OUT/results.md" ]]; then
     device="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null \
         || echo unknown-gpu)"
     slug="$(echo "$device" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')"
     dest="$ROOT/benchmarks/results/${slug}-$(date -u +%Y-%m-%d).md"
     [[ -e "$dest" ]] && dest="${dest%.md}-$(date -u +%H%M%S).md"
-    cp "$OUT/results.md" "$dest" && echo "copied results.md to $dest" | tee -a "$OUT/summary.txt"
+    {
+        cat "$OUT/results.md"
+        [[ -s "$OUT/goals.md" ]] && printf '\n## Performance goals of the open issues\n\n' \
+            && cat "$OUT/goals.md"
+        [[ -s "$OUT/autotune.md" ]] && printf '\n' && cat "$OUT/autotune.md"
+    } > "$dest" && cp "$OUT/results.jsonl" "${dest%.md}.jsonl" \
+        && echo "copied results.md (+ goals, autotune) and results.jsonl to ${dest%.md}.*" \
+        | tee -a "$OUT/summary.txt"
 else
     echo "no results.md: nothing copied to benchmarks/results/" | tee -a "$OUT/summary.txt"
     [[ -z "$STAGES" || " $STAGES " == *" bench "* ]] && FAILED=1
@@ -275,4 +380,8 @@ fi
 
 echo "==== summary ($(( SECONDS - START ))s, budget ${BUDGET}s) ===="
 cat "$OUT/summary.txt"
+if [[ -s "$OUT/goals.md" ]]; then
+    echo "==== performance goals ===="
+    cat "$OUT/goals.md"
+fi
 exit $FAILED

@@ -3,6 +3,7 @@ and a syntax check of benchmarks/gpu_check.sh."""
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -347,3 +348,28 @@ def test_host_overhead_bench_times_every_public_op_without_a_gpu(tmp_path):
     torch_step = "torch AdamW(fused=True).step (201 tensors)"
     assert rows["ChildTuningAdamW.step D (201 tensors)"]["baseline"] == torch_step
     assert rows["pack_mask"]["baseline"] == "pack_mask"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+@pytest.mark.parametrize("mode, stages", [
+    (["--playbook"], ["env", "liger", "build", "pytest_cuda", "autotune", "bench", "goals"]),
+    (["--remeasure", "rdrop childtuning"], ["env", "liger", "build", "bench", "goals"])])
+def test_gpu_playbook_dry_run_runs_its_stages_in_order_and_prints_the_goals(tmp_path, mode,
+                                                                         stages):
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script), str(tmp_path), *mode, "--dry-run"],
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary[:-1]] == stages
+    assert all(" ok " in line for line in summary[:-1]), summary
+    assert summary[-1] == "dry run: nothing copied to benchmarks/results/"
+    from regdrop_fast.benchmarking.goals import GOALS
+
+    table = (tmp_path / "goals.md").read_text().splitlines()[2:]
+    assert len(table) == len(GOALS)
+    # the synthetic rows: R-Drop at 70% of copy (goal 80%) and 2x Liger (goal 1.5x)
+    assert any("80% of copy" in line and line.endswith("| **NOT met** |") for line in table)
+    assert any("Liger" in line and line.endswith("| met |") for line in table)
+    assert "==== performance goals ====" in proc.stdout
