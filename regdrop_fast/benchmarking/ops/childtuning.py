@@ -1,8 +1,9 @@
 """ChildTuning: one optimizer step over BERT-shaped parameter sets.
 
 Cases: the parameter shapes of BERT-base (110M) and BERT-large (335M) with a classifier head,
-and on CUDA a 1.3B model of the same layout (hidden 2048, 24 layers, FFN 8192); quick mode: the 12 encoder layers of a BERT-base at a quarter of the width (~10M, the same
-tensor count and aspect ratios). fp32 params, grads and moments.
+and on CUDA a 1.3B model of the same layout (hidden 2048, 24 layers, FFN 8192); quick mode:
+the 12 encoder layers of a BERT-base at a quarter of the width (~10M, the same tensor count
+and aspect ratios). fp32 params, grads and moments.
 Implementations, all stepping the same parameter tensors (each with its own moments):
   torch-fused     torch.optim.AdamW(fused=True), no mask: the baseline
   torch-foreach   torch.optim.AdamW(foreach=True), no mask
@@ -11,9 +12,10 @@ Implementations, all stepping the same parameter tensors (each with its own mome
   ours-F / ours-D / ours-none   ChildTuningAdamW(mode=F | D | None) on the fused kernel: the
                   C++ kernel on CPU, the multi-tensor CUDA kernel and Triton on CUDA.
 Timing: torch-fused and ours are built side by side and measured in alternating rounds (12 on
-CPU, 3 on CUDA; median of the round medians), so drift on a shared machine hits them alike; the notes give each
-impl's per-round speedup (torch-fused ms / impl ms of the same round: median, p20–p80), the
-tighter estimate on a noisy machine. foreach and official-F are measured once.
+CPU, 3 on CUDA; median of the round medians), so drift on a shared machine hits them alike;
+the notes give each impl's per-round speedup (torch-fused ms / impl ms of the same round:
+median, p20–p80), the tighter estimate on a noisy machine. foreach and official-F are
+measured once.
 bytes_moved = numel * (28 B: read p, g, m, v; write p, m, v) + 1/8 B per element for D; the
 official path moves more (the mask is materialized) but is charged the same 28 B so its GB/s
 is comparable as "useful" bandwidth. bytes/param is recorded per row.
