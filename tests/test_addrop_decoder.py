@@ -1,5 +1,5 @@
-"""AD-DROP on decoder-only transformers (Llama, Qwen2, GPT-2: causal, grouped-query, rotary)
-against an eager reference of the procedure: tiny random configs built locally."""
+"""AD-DROP on decoder-only transformers (Llama, Qwen2, Mistral, GPT-2: causal, grouped-query,
+rotary) against an eager reference of the procedure: tiny random configs built locally."""
 import copy
 
 import pytest
@@ -22,8 +22,11 @@ def tiny_decoder(kind="llama", seed=0, **overrides):
                                bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
                                attn_pdrop=0.0, **overrides)
         return tf.GPT2LMHeadModel(config)
+    if kind == "mistral":  # full attention: sliding windows are refused
+        overrides = dict(overrides, sliding_window=None)
     config_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-                             "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[kind]
+                             "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                             "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[kind]
     return model_cls(config_cls(**SHAPE, **overrides))
 
 
@@ -96,7 +99,7 @@ def eager_masked_logits(model, batch, dense_masks):
 
 
 # -- plain attention ---------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_plain_forward_equals_unpatched(kind, side):
     model = tiny_decoder(kind).eval()
@@ -162,7 +165,7 @@ def test_ignored_positions_do_not_shape_the_masks():
 
 
 # -- the step against the eager procedure ------------------------------------------------------
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_step_pass_two_equals_eager_masked_model(kind, backend):
     model = tiny_decoder(kind, seed=5)
