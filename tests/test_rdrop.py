@@ -95,15 +95,18 @@ def test_extreme_logits(device, backend):
 
 
 def test_kernel_paths_multi_block_and_row_tiles(device):
-    """The launcher's loop over V blocks and multi-row tiles (tail rows, ignored rows)."""
+    """The launcher's loop over V blocks, multi-row tiles (tail rows, ignored rows) and the
+    persistent grid (programs < tiles: each program loops over several tiles)."""
     require_backend("triton", device)
     from regdrop_fast.triton_kernels.rdrop import rdrop_forward
 
-    for n_classes, block_v, block_n in [(1000, 256, 1), (257, 64, 4), (3, 4, 8), (1000, 1024, 2)]:
+    for n_classes, block_v, block_n, programs in [(1000, 256, 1, None), (257, 64, 4, 2),
+                                                  (3, 4, 8, 1), (1000, 1024, 2, 3),
+                                                  (1000, 128, 1, 3)]:
         z1, z2, labels = make_inputs((10, n_classes), device, seed=block_v)
         scale = torch.tensor([0.25, 0.5], device=device)  # CE and KL gradient weights
         terms, g1, g2 = rdrop_forward(z1, z2, labels, 0.9, -100, True, scale, True,
-                                      block_v=block_v, block_n=block_n)
+                                      block_v=block_v, block_n=block_n, programs=programs)
         ce_ref, c1, c2 = rdrop_grads_reference(z1, z2, labels, alpha=0.0, reduction="none",
                                                grad_output=torch.full((10,), 0.25))
         kl_ref, k1, k2 = rdrop_grads_reference(z1, z2, labels, alpha=2.0, reduction="none",

@@ -10,7 +10,8 @@ lse, so logits of 1e4 lose no digits to cancellation against lse). The kernel st
 KL_r separately; the per-row gradient weights are `scale` = (w_ce, w_kl) on rows that count
 (1/n_valid for a "mean" term, 1 for a summed one) and 0 on rows labelled ignore_index.
 
-rdrop_fwd_kernel, grid cdiv(N, BLOCK_N): a program owns BLOCK_N rows. Pass 1 runs online over
+rdrop_fwd_kernel, a program per tile of BLOCK_N rows, or a persistent grid of fewer programs
+looping over the tiles when rows are re-read (see `_programs`). Pass 1 runs online over
 V blocks: running max m, s = sum exp(z - m) and t = sum exp(z - m) * D for both logits (fp32;
 exponentials as exp2((z - m) * log2 e), the logarithm of lse as log2(s) * ln 2).
 Pass 2 (NEED_GRAD) walks the row again and writes both gradients in the gradient dtype; when V
@@ -97,78 +98,83 @@ def rdrop_fwd_kernel(
     BLOCK_N: tl.constexpr,  # rows per program
     BLOCK_V: tl.constexpr,  # columns per block
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    rows_c = tl.minimum(rows, n_rows - 1)  # tail rows read a real row, never store
-    cols0 = tl.arange(0, BLOCK_V)
-    z1_row = z1_ptr + rows_c * z1_stride
-    z2_row = z2_ptr + rows_c * z2_stride
+    # persistent over row tiles: the launcher may give fewer programs than tiles, so that the
+    # rows in flight (re-read in pass 2) stay within L2
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
+        rows = tl.arange(0, BLOCK_N).to(tl.int64) + tile * BLOCK_N  # int64 before stride math
+        row_ok = rows < n_rows
+        rows_c = tl.minimum(rows, n_rows - 1)  # tail rows read a real row, never store
+        cols0 = tl.arange(0, BLOCK_V)
+        z1_row = z1_ptr + rows_c * z1_stride
+        z2_row = z2_ptr + rows_c * z2_stride
 
-    if HAS_LABELS:
-        y = tl.load(labels_ptr + rows_c).to(tl.int64)
-        valid = row_ok & (y != ignore_index)
-    else:
-        y = tl.zeros([BLOCK_N], dtype=tl.int64)
-        valid = row_ok
-    label_ok = (y >= 0) & (y < n_cols)
-    bad = valid & ((y < 0) | (y >= n_cols))  # only meaningful with HAS_CE
+        if HAS_LABELS:
+            y = tl.load(labels_ptr + rows_c).to(tl.int64)
+            valid = row_ok & (y != ignore_index)
+        else:
+            y = tl.zeros([BLOCK_N], dtype=tl.int64)
+            valid = row_ok
+        label_ok = (y >= 0) & (y < n_cols)
+        bad = valid & ((y < 0) | (y >= n_cols))  # only meaningful with HAS_CE
 
-    m1 = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    m2 = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if ONE_BLOCK:
-        x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols0, n_cols)
-        m1, s1, t1 = _online_update(m1, s1, t1, x1, d)
-        m2, s2, t2 = _online_update(m2, s2, t2, x2, -d)
-    else:
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + cols0
-            x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols, n_cols)
+        m1 = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        m2 = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        t1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        t2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if ONE_BLOCK:
+            x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols0, n_cols)
             m1, s1, t1 = _online_update(m1, s1, t1, x1, d)
             m2, s2, t2 = _online_update(m2, s2, t2, x2, -d)
-
-    inv_s1 = 1.0 / s1
-    inv_s2 = 1.0 / s2
-    e1 = t1 * inv_s1  # E_P1[z1 - z2]
-    e2 = t2 * inv_s2  # E_P2[z2 - z1]
-    tl.store(terms_ptr + n_rows + rows, tl.where(valid, e1 + e2, 0.0), mask=row_ok)
-    if HAS_CE:
-        take = valid & label_ok
-        zy1 = tl.load(z1_row + y, mask=take, other=0.0).to(tl.float32)
-        zy2 = tl.load(z2_row + y, mask=take, other=0.0).to(tl.float32)
-        ce_row = (m1 - zy1 + tl.log2(s1) * LN2) + (m2 - zy2 + tl.log2(s2) * LN2)
-        ce_row = tl.where(bad, float("nan"), tl.where(valid, ce_row, 0.0))
-    else:
-        ce_row = tl.zeros([BLOCK_N], dtype=tl.float32)
-    tl.store(terms_ptr + rows, ce_row, mask=row_ok)
-
-    if NEED_GRAD:
-        w_ce = tl.where(valid, tl.load(scale_ptr), 0.0)
-        w_kl = tl.where(valid, tl.load(scale_ptr + 1), 0.0) * alpha_half
-        if HAS_CE:
-            w_ce = tl.where(bad, float("nan"), w_ce)
-        g1_row = g1_ptr + rows * g1_stride
-        g2_row = g2_ptr + rows * g2_stride
-        if ONE_BLOCK:
-            g1, g2 = _grad_block(x1, x2, d, cols0, m1, inv_s1, m2, inv_s2, e1, e2, y, w_ce,
-                                 w_kl, HAS_CE)
-            smask = row_ok[:, None] & (cols0[None, :] < n_cols)
-            tl.store(g1_row[:, None] + cols0[None, :], g1.to(g1_ptr.dtype.element_ty), mask=smask)
-            tl.store(g2_row[:, None] + cols0[None, :], g2.to(g2_ptr.dtype.element_ty), mask=smask)
         else:
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + cols0
                 x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols, n_cols)
-                g1, g2 = _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w_ce,
+                m1, s1, t1 = _online_update(m1, s1, t1, x1, d)
+                m2, s2, t2 = _online_update(m2, s2, t2, x2, -d)
+
+        inv_s1 = 1.0 / s1
+        inv_s2 = 1.0 / s2
+        e1 = t1 * inv_s1  # E_P1[z1 - z2]
+        e2 = t2 * inv_s2  # E_P2[z2 - z1]
+        tl.store(terms_ptr + n_rows + rows, tl.where(valid, e1 + e2, 0.0), mask=row_ok)
+        if HAS_CE:
+            take = valid & label_ok
+            zy1 = tl.load(z1_row + y, mask=take, other=0.0).to(tl.float32)
+            zy2 = tl.load(z2_row + y, mask=take, other=0.0).to(tl.float32)
+            ce_row = (m1 - zy1 + tl.log2(s1) * LN2) + (m2 - zy2 + tl.log2(s2) * LN2)
+            ce_row = tl.where(bad, float("nan"), tl.where(valid, ce_row, 0.0))
+        else:
+            ce_row = tl.zeros([BLOCK_N], dtype=tl.float32)
+        tl.store(terms_ptr + rows, ce_row, mask=row_ok)
+
+        if NEED_GRAD:
+            w_ce = tl.where(valid, tl.load(scale_ptr), 0.0)
+            w_kl = tl.where(valid, tl.load(scale_ptr + 1), 0.0) * alpha_half
+            if HAS_CE:
+                w_ce = tl.where(bad, float("nan"), w_ce)
+            g1_row = g1_ptr + rows * g1_stride
+            g2_row = g2_ptr + rows * g2_stride
+            if ONE_BLOCK:
+                g1, g2 = _grad_block(x1, x2, d, cols0, m1, inv_s1, m2, inv_s2, e1, e2, y, w_ce,
                                      w_kl, HAS_CE)
-                smask = row_ok[:, None] & (cols[None, :] < n_cols)
-                tl.store(g1_row[:, None] + cols[None, :], g1.to(g1_ptr.dtype.element_ty),
+                smask = row_ok[:, None] & (cols0[None, :] < n_cols)
+                tl.store(g1_row[:, None] + cols0[None, :], g1.to(g1_ptr.dtype.element_ty),
                          mask=smask)
-                tl.store(g2_row[:, None] + cols[None, :], g2.to(g2_ptr.dtype.element_ty),
+                tl.store(g2_row[:, None] + cols0[None, :], g2.to(g2_ptr.dtype.element_ty),
                          mask=smask)
+            else:
+                for start in range(0, n_cols, BLOCK_V):
+                    cols = start + cols0
+                    x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols, n_cols)
+                    g1, g2 = _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w_ce,
+                                         w_kl, HAS_CE)
+                    smask = row_ok[:, None] & (cols[None, :] < n_cols)
+                    tl.store(g1_row[:, None] + cols[None, :], g1.to(g1_ptr.dtype.element_ty),
+                             mask=smask)
+                    tl.store(g2_row[:, None] + cols[None, :], g2.to(g2_ptr.dtype.element_ty),
+                             mask=smask)
 
 
 @triton.jit
@@ -219,14 +225,38 @@ def _tile(n_rows: int, n_cols: int, block_v=None, block_n=None):
     return block_n, block_v, num_warps
 
 
+def _device_caps(device):
+    """(SM count, L2 bytes) of a CUDA device; (4, 4 MiB) elsewhere (the interpreter: a small
+    persistent grid, so its tests run several tiles per program)."""
+    if device.type != "cuda":
+        return 4, 4 << 20
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, props.L2_cache_size
+
+
+def _programs(n_tiles, n_cols, block_v, elem_bytes, device, programs=None):
+    """Programs of the forward grid. One per tile when the row stays on chip; when pass 2
+    re-reads it (V > BLOCK_V), a persistent grid: as many programs as keep the row pairs in
+    flight within half of L2, but at least one per SM (the hardware would otherwise run several
+    tiles per SM at once and evict each row before its re-read)."""
+    if programs is not None:
+        return max(1, min(programs, n_tiles))
+    if n_cols <= block_v:
+        return n_tiles
+    sms, l2_bytes = _device_caps(device)
+    fit = l2_bytes // 2 // (2 * n_cols * elem_bytes)
+    return max(1, min(n_tiles, max(sms, fit)))
+
+
 def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, scale, need_grad, g1=None, g2=None,
-                  block_v=None, block_n=None):
+                  block_v=None, block_n=None, programs=None):
     """Launch the fused forward on 2-D logits [N, V] (last-dim stride 1).
 
     labels: int [N] or None. scale: fp32 tensor [2] on the device (gradient weights of the CE
     and KL terms of a counted row). g1/g2: gradient outputs (default: new tensors like the
-    logits; pass z1/z2 to write in place). Returns (terms fp32 [2, N]: per-row CE1 + CE2 and
-    KL12 + KL21, g1, g2); g1/g2 are None without need_grad."""
+    logits; pass z1/z2 to write in place). block_v/block_n/programs override the tile and grid
+    (tests). Returns (terms fp32 [2, N]: per-row CE1 + CE2 and KL12 + KL21, g1, g2); g1/g2 are
+    None without need_grad."""
     n_rows, n_cols = z1.shape
     terms = torch.empty(2, n_rows, dtype=torch.float32, device=z1.device)
     if need_grad:
@@ -234,7 +264,8 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, scale, need_grad, g1=
         g2 = torch.empty_like(z2) if g2 is None else g2
     block_n, block_v, num_warps = _tile(n_rows, n_cols, block_v, block_n)
     has_labels = labels is not None
-    grid = (triton.cdiv(n_rows, block_n),)
+    grid = (_programs(triton.cdiv(n_rows, block_n), n_cols, block_v, z1.element_size(),
+                      z1.device, programs),)
     rdrop_fwd_kernel[grid](
         z1, z2, g1 if need_grad else z1, g2 if need_grad else z2,
         labels if has_labels else terms, terms, scale,
