@@ -101,8 +101,8 @@ def cache_dir() -> str:
     root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "regdrop_fast")
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    tag = f"torch{torch.__version__.split('+')[0]}-{flavour}-py{sys.version_info[0]}{sys.version_info[1]}"
-    return os.path.join(root, tag)
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    return os.path.join(root, f"torch{torch.__version__.split('+')[0]}-{flavour}-{python}")
 
 
 def _jit_build(verbose: bool = False):
@@ -145,12 +145,17 @@ def load(verbose: bool = False, force_jit: bool = False) -> tuple:
     try:
         return _jit_build(verbose), None
     except Exception as exc:  # a compiler or ninja error: the reference/Triton backends still run
-        return None, (f"{prebuilt_error}, and its JIT build failed ({exc}); {BUILD_HINT}")
+        # the first line only: torch appends the whole compiler output
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, (f"{prebuilt_error}, and its JIT build failed ({first_line}; "
+                      "`regdrop-fast build-ext --verbose` shows the compiler output); "
+                      f"{BUILD_HINT}")
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "build-ext", help="compile the C++/CUDA extension now (torch's JIT) instead of on first use",
+        "build-ext",
+        help="compile the C++/CUDA extension now (torch's JIT) instead of on first use",
         description="Compile the C++/CUDA kernels of regdrop_fast for the installed torch "
                     f"(cached under {CACHE_ENV} or ~/.cache/regdrop_fast). Nothing to do when "
                     "the extension was built at install time.")

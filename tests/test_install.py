@@ -115,6 +115,35 @@ def test_kernels_run_without_the_hf_extras(tmp_path):
     assert "OK" in proc.stdout and proc.stdout.strip().endswith("[]"), proc.stdout
 
 
+def test_without_extension_or_compiler_the_reason_is_one_line(tmp_path):
+    """No installed regdrop_fast._C and no working compiler: the JIT is not attempted blindly,
+    the cpu backend says why in one line, and the reference still runs."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["regdrop_fast._C"] = None  # as if never built
+        import torch
+        from regdrop_fast import _extension, backends, rng
+        module, error = _extension.load()
+        assert module is None
+        print("ERROR", error)
+        print("CPU", backends.unavailable_reason("cpu", torch.device("cpu")))
+        print("AUTO", rng.philox_words(1, torch.arange(4), backend="reference").tolist())
+    """)
+    env = {**os.environ, "CXX": "/bin/false", "REGDROP_FAST_CACHE_DIR": str(tmp_path / "cache"),
+           "REGDROP_FAST_JIT": "1", "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = proc.stdout.split("ERROR ", 1)[1].split("\n", 1)[0]
+    assert "no working C++ compiler" in error and "regdrop-fast build-ext" in error, error
+    assert "no working C++ compiler" in proc.stdout.split("CPU ", 1)[1]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.so"))
+    env["REGDROP_FAST_JIT"] = "0"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "REGDROP_FAST_JIT=0" in proc.stdout, proc.stderr[-3000:]
+
+
 def _source_copy(dest: Path) -> Path:
     """The files git would hand a clone (tracked and not ignored), without builds or venvs."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
