@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bitpack.h"
 #include "masked_adamw.h"
 
 namespace regdrop {
@@ -616,10 +617,91 @@ int isa_level() {
   return std::min(level, cap_level);
 }
 
-void check_list(const char* name, const at::TensorList& list, size_t n) {
-  TORCH_CHECK(list.size() == n, "masked_adamw_: ", name, " must have ", n,
-              " tensors (one per param), got ", list.size());
+}  // namespace
+
+// Every argument the CPU and CUDA kernels index with or convert, checked before any memory is
+// touched (shared with csrc/masked_adamw_cuda.cu and the meta kernel). `device_type` is the
+// device the dispatcher chose; every tensor must be on the device of params[0].
+void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
+                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                             at::TensorList masks, at::IntArrayRef mask_kinds,
+                             at::IntArrayRef steps, at::IntArrayRef index_offsets,
+                             at::IntArrayRef streams, at::ArrayRef<double> step_sizes,
+                             at::ArrayRef<double> bc2_sqrts, int64_t seed_lo, int64_t seed_hi,
+                             double reserve_p, int64_t action, c10::DeviceType device_type) {
+  const size_t n = params.size();
+  const auto check_len = [n](const char* name, size_t size) {
+    TORCH_CHECK_VALUE(size == n, "masked_adamw_: ", name, " must have ", n,
+                      " entries (one per param), got ", size);
+  };
+  check_len("grads", grads.size());
+  check_len("exp_avgs", exp_avgs.size());
+  check_len("exp_avg_sqs", exp_avg_sqs.size());
+  check_len("masks", masks.size());
+  check_len("mask_kinds", mask_kinds.size());
+  check_len("steps", steps.size());
+  check_len("index_offsets", index_offsets.size());
+  check_len("streams", streams.size());
+  check_len("step_sizes", step_sizes.size());
+  check_len("bc2_sqrts", bc2_sqrts.size());
+  TORCH_CHECK_VALUE(action >= kDropGrad && action <= kPrune,
+                    "masked_adamw_: action must be 0..2, got ", action);
+  const auto check_u32 = [](const char* name, int64_t value) {
+    TORCH_CHECK_VALUE(value >= 0 && value <= INT64_C(0xFFFFFFFF), "masked_adamw_: ", name,
+                      " must be in [0, 2^32), got ", value);
+  };
+  check_u32("seed_lo", seed_lo);
+  check_u32("seed_hi", seed_hi);
+  // 1/reserve_p and floor(reserve_p * 2^32) are computed from it
+  TORCH_CHECK_VALUE(reserve_p > 0.0 && reserve_p <= 1.0,
+                    "masked_adamw_: reserve_p must be in (0, 1], got ", reserve_p);
+  if (n == 0) return;
+  const c10::Device device = params[0].device();
+  TORCH_CHECK_VALUE(device.type() == device_type, "masked_adamw_: params[0] must be on a ",
+                    device_type, " device, got ", device);
+  const at::ScalarType dtype = params[0].scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "masked_adamw_: params must be float32, bfloat16 or float16, got ", dtype);
+  const auto check_tensor = [&](const char* name, size_t i, const at::Tensor& t,
+                                at::ScalarType want, int64_t numel) {
+    TORCH_CHECK_VALUE(t.defined(), "masked_adamw_: ", name, "[", i, "] is undefined");
+    TORCH_CHECK_TYPE(t.scalar_type() == want, "masked_adamw_: ", name, "[", i,
+                     "] must have dtype ", want, ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == device, "masked_adamw_: ", name, "[", i, "] must be on ",
+                      device, " (the device of params[0]), got ", t.device());
+    TORCH_CHECK_VALUE(t.is_contiguous(), "masked_adamw_: ", name, "[", i,
+                      "] must be contiguous");
+    TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "masked_adamw_: ", name, "[", i,
+                      "] must have ", numel, " elements (the param's numel), got ", t.numel());
+  };
+  for (size_t i = 0; i < n; ++i) {
+    check_tensor("params", i, params[i], dtype, -1);
+    const int64_t numel = params[i].numel();
+    check_tensor("grads", i, grads[i], dtype, numel);
+    check_tensor("exp_avgs", i, exp_avgs[i], at::kFloat, numel);
+    check_tensor("exp_avg_sqs", i, exp_avg_sqs[i], at::kFloat, numel);
+    const int64_t kind = mask_kinds[i];
+    TORCH_CHECK_VALUE(kind >= kMaskNone && kind <= kMaskBits, "masked_adamw_: mask_kinds[", i,
+                      "] must be 0 (none), 1 (philox) or 2 (bits), got ", kind);
+    TORCH_CHECK_VALUE(steps[i] >= 0 && steps[i] <= INT64_C(0xFFFFFFFF), "masked_adamw_: steps[",
+                      i, "] must be in [0, 2^32), got ", steps[i]);
+    TORCH_CHECK_VALUE(streams[i] >= 0 && streams[i] <= INT64_C(0xFFFFFFFF),
+                      "masked_adamw_: streams[", i, "] must be in [0, 2^32), got ", streams[i]);
+    const int64_t offset = index_offsets[i];
+    // offset + numel is the first index past the tensor: it must not overflow int64
+    TORCH_CHECK_VALUE(offset >= 0 && offset <= INT64_MAX - numel, "masked_adamw_: index_offsets[",
+                      i, "] must be in [0, 2^63 - numel] (numel ", numel, "), got ", offset);
+    if (kind == kMaskBits) {
+      check_tensor("masks", i, masks[i], at::kInt, -1);
+      const int64_t words_needed = num_words(offset + numel);
+      TORCH_CHECK_VALUE(masks[i].numel() >= words_needed, "masked_adamw_: masks[", i,
+                        "] must hold bits index_offsets[i] .. index_offsets[i] + numel, i.e. >= ",
+                        words_needed, " int32 words, got ", masks[i].numel());
+    }
+  }
 }
+
+namespace {
 
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList masks,
@@ -628,55 +710,25 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::ArrayRef<double> step_sizes, at::ArrayRef<double> bc2_sqrts,
                       double beta1, double beta2, double eps, double lr_wd, int64_t seed_lo,
                       int64_t seed_hi, double reserve_p, int64_t action, bool paper) {
+  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, steps,
+                          index_offsets, streams, step_sizes, bc2_sqrts, seed_lo, seed_hi,
+                          reserve_p, action, c10::DeviceType::CPU);
   const size_t n = params.size();
-  check_list("grads", grads, n);
-  check_list("exp_avgs", exp_avgs, n);
-  check_list("exp_avg_sqs", exp_avg_sqs, n);
-  check_list("masks", masks, n);
-  TORCH_CHECK(mask_kinds.size() == n && steps.size() == n && index_offsets.size() == n &&
-                  streams.size() == n && step_sizes.size() == n && bc2_sqrts.size() == n,
-              "masked_adamw_: per-tensor int/float lists must have one entry per param (", n,
-              ")");
-  TORCH_CHECK(action >= kDropGrad && action <= kPrune, "masked_adamw_: action must be 0..2, got ",
-              action);
   if (n == 0) return;
   const at::ScalarType dtype = params[0].scalar_type();
   std::vector<TensorArgs> tensors(n);
   std::vector<Seg> segs;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.scalar_type() == dtype,
-                "masked_adamw_: params[", i, "] must be a contiguous CPU tensor of dtype ", dtype,
-                ", got ", p.scalar_type(), " on ", p.device());
-    TORCH_CHECK(grads[i].device().is_cpu() && grads[i].is_contiguous() &&
-                    grads[i].scalar_type() == dtype && grads[i].numel() == p.numel(),
-                "masked_adamw_: grads[", i, "] must be a contiguous CPU ", dtype,
-                " tensor with the param's numel");
-    for (const at::Tensor* st : {&exp_avgs[i], &exp_avg_sqs[i]}) {
-      TORCH_CHECK(st->device().is_cpu() && st->is_contiguous() &&
-                      st->scalar_type() == at::kFloat && st->numel() == p.numel(),
-                  "masked_adamw_: exp_avgs/exp_avg_sqs[", i,
-                  "] must be contiguous float32 CPU tensors with the param's numel");
-    }
     const int kind = static_cast<int>(mask_kinds[i]);
-    TORCH_CHECK(kind >= kMaskNone && kind <= kMaskBits, "masked_adamw_: mask_kinds[", i,
-                "] must be 0..2, got ", kind);
     TensorArgs& t = tensors[i];
     t.p = p.data_ptr();
     t.g = grads[i].data_ptr();
     t.m = exp_avgs[i].data_ptr<float>();
     t.v = exp_avg_sqs[i].data_ptr<float>();
-    t.words = nullptr;
+    t.words = kind == kMaskBits ? masks[i].data_ptr<int32_t>() : nullptr;
     t.kind = kind;
     t.offset = static_cast<uint64_t>(index_offsets[i]);
-    if (kind == kMaskBits) {
-      const at::Tensor& w = masks[i];
-      TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.scalar_type() == at::kInt &&
-                      w.numel() * 32 >= static_cast<int64_t>(t.offset) + p.numel(),
-                  "masked_adamw_: masks[", i, "] must be contiguous int32 CPU words covering ",
-                  "bits offset .. offset + numel");
-      t.words = w.data_ptr<int32_t>();
-    }
     t.step = static_cast<uint32_t>(steps[i]);
     t.stream = static_cast<uint32_t>(streams[i]);
     t.s = AdamScalars{static_cast<float>(beta1),        static_cast<float>(beta2),
@@ -721,6 +773,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 }  // namespace regdrop
 
 TORCH_LIBRARY_FRAGMENT(regdrop_fast, m) {
+  m.set_python_module("regdrop_fast._fake_ops");
   m.def(
       "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor[] masks, int[] mask_kinds, int[] steps, "

@@ -1,6 +1,7 @@
 // Fused masked AdamW step on CUDA (ChildTuning-F/-D, sparse masks): one multi-tensor launch
 // per up to kMaxTensors tensors / kMaxBlocks chunks, like torch's multi_tensor_apply and apex's
-// multi_tensor_adam; the schema is registered in csrc/masked_adamw.cpp.
+// multi_tensor_adam; the schema is in csrc/masked_adamw.cpp, the op and its checks in
+// csrc/cuda_ops.cpp (why: csrc/cuda_launch.h).
 //
 // Math: regdrop_fast/reference/masked_adamw.py, per element in csrc/masked_adamw.h (fp32 for
 // fp32/bf16/fp16 parameters, fp32 moments). Memory per element: read p, g, m, v, write p, m, v
@@ -9,17 +10,14 @@
 // Launch: grid = chunks of kChunk elements (block b -> (tensor, chunk) from the metadata in
 // the kernel arguments), kThreads threads, each thread 4 consecutive elements per iteration
 // with 16 B (fp32) / 8 B (bf16, fp16) vector loads when the chunk is aligned.
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda_launch.h"
 #include "masked_adamw.h"
 
 namespace regdrop {
@@ -48,11 +46,7 @@ struct TensorListMeta {
   int32_t block_to_chunk[kMaxBlocks];
 };
 
-struct GroupScalars {
-  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, lr_wd, decay, inv_p;
-  uint64_t seed;
-  uint64_t threshold;
-};
+using GroupScalars = cuda::AdamwGroup;
 
 template <typename T>
 struct alignas(sizeof(T) * kIlp) Pack {
@@ -162,105 +156,55 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(TensorListMeta m
 }
 
 template <typename T, bool kPaper, int kAction>
-void launch(const TensorListMeta& meta, const GroupScalars& gs, int n_blocks,
-            cudaStream_t stream) {
+cudaError_t launch(const TensorListMeta& meta, const GroupScalars& gs, int n_blocks,
+                   cudaStream_t stream) {
   masked_adamw_kernel<T, kPaper, kAction><<<n_blocks, kThreads, 0, stream>>>(meta, gs);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cudaGetLastError();
 }
 
 template <typename T>
-void launch_any(bool paper, int action, const TensorListMeta& meta, const GroupScalars& gs,
-                int n_blocks, cudaStream_t stream) {
+cudaError_t launch_any(bool paper, int action, const TensorListMeta& meta,
+                       const GroupScalars& gs, int n_blocks, cudaStream_t stream) {
   if (paper) {
-    if (action == kDropGrad) launch<T, true, kDropGrad>(meta, gs, n_blocks, stream);
-    else if (action == kDropUpdate) launch<T, true, kDropUpdate>(meta, gs, n_blocks, stream);
-    else launch<T, true, kPrune>(meta, gs, n_blocks, stream);
-  } else {
-    if (action == kDropGrad) launch<T, false, kDropGrad>(meta, gs, n_blocks, stream);
-    else if (action == kDropUpdate) launch<T, false, kDropUpdate>(meta, gs, n_blocks, stream);
-    else launch<T, false, kPrune>(meta, gs, n_blocks, stream);
+    if (action == kDropGrad) return launch<T, true, kDropGrad>(meta, gs, n_blocks, stream);
+    if (action == kDropUpdate) return launch<T, true, kDropUpdate>(meta, gs, n_blocks, stream);
+    return launch<T, true, kPrune>(meta, gs, n_blocks, stream);
   }
+  if (action == kDropGrad) return launch<T, false, kDropGrad>(meta, gs, n_blocks, stream);
+  if (action == kDropUpdate) return launch<T, false, kDropUpdate>(meta, gs, n_blocks, stream);
+  return launch<T, false, kPrune>(meta, gs, n_blocks, stream);
 }
 
-void check_cuda_tensor(const at::Tensor& t, const char* name, size_t i, c10::Device device) {
-  TORCH_CHECK(t.is_cuda() && t.device() == device && t.is_contiguous(), "masked_adamw_: ",
-              name, "[", i, "] must be a contiguous CUDA tensor on ", device, ", got ",
-              t.device(), t.is_contiguous() ? "" : " (non-contiguous)");
-}
+}  // namespace
 
-void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList masks,
-                       at::IntArrayRef mask_kinds, at::IntArrayRef steps,
-                       at::IntArrayRef index_offsets, at::IntArrayRef streams,
-                       at::ArrayRef<double> step_sizes, at::ArrayRef<double> bc2_sqrts,
-                       double beta1, double beta2, double eps, double lr_wd, int64_t seed_lo,
-                       int64_t seed_hi, double reserve_p, int64_t action, bool paper) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  masks.size() == n && mask_kinds.size() == n && steps.size() == n &&
-                  index_offsets.size() == n && streams.size() == n && step_sizes.size() == n &&
-                  bc2_sqrts.size() == n,
-              "masked_adamw_: every list must have one entry per param (", n, ")");
-  TORCH_CHECK(action >= kDropGrad && action <= kPrune, "masked_adamw_: action must be 0..2");
-  if (n == 0) return;
-  const c10::Device device = params[0].device();
-  const at::ScalarType dtype = params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "masked_adamw_: params must be float32, bfloat16 or float16, got ", dtype);
-  for (size_t i = 0; i < n; ++i) {
-    check_cuda_tensor(params[i], "params", i, device);
-    check_cuda_tensor(grads[i], "grads", i, device);
-    check_cuda_tensor(exp_avgs[i], "exp_avgs", i, device);
-    check_cuda_tensor(exp_avg_sqs[i], "exp_avg_sqs", i, device);
-    TORCH_CHECK(params[i].scalar_type() == dtype && grads[i].scalar_type() == dtype,
-                "masked_adamw_: params/grads[", i, "] must all have dtype ", dtype);
-    TORCH_CHECK(exp_avgs[i].scalar_type() == at::kFloat &&
-                    exp_avg_sqs[i].scalar_type() == at::kFloat,
-                "masked_adamw_: exp_avgs/exp_avg_sqs[", i, "] must be float32");
-    const int64_t numel = params[i].numel();
-    TORCH_CHECK(grads[i].numel() == numel && exp_avgs[i].numel() == numel &&
-                    exp_avg_sqs[i].numel() == numel,
-                "masked_adamw_: grads/exp_avgs/exp_avg_sqs[", i, "] must match the param's numel");
-    TORCH_CHECK(mask_kinds[i] >= kMaskNone && mask_kinds[i] <= kMaskBits,
-                "masked_adamw_: mask_kinds[", i, "] must be 0..2");
-    if (mask_kinds[i] == kMaskBits) {
-      check_cuda_tensor(masks[i], "masks", i, device);
-      TORCH_CHECK(masks[i].scalar_type() == at::kInt &&
-                      masks[i].numel() * 32 >= index_offsets[i] + numel,
-                  "masked_adamw_: masks[", i, "] must be int32 words covering the param's bits");
-    }
-  }
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  GroupScalars gs{static_cast<float>(beta1),         static_cast<float>(beta2),
-                  static_cast<float>(1.0 - beta1),   static_cast<float>(1.0 - beta2),
-                  static_cast<float>(eps),           static_cast<float>(lr_wd),
-                  static_cast<float>(1.0 - lr_wd),   static_cast<float>(1.0 / reserve_p),
-                  (static_cast<uint64_t>(seed_hi) << 32) | static_cast<uint32_t>(seed_lo),
-                  keep_threshold(reserve_p)};
+namespace cuda {
 
+cudaError_t launch_masked_adamw(const AdamwTensor* tensors, size_t n, const AdamwGroup& gs,
+                                ParamDtype dtype, bool paper, int action,
+                                cudaStream_t stream) noexcept {
   size_t last = n;
   for (size_t i = 0; i < n; ++i) {
-    if (params[i].numel() > 0) last = i;
+    if (tensors[i].numel > 0) last = i;
   }
   TensorListMeta meta;
   int slot = 0;
   int n_blocks = 0;
   for (size_t i = 0; i < n; ++i) {
-    const int64_t numel = params[i].numel();
+    const AdamwTensor& t = tensors[i];
+    const int64_t numel = t.numel;
     if (numel == 0) continue;
-    meta.p[slot] = params[i].data_ptr();
-    meta.g[slot] = grads[i].data_ptr();
-    meta.m[slot] = exp_avgs[i].data_ptr<float>();
-    meta.v[slot] = exp_avg_sqs[i].data_ptr<float>();
-    meta.words[slot] = mask_kinds[i] == kMaskBits ? masks[i].data_ptr<int32_t>() : nullptr;
+    meta.p[slot] = t.p;
+    meta.g[slot] = t.g;
+    meta.m[slot] = t.m;
+    meta.v[slot] = t.v;
+    meta.words[slot] = t.words;
     meta.numel[slot] = numel;
-    meta.offset[slot] = static_cast<uint64_t>(index_offsets[i]);
-    meta.step_size[slot] = static_cast<float>(step_sizes[i]);
-    meta.bc2_sqrt[slot] = static_cast<float>(bc2_sqrts[i]);
-    meta.step[slot] = static_cast<uint32_t>(steps[i]);
-    meta.stream[slot] = static_cast<uint32_t>(streams[i]);
-    meta.kind[slot] = static_cast<int8_t>(mask_kinds[i]);
+    meta.offset[slot] = t.offset;
+    meta.step_size[slot] = t.step_size;
+    meta.bc2_sqrt[slot] = t.bc2_sqrt;
+    meta.step[slot] = t.step;
+    meta.stream[slot] = t.stream;
+    meta.kind[slot] = static_cast<int8_t>(t.kind);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < chunks; ++c) {
       meta.block_to_tensor[n_blocks] = static_cast<uint8_t>(slot);
@@ -269,17 +213,18 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
       const bool last_chunk = c == chunks - 1;
       const bool tensors_full = last_chunk && slot + 1 == kMaxTensors;
       if (tensors_full || n_blocks == kMaxBlocks || (last_chunk && i == last)) {
+        cudaError_t err;
         switch (dtype) {
-          case at::kFloat:
-            launch_any<float>(paper, static_cast<int>(action), meta, gs, n_blocks, stream);
+          case ParamDtype::kFloat32:
+            err = launch_any<float>(paper, action, meta, gs, n_blocks, stream);
             break;
-          case at::kBFloat16:
-            launch_any<c10::BFloat16>(paper, static_cast<int>(action), meta, gs, n_blocks,
-                                      stream);
+          case ParamDtype::kBFloat16:
+            err = launch_any<c10::BFloat16>(paper, action, meta, gs, n_blocks, stream);
             break;
           default:
-            launch_any<c10::Half>(paper, static_cast<int>(action), meta, gs, n_blocks, stream);
+            err = launch_any<c10::Half>(paper, action, meta, gs, n_blocks, stream);
         }
+        if (err != cudaSuccess) return err;
         n_blocks = 0;
         if (last_chunk) {
           slot = -1;  // the next tensor starts a fresh list
@@ -302,11 +247,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     }
     ++slot;
   }
+  return cudaSuccess;
 }
 
-}  // namespace
+}  // namespace cuda
 }  // namespace regdrop
-
-TORCH_LIBRARY_IMPL(regdrop_fast, CUDA, m) {
-  m.impl("masked_adamw_", &regdrop::masked_adamw_cuda);
-}

@@ -101,6 +101,7 @@ at::Tensor mask_popcount_cpu(const at::Tensor& words) {
 }  // namespace regdrop
 
 TORCH_LIBRARY_FRAGMENT(regdrop_fast, m) {
+  m.set_python_module("regdrop_fast._fake_ops");
   m.def("pack_mask(Tensor mask) -> Tensor");
   m.def("unpack_mask(Tensor words, int n) -> Tensor");
   m.def("mask_popcount(Tensor words) -> Tensor");

@@ -1,29 +1,20 @@
-// Bit-packed masks on CUDA (format: csrc/bitpack.h; checks and CPU kernels: csrc/masks.cpp).
+// Bit-packed mask kernels on CUDA (format: csrc/bitpack.h); their ops, checks and outputs are
+// in csrc/cuda_ops.cpp (why: csrc/cuda_launch.h).
 //   pack_mask:     one warp per output word (grid-stride over rows*W words); lane j reads element
 //                  32w+j and __ballot_sync assembles the word. 1 B read + 1/8 B written/element.
 //   unpack_mask:   one thread per element (grid-stride over rows*n); 1 B written/element, the
 //                  words are re-read from cache by the 32 threads sharing one.
 //   mask_popcount: grid-stride __popc per thread, warp shuffle sum, one 64-bit atomicAdd per warp.
 // Launch: 256 threads, cdiv(work, 256) blocks capped at 65536.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
 #include "bitpack.h"
+#include "cuda_launch.h"
 
 namespace regdrop {
-
-// Defined in csrc/masks.cpp: one set of argument checks for both devices.
-void check_pack_mask_args(const at::Tensor& mask);
-void check_unpack_mask_args(const at::Tensor& words, int64_t n);
-void check_mask_popcount_args(const at::Tensor& words);
 
 namespace {
 
@@ -82,63 +73,36 @@ __global__ void mask_popcount_kernel(const int32_t* __restrict__ words, int64_t 
   }
 }
 
-at::Tensor pack_mask_cuda(const at::Tensor& mask) {
-  check_pack_mask_args(mask);
-  const c10::cuda::CUDAGuard guard(mask.device());
-  const at::Tensor bits = mask.contiguous();
-  const int64_t rows = bits.size(0);
-  const int64_t n = bits.size(1);
-  const int64_t width = num_words(n);
-  at::Tensor words = at::empty({rows, width}, bits.options().dtype(at::kInt));
-  const int64_t total_words = rows * width;
-  if (total_words == 0) {
-    return words;
-  }
-  pack_mask_kernel<<<blocks_for(total_words * kWarpSize), kThreads, 0,
-                     c10::cuda::getCurrentCUDAStream()>>>(
-      bits.const_data_ptr<bool>(), words.mutable_data_ptr<int32_t>(), n, width, total_words);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return words;
-}
-
-at::Tensor unpack_mask_cuda(const at::Tensor& words, int64_t n) {
-  check_unpack_mask_args(words, n);
-  const c10::cuda::CUDAGuard guard(words.device());
-  const at::Tensor packed = words.contiguous();
-  const int64_t rows = packed.size(0);
-  at::Tensor mask = at::empty({rows, n}, packed.options().dtype(at::kBool));
-  const int64_t total = rows * n;
-  if (total == 0) {
-    return mask;
-  }
-  unpack_mask_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      packed.const_data_ptr<int32_t>(), mask.mutable_data_ptr<bool>(), n, packed.size(1), total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return mask;
-}
-
-at::Tensor mask_popcount_cuda(const at::Tensor& words) {
-  check_mask_popcount_args(words);
-  const c10::cuda::CUDAGuard guard(words.device());
-  const at::Tensor packed = words.contiguous();
-  at::Tensor total = at::zeros({}, packed.options().dtype(at::kLong));
-  const int64_t count = packed.numel();
-  if (count == 0) {
-    return total;
-  }
-  static_assert(sizeof(unsigned long long) == sizeof(int64_t), "atomicAdd target width");
-  mask_popcount_kernel<<<blocks_for(count), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      packed.const_data_ptr<int32_t>(), count,
-      reinterpret_cast<unsigned long long*>(total.mutable_data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return total;
-}
-
 }  // namespace
-}  // namespace regdrop
 
-TORCH_LIBRARY_IMPL(regdrop_fast, CUDA, m) {
-  m.impl("pack_mask", &regdrop::pack_mask_cuda);
-  m.impl("unpack_mask", &regdrop::unpack_mask_cuda);
-  m.impl("mask_popcount", &regdrop::mask_popcount_cuda);
+namespace cuda {
+
+cudaError_t launch_pack_mask(const bool* mask, int32_t* words, int64_t rows, int64_t n,
+                             cudaStream_t stream) noexcept {
+  const int64_t width = num_words(n);
+  const int64_t total_words = rows * width;
+  if (total_words == 0) return cudaSuccess;
+  pack_mask_kernel<<<blocks_for(total_words * kWarpSize), kThreads, 0, stream>>>(
+      mask, words, n, width, total_words);
+  return cudaGetLastError();
 }
+
+cudaError_t launch_unpack_mask(const int32_t* words, bool* mask, int64_t rows, int64_t n,
+                               int64_t width, cudaStream_t stream) noexcept {
+  const int64_t total = rows * n;
+  if (total == 0) return cudaSuccess;
+  unpack_mask_kernel<<<blocks_for(total), kThreads, 0, stream>>>(words, mask, n, width, total);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_mask_popcount(const int32_t* words, int64_t count, int64_t* total,
+                                 cudaStream_t stream) noexcept {
+  if (count == 0) return cudaSuccess;
+  static_assert(sizeof(unsigned long long) == sizeof(int64_t), "atomicAdd target width");
+  mask_popcount_kernel<<<blocks_for(count), kThreads, 0, stream>>>(
+      words, count, reinterpret_cast<unsigned long long*>(total));
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace regdrop

@@ -13,19 +13,28 @@
 
 namespace regdrop {
 
+namespace {
+
+void check_u32(const char* op, const char* name, int64_t value) {
+  TORCH_CHECK_VALUE(value >= 0 && value <= INT64_C(0xFFFFFFFF), op, ": ", name,
+                    " must be in [0, 2^32), got ", value);
+}
+
+void check_key(const char* op, int64_t seed_lo, int64_t seed_hi, int64_t step, int64_t stream) {
+  check_u32(op, "seed_lo", seed_lo);
+  check_u32(op, "seed_hi", seed_hi);
+  check_u32(op, "step", step);
+  check_u32(op, "stream", stream);
+}
+
+}  // namespace
+
 // Shared with the CUDA kernel (csrc/philox_words_cuda.cu).
 void check_philox_words_args(const at::Tensor& index, int64_t seed_lo, int64_t seed_hi,
                              int64_t step, int64_t stream) {
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong,
                    "philox_words: index must be an int64 tensor, got ", index.scalar_type());
-  const auto check_u32 = [](const char* name, int64_t value) {
-    TORCH_CHECK_VALUE(value >= 0 && value <= INT64_C(0xFFFFFFFF), "philox_words: ", name,
-                      " must be in [0, 2^32), got ", value);
-  };
-  check_u32("seed_lo", seed_lo);
-  check_u32("seed_hi", seed_hi);
-  check_u32("step", step);
-  check_u32("stream", stream);
+  check_key("philox_words", seed_lo, seed_hi, step, stream);
 }
 
 namespace {
@@ -50,25 +59,27 @@ at::Tensor philox_words_cpu(const at::Tensor& index, int64_t seed_lo, int64_t se
 
 }  // namespace
 
-// Shared with the CUDA kernel: out is a contiguous bool tensor, threshold in [0, 2^32].
+// Shared with the CUDA kernel: out is a contiguous bool tensor, threshold in [0, 2^32], and
+// the kernels' last Philox block, (offset + numel + 3) / 4, fits in int64.
 void check_philox_keep_args(const at::Tensor& out, int64_t offset, int64_t seed_lo,
                             int64_t seed_hi, int64_t step, int64_t stream, int64_t threshold) {
   TORCH_CHECK_TYPE(out.scalar_type() == at::kBool,
                    "philox_keep_: out must be a bool tensor, got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.is_contiguous(), "philox_keep_: out must be contiguous");
-  TORCH_CHECK_VALUE(offset >= 0, "philox_keep_: offset must be >= 0, got ", offset);
+  TORCH_CHECK_VALUE(offset >= 0 && offset <= INT64_MAX - 3 - out.numel(),
+                    "philox_keep_: offset must be in [0, 2^63 - 4 - out.numel()] (numel ",
+                    out.numel(), "), got ", offset);
   TORCH_CHECK_VALUE(threshold >= 0 && threshold <= INT64_C(0x100000000),
                     "philox_keep_: threshold must be in [0, 2^32], got ", threshold);
-  const at::Tensor empty_index = at::empty({0}, out.options().dtype(at::kLong));
-  check_philox_words_args(empty_index, seed_lo, seed_hi, step, stream);
+  check_key("philox_keep_", seed_lo, seed_hi, step, stream);
 }
 
 namespace {
 
 // Keep decisions of elements offset .. offset+numel-1 without an index or word tensor: 1 B
 // written per element, one Philox block per 4 elements.
-at::Tensor& philox_keep_cpu(at::Tensor& out, int64_t offset, int64_t seed_lo, int64_t seed_hi,
-                            int64_t step, int64_t stream, int64_t threshold) {
+void philox_keep_cpu(const at::Tensor& out, int64_t offset, int64_t seed_lo, int64_t seed_hi,
+                     int64_t step, int64_t stream, int64_t threshold) {
   check_philox_keep_args(out, offset, seed_lo, seed_hi, step, stream, threshold);
   bool* out_ptr = out.mutable_data_ptr<bool>();
   const int64_t n = out.numel();
@@ -90,17 +101,17 @@ at::Tensor& philox_keep_cpu(at::Tensor& out, int64_t offset, int64_t seed_lo, in
       }
     }
   });
-  return out;
 }
 
 }  // namespace
 }  // namespace regdrop
 
 TORCH_LIBRARY_FRAGMENT(regdrop_fast, m) {
+  m.set_python_module("regdrop_fast._fake_ops");
   m.def("philox_words(Tensor index, int seed_lo, int seed_hi, int step, int stream) -> Tensor");
   m.def(
       "philox_keep_(Tensor(a!) out, int offset, int seed_lo, int seed_hi, int step, int stream, "
-      "int threshold) -> Tensor(a!)");
+      "int threshold) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(regdrop_fast, CPU, m) {

@@ -1,25 +1,18 @@
-// philox_words on CUDA: one thread per index (grid-stride), the word of csrc/philox.h. Reads 8 B
-// and writes 8 B per element; 10 Philox rounds per element make it ALU-bound on small grids.
-// Launch: 256 threads, cdiv(n, 256) blocks capped at 65536 (the loop covers the rest).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// Philox kernels on CUDA (the word of csrc/philox.h); their ops, checks and outputs are in
+// csrc/cuda_ops.cpp (why: csrc/cuda_launch.h).
+//   philox_words: one thread per index (grid-stride); reads 8 B and writes 8 B per element;
+//                 10 Philox rounds per element make it ALU-bound on small grids.
+//   philox_keep_: one thread per Philox block of 4 elements; 1 B written per element.
+// Launch: 256 threads, cdiv(work, 256) blocks capped at 65536 (the loop covers the rest).
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda_launch.h"
 #include "philox.h"
 
 namespace regdrop {
-
-// Defined in csrc/philox_words.cpp: one set of argument checks for both devices.
-void check_philox_words_args(const at::Tensor& index, int64_t seed_lo, int64_t seed_hi,
-                             int64_t step, int64_t stream);
-void check_philox_keep_args(const at::Tensor& out, int64_t offset, int64_t seed_lo,
-                            int64_t seed_hi, int64_t step, int64_t stream, int64_t threshold);
 
 namespace {
 
@@ -33,25 +26,6 @@ __global__ void philox_words_kernel(const int64_t* __restrict__ index, int64_t* 
        i += stride) {
     out[i] = philox_word(seed, static_cast<uint64_t>(index[i]), step, stream);
   }
-}
-
-at::Tensor philox_words_cuda(const at::Tensor& index, int64_t seed_lo, int64_t seed_hi,
-                             int64_t step, int64_t stream) {
-  check_philox_words_args(index, seed_lo, seed_hi, step, stream);
-  const c10::cuda::CUDAGuard guard(index.device());
-  const at::Tensor idx = index.contiguous();
-  at::Tensor out = at::empty(idx.sizes(), idx.options());
-  const int64_t n = idx.numel();
-  if (n == 0) {
-    return out;
-  }
-  const uint64_t seed = (static_cast<uint64_t>(seed_hi) << 32) | static_cast<uint64_t>(seed_lo);
-  const auto blocks = static_cast<unsigned>(std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
-  philox_words_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), n, seed,
-      static_cast<uint32_t>(step), static_cast<uint32_t>(stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 // One thread per Philox block of 4 elements: 1 B written per element.
@@ -74,29 +48,29 @@ __global__ void philox_keep_kernel(bool* __restrict__ out, int64_t n, int64_t of
   }
 }
 
-at::Tensor& philox_keep_cuda(at::Tensor& out, int64_t offset, int64_t seed_lo, int64_t seed_hi,
-                             int64_t step, int64_t stream, int64_t threshold) {
-  check_philox_keep_args(out, offset, seed_lo, seed_hi, step, stream, threshold);
-  const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t n = out.numel();
-  if (n == 0) {
-    return out;
-  }
-  const uint64_t seed = (static_cast<uint64_t>(seed_hi) << 32) | static_cast<uint64_t>(seed_lo);
+}  // namespace
+
+namespace cuda {
+
+cudaError_t launch_philox_words(const int64_t* index, int64_t* out, int64_t n, uint64_t seed,
+                                uint32_t step, uint32_t stream_id, cudaStream_t stream) noexcept {
+  if (n == 0) return cudaSuccess;
+  const auto blocks = static_cast<unsigned>(std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
+  philox_words_kernel<<<blocks, kThreads, 0, stream>>>(index, out, n, seed, step, stream_id);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_philox_keep(bool* out, int64_t n, int64_t offset, uint64_t seed,
+                               uint32_t step, uint32_t stream_id, uint64_t limit,
+                               cudaStream_t stream) noexcept {
+  if (n == 0) return cudaSuccess;
   const int64_t n_blocks = ((offset + n + 3) >> 2) - (offset >> 2);
   const auto blocks =
       static_cast<unsigned>(std::min((n_blocks + kThreads - 1) / kThreads, kMaxBlocks));
-  philox_keep_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      out.mutable_data_ptr<bool>(), n, offset, seed, static_cast<uint32_t>(step),
-      static_cast<uint32_t>(stream), static_cast<uint64_t>(threshold));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  philox_keep_kernel<<<blocks, kThreads, 0, stream>>>(out, n, offset, seed, step, stream_id,
+                                                      limit);
+  return cudaGetLastError();
 }
 
-}  // namespace
+}  // namespace cuda
 }  // namespace regdrop
-
-TORCH_LIBRARY_IMPL(regdrop_fast, CUDA, m) {
-  m.impl("philox_words", &regdrop::philox_words_cuda);
-  m.impl("philox_keep_", &regdrop::philox_keep_cuda);
-}

@@ -1,11 +1,16 @@
-"""nvcc compile-only pass over every csrc/*.cu (`make check-cuda`): catches CUDA build errors on
-machines without a GPU or a CUDA build of torch.
+"""nvcc compile-only pass over every csrc/*.cu and the CUDA-only host files (`make check-cuda`):
+catches CUDA build errors on machines without a GPU or a CUDA build of torch.
+
+The CUDA-only host files are the csrc/*.cpp whose code is inside `#ifdef REGDROP_WITH_CUDA`
+(the CUDA ops of csrc/cuda_ops.cpp): a CPU build compiles them empty, so only this pass sees
+their code; nvcc hands them to the host compiler with the CUDA include path, as the CUDA build
+does.
 
 Each file is compiled to a temporary object with torch's include dirs, the Python headers and the
 flags the extension build uses, plus -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE (the CPU wheel ships no
 c10/cuda/impl/cuda_cmake_macros.h). Prints `<file> OK|FAIL` per file and nvcc's output for
 failures; exits 1 if any fails, 0 with "skipped: nvcc not found" when there is no nvcc.
-Usage: python tools/check_cuda.py [file.cu ...] (default: csrc/*.cu).
+Usage: python tools/check_cuda.py [file ...] (default: csrc/*.cu and the CUDA-only .cpp files).
 """
 from __future__ import annotations
 
@@ -60,6 +65,16 @@ def nvcc_flags():
     ]
 
 
+def default_sources():
+    cuda = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
+    host = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))):
+        with open(path, encoding="utf-8") as f:
+            if "#ifdef REGDROP_WITH_CUDA" in f.read():
+                host.append(path)
+    return cuda + host
+
+
 def compile_one(nvcc, flags, source, out_dir):
     obj = os.path.join(out_dir, os.path.basename(source) + ".o")
     proc = subprocess.run([nvcc, *flags, "-c", source, "-o", obj], capture_output=True, text=True)
@@ -71,10 +86,9 @@ def main(argv):
     if nvcc is None:
         print("check-cuda skipped: nvcc not found (set CUDA_HOME or NVCC to check the .cu files)")
         return 0
-    sources = [os.path.abspath(path) for path in argv] or sorted(
-        glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
+    sources = [os.path.abspath(path) for path in argv] or default_sources()
     if not sources:
-        print("check-cuda: no .cu files under csrc/")
+        print("check-cuda: no CUDA sources under csrc/")
         return 0
     flags = nvcc_flags()
     print(f"check-cuda: {nvcc} on {len(sources)} file(s)", flush=True)

@@ -1,0 +1,170 @@
+// The CUDA implementations of every op (schemas: masks.cpp, philox_words.cpp, masked_adamw.cpp),
+// compiled by the host compiler: argument checks (shared with the CPU kernels), device guard,
+// output allocation and the launch-status check happen here; the kernels and their launchers
+// are in csrc/*_cuda.cu behind csrc/cuda_launch.h.
+//
+// The first H200 run crashed with SIGSEGV when a check of a CUDA op rejected an argument (the
+// same check raised on CPU). Those checks threw from inside the nvcc-compiled op functions, so
+// the c10::Error unwound through frames compiled by cudafe++/nvcc, and those files also held
+// nvcc-built instantiations of torch's boxing templates, which the linker may pick over the
+// host compiler's for the CPU kernels of the same signature. Here neither can happen: nothing
+// compiled by nvcc throws or takes part in dispatch.
+#ifdef REGDROP_WITH_CUDA
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "bitpack.h"
+#include "cuda_launch.h"
+#include "masked_adamw.h"
+
+namespace regdrop {
+
+// Defined beside the CPU kernels: one set of checks for every device.
+void check_pack_mask_args(const at::Tensor& mask);
+void check_unpack_mask_args(const at::Tensor& words, int64_t n);
+void check_mask_popcount_args(const at::Tensor& words);
+void check_philox_words_args(const at::Tensor& index, int64_t seed_lo, int64_t seed_hi,
+                             int64_t step, int64_t stream);
+void check_philox_keep_args(const at::Tensor& out, int64_t offset, int64_t seed_lo,
+                            int64_t seed_hi, int64_t step, int64_t stream, int64_t threshold);
+void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
+                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                             at::TensorList masks, at::IntArrayRef mask_kinds,
+                             at::IntArrayRef steps, at::IntArrayRef index_offsets,
+                             at::IntArrayRef streams, at::ArrayRef<double> step_sizes,
+                             at::ArrayRef<double> bc2_sqrts, int64_t seed_lo, int64_t seed_hi,
+                             double reserve_p, int64_t action, c10::DeviceType device_type);
+
+namespace {
+
+cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+uint64_t join_seed(int64_t seed_lo, int64_t seed_hi) {
+  return (static_cast<uint64_t>(seed_hi) << 32) | static_cast<uint64_t>(seed_lo);
+}
+
+at::Tensor pack_mask_cuda(const at::Tensor& mask) {
+  check_pack_mask_args(mask);
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const at::Tensor bits = mask.contiguous();
+  const int64_t rows = bits.size(0);
+  const int64_t n = bits.size(1);
+  at::Tensor words = at::empty({rows, num_words(n)}, bits.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cuda::launch_pack_mask(bits.const_data_ptr<bool>(),
+                                        words.mutable_data_ptr<int32_t>(), rows, n,
+                                        current_stream(bits)));
+  return words;
+}
+
+at::Tensor unpack_mask_cuda(const at::Tensor& words, int64_t n) {
+  check_unpack_mask_args(words, n);
+  const c10::cuda::CUDAGuard guard(words.device());
+  const at::Tensor packed = words.contiguous();
+  const int64_t rows = packed.size(0);
+  at::Tensor mask = at::empty({rows, n}, packed.options().dtype(at::kBool));
+  C10_CUDA_CHECK(cuda::launch_unpack_mask(packed.const_data_ptr<int32_t>(),
+                                          mask.mutable_data_ptr<bool>(), rows, n,
+                                          packed.size(1), current_stream(packed)));
+  return mask;
+}
+
+at::Tensor mask_popcount_cuda(const at::Tensor& words) {
+  check_mask_popcount_args(words);
+  const c10::cuda::CUDAGuard guard(words.device());
+  const at::Tensor packed = words.contiguous();
+  at::Tensor total = at::zeros({}, packed.options().dtype(at::kLong));
+  C10_CUDA_CHECK(cuda::launch_mask_popcount(packed.const_data_ptr<int32_t>(), packed.numel(),
+                                            total.mutable_data_ptr<int64_t>(),
+                                            current_stream(packed)));
+  return total;
+}
+
+at::Tensor philox_words_cuda(const at::Tensor& index, int64_t seed_lo, int64_t seed_hi,
+                             int64_t step, int64_t stream) {
+  check_philox_words_args(index, seed_lo, seed_hi, step, stream);
+  const c10::cuda::CUDAGuard guard(index.device());
+  const at::Tensor idx = index.contiguous();
+  at::Tensor out = at::empty(idx.sizes(), idx.options());
+  C10_CUDA_CHECK(cuda::launch_philox_words(
+      idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), idx.numel(),
+      join_seed(seed_lo, seed_hi), static_cast<uint32_t>(step), static_cast<uint32_t>(stream),
+      current_stream(idx)));
+  return out;
+}
+
+void philox_keep_cuda(const at::Tensor& out, int64_t offset, int64_t seed_lo, int64_t seed_hi,
+                             int64_t step, int64_t stream, int64_t threshold) {
+  check_philox_keep_args(out, offset, seed_lo, seed_hi, step, stream, threshold);
+  const c10::cuda::CUDAGuard guard(out.device());
+  C10_CUDA_CHECK(cuda::launch_philox_keep(
+      out.mutable_data_ptr<bool>(), out.numel(), offset, join_seed(seed_lo, seed_hi),
+      static_cast<uint32_t>(step), static_cast<uint32_t>(stream),
+      static_cast<uint64_t>(threshold), current_stream(out)));
+}
+
+void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList masks,
+                       at::IntArrayRef mask_kinds, at::IntArrayRef steps,
+                       at::IntArrayRef index_offsets, at::IntArrayRef streams,
+                       at::ArrayRef<double> step_sizes, at::ArrayRef<double> bc2_sqrts,
+                       double beta1, double beta2, double eps, double lr_wd, int64_t seed_lo,
+                       int64_t seed_hi, double reserve_p, int64_t action, bool paper) {
+  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, steps,
+                          index_offsets, streams, step_sizes, bc2_sqrts, seed_lo, seed_hi,
+                          reserve_p, action, c10::DeviceType::CUDA);
+  const size_t n = params.size();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<cuda::AdamwTensor> tensors(n);
+  for (size_t i = 0; i < n; ++i) {
+    const bool bits = mask_kinds[i] == kMaskBits;
+    tensors[i] = cuda::AdamwTensor{params[i].data_ptr(),
+                                   grads[i].data_ptr(),
+                                   exp_avgs[i].data_ptr<float>(),
+                                   exp_avg_sqs[i].data_ptr<float>(),
+                                   bits ? masks[i].data_ptr<int32_t>() : nullptr,
+                                   params[i].numel(),
+                                   static_cast<uint64_t>(index_offsets[i]),
+                                   static_cast<float>(step_sizes[i]),
+                                   static_cast<float>(bc2_sqrts[i]),
+                                   static_cast<uint32_t>(steps[i]),
+                                   static_cast<uint32_t>(streams[i]),
+                                   static_cast<int>(mask_kinds[i])};
+  }
+  const cuda::AdamwGroup group{static_cast<float>(beta1),       static_cast<float>(beta2),
+                               static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                               static_cast<float>(eps),         static_cast<float>(lr_wd),
+                               static_cast<float>(1.0 - lr_wd), static_cast<float>(1.0 / reserve_p),
+                               join_seed(seed_lo, seed_hi),     keep_threshold(reserve_p)};
+  const at::ScalarType dtype = params[0].scalar_type();
+  const cuda::ParamDtype param_dtype = dtype == at::kFloat      ? cuda::ParamDtype::kFloat32
+                                       : dtype == at::kBFloat16 ? cuda::ParamDtype::kBFloat16
+                                                                : cuda::ParamDtype::kFloat16;
+  C10_CUDA_CHECK(cuda::launch_masked_adamw(tensors.data(), n, group, param_dtype, paper,
+                                           static_cast<int>(action), current_stream(params[0])));
+}
+
+}  // namespace
+}  // namespace regdrop
+
+TORCH_LIBRARY_IMPL(regdrop_fast, CUDA, m) {
+  m.impl("pack_mask", &regdrop::pack_mask_cuda);
+  m.impl("unpack_mask", &regdrop::unpack_mask_cuda);
+  m.impl("mask_popcount", &regdrop::mask_popcount_cuda);
+  m.impl("philox_words", &regdrop::philox_words_cuda);
+  m.impl("philox_keep_", &regdrop::philox_keep_cuda);
+  m.impl("masked_adamw_", &regdrop::masked_adamw_cuda);
+}
+
+#endif  // REGDROP_WITH_CUDA
