@@ -374,3 +374,115 @@ def test_imp_rewinds_to_a_saved_step():
     assert torch.equal(query.weight[keep], want[keep])
     assert torch.equal(model.bert.embeddings.word_embeddings.weight,
                        saved["bert.embeddings.word_embeddings.weight"])
+
+
+def _bert_base_shaped():
+    cfg = transformers.BertConfig(hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
+                                  intermediate_size=3072, vocab_size=1000, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.AutoModelForSequenceClassification.from_config(cfg)
+
+
+def _minilm_fresh():
+    torch.manual_seed(0)  # the classifier is newly initialized
+    return transformers.AutoModelForSequenceClassification.from_pretrained(_minilm_path(),
+                                                                           num_labels=3)
+
+
+@pytest.mark.parametrize("make", [pytest.param(_bert_base_shaped, marks=pytest.mark.slow),
+                                  _minilm_fresh], ids=["bert-base", "minilm"])
+def test_fixed_masks_run_plain_linear_and_match_the_masked_reference(make, monkeypatch):
+    """Issue 18.1: IMP layers hold their pruned weights at exactly 0, so their forward and
+    backward are plain F.linear (no masked_linear call); MaskedAdamW keeps the zeros. Training
+    steps equal, bit for bit, those of a twin that masks W ⊙ M in every forward (reference
+    masked_linear, whose dW is masked), and pruned weights stay exactly 0 in both."""
+    masked_adamw = _masked_adamw()
+    ml_module = sys.modules["regdrop_fast.sparse.masked_linear"]
+    models, pruners = [], []
+    for _ in range(2):
+        model = make().train()
+        imp = IterativeMagnitudePruner(model, 0.5, rate=0.5, backend="reference")
+        imp.prune()
+        models.append(model)
+        pruners.append(imp)
+    fast, ref_model = models
+    for module in pruners[1].modules.values():
+        module.zeroed = False  # the twin masks W ⊙ M in every forward
+    opt_fast = masked_adamw(list(fast.parameters()), pruners[0].masks(), lr=1e-3)
+    opt_ref = masked_adamw(list(ref_model.parameters()), pruners[1].masks(), lr=1e-3)
+    real_masked_linear = ml_module.masked_linear
+    pruned = {name: ~m.keep_mask() for name, m in pruners[0].modules.items()}
+    for name, m_ref in pruners[1].modules.items():
+        assert torch.equal(~m_ref.keep_mask(), pruned[name]), name
+    for ids, labels in _batches(2, fast.config.vocab_size, "cpu", seed=2):
+        monkeypatch.setattr(ml_module, "masked_linear", _forbidden)
+        torch.manual_seed(1)
+        fast(input_ids=ids, labels=labels).loss.backward()
+        monkeypatch.setattr(ml_module, "masked_linear", real_masked_linear)
+        torch.manual_seed(1)  # the same dropout masks
+        ref_model(input_ids=ids, labels=labels).loss.backward()
+        for opt in (opt_fast, opt_ref):
+            opt.step()
+            opt.zero_grad()
+        for (name, m), m_ref in zip(pruners[0].modules.items(), pruners[1].modules.values()):
+            assert not m.weight[pruned[name]].any() and not m_ref.weight[pruned[name]].any()
+    for (name, p), p_ref in zip(fast.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, p_ref), name
+    assert not torch.equal(fast.bert.encoder.layer[0].output.dense.weight,
+                           make().bert.encoder.layer[0].output.dense.weight)  # it trained
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("a fixed-mask layer called masked_linear")
+
+
+def test_fix_masks_after_mask_training():
+    """A trained score mask becomes a fixed packed mask: same outputs, pruned weights 0, plain
+    F.linear, and MaskedAdamW masks from the returned dict keep them 0."""
+    masked_adamw = _masked_adamw()
+    model = _tiny(transformers.BertConfig)
+    trainer = MaskTrainer(model, 0.6, init="soft", backend="reference")
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(6))
+    keeps = {n: m.keep_mask() for n, m in trainer.modules.items()}
+    before = model(input_ids=ids).logits
+    masks = sparse.fix_masks(model)
+    fixed = sparse.masked_modules(model)
+    assert set(fixed) == set(keeps) and len(masks) == len(keeps)
+    for name, module in fixed.items():
+        assert module.kind == "packed" and module.zeroed
+        assert torch.equal(module.keep_mask(), keeps[name])
+        assert (module.weight[~keeps[name]] == 0).all()
+        assert masks[module.weight].density == pytest.approx(keeps[name].float().mean().item())
+    assert not any(k.endswith("mask_scores") for k in model.state_dict())
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-6, atol=1e-6)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = masked_adamw(list(model.parameters()), masks, lr=1e-2)
+    model(input_ids=ids).logits.square().sum().backward()
+    opt.step()
+    for name, module in fixed.items():
+        assert (module.weight[~keeps[name]] == 0).all(), name
+
+
+def test_zeroed_layer_rezeroes_on_set_mask_and_load_state_dict():
+    """The invariant behind plain F.linear holds whichever way the mask changes."""
+    model = _tiny(transformers.BertConfig)
+    imp = IterativeMagnitudePruner(model, 0.5, rewind=None, backend="reference")
+    name = "bert.encoder.layer.0.intermediate.dense"
+    layer = imp.modules[name]
+    keep = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(7)) > 0.5
+    layer.set_mask(keep)
+    assert (layer.weight[~keep] == 0).all() and (layer.weight[keep] != 0).all()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    keep2 = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(8)) > 0.5
+    state[name + ".mask_words"] = rf_pack(keep2)
+    with torch.no_grad():
+        state[name + ".weight"].fill_(1.0)  # weights that do not respect the new mask
+    model.load_state_dict(state)
+    assert torch.equal(layer.keep_mask(), keep2)
+    assert torch.equal(layer.weight, keep2.float())
+
+
+def rf_pack(keep):
+    from regdrop_fast.reference import masks as ref_masks
+    return ref_masks.pack_bits(keep)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from .._checks import check_tensor
-from ..masks import PackedMask, num_words
+from ..masks import PackedMask, num_words, unpack_mask
 from ..reference import masked_linear as _ref
 from ..reference import masks as _ref_masks
 
@@ -42,7 +42,7 @@ def _use_triton_elementwise(device: torch.device) -> bool:
 def _keep(weight, words, scores, phi) -> torch.Tensor:
     if scores is not None:
         return scores.float() > phi
-    return _ref_masks.unpack_bits(words, weight.shape[1])
+    return unpack_mask(PackedMask(words, weight.shape))
 
 
 def materialize(weight, words, scores, phi, dtype) -> torch.Tensor:
@@ -291,8 +291,9 @@ class MaskedLinear(nn.Linear):
         self._apply_zeros()
 
     @torch.no_grad()
-    def _apply_zeros(self) -> None:
-        self.weight.mul_(self.keep_mask().to(self.weight.device, self.weight.dtype))
+    def _apply_zeros(self, keep: Optional[torch.Tensor] = None) -> None:
+        keep = self.keep_mask() if keep is None else keep
+        self.weight.masked_fill_(~keep.to(self.weight.device), 0)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -314,7 +315,7 @@ class MaskedLinear(nn.Linear):
     def keep_mask(self) -> torch.Tensor:
         """bool [out, in], True = kept."""
         if self.kind == "packed":
-            return _ref_masks.unpack_bits(self.mask_words, self.in_features)
+            return unpack_mask(PackedMask(self.mask_words, self.weight.shape))
         return self.mask_scores.detach().float() > self.mask_threshold
 
     def set_mask(self, keep: torch.Tensor) -> None:
@@ -328,7 +329,7 @@ class MaskedLinear(nn.Linear):
                              f"{tuple(keep.shape)}")
         self.mask_words.copy_(_ref_masks.pack_bits(keep.to(self.mask_words.device)))
         if self.zeroed:
-            self._apply_zeros()
+            self._apply_zeros(keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "scores":
