@@ -199,6 +199,9 @@ class ADDropAttention:
                 probs = probs.detach()
             else:
                 mask = _dense_mask(attn_mask, causal, query.shape[2], key.shape[2])
+                if mask is not None:
+                    # as transformers' SDPA path: CUDA's fused kernels take GQA without a mask
+                    key, value = _repeat_kv(query, key), _repeat_kv(query, value)
                 out = F.scaled_dot_product_attention(
                     query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                     is_causal=causal and mask is None,
