@@ -104,15 +104,20 @@ def test_kernel_paths_multi_block_and_row_tiles(device):
                                                   (3, 4, 8, 1), (1000, 1024, 2, 3),
                                                   (1000, 128, 1, 3)]:
         z1, z2, labels = make_inputs((10, n_classes), device, seed=block_v)
-        scale = torch.tensor([0.25, 0.5], device=device)  # CE and KL gradient weights
-        terms, g1, g2 = rdrop_forward(z1, z2, labels, 0.9, -100, True, scale, True,
-                                      block_v=block_v, block_n=block_n, programs=programs)
+        n_valid = int((labels != -100).sum())
+        # CE averaged, KL summed: separate gradient weights 1/n_valid and 1
+        loss, out, rows, g1, g2 = rdrop_forward(
+            z1, z2, labels, 0.9, -100, True, True, mean_kl=False, row_loss=True,
+            block_v=block_v, block_n=block_n, programs=programs)
         ce_ref, c1, c2 = rdrop_grads_reference(z1, z2, labels, alpha=0.0, reduction="none",
-                                               grad_output=torch.full((10,), 0.25))
+                                               grad_output=torch.full((10,), 1.0 / n_valid))
         kl_ref, k1, k2 = rdrop_grads_reference(z1, z2, labels, alpha=2.0, reduction="none",
-                                               ce=False, grad_output=torch.full((10,), 0.5))
-        assert_rel(terms[0], ce_ref, 1e-5, f"row CE V={n_classes}")
-        assert_rel(terms[1], kl_ref, 1e-5, f"row KL V={n_classes}")
+                                               ce=False, grad_output=torch.ones(10))
+        assert_rel(rows, ce_ref + 0.45 * kl_ref, 1e-5, f"row losses V={n_classes}")
+        assert_rel(loss, ce_ref.sum() / n_valid + 0.45 * kl_ref.sum(), 1e-5, f"loss V={n_classes}")
+        expected = torch.stack([ce_ref.sum() / n_valid / 2, kl_ref.sum() / n_valid / 2,
+                                ce_ref.sum(), kl_ref.sum()])
+        assert_rel(out, expected, 1e-5, f"reduced outputs V={n_classes}")
         assert_rel(g1, c1 + 0.45 * k1, 1e-5, f"grad1 V={n_classes}")
         assert_rel(g2, c2 + 0.45 * k2, 1e-5, f"grad2 V={n_classes}")
 
@@ -357,19 +362,22 @@ from regdrop_fast.triton_kernels import rdrop as K
 
 def sig(dt):
     s = {n: "*" + dt for n in ("z1_ptr", "z2_ptr", "g1_ptr", "g2_ptr")}
-    s.update(labels_ptr="*i64", terms_ptr="*fp32", scale_ptr="*fp32", z1_stride="i64",
-             z2_stride="i64", g1_stride="i64", g2_stride="i64", n_rows="i32", n_cols="i32",
+    s.update(labels_ptr="*i64", count_ptr="*i64", rows_ptr="*fp32", partial_ptr="*fp32",
+             done_ptr="*i32", loss_ptr="*fp32", out_ptr="*fp32", z1_stride="i64", z2_stride="i64",
+             g1_stride="i64", g2_stride="i64", n_rows="i32", n_cols="i32", n_count="i32",
              alpha_half="fp32", ignore_index="i64")
-    s.update({k: "constexpr" for k in ("HAS_LABELS", "HAS_CE", "NEED_GRAD", "ONE_BLOCK",
-                                       "BLOCK_N", "BLOCK_V")})
+    s.update({k: "constexpr" for k in ("HAS_LABELS", "HAS_CE", "NEED_GRAD", "MEAN_CE",
+                                       "MEAN_KL", "ROW_LOSS", "ONE_BLOCK", "BLOCK_N", "BLOCK_V",
+                                       "BLOCK_COUNT", "PROGRAMS_P2")})
     return s
 
 target = GPUTarget("cuda", 90, 32)
 for dt, n_rows, n_cols in [("bf16", 8192, 2), ("fp32", 64, 1000), ("bf16", 64, 128256)]:
     bn, bv, nw = K._tile(n_rows, n_cols)
     src = ASTSource(fn=K.rdrop_fwd_kernel, signature=sig(dt), constexprs=dict(
-        HAS_LABELS=True, HAS_CE=True, NEED_GRAD=True, ONE_BLOCK=n_cols <= bv, BLOCK_N=bn,
-        BLOCK_V=bv))
+        HAS_LABELS=True, HAS_CE=True, NEED_GRAD=True, MEAN_CE=True, MEAN_KL=False,
+        ROW_LOSS=False, ONE_BLOCK=n_cols <= bv, BLOCK_N=bn, BLOCK_V=bv, BLOCK_COUNT=1024,
+        PROGRAMS_P2=1024))
     triton.compile(src, target=target, options={"num_warps": nw})
 src = ASTSource(fn=K.rdrop_scale_grads_kernel, signature=dict(
     g1_ptr="*bf16", g2_ptr="*bf16", go_ptr="*fp32", g1_stride="i64", g2_stride="i64",

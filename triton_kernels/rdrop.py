@@ -6,9 +6,17 @@ Per row r (V classes, label y, P_i = softmax(z_i), D = z1 - z2, a = alpha / 2):
     dL/dz1 = w_ce * ce * (P1 - onehot(y)) + w_kl * a * ((P1 - P2) + P1 * (D - E1))
     dL/dz2 = w_ce * ce * (P2 - onehot(y)) + w_kl * a * ((P2 - P1) + P2 * (-D - E2))
 (the REFERENCE.md form P1 * (logP1 - logP2 - KL12) with the lse terms cancelled: D - E1 needs no
-lse, so logits of 1e4 lose no digits to cancellation against lse). The kernel stores CE_r and
-KL_r separately; the per-row gradient weights are `scale` = (w_ce, w_kl) on rows that count
-(1/n_valid for a "mean" term, 1 for a summed one) and 0 on rows labelled ignore_index.
+lse, so logits of 1e4 lose no digits to cancellation against lse). The per-row gradient weights
+w_ce, w_kl are 1/n_valid for a "mean" term (MEAN_CE, MEAN_KL), 1 for a summed one, on rows that
+count, and 0 on rows labelled ignore_index. n_valid (at least 1) is counted by every program
+from the labels (`count_labels`: the whole batch, also when the call covers a chunk of it), so
+no host-side reduction precedes the launch.
+
+One launch per call, no host sync: each program adds up its rows' CE and KL terms, stores them
+in `partial`, and counts itself done with an atomic; the last program sums the partials in a
+fixed order (deterministic), writes the loss and out = (mean (CE1 + CE2) / 2, mean (KL12 +
+KL21) / 2, CE sum, KL sum) and re-arms the counter, so a training step with this call can be
+captured in a CUDA graph.
 
 rdrop_fwd_kernel, a program per tile of BLOCK_N rows, or a persistent grid of fewer programs
 looping over the tiles when rows are re-read (see `_programs`). Pass 1 runs online over
@@ -17,8 +25,9 @@ exponentials as exp2((z - m) * log2 e), the logarithm of lse as log2(s) * ln 2).
 Pass 2 (NEED_GRAD) walks the row again and writes both gradients in the gradient dtype; when V
 fits one block (ONE_BLOCK) it reuses the registers of pass 1, otherwise it re-reads the row
 (mostly from L2 on a GPU). Bytes: 2 reads + 2 writes per element of [N, V] in the logits' dtype
-(+ a re-read of both when V > one block), 8 B/row of fp32 terms, nothing [N, V] in fp32. The
-gradient buffers may alias the logits (the fused-linear form overwrites its chunk of logits).
+(+ a re-read of both when V > one block), the labels once per program for the count (from L2),
+4 B/row of fp32 row losses for reduction "none", nothing [N, V] in fp32. The gradient buffers
+may alias the logits (the fused-linear form overwrites its chunk of logits).
 
 rdrop_scale_grads_kernel, grid (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)): the backward. Multiplies the
 saved gradients in place by grad_output (a scalar, or one value per row); a tile whose
@@ -81,30 +90,62 @@ def _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w_ce, w_kl,
 
 
 @triton.jit
+def _count_rows(count_ptr, n_count, ignore_index, HAS_LABELS: tl.constexpr,
+                BLOCK_COUNT: tl.constexpr):
+    """1 / max(#labels != ignore_index, 1) over the n_count labels at count_ptr (all rows
+    without labels)."""
+    if HAS_LABELS:
+        total = tl.zeros([BLOCK_COUNT], dtype=tl.int32)
+        for start in range(0, n_count, BLOCK_COUNT):
+            idx = start + tl.arange(0, BLOCK_COUNT)
+            y = tl.load(count_ptr + idx, mask=idx < n_count, other=ignore_index)
+            total += (y != ignore_index).to(tl.int32)
+        count = tl.sum(total, axis=0)
+    else:
+        count = n_count
+    return 1.0 / tl.maximum(count, 1).to(tl.float32)
+
+
+@triton.jit
 def rdrop_fwd_kernel(
     z1_ptr, z2_ptr,  # logits [N, V], last-dim stride 1
     g1_ptr, g2_ptr,  # gradient outputs [N, V] (may alias z1_ptr / z2_ptr)
     labels_ptr,  # int32/int64 [N] (unused without HAS_LABELS)
-    terms_ptr,  # fp32 [2, N]: per-row CE1 + CE2, then KL12 + KL21; 0 on ignored rows
-    scale_ptr,  # fp32 [2]: gradient weights (CE, KL) of a counted row (1/n_valid for "mean")
+    count_ptr,  # int32/int64 [n_count]: the labels whose count normalizes "mean" terms
+    rows_ptr,  # fp32 [N]: per-row loss CE_r + a * KL_r, 0 on ignored rows (ROW_LOSS only)
+    partial_ptr,  # fp32 [programs, 2]: each program's CE and KL sums
+    done_ptr,  # int32 [1]: programs finished; 0 before the launch, re-armed to 0 after
+    loss_ptr,  # fp32 [1]: the reduced loss
+    out_ptr,  # fp32 [4]: mean (CE1 + CE2) / 2, mean (KL12 + KL21) / 2, CE sum, KL sum
     z1_stride, z2_stride, g1_stride, g2_stride,  # row strides in elements
     n_rows, n_cols,  # N, V
+    n_count,  # labels at count_ptr (rows of the whole batch)
     alpha_half,  # alpha / 2
     ignore_index,  # label of rows that count for nothing
     HAS_LABELS: tl.constexpr,  # labels given: CE targets and ignore_index
     HAS_CE: tl.constexpr,  # add the two cross-entropy terms
     NEED_GRAD: tl.constexpr,  # write the gradients (pass 2)
+    MEAN_CE: tl.constexpr,  # the CE terms are divided by n_valid (else summed)
+    MEAN_KL: tl.constexpr,  # the KL term is divided by n_valid (else summed)
+    ROW_LOSS: tl.constexpr,  # store the per-row losses (reduction "none")
     ONE_BLOCK: tl.constexpr,  # V <= BLOCK_V: the whole row stays in registers
-    BLOCK_N: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # rows per tile
     BLOCK_V: tl.constexpr,  # columns per block
+    BLOCK_COUNT: tl.constexpr,  # labels per step of the count
+    PROGRAMS_P2: tl.constexpr,  # next power of two >= the number of programs
 ):
+    inv_count = _count_rows(count_ptr, n_count, ignore_index, HAS_LABELS, BLOCK_COUNT)
+    scale_ce = inv_count if MEAN_CE else 1.0
+    scale_kl = inv_count if MEAN_KL else 1.0
+    cols0 = tl.arange(0, BLOCK_V)
+    ce_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    kl_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     # persistent over row tiles: the launcher may give fewer programs than tiles, so that the
     # rows in flight (re-read in pass 2) stay within L2
     for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
         rows = tl.arange(0, BLOCK_N).to(tl.int64) + tile * BLOCK_N  # int64 before stride math
         row_ok = rows < n_rows
         rows_c = tl.minimum(rows, n_rows - 1)  # tail rows read a real row, never store
-        cols0 = tl.arange(0, BLOCK_V)
         z1_row = z1_ptr + rows_c * z1_stride
         z2_row = z2_ptr + rows_c * z2_stride
 
@@ -138,7 +179,7 @@ def rdrop_fwd_kernel(
         inv_s2 = 1.0 / s2
         e1 = t1 * inv_s1  # E_P1[z1 - z2]
         e2 = t2 * inv_s2  # E_P2[z2 - z1]
-        tl.store(terms_ptr + n_rows + rows, tl.where(valid, e1 + e2, 0.0), mask=row_ok)
+        kl_row = tl.where(valid, e1 + e2, 0.0)
         if HAS_CE:
             take = valid & label_ok
             zy1 = tl.load(z1_row + y, mask=take, other=0.0).to(tl.float32)
@@ -147,11 +188,14 @@ def rdrop_fwd_kernel(
             ce_row = tl.where(bad, float("nan"), tl.where(valid, ce_row, 0.0))
         else:
             ce_row = tl.zeros([BLOCK_N], dtype=tl.float32)
-        tl.store(terms_ptr + rows, ce_row, mask=row_ok)
+        ce_acc += tl.where(row_ok, ce_row, 0.0)
+        kl_acc += tl.where(row_ok, kl_row, 0.0)
+        if ROW_LOSS:
+            tl.store(rows_ptr + rows, ce_row + alpha_half * kl_row, mask=row_ok)
 
         if NEED_GRAD:
-            w_ce = tl.where(valid, tl.load(scale_ptr), 0.0)
-            w_kl = tl.where(valid, tl.load(scale_ptr + 1), 0.0) * alpha_half
+            w_ce = tl.where(valid, scale_ce, 0.0)
+            w_kl = tl.where(valid, scale_kl, 0.0) * alpha_half
             if HAS_CE:
                 w_ce = tl.where(bad, float("nan"), w_ce)
             g1_row = g1_ptr + rows * g1_stride
@@ -168,13 +212,32 @@ def rdrop_fwd_kernel(
                 for start in range(0, n_cols, BLOCK_V):
                     cols = start + cols0
                     x1, x2, d = _load_pair(z1_row, z2_row, rows_c, cols, n_cols)
-                    g1, g2 = _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y, w_ce,
-                                         w_kl, HAS_CE)
+                    g1, g2 = _grad_block(x1, x2, d, cols, m1, inv_s1, m2, inv_s2, e1, e2, y,
+                                         w_ce, w_kl, HAS_CE)
                     smask = row_ok[:, None] & (cols[None, :] < n_cols)
                     tl.store(g1_row[:, None] + cols[None, :], g1.to(g1_ptr.dtype.element_ty),
                              mask=smask)
                     tl.store(g2_row[:, None] + cols[None, :], g2.to(g2_ptr.dtype.element_ty),
                              mask=smask)
+
+    pid = tl.program_id(0)
+    tl.store(partial_ptr + 2 * pid, tl.sum(ce_acc, axis=0))
+    tl.store(partial_ptr + 2 * pid + 1, tl.sum(kl_acc, axis=0))
+    # acq_rel: this program's partials are visible to whichever program counts last
+    finished = tl.atomic_add(done_ptr, 1)
+    if finished == tl.num_programs(0) - 1:
+        idx = tl.arange(0, PROGRAMS_P2)
+        here = idx < tl.num_programs(0)
+        ce_sum = tl.sum(tl.load(partial_ptr + 2 * idx, mask=here, other=0.0, volatile=True),
+                        axis=0)
+        kl_sum = tl.sum(tl.load(partial_ptr + 2 * idx + 1, mask=here, other=0.0,
+                                volatile=True), axis=0)
+        tl.store(loss_ptr, ce_sum * scale_ce + alpha_half * kl_sum * scale_kl)
+        tl.store(out_ptr, 0.5 * ce_sum * inv_count)
+        tl.store(out_ptr + 1, 0.5 * kl_sum * inv_count)
+        tl.store(out_ptr + 2, ce_sum)
+        tl.store(out_ptr + 3, kl_sum)
+        tl.atomic_xchg(done_ptr, 0)  # re-armed for the next launch on this stream
 
 
 @triton.jit
@@ -248,33 +311,61 @@ def _programs(n_tiles, n_cols, block_v, elem_bytes, device, programs=None):
     return max(1, min(n_tiles, max(sms, fit)))
 
 
-def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, scale, need_grad, g1=None, g2=None,
-                  block_v=None, block_n=None, programs=None):
-    """Launch the fused forward on 2-D logits [N, V] (last-dim stride 1).
+_done_counters = {}
 
-    labels: int [N] or None. scale: fp32 tensor [2] on the device (gradient weights of the CE
-    and KL terms of a counted row). g1/g2: gradient outputs (default: new tensors like the
-    logits; pass z1/z2 to write in place). block_v/block_n/programs override the tile and grid
-    (tests). Returns (terms fp32 [2, N]: per-row CE1 + CE2 and KL12 + KL21, g1, g2); g1/g2 are
-    None without need_grad."""
+
+def _done_counter(device):
+    """The int32 counter of rdrop_fwd_kernel for the current stream of `device`: zero at rest
+    (every launch re-arms it), so no memset precedes a launch; one per stream, since launches
+    on two streams may overlap."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counter = _done_counters.get(key)
+    if counter is None:
+        counter = _done_counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_ce=True,
+                  mean_kl=True, row_loss=False, count_labels=None, n_count=None, g1=None,
+                  g2=None, block_v=None, block_n=None, programs=None):
+    """Launch the fused forward on 2-D logits [N, V] (last-dim stride 1): one launch.
+
+    labels: int [N] or None. mean_ce / mean_kl: divide the CE / KL term by the number of
+    counted rows (labels != ignore_index in `count_labels`, default `labels`; n_count rows
+    without labels, default N), else sum it. row_loss: also return the per-row losses.
+    g1/g2: gradient outputs (default: new tensors like the logits; pass z1/z2 to write in
+    place). block_v/block_n/programs override the tile and grid (tests). Returns (loss fp32 [];
+    out fp32 [4]: mean (CE1 + CE2) / 2, mean (KL12 + KL21) / 2, CE sum, KL sum; rows fp32 [N]
+    or None; g1; g2); g1/g2 are None without need_grad."""
     n_rows, n_cols = z1.shape
-    terms = torch.empty(2, n_rows, dtype=torch.float32, device=z1.device)
+    device = z1.device
+    has_labels = labels is not None
+    count_labels = labels if count_labels is None else count_labels
+    n_count = (count_labels.numel() if has_labels else n_rows) if n_count is None else n_count
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    out = torch.empty(4, dtype=torch.float32, device=device)
+    rows = torch.empty(n_rows, dtype=torch.float32, device=device) if row_loss else out
     if need_grad:
         g1 = torch.empty_like(z1) if g1 is None else g1
         g2 = torch.empty_like(z2) if g2 is None else g2
     block_n, block_v, num_warps = _tile(n_rows, n_cols, block_v, block_n)
-    has_labels = labels is not None
-    grid = (_programs(triton.cdiv(n_rows, block_n), n_cols, block_v, z1.element_size(),
-                      z1.device, programs),)
-    rdrop_fwd_kernel[grid](
+    grid = _programs(triton.cdiv(n_rows, block_n), n_cols, block_v, z1.element_size(), device,
+                     programs)
+    partial = torch.empty(2 * grid, dtype=torch.float32, device=device)
+    rdrop_fwd_kernel[(grid,)](
         z1, z2, g1 if need_grad else z1, g2 if need_grad else z2,
-        labels if has_labels else terms, terms, scale,
+        labels if has_labels else out, count_labels if has_labels else out, rows, partial,
+        _done_counter(device), loss, out,
         z1.stride(0), z2.stride(0),
         g1.stride(0) if need_grad else 0, g2.stride(0) if need_grad else 0,
-        n_rows, n_cols, float(alpha) * 0.5, int(ignore_index),
+        n_rows, n_cols, n_count, float(alpha) * 0.5, int(ignore_index),
         HAS_LABELS=has_labels, HAS_CE=bool(ce and has_labels), NEED_GRAD=bool(need_grad),
-        ONE_BLOCK=n_cols <= block_v, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
-    return terms, (g1 if need_grad else None), (g2 if need_grad else None)
+        MEAN_CE=bool(mean_ce), MEAN_KL=bool(mean_kl), ROW_LOSS=bool(row_loss),
+        ONE_BLOCK=n_cols <= block_v, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_COUNT=1024,
+        PROGRAMS_P2=triton.next_power_of_2(grid), num_warps=num_warps)
+    return (loss, out, rows if row_loss else None, g1 if need_grad else None,
+            g2 if need_grad else None)
 
 
 def rdrop_scale_grads_(g1, g2, grad_output):

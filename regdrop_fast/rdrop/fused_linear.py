@@ -78,7 +78,7 @@ class _FusedLinearRDrop(torch.autograd.Function):
         n_hidden = hidden1.shape[-1]
         h1 = hidden1.reshape(-1, n_hidden)
         h2 = hidden2.reshape(-1, n_hidden)
-        flat = None if labels is None else labels.reshape(-1)
+        flat = None if labels is None else labels.reshape(-1).contiguous()
         n_rows, n_classes = h1.shape[0], weight.shape[0]
         device = h1.device
         scale, _ = gradient_scales(flat, ignore_index, n_rows, device, reduction, kl_reduction)
@@ -105,12 +105,16 @@ class _FusedLinearRDrop(torch.autograd.Function):
             if check_finite:
                 check_rdrop_values(z1, z2, None, ignore_index, "classification")
             if backend == "triton":
-                terms, g1, g2 = kernels.rdrop_forward(z1, z2, y, alpha, ignore_index, ce, scale,
-                                                      need_grad, g1=z1, g2=z2)
+                # the kernel counts the whole batch's labels for its "mean" weights
+                _, out, _, g1, g2 = kernels.rdrop_forward(
+                    z1, z2, y, alpha, ignore_index, ce, need_grad, mean_ce=reduction == "mean",
+                    mean_kl=reduction == "mean" and kl_reduction == "mean", count_labels=flat,
+                    n_count=n_rows, g1=z1, g2=z2)
+                sums += out[2:]
             else:
                 terms, g1, g2 = reference_terms(z1, z2, y, alpha, ignore_index, ce,
                                                 "classification", scale, need_grad)
-            sums += terms.sum(1)
+                sums += terms.sum(1)
             if need_h:
                 torch.mm(g1, weight, out=grad_h1[start:stop])
                 torch.mm(g2, weight, out=grad_h2[start:stop])

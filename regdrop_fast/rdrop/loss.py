@@ -74,9 +74,9 @@ def mean_parts(sums: Tensor, inv: Tensor, task: str) -> Tensor:
     return torch.stack([sums[0] * 0.5, sums[1] * cons]) * inv.to(sums.dtype)
 
 
-def _triton_terms(logits1, logits2, labels, alpha, ignore_index, ce, scale, need_grad, g1=None,
-                  g2=None):
-    """terms [2, N] (CE1 + CE2, KL12 + KL21 per row) and both gradients, from the kernel."""
+def _triton_call(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduction, ce,
+                 need_grad):
+    """(loss, parts [2], g1, g2) from the kernel: one launch, the reduction included."""
     from ..triton_kernels import rdrop as kernels
 
     n_cols = logits1.shape[-1]
@@ -84,9 +84,15 @@ def _triton_terms(logits1, logits2, labels, alpha, ignore_index, ce, scale, need
     z2 = logits2.reshape(-1, n_cols)
     z1 = z1 if z1.stride(-1) == 1 else z1.contiguous()
     z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
-    flat = None if labels is None else labels.reshape(-1).contiguous()
-    return kernels.rdrop_forward(z1, z2, flat, alpha, ignore_index, ce, scale, need_grad,
-                                 g1=g1, g2=g2)
+    flat = None if labels is None else labels.reshape(-1)
+    if flat is not None and flat.stride(0) != 1:
+        flat = flat.contiguous()
+    mean = reduction == "mean"
+    loss, out, rows, g1, g2 = kernels.rdrop_forward(
+        z1, z2, flat, alpha, ignore_index, ce, need_grad, mean_ce=mean,
+        mean_kl=mean and kl_reduction == "mean", row_loss=reduction == "none")
+    return (rows.view(_lead_shape(logits1.shape)) if reduction == "none" else loss), out[:2], \
+        g1, g2
 
 
 def reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task, scale, need_grad):
@@ -150,16 +156,21 @@ def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], al
     finite = check_finite == 1 or (check_finite == -1 and name == "reference")
     check_rdrop_values(logits1, logits2, labels, ignore_index, task,
                        labels_in_range=check_labels, finite=finite)
+    if name == "triton":
+        loss, parts, g1, g2 = _triton_call(logits1, logits2, labels, alpha, ignore_index,
+                                           reduction, kl_reduction, ce, need_grad)
+        if not need_parts:
+            parts = parts.new_empty(0)
+        if not need_grad:
+            empty = logits1.new_empty(0)
+            return loss, empty, empty.clone(), parts
+        return loss, g1.view(logits1.shape), g2.view(logits2.shape), parts
     regression = task == "regression"
     n_rows = logits1.numel() // logits1.shape[-1] if logits1.dim() > 1 else logits1.shape[0]
     scale, inv = gradient_scales(None if regression else labels, ignore_index, n_rows,
                                  logits1.device, reduction, kl_reduction)
-    if name == "reference":
-        terms, g1, g2 = reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task,
-                                        scale, need_grad)
-    else:
-        terms, g1, g2 = _triton_terms(logits1, logits2, labels, alpha, ignore_index, ce, scale,
-                                      need_grad)
+    terms, g1, g2 = reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task,
+                                    scale, need_grad)
     weight = _cons_weight(alpha, task)
     if reduction == "none":
         loss = (terms[0] + weight * terms[1]).reshape(_lead_shape(logits1.shape))

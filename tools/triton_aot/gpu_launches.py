@@ -61,9 +61,8 @@ def rdrop():
         # token LM head, sentence classifier, the benchmarks' vocabularies
         for rows, vocab in ((B * L, VOCAB), (32, 2), *((8192, v) for v in RDROP_VOCABS)):
             z = t(rows, vocab, dtype=dtype)
-            K.rdrop_forward(z, z, t(rows, dtype=torch.int64), 1.0, -100, True,
-                            t(2, dtype=torch.float32), True)
-            K.rdrop_forward(z, z, None, 1.0, -100, False, t(2, dtype=torch.float32), False)
+            K.rdrop_forward(z, z, t(rows, dtype=torch.int64), 1.0, -100, True, True)
+            K.rdrop_forward(z, z, None, 1.0, -100, False, False)
             K.rdrop_scale_grads_(z, z, t(rows, dtype=torch.float32))
 
 
