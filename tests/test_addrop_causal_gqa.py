@@ -8,7 +8,7 @@ from conftest import require_backend
 from regdrop_fast.addrop.attention import masked_attention
 from regdrop_fast.addrop.mask import keep_mask
 from regdrop_fast.masks import unpack_mask
-from regdrop_fast.reference import addrop as ref
+from regdrop_fast.reference import masked_attention as ref
 
 SHAPES = [  # (batch, heads, kv heads, lq, lk)
     (2, 4, 2, 33, 33),

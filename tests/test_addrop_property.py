@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from regdrop_fast.addrop.attention import masked_attention
 from regdrop_fast.addrop.mask import keep_mask
 from regdrop_fast.masks import unpack_mask
-from regdrop_fast.reference import addrop as ref
+from regdrop_fast.reference import masked_attention as ref
 
 LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
 SETTINGS = settings(max_examples=12, deadline=None,

@@ -7,7 +7,7 @@ from conftest import require_backend
 from regdrop_fast.addrop.attention import masked_attention
 from regdrop_fast.addrop.mask import keep_mask
 from regdrop_fast.masks import PackedMask, pack_mask, unpack_mask
-from regdrop_fast.reference import addrop as ref
+from regdrop_fast.reference import masked_attention as ref
 
 
 def _inputs(batch, heads, lq, lk, d, device, gen, dtype=torch.float32):

@@ -33,7 +33,7 @@ import torch
 from .. import backends
 from .._checks import UINT32_MAX, UINT64_MAX, check_int, check_prob, check_tensor
 from ..masks import PackedMask, unpack_mask
-from ..reference import addrop as _ref
+from ..reference import masked_attention as _ref
 
 __all__ = ["masked_attention"]
 
