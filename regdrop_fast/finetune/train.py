@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import get_linear_schedule_with_warmup, set_seed
 
 from . import batches as B
 from . import checkpoint as ckpt
@@ -26,19 +27,11 @@ from .errors import FinetuneError
 from .methods import build_methods
 from .methods.debias import make_loss
 from .model import check_model_folder, default_model_path, load_model, position_limit
+from .param_groups import decay_groups
 
 # fields that must match between a checkpoint and the run resuming it
 RESUME_KEYS = ("method", "model", "train", "epochs", "batch_size", "lr", "weight_decay",
                "warmup_ratio", "max_length", "seed", "max_train_samples", "debias")
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def check_writable(folder: Path) -> None:
@@ -69,6 +62,8 @@ def _validate(config: FinetuneConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= config.seed < 2**32:
+        raise FinetuneError(f"--seed must be in [0, 2**32), got {config.seed}")
     if config.lr <= 0:
         raise FinetuneError(f"--lr must be > 0, got {config.lr}")
     if not 0 <= config.warmup_ratio < 1:
@@ -126,7 +121,7 @@ class Job:
     def _build(self) -> None:
         c = self.config
         self.model_path = str(check_model_folder(c.model) if c.model else default_model_path())
-        seed_everything(c.seed)
+        set_seed(c.seed)
         self.model, self.tokenizer = load_model(self.model_path, self.label_set.names, c.seed)
         limit = position_limit(self.model, self.tokenizer)
         if limit is not None and c.max_length > limit:
@@ -135,7 +130,7 @@ class Job:
                                 "or less")
         self.features = B.tokenize(self.tokenizer, self.train_table.texts, c.max_length)
         self.eval_features = B.tokenize(self.tokenizer, self.eval_table.texts, c.max_length)
-        self.collate = B.Collator(self.tokenizer.pad_token_id)
+        self.collate = B.Collator(self.tokenizer)
         if c.batch_size % self.info.world_size:
             raise FinetuneError(f"--batch-size {c.batch_size} (global) must be divisible by the "
                                 f"{self.info.world_size} processes")
@@ -163,12 +158,7 @@ class Job:
             named = method.trainable_parameters(self) or named
         if named is None:
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-        decay = [p for n, p in named if not any(k in n for k in no_decay)]
-        plain = [p for n, p in named if any(k in n for k in no_decay)]
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
-                  {"params": plain, "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
+        return decay_groups(self.model, named, self.config.weight_decay)
 
     def _make_optimizer(self) -> None:
         groups = self._param_groups()
@@ -177,21 +167,16 @@ class Job:
             self.optimizer = owner[0].make_optimizer(self, groups)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-
-    def _lr_factor(self, step: int) -> float:
-        """Linear warmup over --warmup-ratio of the steps, then linear decay to 0."""
-        warmup = int(self.config.warmup_ratio * self.total_steps)
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
+        # linear warmup over --warmup-ratio of the steps, then linear decay to 0
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(self.config.warmup_ratio * self.total_steps), self.total_steps)
 
     def rebuild_optimizer(self) -> None:
         """A fresh optimizer (and schedule, at the current step) after a method changed the
         parameter set or masks (IMP prunes)."""
         self._make_optimizer()
         for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * self._lr_factor(self.global_step)
+            group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[0](self.global_step)
         self.scheduler.last_epoch = self.global_step
 
     # -- steps ----------------------------------------------------------------------------------
