@@ -339,14 +339,14 @@ if [[ "$MODE" == playbook ]]; then
     run_stage build 200 230
     run_stage pytest_cuda 60 200
     run_stage autotune 50 150
-    run_stage bench 300 20
-    run_stage goals 20 0
+    run_stage bench 290 30
+    run_stage goals 30 0
 elif [[ "$MODE" == remeasure ]]; then
     run_stage env 15 165
     run_stage liger 15 150
     run_stage build 90 85
-    run_stage bench 150 15
-    run_stage goals 15 0
+    run_stage bench 145 20
+    run_stage goals 20 0
 else
     run_stage env 30 440
     run_stage build 200 240
