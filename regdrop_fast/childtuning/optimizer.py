@@ -39,7 +39,7 @@ from typing import List, Optional
 
 import torch
 
-from .._checks import UINT64_MAX, check_int, check_prob
+from .._checks import UINT32_MAX, UINT64_MAX, check_int, check_prob
 from ..masks import PackedMask, pack_mask, unpack_mask
 from ..reference import masked_adamw as _ref
 from .masked_step import IMPLEMENTED, masked_adamw_step
@@ -56,16 +56,26 @@ _DROPS = ("grad", "update")
 _EXTRA_KEY = "regdrop_fast"
 
 
+def _finite_nonneg(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0.0)
+
+
 def _check_hparams(lr, betas, eps, weight_decay):
-    if not (isinstance(lr, (int, float)) and lr >= 0.0):
-        raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+    if not _finite_nonneg(lr):
+        raise ValueError(f"lr must be a finite float >= 0, got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+            and all(_finite_nonneg(b) and b < 1.0 for b in betas)):
         raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0.0):
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0.0):
-        raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
+    if not _finite_nonneg(eps):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if not _finite_nonneg(weight_decay):
+        raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
+
+
+def _param_number(key) -> Optional[int]:
+    """A state-dict key as a parameter number (an int, as torch saves them), else None."""
+    return key if isinstance(key, int) and not isinstance(key, bool) else None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -131,6 +141,7 @@ class _GroupPlan:
     state: dict  # the optimizer's state mapping the plan was made from
     dtypes: List[torch.dtype]
     devices: List[torch.device]
+    shapes: List[torch.Size]
     states: List[dict]
     buckets: List[_Bucket]
     sharded: bool  # any DTensor parameter: planned again every step
@@ -342,8 +353,18 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             if local_g.dtype != local_p.dtype:
                 raise TypeError(f"the gradient of {name} has dtype {local_g.dtype}, the "
                                 f"parameter {local_p.dtype}; they must match")
+            if local_g.shape != local_p.shape:
+                raise ValueError(f"the gradient of {name} has shape {tuple(local_g.shape)}, the "
+                                 f"parameter {tuple(local_p.shape)}; they must match")
             if not local_p.is_contiguous():
                 raise ValueError(f"parameter {name} must be contiguous")
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = self.state[p].get(key)
+                if moment is not None and moment.shape != p.shape:
+                    raise ValueError(
+                        f"parameter {name} has shape {tuple(p.shape)} but its optimizer state "
+                        f"{key!r} has shape {tuple(moment.shape)}: was it resized after the "
+                        f"first step? Create a new optimizer (or drop its state) for the new shape")
         for p in live:
             state = self.state[p]
             if len(state) == 0:
@@ -358,6 +379,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         """The plan of a step over `params` (checked, with state)."""
         plan = _GroupPlan(params=list(params), mode=group["mode"], state=self.state,
                           dtypes=[p.dtype for p in params], devices=[p.device for p in params],
+                          shapes=[p.shape for p in params],
                           states=[self.state[p] for p in params], buckets=[],
                           sharded=any(_local(p) is not p for p in params))
         by_dtype = {}
@@ -365,13 +387,33 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             by_dtype.setdefault(p.dtype, []).append(i)
         for indices in by_dtype.values():
             kinds = [self._mask_kind(group, params[i]) for i in indices]
-            plan.buckets.append(_Bucket(
+            bucket = _Bucket(
                 indices=indices, params=[_local(params[i]) for i in indices],
                 masks=[self._mask_words.get(params[i]) if k == _ref.MASK_BITS else None
                        for i, k in zip(indices, kinds)],
                 kinds=kinds, offsets=[_global_offset(params[i]) for i in indices],
-                streams=[self._streams[params[i]] for i in indices]))
+                streams=[self._streams[params[i]] for i in indices])
+            for i, local, words, offset in zip(indices, bucket.params, bucket.masks,
+                                               bucket.offsets):
+                if words is not None:
+                    self._check_words(params[i], words, offset + local.numel(), local.device)
+            plan.buckets.append(bucket)
         return plan
+
+    def _check_words(self, p, words, bits: int, device) -> None:
+        """The mask words of `p` cover its first `bits` bits (every backend indexes them
+        unchecked on the step's fast path)."""
+        name = self._names[p]
+        if not isinstance(words, torch.Tensor) or words.dtype != torch.int32:
+            raise TypeError(f"the mask of {name} must be int32 words, got "
+                            + (str(words.dtype) if isinstance(words, torch.Tensor)
+                               else type(words).__name__))
+        if words.dim() != 1 or not words.is_contiguous() or words.device != device:
+            raise ValueError(f"the mask words of {name} must be a contiguous 1-d tensor on "
+                             f"{device}, got shape {tuple(words.shape)} on {words.device}")
+        if words.numel() * 32 < bits:
+            raise ValueError(f"the mask of {name} has {words.numel()} int32 words, it needs "
+                             f"{(bits + 31) // 32} for its {bits} elements")
 
     def _planned_grads(self, group, plan: "_GroupPlan"):
         """The gradients of a step through `plan`, or None when the plan no longer fits."""
@@ -380,11 +422,12 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 or self.state is not plan.state):
             return None
         grads = []
-        for p, planned, dtype, device in zip(params, plan.params, plan.dtypes, plan.devices):
+        for p, planned, dtype, device, shape in zip(params, plan.params, plan.dtypes,
+                                                    plan.devices, plan.shapes):
             g = p.grad
             if (p is not planned or g is None or p.dtype is not dtype or g.dtype is not dtype
                     or g.is_sparse or p.device != device or g.device != device
-                    or not p.is_contiguous()):
+                    or p.shape != shape or g.shape != shape or not p.is_contiguous()):
                 return None
             grads.append(g if g.is_contiguous() else g.contiguous())
         return grads
@@ -423,35 +466,98 @@ class ChildTuningAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Inverse of state_dict(); the moments stay float32 whatever the parameter dtype, so a
-        resumed run is bit-identical to an uninterrupted one."""
-        self._plans.clear()
+        resumed run is bit-identical to an uninterrupted one. Everything is checked before
+        anything is loaded: a state dict of another model (other shapes), a truncated or scalar
+        moment, a step, seed or mask word count out of range raise an error naming the
+        parameter and the key."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         extra = state_dict.pop(_EXTRA_KEY, None)
-        if extra is None:
+        if not isinstance(extra, dict):
             raise ValueError(f"state_dict has no {_EXTRA_KEY!r} entry (seed, streams, masks): "
                              f"it was not saved by {type(self).__name__}")
         params = self._flat_params()
-        if list(extra["streams"]) != [self._streams[p] for p in params]:
+        if list(extra.get("streams", ())) != [self._streams[p] for p in params]:
             raise ValueError("state_dict: the saved Philox streams differ from this "
                              "optimizer's (different parameters, names or order)")
+        seed = check_int(f"state_dict[{_EXTRA_KEY!r}]['seed']", extra.get("seed"), 0,
+                         UINT64_MAX)
+        mask_words = self._loaded_mask_words(extra.get("masks", {}), params)
         moments = {}
         state = {}
-        for key, value in state_dict["state"].items():
+        for key, value in state_dict.get("state", {}).items():
+            p = self._loaded_param(key, params)
             value = dict(value)
-            moments[key] = {k: value.pop(k) for k in ("exp_avg", "exp_avg_sq") if k in value}
+            moments[key] = self._loaded_moments(key, p, value)
+            if "step" in value:
+                value["step"] = check_int(
+                    f"state_dict['state'][{key!r}]['step'] (parameter {self._names[p]})",
+                    value["step"], 0, UINT32_MAX)
             state[key] = value
         state_dict["state"] = state
+        self._plans.clear()
         super().load_state_dict(state_dict)
         for key, saved in moments.items():
-            p = params[int(key)]
+            p = params[_param_number(key)]
             for k, value in saved.items():
                 target = torch.zeros_like(p, dtype=torch.float32,
                                           memory_format=torch.contiguous_format)
-                _local(target).copy_(_local(value) if isinstance(value, torch.Tensor) else value)
+                _local(target).copy_(_local(value))
                 self.state[p][k] = target
-        self.seed = int(extra["seed"])
-        self._mask_words = {params[int(i)]: w.to(_local(params[int(i)]).device).clone()
-                            for i, w in extra["masks"].items()}
+        self.seed = seed
+        self._mask_words = mask_words
+
+    def _loaded_param(self, key, params) -> torch.Tensor:
+        index = _param_number(key)
+        if index is None or not 0 <= index < len(params):
+            raise ValueError(f"state_dict['state'] has the key {key!r}; this optimizer's "
+                             f"parameters are numbered 0..{len(params) - 1}")
+        return params[index]
+
+    def _loaded_moments(self, key, p, value: dict) -> dict:
+        """The exp_avg / exp_avg_sq of state `key`, popped from `value` once checked."""
+        name = self._names[p]
+        present = [k for k in ("exp_avg", "exp_avg_sq") if k in value]
+        if value and len(present) != 2:
+            raise ValueError(f"state_dict['state'][{key!r}] (parameter {name}) must hold both "
+                             f"'exp_avg' and 'exp_avg_sq', got keys {sorted(value)}")
+        out = {}
+        for k in present:
+            moment = value.pop(k)
+            where = f"state_dict['state'][{key!r}][{k!r}] (parameter {name})"
+            if not isinstance(moment, torch.Tensor) or not moment.is_floating_point():
+                raise TypeError(f"{where} must be a floating-point tensor, got "
+                                + (str(moment.dtype) if isinstance(moment, torch.Tensor)
+                                   else type(moment).__name__))
+            if tuple(moment.shape) != tuple(p.shape):
+                raise ValueError(f"{where} has shape {tuple(moment.shape)}, the parameter "
+                                 f"{tuple(p.shape)}: was the state saved from another model?")
+            out[k] = moment
+        return out
+
+    def _loaded_mask_words(self, masks, params) -> dict:
+        if not isinstance(masks, dict):
+            raise TypeError(f"state_dict[{_EXTRA_KEY!r}]['masks'] must be a dict, got "
+                            f"{type(masks).__name__}")
+        out = {}
+        for key, words in masks.items():
+            where = f"state_dict[{_EXTRA_KEY!r}]['masks'][{key!r}]"
+            index = _param_number(key)
+            if index is None or not 0 <= index < len(params):
+                raise ValueError(f"{where}: the key must be a parameter number in "
+                                 f"0..{len(params) - 1}")
+            p = params[index]
+            if not isinstance(words, torch.Tensor) or words.dtype != torch.int32:
+                raise TypeError(f"{where} (parameter {self._names[p]}) must be int32 words, "
+                                "got " + (str(words.dtype) if isinstance(words, torch.Tensor)
+                                          else type(words).__name__))
+            needed = (p.numel() + 31) // 32
+            if words.numel() != needed:
+                raise ValueError(f"{where} (parameter {self._names[p]}) has {words.numel()} "
+                                 f"words; its {p.numel()} elements need {needed}")
+            out[p] = words.reshape(-1).to(_local(p).device).clone()
+        return out
 
 
 class MaskedAdamW(ChildTuningAdamW):
