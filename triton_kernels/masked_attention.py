@@ -20,8 +20,8 @@ accumulates dK, dV over the GROUP query heads and their query blocks, one per qu
 accumulates dQ over the key blocks (no atomics): dP = dO·Vᵀ ⊙ Z/(1 − dropout_p),
 dS = P ⊙ (dP − delta), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = (P ⊙ Z/(1 − dropout_p))ᵀ·dO.
 
-Tiles: autotuned on GPU over a pruned list keyed on (Lq, Lk, D, GROUP, dtype, flags); one
-config under the interpreter (small tiles that exercise the loops).
+Tiles: autotuned on GPU over a pruned list keyed on (power-of-two length bucket, D, GROUP,
+dtype, flags); one config under the interpreter (small tiles that exercise the loops).
 
 Memory traffic per (b,h): forward reads Q once, K and V once per query block, the mask bits
 Lq·Lk/8 bytes, writes O and lse; backward reads Q, K, V, O, dO, the bits, writes dQ, dK, dV.
@@ -136,7 +136,9 @@ def _configs(kernel: str):
             for m, n, w, st in shapes]
 
 
-_TUNE_KEY = ["Lq", "Lk", "D", "GROUP", "HAS_KEEP", "HAS_KPM", "MASK_KIND", "HAS_DROPOUT",
+# keyed on a power-of-two length bucket, not the exact lengths: training batches padded to
+# their longest sample would otherwise re-tune at every new length
+_TUNE_KEY = ["LEN_BUCKET", "D", "GROUP", "HAS_KEEP", "HAS_KPM", "MASK_KIND", "HAS_DROPOUT",
              "IS_CAUSAL"]
 
 
@@ -153,6 +155,7 @@ def masked_attention_fwd_kernel(
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n,  # strides of q, k, v
     H, Lq, Lk, D,  # query heads, query/key lengths, head dim
     GROUP,  # query heads per kv head
+    LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
     qk_scale,  # scale * log2(e)
     seed_lo, seed_hi, step, stream,  # attention-dropout Philox key halves and counter words
     dropout_keep_thr,  # floor((1 - dropout_p) * 2^32)
@@ -274,6 +277,7 @@ def masked_attention_bwd_dkdv_kernel(
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n, do_b, do_h, do_m,
     H, Lq, Lk, D,
     GROUP,  # query heads per kv head: this program sums over heads hkv·GROUP .. + GROUP − 1
+    LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
     qk_scale, sm_scale,  # scale * log2(e), scale
     seed_lo, seed_hi, step, stream, dropout_keep_thr, dropout_scale,
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -341,6 +345,7 @@ def masked_attention_bwd_dq_kernel(
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n, do_b, do_h, do_m,
     H, Lq, Lk, D,
     GROUP,  # query heads per kv head
+    LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
     qk_scale, sm_scale,
     seed_lo, seed_hi, step, stream, dropout_keep_thr, dropout_scale,
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -438,7 +443,8 @@ def masked_attention_forward(q, k, v, masks: MaskArgs, scale: float, dropout_p: 
     masked_attention_fwd_kernel[grid](
         q, k, v, out, lse, *masks.args,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        heads, lq, lk, d, heads // kv_heads, scale * math.log2(math.e),
+        heads, lq, lk, d, heads // kv_heads, triton.next_power_of_2(max(lq, lk)),
+        scale * math.log2(math.e),
         *_dropout_args(dropout_p, seed, step, stream),
         **masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal, BLOCK_D=block_d,
         DOT_PRECISION=precision)
@@ -461,7 +467,8 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
     dv = torch.empty(batch, kv_heads, lk, d, dtype=v.dtype, device=q.device)
     common = (*masks.args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
               *do.stride()[:3], heads, lq, lk, d, heads // kv_heads,
-              scale * math.log2(math.e), scale, *_dropout_args(dropout_p, seed, step, stream))
+              triton.next_power_of_2(max(lq, lk)), scale * math.log2(math.e), scale,
+              *_dropout_args(dropout_p, seed, step, stream))
     flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal,
                  BLOCK_D=block_d, DOT_PRECISION=precision)
     grid_kv = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
