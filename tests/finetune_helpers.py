@@ -1,5 +1,6 @@
 """Fixtures for the finetune tests: a tiny random BERT with a tokenizer built from a small
-vocab file, and tiny CSV files of a learnable two-class task, written to a tmp folder."""
+vocab file, and tiny CSV files of a learnable two-class task, written to a tmp folder; the
+comparison of two runs; the kill-point injector of the checkpoint save."""
 from __future__ import annotations
 
 import csv
@@ -102,3 +103,57 @@ def assert_same_run(a: Path, b: Path) -> None:
             assert torch.equal(value, sb["optimizer"]["state"][pid][key]), (pid, key)
     assert stable_metrics(a) == stable_metrics(b)
     assert stable_metrics(a, "steps.jsonl") == stable_metrics(b, "steps.jsonl")
+
+
+class Killed(BaseException):
+    """A crash no handler catches (the in-process stand-in for SIGKILL)."""
+
+
+class Injector:
+    """Counts the protocol's file-system steps of save number `save` and kills at step `step`."""
+
+    def __init__(self, monkeypatch, save: int, step: int, kill=None):
+        self.save, self.step, self.kill = save, step, kill or self._raise
+        self.saves = self.events = 0
+        self.killed = self.sealed = False
+        from regdrop_fast.finetune import checkpoint as ckpt
+        staging_dir, rename, remove = ckpt.staging_dir, ckpt._rename, ckpt._remove
+
+        def counted_staging_dir(output_dir):
+            self.saves += 1
+            self.events = 0
+            return staging_dir(output_dir)
+
+        def counted_rename(src, dst):
+            self._tick()
+            rename(src, dst)
+            self.sealed |= Path(dst).name == ckpt.MANIFEST
+
+        def counted_remove(path):
+            self._tick()
+            if self._tick(arm=True):  # half-way: some files gone, the folder still there
+                files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+                for file in files[: (len(files) + 1) // 2]:
+                    file.unlink()
+                self.killed = True
+                self.kill()
+            return remove(path)
+
+        monkeypatch.setattr(ckpt, "staging_dir", counted_staging_dir)
+        monkeypatch.setattr(ckpt, "_rename", counted_rename)
+        monkeypatch.setattr(ckpt, "_remove", counted_remove)
+
+    def _tick(self, arm: bool = False) -> bool:
+        if self.saves != self.save:
+            return False
+        self.events += 1
+        if self.events != self.step:
+            return False
+        if arm:
+            return True
+        self.killed = True
+        self.kill()
+
+    @staticmethod
+    def _raise():
+        raise Killed()

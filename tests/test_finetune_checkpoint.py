@@ -17,62 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_helpers import assert_same_run, base_args, tiny_task
+from finetune_helpers import Injector, Killed, assert_same_run, base_args, tiny_task
 from regdrop_fast.cli import main
 from regdrop_fast.finetune import checkpoint as ckpt
-
-
-class Killed(BaseException):
-    """A crash no handler catches (the in-process stand-in for SIGKILL)."""
-
-
-class Injector:
-    """Counts the protocol's file-system steps of save number `save` and kills at step `step`."""
-
-    def __init__(self, monkeypatch, save: int, step: int, kill=None):
-        self.save, self.step, self.kill = save, step, kill or self._raise
-        self.saves = self.events = 0
-        self.killed = self.sealed = False
-        staging_dir, rename, remove = ckpt.staging_dir, ckpt._rename, ckpt._remove
-
-        def counted_staging_dir(output_dir):
-            self.saves += 1
-            self.events = 0
-            return staging_dir(output_dir)
-
-        def counted_rename(src, dst):
-            self._tick()
-            rename(src, dst)
-            self.sealed |= Path(dst).name == ckpt.MANIFEST
-
-        def counted_remove(path):
-            self._tick()
-            if self._tick(arm=True):  # half-way: some files gone, the folder still there
-                files = sorted(p for p in Path(path).rglob("*") if p.is_file())
-                for file in files[: (len(files) + 1) // 2]:
-                    file.unlink()
-                self.killed = True
-                self.kill()
-            return remove(path)
-
-        monkeypatch.setattr(ckpt, "staging_dir", counted_staging_dir)
-        monkeypatch.setattr(ckpt, "_rename", counted_rename)
-        monkeypatch.setattr(ckpt, "_remove", counted_remove)
-
-    def _tick(self, arm: bool = False) -> bool:
-        if self.saves != self.save:
-            return False
-        self.events += 1
-        if self.events != self.step:
-            return False
-        if arm:
-            return True
-        self.killed = True
-        self.kill()
-
-    @staticmethod
-    def _raise():
-        raise Killed()
 
 
 # -- the protocol alone, every pair of kill points ----------------------------------------------
@@ -141,7 +88,7 @@ RUNNER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import pytest
-from test_finetune_checkpoint import Injector
+from finetune_helpers import Injector
 from regdrop_fast.cli import main
 save, step = int(sys.argv[1]), int(sys.argv[2])
 patch = pytest.MonkeyPatch()
@@ -263,3 +210,14 @@ def test_disk_full_during_a_save_is_a_one_line_error(task, tmp_path, monkeypatch
     monkeypatch.undo()
     assert torch.load(ckpt.find(out) / ckpt.STATE_FILE, weights_only=False)["epoch"] == 1
     assert main(base_args(task, out, *args, "--resume")) == 0
+
+
+def test_disk_full_while_writing_metrics_is_a_one_line_error(task, tmp_path, monkeypatch,
+                                                             capsys):
+    from regdrop_fast.finetune import report
+
+    def full(output_dir, rows, name=report.METRICS_FILE):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output_dir / name))
+    monkeypatch.setattr(report, "write_metrics", full)
+    err = _error(capsys, base_args(task, tmp_path / "run", "--epochs", "1", "--no-save"))
+    assert "cannot write" in err and "metrics.jsonl: No space left on device" in err

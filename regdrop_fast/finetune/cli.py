@@ -3,6 +3,7 @@ regularization methods, or, with no --train/--method, run the offline demo compa
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from .config import FinetuneConfig
@@ -158,6 +159,12 @@ def main(args) -> int:
         return 0
     except FinetuneError as exc:
         print(f"regdrop-fast finetune: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"regdrop-fast finetune: error: cannot write {exc.filename or 'the outputs'}: "
+              f"{exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("regdrop-fast finetune: interrupted", file=sys.stderr)
