@@ -47,7 +47,9 @@ from .utils import calculate_settings
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the hardware ex2
 LN2 = tl.constexpr(0.6931471805599453)
-MAX_BLOCK_V = 4096  # columns of one block: 2 fp32 tiles of it stay in registers in pass 2
+# columns of one block: a row this long stays in registers between the passes (bf16 and fp32
+# at 16 warps: <= 127 registers, no spill on sm_90; 16384 spills even at 32 warps)
+MAX_BLOCK_V = 8192
 MAX_ROW_TILE = 1024  # rows * columns of one program's tile when V is small
 MAX_TILE = 4096  # elements of one program's tile in the scaling kernel
 
@@ -268,10 +270,11 @@ def _tile(n_rows: int, n_cols: int, block_v=None, block_n=None):
     """(BLOCK_N, BLOCK_V, num_warps). Small-V rows are packed BLOCK_N to a program (tile up to
     MAX_ROW_TILE elements) while keeping >= ~512 programs; long rows get one program each.
     num_warps: the kernel keeps ~6 fp32 values live per element, so it takes more warps than
-    calculate_settings gives a one-tensor kernel: 8 elements per thread for a single row, 2 for
-    a multi-row tile (per-row state adds up there). With these, ptxas for sm_90 reports 30-64
-    registers and no spills over V in 2..128256 (bf16 and fp32). block_v/block_n override the
-    choice (powers of two; tests use them to reach every code path)."""
+    calculate_settings gives a one-tensor kernel: 8 elements per thread for a single row (16 at
+    8192), 2 for a multi-row tile (per-row state adds up there), 16 warps at most. With these,
+    ptxas for sm_90 reports 26-127 registers and no spills over V in 2..151936 (bf16 and
+    fp32). block_v/block_n override the choice (powers of two; tests use them to reach every
+    code path)."""
     if block_v is None:
         block_v = calculate_settings(n_cols, MAX_BLOCK_V)[0]
     elif block_v < 1 or block_v & (block_v - 1):
@@ -374,7 +377,7 @@ def rdrop_scale_grads_(g1, g2, grad_output):
     n_rows, n_cols = g1.shape
     go = grad_output.reshape(-1)
     go_stride = 0 if go.numel() == 1 else go.stride(0)
-    block_v = min(triton.next_power_of_2(n_cols), MAX_BLOCK_V)
+    block_v = min(triton.next_power_of_2(n_cols), MAX_TILE)
     block_n = max(1, min(MAX_TILE // block_v, triton.next_power_of_2(n_rows)))
     num_warps = calculate_settings(block_n * block_v, MAX_TILE)[1]
     grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_v))
