@@ -1,11 +1,15 @@
 """Mask training (REFERENCE.md, Sparse & robust): frozen pre-trained weights, trainable scores.
 
-Keep iff score > φ. Initialization per matrix (or over all target matrices, scope="global"):
-  hard  the smallest-|W| fraction s gets score 0, the rest 2φ, threshold φ (φ = 0.01);
-        exactly k = int(n·s) weights (the official maskers' count), ties in |W| broken by index
-  soft  score = |W|, φ = the kth smallest score, k = int(n·s)
-φ is reset to the kth value of the scores at the current target sparsity every `interval`
-steps (official Δt), or every step with `topk_every_step=True`. Target sparsity follows the
+Keep iff score > φ. With k = int(n·s) (the official maskers' count), initialization:
+  hard  per matrix, |W| > kthvalue(|W|, k) gets score 2φ, the rest 0, threshold φ (φ = 0.01)
+  soft  score = |W|, φ reset as below (not an official option)
+φ is reset to kthvalue(scores, k) at the current target sparsity every `interval` steps
+(official Δt), or every step with `topk_every_step=True`: per matrix (scope="local"; kept
+as it was when k = 0 or the kth value is the matrix's largest score, as officially) or one φ
+over all target matrices (scope="global", k = int(N·s)). As in the official code, every value
+tied with the kth one is pruned, so ties prune more than k. `exact_count=True` instead prunes
+exactly k, ties broken by index (hard init and global init over all matrices with
+scope="global"; kept scores tied with φ move up one ulp). Target sparsity follows the
 cubic schedule s_t = s_f + (s_i − s_f)(1 − (t − t0)/(t_f − t0))³ (constant s_f without a
 schedule). Scores get dScore = dW_eff ⊙ W (straight-through) from the masked linear.
 """
@@ -85,7 +89,7 @@ class MaskTrainer:
                  initial_sparsity: Optional[float] = None, init: str = "hard", phi: float = 0.01,
                  scope: str = "local", interval: int = 1, topk_every_step: bool = False,
                  start: int = 0, end: Optional[int] = None, backend: Optional[str] = None,
-                 freeze: bool = True):
+                 freeze: bool = True, exact_count: bool = False):
         self.final = _check_sparsity("sparsity", sparsity)
         self.initial = (self.final if initial_sparsity is None
                         else _check_sparsity("initial_sparsity", initial_sparsity))
@@ -102,6 +106,7 @@ class MaskTrainer:
                              "differs from sparsity")
         self.end = None if end is None else check_int("end", end, self.start + 1, 2**62)
         self.scope, self.topk_every_step = scope, topk_every_step
+        self.exact_count = bool(exact_count)
         prepare(model, targets, kind="scores", backend=backend, freeze=freeze)
         self.modules = {n: m for n, m in masked_modules(model).items() if m.kind == "scores"}
         self.t = 0
@@ -126,7 +131,15 @@ class MaskTrainer:
                 module.mask_scores.copy_(magnitudes[name])
             self.reset_thresholds(self.initial)
             return
-        for name, keep in self._smallest(magnitudes, self.initial).items():
+        if self.exact_count:
+            keeps = self._smallest(magnitudes, self.initial)
+        else:  # official controlled_init "magnitude": per matrix, ties with the kth pruned
+            keeps = {}
+            for name, mag in magnitudes.items():
+                k = num_pruned(self.initial, mag.numel())
+                keeps[name] = (mag > mag.reshape(-1).kthvalue(k).values if k > 0
+                               else torch.ones_like(mag, dtype=torch.bool))
+        for name, keep in keeps.items():
             self.modules[name].mask_scores.copy_(torch.where(keep, 2.0 * phi, 0.0))
             self.modules[name].mask_threshold.fill_(phi)
 
@@ -142,16 +155,19 @@ class MaskTrainer:
 
     @torch.no_grad()
     def reset_thresholds(self, sparsity: Optional[float] = None) -> float:
-        """Set φ to the kth value of the scores at `sparsity` (default: the schedule's now).
-
-        Scores tied with φ that the index order keeps move up one ulp (torch.nextafter), so
-        `score > φ` prunes exactly int(n·s) weights even where scores tie."""
+        """Set φ to the kth value of the scores at `sparsity` (default: the schedule's now),
+        k = int(n·s), by the official rule (see the module docstring). With exact_count, scores
+        tied with φ that the index order keeps move up one ulp (torch.nextafter), so
+        `score > φ` prunes exactly k weights even where scores tie."""
         sparsity = self.sparsity_at(self.t) if sparsity is None else _check_sparsity(
             "sparsity", sparsity)
         scores = {n: m.mask_scores.detach() for n, m in self.modules.items()}
         for name, s in scores.items():
             if torch.isnan(s).any():
                 raise ValueError(f"mask scores of {name} contain NaN")
+        if not self.exact_count:
+            self._official_reset(scores, sparsity)
+            return sparsity
         keeps = self._smallest({n: s.float() for n, s in scores.items()}, sparsity)
         if self.scope == "global":
             flat = torch.cat([s.float().reshape(-1) for s in scores.values()])
@@ -164,6 +180,26 @@ class MaskTrainer:
             s.copy_(torch.where(bump, torch.nextafter(phi, phi.new_tensor(float("inf"))), s))
             module.mask_threshold.copy_(phi)
         return sparsity
+
+    def _official_reset(self, scores: dict, sparsity: float) -> None:
+        """mask_trainer.py reset_threshold: φ = kthvalue at k = int(n·s); a local φ stays when
+        k = 0 or the kth value is not below the largest score; a global φ stays when k = 0
+        (officially an error)."""
+        if self.scope == "global":
+            flat = torch.cat([s.float().reshape(-1) for s in scores.values()])
+            k = num_pruned(sparsity, flat.numel())
+            if k > 0:
+                phi = flat.kthvalue(k).values
+                for module in self.modules.values():
+                    module.mask_threshold.fill_(phi)
+            return
+        for name, module in self.modules.items():
+            flat = scores[name].float().reshape(-1)
+            k = num_pruned(sparsity, flat.numel())
+            if k > 0:
+                kth = flat.kthvalue(k).values
+                if kth < flat.max():
+                    module.mask_threshold.fill_(kth)
 
     def step(self) -> bool:
         """Advance one step; reset φ if this step is on the Δt grid (or always with top-k).
