@@ -18,19 +18,22 @@ SETTINGS = settings(max_examples=12, deadline=None,
                                            HealthCheck.too_slow])
 
 
-def _laid_out(shape, layout, dtype, device, gen):
-    """A tensor of `shape` with the given memory layout (values drawn once, then viewed)."""
+def _laid_out(shape, layout, dtype, device, gen, integers=False):
+    """A tensor of `shape` with the given memory layout (values drawn once, then viewed);
+    integers: small integer values (exact products in fp32)."""
     b, h, n, d = shape
+
+    def draw(*size):
+        values = torch.randn(*size, generator=gen)
+        return (values * 2).round().to(device, dtype) if integers else values.to(device, dtype)
+
     if layout == "transposed":
-        base = torch.randn(b, n, h, d, generator=gen)
-        return base.to(device, dtype).transpose(1, 2)
+        return draw(b, n, h, d).transpose(1, 2)
     if layout == "sliced":
-        base = torch.randn(b, h + 1, n + 2, d + 3, generator=gen)
-        return base.to(device, dtype)[:, 1:, 1:n + 1, 2:d + 2]
+        return draw(b, h + 1, n + 2, d + 3)[:, 1:, 1:n + 1, 2:d + 2]
     if layout == "expanded":  # stride 0 along the batch and the last dim (repeated values)
-        base = torch.randn(1, h, n, 1, generator=gen)
-        return base.to(device, dtype).expand(b, h, n, d)
-    return torch.randn(shape, generator=gen).to(device, dtype)
+        return draw(1, h, n, 1).expand(b, h, n, d)
+    return draw(*shape)
 
 
 @st.composite
@@ -59,6 +62,34 @@ def test_keep_mask_bit_identical_for_any_layout(device, case):
                 stream=1, drop=case["drop"], is_causal=case["causal"])
     got = keep_mask(attr, backend="triton", **args)
     want = keep_mask(attr.contiguous(), backend="reference", **args)
+    assert torch.equal(got.words, want.words)
+
+
+@st.composite
+def pair_cases(draw):
+    kv_heads = draw(st.integers(1, 2))
+    return dict(batch=draw(st.integers(1, 2)), kv_heads=kv_heads,
+                heads=kv_heads * draw(st.integers(1, 2)), lq=draw(st.integers(1, 24)),
+                lk=draw(st.integers(1, 70)), d=draw(st.sampled_from([8, 16])),
+                layouts=draw(st.tuples(*[st.sampled_from(LAYOUTS)] * 2)),
+                p=draw(st.integers(1, 99)) / 100, drop=draw(st.sampled_from(["high", "low"])),
+                causal=draw(st.booleans()), seed=draw(st.integers(0, 2**32)))
+
+
+@SETTINGS
+@given(case=pair_cases())
+def test_keep_mask_from_gqa_pair_for_any_layout(device, case):
+    """(dO, v) pairs, v with Hkv heads: small-integer values make dO·Vᵀ exact in fp32 in any
+    summation order, so the kernel's in-tile attribution must give the reference's bits."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, h, hkv, lq, lk, d = (case[k] for k in ("batch", "heads", "kv_heads", "lq", "lk", "d"))
+    dO = _laid_out((b, h, lq, d), case["layouts"][0], torch.float32, device, gen, True)
+    v = _laid_out((b, hkv, lk, d), case["layouts"][1], torch.float32, device, gen, True)
+    args = dict(p=case["p"], q=0.5, seed=case["seed"], drop=case["drop"],
+                is_causal=case["causal"])
+    got = keep_mask((dO, v), backend="triton", **args)
+    want = keep_mask((dO.contiguous(), v.contiguous()), backend="reference", **args)
     assert torch.equal(got.words, want.words)
 
 
