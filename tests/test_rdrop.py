@@ -392,3 +392,80 @@ def test_kernels_compile_for_sm90():
     """The kernels as a GPU compiles them (not the interpreter): Triton -> PTX -> cubin for an
     H100, which needs no GPU, only Triton's bundled NVIDIA backend."""
     compile_script_for_sm90(_SM90_COMPILE, timeout=300)
+
+
+# aten ops that would mean host-side reduction work or a host sync around the kernel
+_REDUCTION_OR_SYNC_OPS = ("aten::sum", "aten::ne", "aten::reciprocal", "aten::clamp_min",
+                          "aten::stack", "aten::mul", "aten::add", "aten::item",
+                          "aten::_local_scalar_dense", "aten::is_nonzero", "aten::any")
+
+
+@pytest.mark.parametrize("reduction,kl_reduction", [("mean", "mean"), ("mean", "sum"),
+                                                    ("sum", "mean"), ("none", "mean")])
+def test_triton_call_is_one_launch_without_host_work(device, reduction, kl_reduction):
+    """The default triton call runs one kernel and no torch op that reduces or syncs: the row
+    count, the reduction and the parts are computed inside the launch (CUDA-graph capturable)."""
+    require_backend("triton", device)
+    from regdrop_fast.triton_kernels import rdrop as K
+
+    z1, z2, labels = make_inputs((6, 9), device, seed=4)
+    a = z1.clone().requires_grad_(True)
+    launches = []
+    real_run = K.rdrop_fwd_kernel.run
+
+    def counting_run(*args, **kwargs):
+        launches.append(kwargs.get("grid"))
+        return real_run(*args, **kwargs)
+
+    K.rdrop_fwd_kernel.run = counting_run
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss = rdrop_loss(a, z2, labels, 0.7, reduction=reduction, kl_reduction=kl_reduction,
+                              backend="triton")
+    finally:
+        K.rdrop_fwd_kernel.run = real_run
+    ops = {event.name for event in prof.events()}
+    assert len(launches) == 1
+    assert not ops & set(_REDUCTION_OR_SYNC_OPS), ops & set(_REDUCTION_OR_SYNC_OPS)
+    ref = rdrop_loss_reference(z1, z2, labels, 0.7, reduction=reduction,
+                               kl_reduction=kl_reduction)
+    assert_rel(loss, ref, 1e-5, "loss")
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_of_forward_and_backward():
+    """A step with rdrop_loss (forward and backward) captured in a CUDA graph replays to the
+    eager values, with new logits and labels copied into the captured buffers."""
+    device = torch.device("cuda")
+    z1, z2, labels = make_inputs((64, 1000), device, dtype=torch.bfloat16, seed=5)
+    a = z1.clone().requires_grad_(True)
+    b = z2.clone().requires_grad_(True)
+    static_labels = labels.clone()
+
+    def step():
+        a.grad = b.grad = None
+        loss = rdrop_loss(a, b, static_labels, 0.5, kl_reduction="sum", backend="triton")
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up (compiles the kernels) outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+        static_g1, static_g2 = a.grad, b.grad
+    new1, new2, new_labels = make_inputs((64, 1000), device, dtype=torch.bfloat16, seed=6)
+    with torch.no_grad():
+        a.copy_(new1)
+        b.copy_(new2)
+    static_labels.copy_(new_labels)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, r1, r2 = rdrop_grads_reference(new1, new2, new_labels, 0.5, kl_reduction="sum")
+    assert_rel(static_loss, ref, 1e-2, "replayed loss")
+    assert_rel(static_g1, r1, 1e-2, "replayed grad1")
+    assert_rel(static_g2, r2, 1e-2, "replayed grad2")
