@@ -356,17 +356,22 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_ce
     grid = _programs(triton.cdiv(n_rows, block_n), n_cols, block_v, z1.element_size(), device,
                      programs)
     partial = torch.empty(2 * grid, dtype=torch.float32, device=device)
-    rdrop_fwd_kernel[(grid,)](
-        z1, z2, g1 if need_grad else z1, g2 if need_grad else z2,
-        labels if has_labels else out, count_labels if has_labels else out, rows, partial,
-        _done_counter(device), loss, out,
-        z1.stride(0), z2.stride(0),
-        g1.stride(0) if need_grad else 0, g2.stride(0) if need_grad else 0,
-        n_rows, n_cols, n_count, float(alpha) * 0.5, int(ignore_index),
-        HAS_LABELS=has_labels, HAS_CE=bool(ce and has_labels), NEED_GRAD=bool(need_grad),
-        MEAN_CE=bool(mean_ce), MEAN_KL=bool(mean_kl), ROW_LOSS=bool(row_loss),
-        ONE_BLOCK=n_cols <= block_v, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_COUNT=1024,
-        PROGRAMS_P2=triton.next_power_of_2(grid), num_warps=num_warps)
+    done = _done_counter(device)
+    try:
+        rdrop_fwd_kernel[(grid,)](
+            z1, z2, g1 if need_grad else z1, g2 if need_grad else z2,
+            labels if has_labels else out, count_labels if has_labels else out, rows, partial,
+            done, loss, out,
+            z1.stride(0), z2.stride(0),
+            g1.stride(0) if need_grad else 0, g2.stride(0) if need_grad else 0,
+            n_rows, n_cols, n_count, float(alpha) * 0.5, int(ignore_index),
+            HAS_LABELS=has_labels, HAS_CE=bool(ce and has_labels), NEED_GRAD=bool(need_grad),
+            MEAN_CE=bool(mean_ce), MEAN_KL=bool(mean_kl), ROW_LOSS=bool(row_loss),
+            ONE_BLOCK=n_cols <= block_v, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_COUNT=1024,
+            PROGRAMS_P2=triton.next_power_of_2(grid), num_warps=num_warps)
+    except BaseException:
+        done.zero_()  # a launch that failed part-way must not leave the counter off zero
+        raise
     return (loss, out, rows if row_loss else None, g1 if need_grad else None,
             g2 if need_grad else None)
 
