@@ -348,7 +348,10 @@ def _unsupported(model, why: str) -> ValueError:
 
 
 def _has_transformers() -> bool:
-    return importlib.util.find_spec("transformers") is not None
+    try:
+        return importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # a broken or deliberately hidden installation
+        return False
 
 
 def _is_hf_model(model) -> bool:
