@@ -323,6 +323,10 @@ def compile_entry(entry):
         kernel = resolve_kernel(entry)
     except LookupError as exc:
         return _result(entry, "SKIP", str(exc))
+    changed = sorted(set(kernel.arg_names) ^ set(entry["signature"]))
+    if changed:  # the kernel was edited after the launch was recorded
+        return _result(entry, "FAIL", f"the recorded launch does not match the kernel's "
+                       f"current arguments (differ: {', '.join(changed)}): record it again")
     try:
         signature = {arg: entry["signature"][arg] for arg in kernel.arg_names}
         constexprs = {arg: decode_value(v) for arg, v in entry["constexprs"].items()}
