@@ -375,3 +375,31 @@ def test_gpu_playbook_dry_run_runs_its_stages_in_order_and_prints_the_goals(tmp_
     assert any("80% of copy" in line and line.endswith("| **NOT met** |") for line in table)
     assert any("Liger" in line and line.endswith("| met |") for line in table)
     assert "==== performance goals ====" in proc.stdout
+
+
+def test_sparse_train_step_bench_rows_pair_with_the_issue_18_goals():
+    """The sparse bench's training-step rows (CPU, quick): one per setup on the same case, the
+    mask-training rows carrying one bf16 copy of the masked matrices as their memory allowance;
+    the issue-18 goals select the BERT-base case only, so a tiny CPU case stays unmeasured."""
+    from regdrop_fast.benchmarking import BenchContext, goals
+    from regdrop_fast.benchmarking.ops import sparse as sparse_bench
+    from regdrop_fast.sparse import MaskTrainer, masked_modules
+
+    ctx = BenchContext(device=torch.device("cpu"), quick=True)
+    sparse_bench.bench_train_step(ctx)
+    impls = [r["impl"] for r in ctx.rows]
+    assert impls == ["dense step (AdamW)", "mask training (fwd+bwd+AdamW on scores)",
+                     "mask training + φ reset every step (MaskTrainer default interval=1)",
+                     "IMP fixed masks (MaskedAdamW)"]
+    assert {(r["op"], r["case"], r["dtype"], r["baseline"]) for r in ctx.rows} == {
+        ("sparse_train_step", "tiny L=16,B=2", "float32", "dense step (AdamW)")}
+    assert all(r["ms"] > 0 and r["peak_total_bytes"] is None for r in ctx.rows)
+    model = sparse_bench._train_model(torch.device("cpu"), small=True)
+    MaskTrainer(model, 0.7)
+    allowance = 2 * sum(m.weight.numel() for m in masked_modules(model).values())
+    assert [r.get("peak_allowance_bytes") for r in ctx.rows] == [None, allowance, allowance,
+                                                                 None]
+    issue18 = [g for g in goals.GOALS if g.issue == 18]
+    assert len(issue18) == 3
+    assert all(goals.evaluate(g, ctx.rows)["met"] is None for g in issue18)
+    assert sparse_bench._ours(torch.device("cpu")) == [None, "reference"]

@@ -93,3 +93,31 @@ def test_cli_prints_one_row_per_goal(tmp_path, capsys):
     assert rdrop80.endswith("| **NOT met** |")
     assert sum("not measured |" in line for line in lines) >= 10  # no rows for those ops
     assert goals.main([str(tmp_path / "absent.jsonl")]) == 2
+
+
+def test_issue_18_goals_pair_the_training_steps_with_the_dense_step():
+    case, step = "bert-base L=512,B=32", "sparse_train_step"
+    gib = 2 ** 30
+    rows = [_row(step, case, "dense step (AdamW)", 100.0, dtype="bf16-autocast",
+                 peak_total_bytes=20 * gib),
+            _row(step, case, "mask training (fwd+bwd+AdamW on scores)", 108.0,
+                 dtype="bf16-autocast", peak_total_bytes=20.5 * gib,
+                 peak_allowance_bytes=gib // 4),
+            # the φ reset row is not the issue's step: slower, and no goal reads it
+            _row(step, case, "mask training + φ reset every step (MaskTrainer default "
+                 "interval=1)", 150.0, dtype="bf16-autocast", peak_total_bytes=30 * gib),
+            _row(step, case, "IMP fixed masks (MaskedAdamW)", 104.0, dtype="bf16-autocast"),
+            _row(step, "tiny L=16,B=2", "dense step (AdamW)", 1.0, dtype="float32"),
+            _row(step, "tiny L=16,B=2", "IMP fixed masks (MaskedAdamW)", 9.0, dtype="float32")]
+    by_text = {g.text: evaluate(g, rows) for g in goals.GOALS if g.issue == 18}
+    mask, imp, peak = by_text.values()
+    assert mask["worst"] == (case, "mask training (fwd+bwd+AdamW on scores)",
+                             pytest.approx(1.08)) and mask["met"] is True
+    assert imp["worst"][2] == pytest.approx(1.04) and imp["met"] is False
+    assert len(imp["measured"]) == 1  # the tiny CPU case is not the goal's
+    # 20.5 GiB against 20 GiB + 0.25 GiB allowed
+    assert peak["worst"][2] == pytest.approx(20.5 / 20.25) and peak["met"] is False
+    rows[1]["peak_allowance_bytes"] = gib
+    assert evaluate(next(g for g in goals.GOALS if g.metric == "peak_over_ref"), rows)["met"]
+    with pytest.raises(ValueError, match="ref"):
+        _goal(metric="peak_over_ref")

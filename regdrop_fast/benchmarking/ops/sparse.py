@@ -1,4 +1,6 @@
-"""Masked linear forward + backward: y = x·(W ⊙ M)ᵀ + b, then dx and the mask/weight grads.
+"""Sparse subnetworks: (a) the masked linear alone, (b) whole training steps (issue 18).
+
+(a) Masked linear forward + backward: y = x·(W ⊙ M)ᵀ + b, then dx and the mask/weight grads.
 
 Two training modes, each at sparsity 50/70/90%:
   scores  mask training: W frozen, M = scores > φ, grads dx and dScore (straight-through)
@@ -8,9 +10,11 @@ Baselines, measured in the same run:
                     and mask-training code do: W ⊙ M materialized, forward and backward)
   torch.nn.utils.prune  custom_from_mask: a forward pre-hook computes weight_orig * weight_mask
                     (packed mode only: prune has no trainable scores)
-Ours: `regdrop_fast.sparse.masked_linear` per backend: reference everywhere (it materializes
-W ⊙ M too), triton on CUDA (fused: M built inside the GEMM tiles). The interpreter is never
-timed. flops = 3 GEMMs of 2·M·N·K (forward, dx, dW/dScore).
+Ours: `regdrop_fast.sparse.masked_linear` with its default (backend=None: W ⊙ M written
+once, torch's GEMMs, the straight-through grads in one elementwise pass), and by name
+reference (F.linear(x, W * M) under autograd) and, on CUDA, triton (the fused masked GEMM,
+M built inside the GEMM tiles, kept pending this comparison). The interpreter is never timed.
+flops = 3 GEMMs of 2·M·N·K (forward, dx, dW/dScore).
 
 Mask memory per weight matrix (extra fields on every row): packed bits N·ceil(K/32)·4 B,
 bool N·K B, float N·K·4 B; `mask_bytes` is what the row's implementation keeps.
@@ -19,15 +23,38 @@ Shapes (weights out×in): on CUDA 16k tokens through BERT-base (Q/K/V/attention 
 FFN in 3072×768, FFN out 768×3072) and BERT-large (1024×1024, 4096×1024, 1024×4096) at each
 sparsity, plus the earlier 2048-token BERT-base rows at 70% as small secondary rows; on CPU
 2048 tokens through BERT-base. Quick: 256 tokens, a 512×192 weight.
+
+(b) sparse_train_step: one training step (zero_grad, forward, backward, optimizer step) of a
+random BertForSequenceClassification, BERT-base-shaped with 16k tokens (B=32, L=512) and bf16
+autocast on CUDA, a 2-layer 64-wide one with B=2, L=16 in fp32 on CPU or quick. Rows, each
+on a fresh copy of the same model (built, measured, freed in turn, so each peak is its own):
+  dense step (AdamW)   fine-tuning every parameter with torch.optim.AdamW (fused on CUDA)
+  mask training (fwd+bwd+AdamW on scores)   MaskTrainer(model, 0.7) defaults (frozen weights,
+                       scores trained through masked_linear's default path), the same AdamW
+                       on the scores (weight decay 0); φ kept (the issue's step definition)
+  mask training + φ reset every step   the same plus trainer.step() at its default interval=1
+                       (a per-matrix kthvalue of the scores every step)
+  IMP fixed masks (MaskedAdamW)   IterativeMagnitudePruner(model, 0.7, rate=0.7) after its one
+                       prune(): pruned weights held at 0, plain F.linear, MaskedAdamW's step
+Times are eager only (no CUDA-graph replay: a whole step with an optimizer and a φ reset is
+not capturable, and at these sizes the host's launch work is small next to the GPU's).
+peak_total_bytes: the device's peak allocation during one step including the resident model,
+optimizer state and batch (CUDA only); the mask-training rows carry peak_allowance_bytes, one
+bf16 copy of the masked matrices, which issue 18 allows above the dense step's peak.
 """
+import copy
+
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 
 from regdrop_fast import backends
+from regdrop_fast.benchmarking import peak_memory_bytes, time_fn
+from regdrop_fast.childtuning import MaskedAdamW
 from regdrop_fast.masks import num_words, pack_mask
 from regdrop_fast.reference.masked_linear import scores_mask
-from regdrop_fast.sparse import masked_linear
+from regdrop_fast.sparse import (IterativeMagnitudePruner, MaskTrainer, masked_linear,
+                                 masked_modules)
 
 SPARSITIES = (0.5, 0.7, 0.9)
 PHI = 0.0
@@ -47,8 +74,13 @@ def _cases(quick, device_type):
 
 
 def _ours(device):
+    """backend= values timed: None (the default path, always available) and the named ones."""
     names = ["reference"] if device.type == "cpu" else ["reference", "triton"]
-    return [n for n in names if backends.unavailable_reason(n, device) is None]
+    return [None] + [n for n in names if backends.unavailable_reason(n, device) is None]
+
+
+def _impl(backend):
+    return f"masked_linear[{backend or 'default'}]"
 
 
 def _scores_with_sparsity(n, k, sparsity, device, generator):
@@ -65,7 +97,7 @@ def _step(fn, leaves, dy):
     return run
 
 
-def run(ctx):
+def bench_masked_linear(ctx):
     device = ctx.device
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
@@ -94,7 +126,7 @@ def run(ctx):
                            lambda: F.linear(x, w * scores_mask(scores, PHI).to(dtype), b),
                            (x, scores), dy)))
             for name in _ours(device):
-                ctx.record(op="masked_linear_scores", impl=f"masked_linear[{name}]",
+                ctx.record(op="masked_linear_scores", impl=_impl(name),
                            baseline=base, mask_bytes=memory["float_bytes"], **common,
                            **ctx.measure(_step(
                                lambda name=name: masked_linear(x, w, scores, b, threshold=PHI,
@@ -115,8 +147,111 @@ def run(ctx):
                        mask_bytes=memory["float_bytes"], **common,
                        **ctx.measure(_step(lambda: layer(x), (x, layer.weight_orig), dy)))
             for name in _ours(device):
-                ctx.record(op="masked_linear_packed", impl=f"masked_linear[{name}]",
+                ctx.record(op="masked_linear_packed", impl=_impl(name),
                            baseline=base, mask_bytes=memory["packed_bytes"], **common,
                            **ctx.measure(_step(
                                lambda name=name: masked_linear(x, w, packed, b, backend=name),
                                (x, w), dy)))
+
+
+TRAIN_SPARSITY = 0.7
+LR = 1e-4
+
+
+def _train_model(device, small):
+    from transformers import BertConfig, BertForSequenceClassification
+    if small:
+        config = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=128, num_labels=2)
+    else:
+        config = BertConfig(num_labels=2)  # bert-base shapes
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).to(device).train()
+
+
+def _total_peak(fn, device):
+    """Peak bytes allocated on the device while fn() runs, resident tensors included."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def _train_step(model, optimizer, batch, autocast, after=None):
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        if after is not None:
+            after()
+    return run
+
+
+def _dense(model, device):
+    return torch.optim.AdamW(model.parameters(), lr=LR, fused=device.type == "cuda"), None
+
+
+def _mask_training(reset):
+    def setup(model, device):
+        trainer = MaskTrainer(model, TRAIN_SPARSITY, **({} if reset else {"interval": 2**62}))
+        optimizer = torch.optim.AdamW(trainer.parameters(), lr=LR, weight_decay=0.0,
+                                      fused=device.type == "cuda")
+        return optimizer, trainer.step
+    return setup
+
+
+def _imp(model, device):
+    imp = IterativeMagnitudePruner(model, TRAIN_SPARSITY, rate=TRAIN_SPARSITY)
+    imp.prune()
+    return MaskedAdamW(list(model.parameters()), imp.masks(), lr=LR), None
+
+
+def bench_train_step(ctx):
+    device = ctx.device
+    small = ctx.quick or device.type != "cuda"
+    batch_size, length = (2, 16) if small else (32, 512)
+    base = _train_model(device, small)
+    gen = torch.Generator(device=device).manual_seed(3)
+    batch = {"input_ids": torch.randint(5, base.config.vocab_size, (batch_size, length),
+                                        device=device, generator=gen),
+             "attention_mask": torch.ones(batch_size, length, dtype=torch.long, device=device),
+             "labels": torch.randint(0, 2, (batch_size,), device=device, generator=gen)}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    common = dict(op="sparse_train_step", baseline="dense step (AdamW)",
+                  case=f"{'tiny' if small else 'bert-base'} L={length},B={batch_size}",
+                  dtype="bf16-autocast" if device.type == "cuda" else "float32",
+                  shape=[batch_size, length, base.config.hidden_size],
+                  sparsity=TRAIN_SPARSITY)
+    # whole steps take long on CPU: a few runs give the median without exceeding the budget
+    timing = dict(warmup=1, repeat=3) if device.type == "cpu" else {}
+    setups = {"dense step (AdamW)": _dense,
+              "mask training (fwd+bwd+AdamW on scores)": _mask_training(reset=False),
+              "mask training + φ reset every step (MaskTrainer default interval=1)":
+                  _mask_training(reset=True),
+              "IMP fixed masks (MaskedAdamW)": _imp}
+    for impl, setup in setups.items():
+        model = copy.deepcopy(base)
+        optimizer, after = setup(model, device)
+        step = _train_step(model, optimizer, batch, autocast, after)
+        extra = {}
+        if "mask training" in impl:
+            extra["peak_allowance_bytes"] = 2 * sum(m.weight.numel()
+                                                    for m in masked_modules(model).values())
+        timed = time_fn(step, device, **timing)
+        ctx.record(impl=impl, **common, **timed, **extra,
+                   peak_mem_bytes=peak_memory_bytes(step, device),
+                   peak_total_bytes=_total_peak(step, device))
+        del model, optimizer, after, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run(ctx):
+    bench_masked_linear(ctx)
+    bench_train_step(ctx)
