@@ -13,6 +13,13 @@ import torch  # noqa: E402
 
 from regdrop_fast import backends  # noqa: E402
 
+# The shared helpers assert like the tests do: rewrite their asserts for pytest's messages
+# (register before the first import of utils).
+pytest.register_assert_rewrite("utils")
+
+# Re-exported until the last test modules that still import it from here switch to utils.
+from utils import require_backend  # noqa: E402,F401
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
@@ -39,13 +46,6 @@ def device() -> torch.device:
 def kernel_backends(device):
     """Non-reference backends that can run tensors of `device` here (triton, cpu, cuda)."""
     return [name for name in backends.available(device) if name != "reference"]
-
-
-def require_backend(name: str, device) -> None:
-    """Skip (with the reason) when backend `name` cannot run on `device`."""
-    reason = backends.unavailable_reason(name, device)
-    if reason is not None:
-        pytest.skip(f"backend {name!r} unavailable: {reason}")
 
 
 # Opt-in: REGDROP_AOT_RECORD=path.jsonl records every Triton launch of this run for the sm_90

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_helpers import Injector, Killed, assert_same_run, base_args, tiny_task
 from regdrop_fast.cli import main
 from regdrop_fast.finetune import checkpoint as ckpt
+from utils.finetune import Injector, Killed, assert_same_run, base_args, tiny_task
 
 
 # -- the protocol alone, every pair of kill points ----------------------------------------------
@@ -88,7 +88,7 @@ RUNNER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import pytest
-from finetune_helpers import Injector
+from utils.finetune import Injector
 from regdrop_fast.cli import main
 save, step = int(sys.argv[1]), int(sys.argv[2])
 patch = pytest.MonkeyPatch()

@@ -14,8 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_helpers import (base_args, make_tiny_bert, review_rows, tiny_task, write_csv,
-                              write_jsonl)
 from regdrop_fast.cli import build_parser, main
 from regdrop_fast.finetune import data as data_mod
 from regdrop_fast.finetune import demo as demo_mod
@@ -23,6 +21,8 @@ from regdrop_fast.finetune.cli import config_from_args
 from regdrop_fast.finetune.config import FinetuneConfig
 from regdrop_fast.finetune.methods import build_methods
 from regdrop_fast.finetune.methods.base import MethodUnavailable
+from utils.finetune import (base_args, make_tiny_bert, review_rows, tiny_task, write_csv,
+                            write_jsonl)
 
 HERE = Path(__file__).parent
 
@@ -65,7 +65,7 @@ def test_every_help_flag_is_exercised_by_a_test():
     sources = "".join((HERE / f).read_text() for f in
                       ("test_finetune_cli.py", "test_finetune_resume.py",
                        "test_finetune_distributed.py", "test_finetune_checkpoint.py",
-                       "finetune_helpers.py"))
+                       "utils/finetune.py"))
     used = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', sources))
     assert len(flags) > 35
     assert flags - used == set()

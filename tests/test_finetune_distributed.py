@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_helpers import base_args, tiny_task
 from regdrop_fast.cli import main
 from regdrop_fast.finetune import distributed as D
 from regdrop_fast.finetune.config import FinetuneConfig
 from regdrop_fast.finetune.methods import build_methods
 from regdrop_fast.finetune.methods.base import MethodUnavailable
+from utils.finetune import base_args, tiny_task
 
 
 def _available(method):

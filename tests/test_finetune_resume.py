@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune_helpers import assert_same_run, base_args, tiny_task
 from regdrop_fast.cli import main
 from regdrop_fast.finetune import checkpoint as ckpt
 from regdrop_fast.finetune import train
+from utils.finetune import assert_same_run, base_args, tiny_task
 
 
 @pytest.fixture(scope="module")

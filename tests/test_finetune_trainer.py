@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
-from finetune_helpers import make_tiny_bert, review_rows  # noqa: E402
 from regdrop_fast.finetune.config import FinetuneConfig  # noqa: E402
 from regdrop_fast.finetune.errors import FinetuneError  # noqa: E402
 from regdrop_fast.finetune.methods import build_methods  # noqa: E402
 from regdrop_fast.finetune.methods.base import MethodUnavailable  # noqa: E402
+from utils.finetune import make_tiny_bert, review_rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")

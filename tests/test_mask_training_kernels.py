@@ -3,9 +3,9 @@ interpreter, against the torch expressions they replace; their sm_90 compile."""
 import pytest
 import torch
 
-from conftest import require_backend
 from regdrop_fast.reference import masks as ref_masks
-from sm90_helpers import compile_script_for_sm90
+from utils import require_backend
+from utils.sm90 import compile_script_for_sm90
 
 SHAPES = [(1, 1), (33, 70), (40, 161)]  # none a multiple of the 32 x 128 tiles
 

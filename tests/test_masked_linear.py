@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from conftest import require_backend
 from regdrop_fast.masks import pack_mask
 from regdrop_fast.reference import masked_linear as ref
 from regdrop_fast.sparse import masked_linear
-from sm90_helpers import compile_script_for_sm90
+from utils import require_backend
+from utils.sm90 import compile_script_for_sm90
 
 SHAPES = [  # (leading dims of x, out N, in K): none a multiple of the 32-wide interpreter tiles
     ((37,), 45, 70),

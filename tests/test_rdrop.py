@@ -3,11 +3,11 @@ edge cases, bad input, torch.compile without graph breaks."""
 import pytest
 import torch
 
-from conftest import require_backend
 from regdrop_fast import rdrop_loss, RDropLoss
 from regdrop_fast.reference.rdrop import (rdrop_grads_reference, rdrop_loss_reference,
                                           rdrop_regression_reference)
-from sm90_helpers import compile_script_for_sm90
+from utils import require_backend
+from utils.sm90 import compile_script_for_sm90
 
 TOLS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
