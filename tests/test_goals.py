@@ -89,7 +89,7 @@ def test_cli_prints_one_row_per_goal(tmp_path, capsys):
     assert len(lines) == len(goals.GOALS)
     by_text = {line.split(" | ")[1]: line for line in lines}
     rdrop80 = next(v for k, v in by_text.items() if "80% of copy" in k)
-    assert "79% (rdrop_loss[triton], N=8192,V=50265; 2 cases)" in rdrop80
+    assert "79% (rdrop_loss[triton], N=8192,V=50265; 2 cases, 1 missed)" in rdrop80
     assert rdrop80.endswith("| **NOT met** |")
     assert sum("not measured |" in line for line in lines) >= 10  # no rows for those ops
     assert goals.main([str(tmp_path / "absent.jsonl")]) == 2
@@ -121,3 +121,35 @@ def test_issue_18_goals_pair_the_training_steps_with_the_dense_step():
     assert evaluate(next(g for g in goals.GOALS if g.metric == "peak_over_ref"), rows)["met"]
     with pytest.raises(ValueError, match="ref"):
         _goal(metric="peak_over_ref")
+
+
+def test_main_cuda_rows_under_200_us_of_gpu_time_are_flagged_by_name():
+    rows = [_row(ATTN, "L=1024,H=12,d=64", "sdpa[flash](no mask)", 1.0, device="cuda:0",
+                 graph_ms=0.9),
+            _row(ATTN, "L=512,H=12,d=64", "masked_attention[triton]", 0.3, device="cuda:0",
+                 graph_ms=0.15),
+            _row("rdrop_loss_fwd_bwd", "N=8192,V=32000", "rdrop_loss[triton]", 0.5,
+                 device="cuda:0", graph_ms=0.05),
+            # not main: a secondary size, a "(small)" case, a CPU row, no graph time
+            _row(ATTN, "L=128,H=12,d=64 (small)", "sdpa[flash](no mask)", 0.1, device="cuda:0",
+                 graph_ms=0.01),
+            _row("rdrop_loss_fwd_bwd", "N=8192,V=2", "rdrop_loss[triton]", 0.02,
+                 device="cuda:0", graph_ms=0.008, main_case=False),
+            _row("philox_keep_mask", "n=2^20", "keep[cpu]", 0.01, device="cpu", graph_ms=0.01),
+            _row("childtuning_step", "bert-base-110M", "ours-F[cuda]", 2.0, device="cuda:0")]
+    assert not goals.is_main_cuda_row(rows[3]) and not goals.is_main_cuda_row(rows[4])
+    goal = next(g for g in goals.GOALS if g.metric == "main_graph_us")
+    result = evaluate(goal, rows)
+    assert [m[2] for m in result["measured"]] == pytest.approx([900, 150, 50])
+    assert result["met"] is False
+    assert result["worst"] == ("N=8192,V=32000", "rdrop_loss[triton]", pytest.approx(50))
+    assert [m[:3] for m in result["missed"]] == [
+        (ATTN, "L=512,H=12,d=64", "masked_attention[triton]"),
+        ("rdrop_loss_fwd_bwd", "N=8192,V=32000", "rdrop_loss[triton]")]
+    table = goals.markdown([result])
+    assert "3 cases, 2 missed" in table
+    flagged = table.split("GPU us (graph replay) |")[1].splitlines()[2:]
+    assert flagged == [f"| {ATTN} | L=512,H=12,d=64 | masked_attention[triton] | 150 |",
+                       "| rdrop_loss_fwd_bwd | N=8192,V=32000 | rdrop_loss[triton] | 50 |"]
+    assert evaluate(goal, rows[:1])["met"] is True
+    assert "GPU us" not in goals.markdown([evaluate(goal, rows[:1])])
