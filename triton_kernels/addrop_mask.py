@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .philox import philox_word
+from .utils import cdiv, next_power_of_2
 
 INT32_MAX = tl.constexpr(2147483647)
 SIGN_BIT = tl.constexpr(2147483648)
@@ -215,12 +216,12 @@ def keep_mask_bits(attr, v, key_padding_mask, rank, drop_threshold: int, seed: i
         group = heads // v.shape[1]
         s_b, s_h, s_m, s_n = attr.stride()
         v_b, v_h, v_n, _ = v.stride()
-    n_words = triton.cdiv(lk, 32)
+    n_words = cdiv(lk, 32)
     words = torch.empty(batch, heads, lq, n_words, dtype=torch.int32, device=attr.device)
     if words.numel() == 0:
         return words
-    lk_pad = max(32, triton.next_power_of_2(lk))
-    block_d = max(16, triton.next_power_of_2(d))
+    lk_pad = max(32, next_power_of_2(lk))
+    block_d = max(16, next_power_of_2(d))
     resident = block_n is None and RESIDENT_BLOCK_M * lk_pad <= RESIDENT_MAX_ELEMS and (
         from_attr or block_d * lk_pad * attr.element_size() <= RESIDENT_MAX_OPERAND)
     if resident:
@@ -237,7 +238,7 @@ def keep_mask_bits(attr, v, key_padding_mask, rank, drop_threshold: int, seed: i
     rank_b, rank_m = (rank.stride(0), 0) if rank.dim() == 1 else rank.stride()
     precision = "ieee" if attr.dtype == torch.float32 else "tf32"
     num_warps = 8 if block_m * tile_n >= 8192 else 4
-    grid = (triton.cdiv(lq, block_m), batch * heads)
+    grid = (cdiv(lq, block_m), batch * heads)
     addrop_mask_kernel[grid](
         attr, v, kpm, rank, words,
         s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, rank_b, rank_m,

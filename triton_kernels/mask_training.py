@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import cdiv
+
 _BLOCK_N, _BLOCK_K = 32, 128
 
 
@@ -106,7 +108,7 @@ def _mask_args(words, scores, phi, device):
 
 
 def _grid(n, k):
-    return (triton.cdiv(n, _BLOCK_N), triton.cdiv(k, _BLOCK_K))
+    return (cdiv(n, _BLOCK_N), cdiv(k, _BLOCK_K))
 
 
 def materialize(weight, words, scores, phi, dtype):

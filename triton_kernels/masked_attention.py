@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .addrop_mask import mask_element_index
 from .philox import philox_word
+from .utils import cdiv, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 MASK_NONE = tl.constexpr(0)
@@ -428,7 +429,7 @@ def _common(q, k):
     """(batch, heads, kv heads, lq, lk, d, BLOCK_D, dot precision)."""
     batch, heads, lq, d = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     return batch, heads, kv_heads, lq, lk, d, block_d, precision
 
@@ -439,11 +440,11 @@ def masked_attention_forward(q, k, v, masks: MaskArgs, scale: float, dropout_p: 
     batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
     out = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     masked_attention_fwd_kernel[grid](
         q, k, v, out, lse, *masks.args,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        heads, lq, lk, d, heads // kv_heads, triton.next_power_of_2(max(lq, lk)),
+        heads, lq, lk, d, heads // kv_heads, next_power_of_2(max(lq, lk)),
         scale * math.log2(math.e),
         *_dropout_args(dropout_p, seed, step, stream),
         **masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal, BLOCK_D=block_d,
@@ -459,7 +460,7 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
     batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
     delta = torch.empty_like(lse)
     delta_m = 16 if q.device.type == "cpu" else DELTA_BLOCK_M
-    masked_attention_bwd_delta_kernel[(triton.cdiv(lq, delta_m), batch * heads)](
+    masked_attention_bwd_delta_kernel[(cdiv(lq, delta_m), batch * heads)](
         out, do, delta, *do.stride()[:3], heads, lq, d, BLOCK_M=delta_m, BLOCK_D=block_d,
         num_warps=1 if q.device.type == "cpu" else 4)
     dq = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=q.device)
@@ -467,12 +468,12 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
     dv = torch.empty(batch, kv_heads, lk, d, dtype=v.dtype, device=q.device)
     common = (*masks.args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
               *do.stride()[:3], heads, lq, lk, d, heads // kv_heads,
-              triton.next_power_of_2(max(lq, lk)), scale * math.log2(math.e), scale,
+              next_power_of_2(max(lq, lk)), scale * math.log2(math.e), scale,
               *_dropout_args(dropout_p, seed, step, stream))
     flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal,
                  BLOCK_D=block_d, DOT_PRECISION=precision)
-    grid_kv = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+    grid_kv = lambda meta: (cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
     masked_attention_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *common, **flags)
-    grid_q = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid_q = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     masked_attention_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *common, **flags)
     return dq, dk, dv

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .mask_training import keep_tile as _keep_tile
+from .utils import cdiv
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -173,11 +174,11 @@ def _launch(kernel, tuned, device, rows, row_block, cols, col_block, args, **fla
     constexprs that tile the output)."""
     if device.type == "cuda":
         def grid(meta):
-            return (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)
+            return (cdiv(rows, meta[row_block]) * cdiv(cols, meta[col_block]),)
         tuned[grid](*args, **flags)
     else:
         b = _INTERPRETER_BLOCKS
-        grid = (triton.cdiv(rows, b[row_block]) * triton.cdiv(cols, b[col_block]),)
+        grid = (cdiv(rows, b[row_block]) * cdiv(cols, b[col_block]),)
         kernel[grid](*args, **flags, **b)
 
 

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import calculate_settings
+from .utils import calculate_settings, cdiv, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the hardware ex2
 LN2 = tl.constexpr(0.6931471805599453)
@@ -281,7 +281,7 @@ def _tile(n_rows: int, n_cols: int, block_v=None, block_n=None):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     if block_n is None:
         block_n = max(1, min(MAX_ROW_TILE // block_v,
-                             triton.next_power_of_2(triton.cdiv(n_rows, 512))))
+                             next_power_of_2(cdiv(n_rows, 512))))
     elif block_n < 1 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     if block_n == 1:
@@ -353,7 +353,7 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_ce
         g1 = torch.empty_like(z1) if g1 is None else g1
         g2 = torch.empty_like(z2) if g2 is None else g2
     block_n, block_v, num_warps = _tile(n_rows, n_cols, block_v, block_n)
-    grid = _programs(triton.cdiv(n_rows, block_n), n_cols, block_v, z1.element_size(), device,
+    grid = _programs(cdiv(n_rows, block_n), n_cols, block_v, z1.element_size(), device,
                      programs)
     partial = torch.empty(2 * grid, dtype=torch.float32, device=device)
     done = _done_counter(device)
@@ -368,7 +368,7 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_ce
             HAS_LABELS=has_labels, HAS_CE=bool(ce and has_labels), NEED_GRAD=bool(need_grad),
             MEAN_CE=bool(mean_ce), MEAN_KL=bool(mean_kl), ROW_LOSS=bool(row_loss),
             ONE_BLOCK=n_cols <= block_v, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_COUNT=1024,
-            PROGRAMS_P2=triton.next_power_of_2(grid), num_warps=num_warps)
+            PROGRAMS_P2=next_power_of_2(grid), num_warps=num_warps)
     except BaseException:
         done.zero_()  # a launch that failed part-way must not leave the counter off zero
         raise
@@ -382,10 +382,10 @@ def rdrop_scale_grads_(g1, g2, grad_output):
     n_rows, n_cols = g1.shape
     go = grad_output.reshape(-1)
     go_stride = 0 if go.numel() == 1 else go.stride(0)
-    block_v = min(triton.next_power_of_2(n_cols), MAX_TILE)
-    block_n = max(1, min(MAX_TILE // block_v, triton.next_power_of_2(n_rows)))
+    block_v = min(next_power_of_2(n_cols), MAX_TILE)
+    block_n = max(1, min(MAX_TILE // block_v, next_power_of_2(n_rows)))
     num_warps = calculate_settings(block_n * block_v, MAX_TILE)[1]
-    grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_v))
+    grid = (cdiv(n_rows, block_n), cdiv(n_cols, block_v))
     rdrop_scale_grads_kernel[grid](g1, g2, go, g1.stride(0), g2.stride(0), go_stride,
                                    n_rows, n_cols, BLOCK_N=block_n, BLOCK_V=block_v,
                                    num_warps=num_warps)
