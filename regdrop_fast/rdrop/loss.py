@@ -144,14 +144,9 @@ def reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task, sca
     return terms, g1.view(logits1.shape).to(logits1.dtype), g2.view(logits2.shape).to(logits2.dtype)
 
 
-@torch.library.custom_op("regdrop_fast::rdrop_loss", mutates_args=())
-def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], alpha: float,
-                  ignore_index: int, reduction: str, kl_reduction: str, ce: bool, task: str,
-                  backend: str, check_labels: bool, check_finite: int, need_grad: bool,
-                  need_parts: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, dloss/dlogits1, dloss/dlogits2, parts); the gradients are empty without
-    need_grad, parts ([2], see `mean_parts`) without need_parts. backend "" = resolve
-    (argument > env > auto); check_finite -1 = the backend's default."""
+def _forward(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduction, ce, task,
+             backend, check_labels, check_finite, need_grad, need_parts):
+    """(backend name, (loss, g1, g2, parts)): the body of `rdrop_loss_op`."""
     name = resolve_backend(backend or None, logits1.device, logits1.dtype, task)
     finite = check_finite == 1 or (check_finite == -1 and name == "reference")
     check_rdrop_values(logits1, logits2, labels, ignore_index, task,
@@ -163,8 +158,8 @@ def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], al
             parts = parts.new_empty(0)
         if not need_grad:
             empty = logits1.new_empty(0)
-            return loss, empty, empty.clone(), parts
-        return loss, g1.view(logits1.shape), g2.view(logits2.shape), parts
+            return name, (loss, empty, empty.clone(), parts)
+        return name, (loss, g1.view(logits1.shape), g2.view(logits2.shape), parts)
     regression = task == "regression"
     n_rows = logits1.numel() // logits1.shape[-1] if logits1.dim() > 1 else logits1.shape[0]
     scale, inv = gradient_scales(None if regression else labels, ignore_index, n_rows,
@@ -181,8 +176,20 @@ def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], al
     parts = mean_parts(sums, inv, task) if need_parts else terms.new_empty(0)
     if not need_grad:
         empty = logits1.new_empty(0)
-        return loss, empty, empty.clone(), parts
-    return loss, g1.view(logits1.shape), g2.view(logits2.shape), parts
+        return name, (loss, empty, empty.clone(), parts)
+    return name, (loss, g1.view(logits1.shape), g2.view(logits2.shape), parts)
+
+
+@torch.library.custom_op("regdrop_fast::rdrop_loss", mutates_args=())
+def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], alpha: float,
+                  ignore_index: int, reduction: str, kl_reduction: str, ce: bool, task: str,
+                  backend: str, check_labels: bool, check_finite: int, need_grad: bool,
+                  need_parts: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dloss/dlogits1, dloss/dlogits2, parts); the gradients are empty without
+    need_grad, parts ([2], see `mean_parts`) without need_parts. backend "" = resolve
+    (argument > env > auto); check_finite -1 = the backend's default."""
+    return _forward(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduction, ce,
+                    task, backend, check_labels, check_finite, need_grad, need_parts)[1]
 
 
 @rdrop_loss_op.register_fake
@@ -216,6 +223,11 @@ _N_ARGS = 14  # inputs of rdrop_loss_op
 
 
 def _backward(ctx, grad_loss, _grad_g1, _grad_g2, _grad_parts):
+    return _input_grads(ctx, grad_loss)
+
+
+def _input_grads(ctx, grad_loss):
+    """The gradients of the op's inputs: the saved (g1, g2) scaled by grad_loss."""
     if ctx.in_place and _is_plain(grad_loss):
         if ctx.consumed:
             raise RuntimeError("rdrop_loss: backward ran twice through the same graph; its saved "
@@ -238,6 +250,37 @@ def _backward(ctx, grad_loss, _grad_g1, _grad_g2, _grad_parts):
 
 
 rdrop_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerRDrop(torch.autograd.Function):
+    """`rdrop_loss_op` with gradients on an eager call: the same forward and backward without
+    the custom op's dispatcher round trip (tens of microseconds of host time a call)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        name, (loss, g1, g2, parts) = _forward(*args)
+        ctx.save_for_backward(g1, g2)
+        ctx.reduction = args[5]
+        ctx.in_place = name == "triton"
+        ctx.consumed = False
+        ctx.mark_non_differentiable(parts)
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_parts):
+        return _input_grads(ctx, grad_loss)
+
+
+def _plain_eager(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor]) -> bool:
+    """True when the call sees plain tensors and no compiler, tracer, tensor mode or functorch
+    transform: the custom op then has nothing to dispatch, so its body runs directly. Meta
+    tensors keep the op (its fake implementation runs for them)."""
+    return (type(logits1) is Tensor and type(logits2) is Tensor
+            and (labels is None or type(labels) is Tensor) and not logits1.is_meta
+            and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active())
 
 
 class RDropParts(NamedTuple):
@@ -289,9 +332,15 @@ def rdrop_loss(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None
         raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
     need_grad = torch.is_grad_enabled() and (logits1.requires_grad or logits2.requires_grad)
     finite = -1 if check_finite is None else int(bool(check_finite))
-    loss, _, _, parts = rdrop_loss_op(logits1, logits2, labels, float(alpha), int(ignore_index),
-                                      reduction, kl_reduction, bool(ce), task, backend or "",
-                                      bool(check_labels), finite, need_grad, bool(return_parts))
+    args = (logits1, logits2, labels, float(alpha), int(ignore_index), reduction, kl_reduction,
+            bool(ce), task, backend or "", bool(check_labels), finite, need_grad,
+            bool(return_parts))
+    if not _plain_eager(logits1, logits2, labels):
+        loss, _, _, parts = rdrop_loss_op(*args)
+    elif need_grad:
+        loss, parts = _EagerRDrop.apply(*args)
+    else:
+        loss, _, _, parts = _forward(*args)[1]
     if not return_parts:
         return loss
     parts = parts.detach()
