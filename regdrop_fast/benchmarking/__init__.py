@@ -22,14 +22,15 @@ def _sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
-            repeat: Optional[int] = None, budget_s: float = 0.5) -> dict:
+            repeat: Optional[int] = None, budget_s: float = 0.5, rep_ms: float = 100) -> dict:
     """Median/p20/p80 wall time of fn() in milliseconds.
 
-    CUDA: triton.testing.do_bench (L2 flushed between runs). CPU: perf_counter over `repeat`
-    runs (default: as many as fit in `budget_s`, between 5 and 200)."""
+    CUDA: triton.testing.do_bench (L2 flushed between runs) over about `rep_ms` of runs (raise
+    it for calls of tens of ms, which 100 ms covers only once or twice). CPU: perf_counter over
+    `repeat` runs (default: as many as fit in `budget_s`, between 5 and 200)."""
     if device.type == "cuda":
         import triton.testing
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        med, p20, p80 = triton.testing.do_bench(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return {"ms": med, "p20_ms": p20, "p80_ms": p80}
     for _ in range(warmup):
         fn()
