@@ -48,18 +48,23 @@ def test_readme_block_runs_as_pasted(index, tmp_path, monkeypatch, capsys):
     assert checked, "the block defines none of the results this test knows how to check"
 
 
-def test_readme_points_only_inside_the_repository():
-    assert "../" not in TEXT, "the README must not point outside the repository"
-    targets = re.findall(r"\]\(([^)#\s]+)", TEXT)  # markdown links
-    targets += re.findall(r"`((?:benchmarks|docs|tests|csrc|tools|regdrop_fast)/[^`\s]*)`", TEXT)
-    assert targets
+@pytest.mark.parametrize("page", ["README.md", "CONTRIBUTING.md", "docs/methods.md",
+                                  "docs/design.md"])
+def test_docs_point_only_inside_the_repository(page):
+    path = ROOT / page
+    text = path.read_text()
+    assert "../" not in text, f"{page} must not point outside the repository"
+    targets = re.findall(r"\]\(([^)#\s]+)", text)  # markdown links, relative to the page
+    paths = re.findall(r"`((?:benchmarks|docs|tests|csrc|tools|regdrop_fast|triton_kernels)"
+                       r"/[^`\s]*)`", text)  # repository paths in code spans
+    assert targets or paths
     for target in targets:
-        if re.match(r"[a-z]+://", target):
-            continue
-        if "<" in target or "*" in target:  # a pattern such as benchmarks/bench_<op>.py
-            assert (ROOT / target.split("<")[0].split("*")[0]).parent.exists(), target
-            continue
-        assert (ROOT / target).exists(), f"README names {target}, which is not in the repository"
+        if not re.match(r"[a-z]+://", target):
+            assert (path.parent / target).exists(), f"{page} links {target}: not in the repository"
+    for target in paths:
+        if "<" in target or "*" in target:  # a pattern such as regdrop_fast/reference/<op>.py
+            target = str(Path(target.split("<")[0].split("*")[0]).parent)
+        assert (ROOT / target).exists(), f"{page} names {target}: not in the repository"
 
 
 def test_readme_starts_with_the_two_setup_commands():
