@@ -693,7 +693,8 @@ void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
                       i, "] must be in [0, 2^63 - numel] (numel ", numel, "), got ", offset);
     if (kind == kMaskBits) {
       check_tensor("masks", i, masks[i], at::kInt, -1);
-      const int64_t words_needed = num_words(offset + numel);
+      const int64_t end = offset + numel;  // <= INT64_MAX: num_words(end) could overflow
+      const int64_t words_needed = end / kBitsPerWord + (end % kBitsPerWord != 0 ? 1 : 0);
       TORCH_CHECK_VALUE(masks[i].numel() >= words_needed, "masked_adamw_: masks[", i,
                         "] must hold bits index_offsets[i] .. index_offsets[i] + numel, i.e. >= ",
                         words_needed, " int32 words, got ", masks[i].numel());

@@ -70,6 +70,8 @@ CASES = {
     "masked_adamw_: philox, empty mask, offset -1 (C2)": (
         "adamw(kinds=[1], offsets=[-1], masks=[torch.zeros(0, dtype=torch.int32, device=d)])",
         "index_offsets"),
+    "masked_adamw_: bits, bits up to 2^63 - 1": (
+        "adamw(kinds=[2], offsets=[2**63 - 41])", "masks"),
     "masked_adamw_: bits, empty mask words": (
         "adamw(kinds=[2], masks=[torch.zeros(0, dtype=torch.int32, device=d)])", "masks"),
     "masked_adamw_: bits, words past the offset too few": (
