@@ -7,30 +7,10 @@ from regdrop_fast import rdrop_loss, RDropLoss
 from regdrop_fast.reference.rdrop import (rdrop_grads_reference, rdrop_loss_reference,
                                           rdrop_regression_reference)
 from utils import require_backend
+from utils.rdrop import assert_rel, make_inputs
 from utils.sm90 import compile_script_for_sm90
 
 TOLS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def assert_rel(actual, expected, tol, what):
-    """Normwise relative error: max|a - e| <= tol * max|e| (+ a tiny floor for zeros)."""
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= tol * scale + 1e-12, f"{what}: max abs err {err:.3e} vs tol {tol} * {scale:.3e}"
-
-
-def make_inputs(shape, device, dtype=torch.float32, scale=3.0, ignore_frac=0.25, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    n_classes = shape[-1]
-    z1 = (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
-    z2 = (z1.float().cpu() + torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
-    labels = torch.randint(0, n_classes, shape[:-1], generator=gen)
-    labels[torch.rand(shape[:-1], generator=gen) < ignore_frac] = -100
-    return z1, z2, labels.to(device)
 
 
 def run_backend(z1, z2, labels, backend, grad_seed=1, **kw):

@@ -9,7 +9,7 @@ from torch import nn
 from regdrop_fast import rdrop_forward
 from regdrop_fast.rdrop.forward import duplicate_batch, multi_rdrop_loss, single_pass_loss
 from regdrop_fast.reference.rdrop import multi_rdrop_loss_reference, rdrop_loss_reference
-from test_rdrop import assert_rel
+from utils.rdrop import assert_rel, official_bert_glue
 
 
 class TinyClassifier(nn.Module):
@@ -262,8 +262,6 @@ def test_real_trainer_trains(tmp_path):
 
 
 def test_trainer_kl_sum_is_the_official_bert_glue_script_and_logs_parts(tmp_path):
-    from test_rdrop_official import official_bert_glue
-
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(bert_config(num_labels=3)).train()
     trainer = make_trainer(model, tmp_path, rdrop_alpha=0.5, rdrop_kl_reduction="sum")
@@ -293,8 +291,6 @@ def test_rdrop_forward_kl_reduction_and_parts():
     torch.manual_seed(1)
     out = rdrop_forward(model, batch, alpha=0.5, kl_reduction="sum")
     z1, z2 = (z.detach().double() for z in out.logits)
-    from test_rdrop_official import official_bert_glue
-
     assert_rel(out.loss, official_bert_glue(z1, z2, batch["labels"], 0.5), 1e-5, "kl sum loss")
     ce = (nn.functional.cross_entropy(z1, batch["labels"])
           + nn.functional.cross_entropy(z2, batch["labels"])) / 2

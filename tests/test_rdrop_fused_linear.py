@@ -3,10 +3,10 @@ of hidden1, hidden2, weight and bias, over chunk sizes, shapes, dtypes and edge 
 import pytest
 import torch
 
-from conftest import require_backend
 from regdrop_fast import fused_linear_rdrop_loss
 from regdrop_fast.reference.rdrop import fused_linear_rdrop_loss_reference
-from test_rdrop import assert_rel
+from utils import require_backend
+from utils.rdrop import assert_rel
 
 
 def make_linear(lead, n_hidden, n_classes, device, dtype=torch.float32, bias=True, seed=0,

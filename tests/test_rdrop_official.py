@@ -1,30 +1,20 @@
 """R-Drop against the official scripts' loss formulas (dropreg/R-Drop), written out here from
-their code: the HF BERT GLUE script (KL summed over the batch: kl_reduction="sum") and the
-fairseq RoBERTa sentence-prediction criterion (everything summed, then divided by the sample
-size: kl_reduction="mean"). Loss and every gradient by float64 autograd of the formula, on
+their code: the HF BERT GLUE script (KL summed over the batch: kl_reduction="sum"; its formula,
+shared with test_rdrop_forward.py, is in utils/rdrop.py) and the fairseq RoBERTa
+sentence-prediction criterion (everything summed, then divided by the sample size:
+kl_reduction="mean"). Loss and every gradient by float64 autograd of the formula, on
 every backend."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import require_backend
 from regdrop_fast import RDropLoss, fused_linear_rdrop_loss, rdrop_loss
 from regdrop_fast.reference.rdrop import rdrop_grads_reference
-from test_rdrop import assert_rel, make_inputs
+from utils import require_backend
+from utils.rdrop import assert_rel, make_inputs, official_bert_glue
 
 BACKENDS = ["reference", "triton"]
 TOLS = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def official_bert_glue(z1, z2, labels, alpha):
-    """bert_kl in the official modeling_bert.py: CE means of both passes, then
-    alpha * (kl_div(p, q_tec).sum() + kl_div(q, p_tec).sum()) / 2 (alpha = 0.5 there)."""
-    loss = F.cross_entropy(z1, labels) + F.cross_entropy(z2, labels)
-    p, p_tec = torch.log_softmax(z1, dim=-1), torch.softmax(z1, dim=-1)
-    q, q_tec = torch.log_softmax(z2, dim=-1), torch.softmax(z2, dim=-1)
-    kl = F.kl_div(p, q_tec, reduction="none").sum()
-    reverse = F.kl_div(q, p_tec, reduction="none").sum()
-    return loss + alpha * (kl + reverse) / 2.0
 
 
 def official_bert_glue_regression(pred1, pred2, labels):

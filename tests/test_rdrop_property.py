@@ -7,10 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import require_backend
 from regdrop_fast import fused_linear_rdrop_loss, rdrop_loss
 from regdrop_fast.reference.rdrop import fused_linear_rdrop_loss_reference, rdrop_loss_reference
-from test_rdrop import assert_rel
+from utils import require_backend
+from utils.rdrop import assert_rel
 
 LAYOUTS = ("contiguous", "transposed", "sliced", "stride0_rows", "stride0_cols")
 TOLS = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
