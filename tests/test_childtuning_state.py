@@ -60,6 +60,8 @@ BAD_STATES = {
     "int exp_avg": (_set_state(1, "exp_avg", torch.zeros(37, dtype=torch.int64)), TypeError,
                     r"\['exp_avg'\].*0\.bias"),
     "exp_avg not a tensor": (_set_state(1, "exp_avg", 0.5), TypeError, "exp_avg"),
+    "meta exp_avg": (_set_state(1, "exp_avg", torch.zeros(37, device="meta")), ValueError,
+                     r"\['exp_avg'\].*0\.bias.*meta"),
     "missing exp_avg_sq": (lambda sd: sd["state"][3].pop("exp_avg_sq"), ValueError,
                            "exp_avg_sq"),
     "negative step": (_set_state(0, "step", -1), ValueError, r"\['step'\].*0\.weight"),

@@ -533,6 +533,8 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             if tuple(moment.shape) != tuple(p.shape):
                 raise ValueError(f"{where} has shape {tuple(moment.shape)}, the parameter "
                                  f"{tuple(p.shape)}: was the state saved from another model?")
+            if moment.device.type == "meta":  # any other device is copied to the parameter's
+                raise ValueError(f"{where} is a meta tensor: it holds no values to load")
             out[k] = moment
         return out
 
