@@ -3,6 +3,10 @@
 A PackedMask holds int32 words [..., ceil(n/32)] for a bool mask of `shape` [..., n]; bit j of
 word w is element 32*w + j, 1 = keep (../shared/DESIGN.md). One bit per element: 1/8 of a bool
 mask, 1/32 of a float mask.
+
+A PackedMask is immutable (a frozen dataclass, checked once at construction): kernels index its
+words by its shape, so the two cannot be reassigned apart. The padding bits of a row's last
+word (past n) are ignored: unpack drops them and mask_density does not count them.
 """
 from __future__ import annotations
 
@@ -20,14 +24,14 @@ __all__ = ["PackedMask", "pack_mask", "unpack_mask", "mask_density", "num_words"
 num_words = _ref.num_words
 
 
-@dataclass
+@dataclass(frozen=True)
 class PackedMask:
     words: torch.Tensor  # int32 [*shape[:-1], ceil(shape[-1] / 32)]
     shape: torch.Size  # logical shape of the bool mask
     _popcount: Optional[int] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        self.shape = torch.Size(self.shape)
+        object.__setattr__(self, "shape", torch.Size(self.shape))
         check_tensor("words", self.words, dtypes=(torch.int32,))
         if len(self.shape) == 0:
             raise ValueError("shape must have at least one dimension, got a 0-d shape")
@@ -109,8 +113,19 @@ def unpack_mask(packed: PackedMask, backend: Optional[str] = None) -> torch.Tens
     return flat.view(shape)
 
 
+def _valid_words(packed: PackedMask) -> torch.Tensor:
+    """The words with the padding bits of each row's last word cleared."""
+    tail = packed.shape[-1] % 32
+    if tail == 0:
+        return packed.words
+    words = packed.words.clone()
+    words[..., -1] &= (1 << tail) - 1
+    return words
+
+
 def mask_density(packed: PackedMask, backend: Optional[str] = None) -> float:
-    """Fraction of set bits: popcount / numel (0.0 for an empty mask)."""
+    """Fraction of kept elements: popcount of the mask's bits / numel (0.0 for an empty mask);
+    padding bits past the last element of a row do not count."""
     if not isinstance(packed, PackedMask):
         raise TypeError(f"packed must be a PackedMask, got {type(packed).__name__}")
     if packed.numel() == 0:
@@ -118,9 +133,11 @@ def mask_density(packed: PackedMask, backend: Optional[str] = None) -> float:
     if packed._popcount is None:
         name = backends.resolve("mask_popcount", backend, packed.device,
                                 implemented=("reference", "cpu", "cuda"))
+        words = _valid_words(packed)
         if name == "reference":
-            packed._popcount = _ref.popcount(packed.words)
+            count = _ref.popcount(words)
         else:
             backends.extension()
-            packed._popcount = int(torch.ops.regdrop_fast.mask_popcount(packed.words.contiguous()))
+            count = int(torch.ops.regdrop_fast.mask_popcount(words.contiguous()))
+        object.__setattr__(packed, "_popcount", count)  # a cache: the words do not change
     return packed._popcount / packed.numel()

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from . import backends
-from ._checks import UINT32_MAX, UINT64_MAX, check_int, check_prob, check_tensor, keep_threshold
+from ._checks import (UINT32_MAX, UINT64_MAX, check_int, check_prob, check_tensor,
+                      keep_threshold, split_seed)
 from .reference import philox as _ref
 
 __all__ = ["philox_words", "keep_threshold", "keep_mask_from_words", "bernoulli_keep"]
@@ -43,7 +44,8 @@ def philox_words(seed: int, index: torch.Tensor, step: int = 0, stream: int = 0,
         from .triton_kernels import philox as _tk
         return _tk.philox_words(seed, index, step, stream)
     backends.extension()
-    return torch.ops.regdrop_fast.philox_words(index, seed & 0xFFFFFFFF, seed >> 32, step, stream)
+    seed_lo, seed_hi = split_seed(seed)
+    return torch.ops.regdrop_fast.philox_words(index, seed_lo, seed_hi, step, stream)
 
 
 def keep_mask_from_words(words: torch.Tensor, keep_prob: float) -> torch.Tensor:
@@ -59,6 +61,9 @@ def bernoulli_keep(shape, keep_prob: float, seed: int, step: int = 0, stream: in
     step = check_int("step", step, 0, UINT32_MAX)
     stream = check_int("stream", stream, 0, UINT32_MAX)
     offset = check_int("offset", offset, 0, 2**62)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    for size in shape:
+        check_int("shape", size, 0, 2**62)
     shape = tuple(int(size) for size in shape)
     numel = 1
     for size in shape:
@@ -75,6 +80,7 @@ def bernoulli_keep(shape, keep_prob: float, seed: int, step: int = 0, stream: in
     else:
         backends.extension()
         keep = torch.empty(numel, dtype=torch.bool, device=device)
-        torch.ops.regdrop_fast.philox_keep_(keep, offset, seed & 0xFFFFFFFF, seed >> 32, step,
-                                            stream, threshold)
+        seed_lo, seed_hi = split_seed(seed)
+        torch.ops.regdrop_fast.philox_keep_(keep, offset, seed_lo, seed_hi, step, stream,
+                                            threshold)
     return keep.reshape(shape)

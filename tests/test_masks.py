@@ -174,3 +174,26 @@ def test_extension_ops_check_their_arguments(backend, device):
         ops.mask_popcount(torch.zeros(3, dtype=torch.float32, device=device))
     count = ops.mask_popcount(torch.tensor([[-1, 3]], dtype=torch.int32, device=device).t())
     assert count.dim() == 0 and count.dtype == torch.int64 and int(count) == 34
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda"])
+def test_density_ignores_padding_bits(backend, device):
+    require_backend(backend, device)
+    words = torch.full((3, 1), -1, dtype=torch.int32, device=device)  # bits past n = 5 set too
+    assert mask_density(PackedMask(words, (3, 5)), backend=backend) == 1.0
+    words = torch.full((2, 2), -1, dtype=torch.int32, device=device)
+    words[:, 1] = -2  # element 32 of each row dropped, bits past n = 33 set
+    assert mask_density(PackedMask(words, (2, 33)), backend=backend) == 64 / 66
+    assert words[0, 1] == -2  # the caller's words are not modified
+
+
+def test_packed_mask_is_immutable():
+    import dataclasses
+
+    packed = pack_mask(torch.ones(3, 40, dtype=torch.bool), backend="reference")
+    for name, value in (("words", torch.zeros(3, 1, dtype=torch.int32)),
+                        ("shape", torch.Size((3, 4000))), ("_popcount", 7)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(packed, name, value)
+    assert packed.words.shape == (3, 2) and packed.shape == (3, 40)
+    assert mask_density(packed, backend="reference") == 1.0  # the cache still fills

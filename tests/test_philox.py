@@ -215,3 +215,13 @@ def test_extension_op_checks_its_arguments(backend, device):
     # the op itself takes any strides
     strided = torch.arange(2**32, 2**32 + 40, device=device).view(4, 10).t()
     _assert_equal_words(op(strided, 5, 1, 2, 3).cpu(), ref_words(5 + 2**32, strided.cpu(), 2, 3))
+
+
+def test_bernoulli_keep_rejects_a_negative_or_non_integer_size(device):
+    with pytest.raises(ValueError, match="shape"):
+        rng.bernoulli_keep((3, -1), 0.5, seed=1, device=device)
+    with pytest.raises(ValueError, match="shape"):
+        rng.bernoulli_keep(-4, 0.5, seed=1, device=device)
+    with pytest.raises(TypeError, match="shape"):
+        rng.bernoulli_keep((2.5,), 0.5, seed=1, device=device)
+    assert rng.bernoulli_keep(4, 1.0, seed=1, device=device).shape == (4,)
