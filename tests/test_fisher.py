@@ -134,3 +134,19 @@ def test_bad_input(device):
         fisher_mask(model, loader, 0.3, params=["nope.weight"])
     with pytest.raises(ValueError, match="no scalar loss"):
         fisher_mask(model, [{"input_ids": loader[0]["input_ids"]}], 0.3)
+
+
+@pytest.mark.parametrize("where", ["weight", "gradient"])
+def test_nan_score_names_the_parameter(device, where):
+    model = _bert(device)
+    loader = _loader(device, 2)
+    target = dict(model.named_parameters())["bert.encoder.layer.1.output.dense.weight"]
+    if where == "weight":
+        with torch.no_grad():
+            target[0, 0] = float("nan")
+        loss_fn = None
+    else:
+        def loss_fn(model, batch):  # a loss whose gradient for one weight is NaN
+            return model(**batch).loss + (target[0, 0] * float("nan")).sum() * 0.0
+    with pytest.raises(ValueError, match=r"'bert\.encoder\.layer\.\d\..*' is NaN or infinite"):
+        fisher_mask(model, loader, 0.3, loss_fn=loss_fn)

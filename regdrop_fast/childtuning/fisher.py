@@ -5,7 +5,8 @@ loss; per batch each selected parameter's gradient is clipped to norm `max_grad_
 separately and F += grad^2 / number of batches. Threshold = the (1 - reserve_p) percentile
 of F (np.percentile's linear rule) over all selected parameters together (scope="global") or
 per tensor; keep = F >= threshold (ties kept). The threshold is found on the device with one
-torch.kthvalue over the concatenated values: nothing but the threshold goes to the host.
+torch.kthvalue over the concatenated values: nothing but the threshold and one all-finite flag
+goes to the host; a NaN or infinite score raises ValueError naming its parameter.
 By default the selected parameters are those whose name contains "layer" (the encoder layers
 with their LayerNorms); embeddings, pooler and classifier are always updated.
 """
@@ -157,6 +158,7 @@ def fisher_mask(model: torch.nn.Module, dataloader, reserve_p: float,
     if not known:
         for f in fisher.values():
             f.div_(batches)
+    _check_finite(selected, fisher)
     masks = {p: None for p in model.parameters() if p.requires_grad}
     if scope == "global":
         flat = torch.cat([fisher[p].reshape(-1) for _, p in selected])
@@ -171,6 +173,19 @@ def fisher_mask(model: torch.nn.Module, dataloader, reserve_p: float,
             threshold = torch.kthvalue(values, percentile_rank(values.numel(), reserve_p)).values
             masks[p] = _pack(fisher[p] >= threshold)
     return masks
+
+
+def _check_finite(selected, fisher) -> None:
+    """A NaN or inf score would rank above or below everything (a NaN compares false, so its
+    mask keeps nothing): raise, naming the first such parameter. One host sync for all."""
+    device = fisher[selected[0][1]].device
+    finite = torch.stack([torch.isfinite(fisher[p]).all().to(device) for _, p in selected])
+    if bool(finite.all()):
+        return
+    name = selected[finite.tolist().index(False)][0]
+    raise ValueError(f"fisher_mask: the Fisher score of parameter {name!r} is NaN or infinite "
+                     "(a NaN or inf weight, loss or gradient?); no mask computed from it would "
+                     "be meaningful")
 
 
 def _pack(keep: torch.Tensor) -> PackedMask:
