@@ -250,3 +250,29 @@ def test_repository_allowlist_is_well_formed():
     allowlist = _load("regdrop_triton_aot_allowlist", os.path.join(TOOLS, "allowlist.py"))
     _policy().check_allowlist(allowlist.ALLOWLIST)
     assert all(e["reason"].strip() for e in allowlist.ALLOWLIST)
+
+
+def test_gpu_dry_run_covers_the_mask_training_passes(tmp_path, monkeypatch):
+    """gpu_launches.py records the default masked linear's elementwise kernels (issue 18) as a
+    GPU launches them: bf16 W ⊙ M from fp32 (autocast) and bf16 weights, scores or bits, and
+    the STE pass with dScore only (frozen W), both grads, and dW only."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored after: gpu_launches.py sets it
+    gpu_launches = _load("regdrop_triton_aot_gpu_launches", os.path.join(TOOLS,
+                                                                         "gpu_launches.py"))
+    assert gpu_launches.mask_training in gpu_launches.LAUNCHERS
+    out = tmp_path / "gpu.jsonl"
+    record = _record_module()
+    record.install(str(out))
+    try:
+        gpu_launches.mask_training()
+    finally:
+        record.uninstall(str(out))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    mat = _by_kernel(records, "materialize_kernel")
+    assert {(r["signature"]["w_ptr"], r["constexprs"]["FROM_SCORES"]) for r in mat} == {
+        (w, s) for w in ("*fp32", "*bf16") for s in (True, False)}
+    assert {r["signature"]["out_ptr"] for r in mat} == {"*bf16"}
+    ste = _by_kernel(records, "ste_grads_kernel")
+    assert {(r["constexprs"]["WANT_DSCORE"], r["constexprs"]["WANT_DW"]) for r in ste} == {
+        (True, False), (True, True), (False, True)}
+    assert {r["signature"]["g_ptr"] for r in ste} == {"*bf16"}

@@ -116,7 +116,26 @@ def masked_linear():
         K.masked_linear_backward_weight(dy, x, w, None, scores, phi, True, True)
 
 
-LAUNCHERS = (philox_and_masks, rdrop, addrop_mask, masked_attention, masked_linear)
+def mask_training():
+    """The default masked linear's elementwise passes at the bench weights (out, in): fp32
+    weights under bf16 autocast (the training-step bench) and bf16 weights (the op bench)."""
+    from regdrop_fast.triton_kernels import mask_training as K
+
+    weights = {(n_out, n_in) for _, n_in, n_out in LINEAR_CASES} | {(HIDDEN, HIDDEN),
+                                                                     (1024, 1024)}
+    for n_out, n_in in sorted(weights):
+        words, phi = t(n_out, n_in // 32, dtype=torch.int32), t(1, dtype=torch.float32)
+        scores, g = t(n_out, n_in, dtype=torch.float32), t(n_out, n_in)
+        for w in (t(n_out, n_in, dtype=torch.float32), t(n_out, n_in)):
+            K.materialize(w, None, scores, phi, torch.bfloat16)
+            K.materialize(w, words, None, None, torch.bfloat16)
+            K.ste_grads(g, w, None, scores, phi, True, False, torch.float32)  # frozen W
+            K.ste_grads(g, w, None, scores, phi, True, True, torch.float32)
+            K.ste_grads(g, w, words, None, None, False, True, torch.float32)
+
+
+LAUNCHERS = (philox_and_masks, rdrop, addrop_mask, masked_attention, masked_linear,
+             mask_training)
 
 
 def main(argv=None):
