@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from regdrop_fast import addrop
-from test_addrop_integration import batch_of, tiny_model
+from utils.addrop import batch_of, tiny_model
 
 
 class _ListDataset(torch.utils.data.Dataset):

@@ -3,12 +3,12 @@ non-pad prefix) and causal / grouped-query masked attention, Triton vs the refer
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_backend
 
 from regdrop_fast.addrop.attention import masked_attention
 from regdrop_fast.addrop.mask import keep_mask
 from regdrop_fast.masks import unpack_mask
 from regdrop_fast.reference import masked_attention as ref
+from utils import require_backend
 
 SHAPES = [  # (batch, heads, kv heads, lq, lk)
     (2, 4, 2, 33, 33),

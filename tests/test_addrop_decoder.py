@@ -9,40 +9,7 @@ import torch.nn.functional as F
 from regdrop_fast import addrop
 from regdrop_fast.addrop import integration
 from regdrop_fast.reference import addrop as ref
-
-SHAPE = dict(vocab_size=61, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-
-
-def tiny_decoder(kind="llama", seed=0, **overrides):
-    import transformers as tf
-    torch.manual_seed(seed)
-    if kind == "gpt2":
-        config = tf.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=61, n_positions=64,
-                               bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                               attn_pdrop=0.0, **overrides)
-        return tf.GPT2LMHeadModel(config)
-    if kind == "mistral":  # full attention: sliding windows are refused
-        overrides = dict(overrides, sliding_window=None)
-    config_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-                             "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-                             "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[kind]
-    return model_cls(config_cls(**SHAPE, **overrides))
-
-
-def lm_batch(lengths, seq_len, seed=0, side="right", ignored=()):
-    """input_ids, attention_mask and labels (= input_ids, −100 at pads and at `ignored`
-    (row, position) pairs), padded on `side`."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 61, (len(lengths), seq_len), generator=gen)
-    positions = torch.arange(seq_len)[None, :]
-    lengths = torch.tensor(lengths)[:, None]
-    real = positions < lengths if side == "right" else positions >= seq_len - lengths
-    ids = torch.where(real, ids, torch.zeros_like(ids))
-    labels = torch.where(real, ids, torch.full_like(ids, -100))
-    for row, position in ignored:
-        labels[row, position] = -100
-    return {"input_ids": ids, "attention_mask": real.long(), "labels": labels}
+from utils.addrop import lm_batch, tiny_decoder
 
 
 def eager_next_token_target(logits, labels):

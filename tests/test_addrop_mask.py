@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import require_backend
 
 from regdrop_fast import backends
 from regdrop_fast._checks import keep_threshold
@@ -13,6 +12,7 @@ from regdrop_fast.addrop.mask import keep_mask
 from regdrop_fast.masks import unpack_mask
 from regdrop_fast.reference import addrop as ref
 from regdrop_fast.reference.philox import philox_words
+from utils import require_backend
 
 
 def _padding(batch, lk, gen, device, all_pad_sample=None):

@@ -11,41 +11,7 @@ from torch import nn
 
 from regdrop_fast import addrop
 from regdrop_fast.reference import addrop as ref
-
-
-class TinyEncoder(nn.Module):
-    """Embeddings, nn.TransformerEncoderLayer blocks whose self_attn is addrop.SelfAttention,
-    a classifier on the first token; forward(input_ids, attention_mask, labels=None)."""
-
-    def __init__(self, causal=False, seed=0, vocab=40, dim=32, heads=4, layers=2, classes=3):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(vocab, dim)
-        self.position = nn.Parameter(0.1 * torch.randn(16, dim))
-        self.blocks = nn.ModuleList()
-        for _ in range(layers):
-            block = nn.TransformerEncoderLayer(dim, heads, 48, dropout=0.0, batch_first=True)
-            block.self_attn = addrop.SelfAttention(dim, heads, batch_first=True,
-                                                   is_causal=causal)
-            self.blocks.append(block)
-        self.classifier = nn.Linear(dim, classes)
-
-    def forward(self, input_ids, attention_mask, labels=None):
-        x = self.embed(input_ids) + self.position[:input_ids.shape[1]]
-        for block in self.blocks:
-            x = block(x, src_key_padding_mask=attention_mask == 0)
-        logits = self.classifier(x[:, -1] if self.blocks[0].self_attn.is_causal else x[:, 0])
-        loss = None if labels is None else F.cross_entropy(logits, labels)
-        return types.SimpleNamespace(logits=logits, loss=loss)
-
-
-def module_batch(lengths, seq_len, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 40, (len(lengths), seq_len), generator=gen)
-    real = torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]
-    return {"input_ids": torch.where(real, ids, torch.zeros_like(ids)),
-            "attention_mask": real.long(),
-            "labels": torch.randint(0, 3, (len(lengths),), generator=gen)}
+from utils.addrop import TinyEncoder, module_batch
 
 
 def _eager_forward(maps, keeps):
@@ -190,7 +156,7 @@ class Hide(importlib.abc.MetaPathFinder):
             raise ImportError("transformers hidden")
 sys.meta_path.insert(0, Hide())
 from regdrop_fast import addrop
-from test_addrop_module import TinyEncoder, module_batch
+from utils.addrop import TinyEncoder, module_batch
 out = addrop.apply_addrop(TinyEncoder(causal=True), layers=(0, 1)).step(
     None, module_batch([5, 3], 5))
 assert "transformers" not in sys.modules and out.masks[0].density < 1.0

@@ -3,7 +3,6 @@ masked_attention on the triton backend against the references, inputs contiguous
 (HF's [B,L,H,D] views), sliced, or expanded with stride 0."""
 import pytest
 import torch
-from conftest import require_backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +10,7 @@ from regdrop_fast.addrop.attention import masked_attention
 from regdrop_fast.addrop.mask import keep_mask
 from regdrop_fast.masks import unpack_mask
 from regdrop_fast.reference import masked_attention as ref
+from utils import require_backend
 
 LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
 SETTINGS = settings(max_examples=12, deadline=None,

@@ -7,8 +7,9 @@ import torch
 
 from regdrop_fast import addrop
 from regdrop_fast.reference import addrop as ref
-from test_addrop_integration import (batch_of, load_minilm, no_dropout, official_attributions,
-                                     official_integrated_gradients, tiny_model)
+from utils import require_backend
+from utils.addrop import (batch_of, load_minilm, lm_batch, no_dropout, official_attributions,
+                          official_integrated_gradients, tiny_decoder, tiny_model)
 
 
 def _ref_masks(grads, batch, p, q, seed, step, drop="high"):
@@ -183,7 +184,6 @@ def test_step_under_bf16_autocast(kind):
 
 
 def test_minilm_step_reference_and_triton_agree(device):
-    from conftest import require_backend
     require_backend("triton", device)
     base = no_dropout(load_minilm(seed=1)).to(device)
     batch = {k: v.to(device) for k, v in batch_of(base, [6, 4], 6, seed=11).items()}
@@ -243,7 +243,6 @@ def _tiny(kind):
         model = tiny_model("bert", dropout=0.1, seed=30)
         return model, batch_of(model, [6, 4, 5], 6, seed=30), "classification", \
             model.bert.encoder.layer
-    from test_addrop_decoder import lm_batch, tiny_decoder
     model = tiny_decoder("llama", seed=30)
     return model, lm_batch([6, 4, 5], 6, seed=30), "token", model.model.layers
 
