@@ -30,6 +30,7 @@ can only swap near-equal scores at the threshold).
 """
 from __future__ import annotations
 
+import struct
 from typing import Optional
 
 import torch
@@ -60,14 +61,41 @@ def _check_dO_v(dO, v):
                          f"(H = {dO.shape[1]}) for grouped-query attention")
 
 
+def _f32(x: float) -> float:
+    """x rounded to float32, as torch rounds a Python float that multiplies a float32 tensor."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _fraction(p: float, drop: str) -> float:
+    return _f32((1.0 - p) if drop == "high" else p)
+
+
+def _ranks_f32(n: torch.Tensor, frac: float) -> torch.Tensor:
+    """int32: `threshold_rank` of the float32 key counts n (exact integers) in four small ops.
+    trunc(max(min(n·frac, n − 1), 0)) equals its min(trunc(n·frac), max(n − 1, 0)): n − 1 is an
+    integer and n·frac >= 0 is the same float32 product."""
+    return torch.minimum(n * frac, n - 1).clamp_min_(0).to(torch.int32)
+
+
+def row_ranks(key_padding_mask, batch: int, lk: int, p: float, drop: str,
+              device) -> torch.Tensor:
+    """int32 [B]: each sample's threshold index over its real keys, the value of
+    `threshold_rank(valid_lengths(...))` with fewer device ops (one fill without padding)."""
+    frac = _fraction(p, drop)
+    if key_padding_mask is None:
+        rank = min(int(_f32(_f32(float(lk)) * frac)), max(lk - 1, 0))
+        return torch.full((batch,), rank, dtype=torch.int32, device=device)
+    return _ranks_f32(key_padding_mask.sum(-1, dtype=torch.float32), frac)
+
+
 def causal_ranks(key_padding_mask, batch: int, lq: int, lk: int, p: float, drop: str,
                  device) -> torch.Tensor:
-    """int64 [B,Lq]: each causal row's threshold index over its visible real keys."""
-    real = (torch.ones(batch, lk, dtype=torch.int64, device=device) if key_padding_mask is None
-            else key_padding_mask.to(torch.int64))
+    """int32 [B,Lq]: each causal row's threshold index over its visible real keys."""
+    real = (torch.ones(batch, lk, dtype=torch.float32, device=device) if key_padding_mask is None
+            else key_padding_mask.to(torch.float32))
     prefix = torch.cat([real.new_zeros(batch, 1), real.cumsum(-1)], dim=-1)
     last = (torch.arange(lq, device=device) + (lk - lq + 1)).clamp(0, lk)
-    return _ref.threshold_rank(prefix[:, last], p, drop)
+    return _ranks_f32(prefix[:, last], _fraction(p, drop))
 
 
 def _check_attr(attr):
@@ -133,9 +161,8 @@ def keep_mask(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor]
     if is_causal:
         rank = causal_ranks(key_padding_mask, batch, lq, lk, p, drop, device)
     else:
-        rank = _ref.threshold_rank(_ref.valid_lengths(key_padding_mask, batch, lk, device), p,
-                                   drop)
+        rank = row_ranks(key_padding_mask, batch, lk, p, drop, device)
     kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
-    words = _tk.keep_mask_bits(src, v, kpm, rank.to(torch.int32), keep_threshold(q), seed,
-                               step, stream, drop == "low", is_causal)
+    words = _tk.keep_mask_bits(src, v, kpm, rank, keep_threshold(q), seed, step, stream,
+                               drop == "low", is_causal)
     return PackedMask(words, torch.Size(shape))
