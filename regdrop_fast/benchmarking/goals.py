@@ -6,7 +6,8 @@ One table row per goal: the goal, the measured value (the worst over the cases i
 that case), and met / NOT met / not measured. A goal compares a row with a reference row of the
 same op, case and dtype (a named impl, or "@baseline": the row's own baseline, e.g. the fastest
 SDPA backend), or reads one of the row's fields. When a file holds several runs, the last row of
-each (op, case, dtype, impl) counts.
+each (op, case, dtype, impl) counts. Under the table, when there are any, the main CUDA rows
+that miss issue 13's GPU-time floor are listed by op, case and impl.
 """
 from __future__ import annotations
 
