@@ -97,13 +97,26 @@ def ste_grads_kernel(
                  mask=valid)
 
 
-def _mask_args(words, scores, phi, device):
+_placeholders = {}
+
+
+def _placeholder(device, dtype):
+    """A 1-element tensor for a pointer argument whose value the kernel does not use (the
+    unused mask source, φ of a packed mask), made once per device and dtype rather than on
+    every launch; never written."""
+    key = (device, dtype)
+    t = _placeholders.get(key)
+    if t is None:
+        t = _placeholders[key] = torch.zeros(1, dtype=dtype, device=device)
+    return t
+
+
+def mask_args(words, scores, phi, device):
     """(words, scores, phi, words row stride, scores row stride, from_scores) with placeholders
     for the unused source."""
     if scores is not None:
-        return torch.empty(1, dtype=torch.int32, device=device), scores, phi, 0, \
-            scores.stride(0), True
-    phi = torch.zeros(1, dtype=torch.float32, device=device)
+        return _placeholder(device, torch.int32), scores, phi, 0, scores.stride(0), True
+    phi = _placeholder(device, torch.float32)
     return words, phi, phi, words.stride(0), 0, False
 
 
@@ -117,7 +130,7 @@ def materialize(weight, words, scores, phi, dtype):
     out = torch.empty(n, k, dtype=dtype, device=weight.device)
     if out.numel() == 0:
         return out
-    words, scores, phi, s_words, s_scores, from_scores = _mask_args(words, scores, phi,
+    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi,
                                                                     weight.device)
     materialize_kernel[_grid(n, k)](weight, words, scores, phi, out, n, k, weight.stride(0),
                                     s_words, s_scores, FROM_SCORES=from_scores,
@@ -133,7 +146,7 @@ def ste_grads(g, weight, words, scores, phi, want_dscore, want_dw, score_dtype):
     if g.numel() == 0 or not (want_dscore or want_dw):
         return dscore, dw
     placeholder = dscore if dscore is not None else dw
-    words, scores, phi, s_words, s_scores, from_scores = _mask_args(words, scores, phi, g.device)
+    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, g.device)
     ste_grads_kernel[_grid(n, k)](
         g, weight, words, scores, phi, dscore if want_dscore else placeholder,
         dw if want_dw else placeholder, n, k, g.stride(0), weight.stride(0), s_words, s_scores,

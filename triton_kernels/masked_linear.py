@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mask_training import keep_tile as _keep_tile
+from .mask_training import keep_tile as _keep_tile, mask_args
 from .utils import cdiv
 
 _GPU_CONFIGS = [
@@ -189,15 +189,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _mask_args(words, scores, phi, device):
-    """(words, scores, phi) pointers with placeholders for the unused source."""
-    if scores is not None:
-        words = torch.empty(1, dtype=torch.int32, device=device)
-        return words, scores, phi, 0, scores.stride(0), True
-    phi = torch.zeros(1, dtype=torch.float32, device=device)
-    return words, phi, phi, words.stride(0), 0, False
-
-
 def masked_linear_forward(x2d, weight, bias, words, scores, phi):
     """y [M, N] = x2d [M, K] · (W⊙M)ᵀ + bias; last-dim stride 1 everywhere."""
     m, k = x2d.shape
@@ -205,7 +196,7 @@ def masked_linear_forward(x2d, weight, bias, words, scores, phi):
     y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     if m == 0 or n == 0:
         return y
-    words, scores, phi, s_words, s_scores, from_scores = _mask_args(words, scores, phi, x2d.device)
+    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, x2d.device)
     args = (x2d, weight, weight if bias is None else bias, words, scores, phi, y, m, n, k,
             x2d.stride(0), weight.stride(0), s_words, s_scores, y.stride(0))
     _launch(masked_linear_fwd_kernel, _fwd_tuned, x2d.device, m, "BLOCK_M", n, "BLOCK_N", args,
@@ -223,7 +214,7 @@ def masked_linear_backward_input(dy, weight, words, scores, phi):
         return dx
     if n == 0:
         return dx.zero_()
-    words, scores, phi, s_words, s_scores, from_scores = _mask_args(words, scores, phi, dy.device)
+    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, dy.device)
     args = (dy, weight, words, scores, phi, dx, m, n, k,
             dy.stride(0), weight.stride(0), s_words, s_scores, dx.stride(0))
     _launch(masked_linear_bwd_input_kernel, _bwd_input_tuned, dy.device, m, "BLOCK_M", k,
@@ -243,7 +234,7 @@ def masked_linear_backward_weight(dy, x2d, weight, words, scores, phi, want_dsco
     if m == 0:
         return (None if dscore is None else dscore.zero_()), (None if dw is None else dw.zero_())
     placeholder = dscore if dscore is not None else dw
-    words, scores, phi, s_words, s_scores, from_scores = _mask_args(words, scores, phi, dy.device)
+    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, dy.device)
     args = (dy, x2d, weight, words, scores, phi,
             dscore if dscore is not None else placeholder, dw if dw is not None else placeholder,
             m, n, k, dy.stride(0), x2d.stride(0), weight.stride(0), s_words, s_scores)
