@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from conftest import require_backend
+from utils import require_backend
 from regdrop_fast import ChildTuningAdamW, MaskedAdamW, pack_mask
 
 BACKENDS = ["reference", "cpu", "triton"]
