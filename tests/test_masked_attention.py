@@ -2,12 +2,12 @@
 AD-DROP mask, key padding, 4-D masks and Philox attention dropout."""
 import pytest
 import torch
-from conftest import require_backend
 
 from regdrop_fast.addrop.attention import masked_attention
 from regdrop_fast.addrop.mask import keep_mask
 from regdrop_fast.masks import PackedMask, pack_mask, unpack_mask
 from regdrop_fast.reference import masked_attention as ref
+from utils import require_backend
 
 
 def _inputs(batch, heads, lq, lk, d, device, gen, dtype=torch.float32):

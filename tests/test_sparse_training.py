@@ -10,6 +10,7 @@ import torch
 from regdrop_fast import sparse
 from regdrop_fast.sparse import MaskTrainer, IterativeMagnitudePruner, prepare, sparsity_report
 from regdrop_fast.sparse.masked_linear import MaskedLinear
+from utils import require_backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -366,7 +367,6 @@ def test_sparsity_report_plain_model_counts_zeros():
 
 def test_prepared_model_triton_matches_reference(device):
     """The fused kernel inside a real model (3-d activations): logits and score grads."""
-    from conftest import require_backend
     require_backend("triton", device)
     ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(4)).to(device)
     results = []
