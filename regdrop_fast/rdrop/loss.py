@@ -146,7 +146,8 @@ def reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task, sca
 
 def _forward(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduction, ce, task,
              backend, check_labels, check_finite, need_grad, need_parts):
-    """(backend name, (loss, g1, g2, parts)): the body of `rdrop_loss_op`."""
+    """(backend name, loss, g1, g2, parts): the body of `rdrop_loss_op`, with None for the
+    gradients without need_grad and for parts without need_parts."""
     name = resolve_backend(backend or None, logits1.device, logits1.dtype, task)
     finite = check_finite == 1 or (check_finite == -1 and name == "reference")
     check_rdrop_values(logits1, logits2, labels, ignore_index, task,
@@ -154,30 +155,25 @@ def _forward(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduct
     if name == "triton":
         loss, parts, g1, g2 = _triton_call(logits1, logits2, labels, alpha, ignore_index,
                                            reduction, kl_reduction, ce, need_grad)
-        if not need_parts:
-            parts = parts.new_empty(0)
-        if not need_grad:
-            empty = logits1.new_empty(0)
-            return name, (loss, empty, empty.clone(), parts)
-        return name, (loss, g1.view(logits1.shape), g2.view(logits2.shape), parts)
-    regression = task == "regression"
-    n_rows = logits1.numel() // logits1.shape[-1] if logits1.dim() > 1 else logits1.shape[0]
-    scale, inv = gradient_scales(None if regression else labels, ignore_index, n_rows,
-                                 logits1.device, reduction, kl_reduction)
-    terms, g1, g2 = reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task,
-                                    scale, need_grad)
-    weight = _cons_weight(alpha, task)
-    if reduction == "none":
-        loss = (terms[0] + weight * terms[1]).reshape(_lead_shape(logits1.shape))
-        sums = terms.sum(1) if need_parts else None
+        parts = parts if need_parts else None
     else:
-        sums = terms.sum(1)
-        loss = combine_terms(sums, scale, weight)
-    parts = mean_parts(sums, inv, task) if need_parts else terms.new_empty(0)
+        regression = task == "regression"
+        n_rows = logits1.numel() // logits1.shape[-1] if logits1.dim() > 1 else logits1.shape[0]
+        scale, inv = gradient_scales(None if regression else labels, ignore_index, n_rows,
+                                     logits1.device, reduction, kl_reduction)
+        terms, g1, g2 = reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task,
+                                        scale, need_grad)
+        weight = _cons_weight(alpha, task)
+        if reduction == "none":
+            loss = (terms[0] + weight * terms[1]).reshape(_lead_shape(logits1.shape))
+            sums = terms.sum(1) if need_parts else None
+        else:
+            sums = terms.sum(1)
+            loss = combine_terms(sums, scale, weight)
+        parts = mean_parts(sums, inv, task) if need_parts else None
     if not need_grad:
-        empty = logits1.new_empty(0)
-        return name, (loss, empty, empty.clone(), parts)
-    return name, (loss, g1.view(logits1.shape), g2.view(logits2.shape), parts)
+        return name, loss, None, None, parts
+    return name, loss, g1.view(logits1.shape), g2.view(logits2.shape), parts
 
 
 @torch.library.custom_op("regdrop_fast::rdrop_loss", mutates_args=())
@@ -188,8 +184,15 @@ def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], al
     """(loss, dloss/dlogits1, dloss/dlogits2, parts); the gradients are empty without
     need_grad, parts ([2], see `mean_parts`) without need_parts. backend "" = resolve
     (argument > env > auto); check_finite -1 = the backend's default."""
-    return _forward(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduction, ce,
-                    task, backend, check_labels, check_finite, need_grad, need_parts)[1]
+    _, loss, g1, g2, parts = _forward(logits1, logits2, labels, alpha, ignore_index, reduction,
+                                      kl_reduction, ce, task, backend, check_labels,
+                                      check_finite, need_grad, need_parts)
+    if parts is None:
+        parts = loss.new_empty(0)
+    if g1 is None:
+        empty = logits1.new_empty(0)
+        return loss, empty, empty.clone(), parts
+    return loss, g1, g2, parts
 
 
 @rdrop_loss_op.register_fake
@@ -258,12 +261,13 @@ class _EagerRDrop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        name, (loss, g1, g2, parts) = _forward(*args)
+        name, loss, g1, g2, parts = _forward(*args)
         ctx.save_for_backward(g1, g2)
         ctx.reduction = args[5]
         ctx.in_place = name == "triton"
         ctx.consumed = False
-        ctx.mark_non_differentiable(parts)
+        if parts is not None:
+            ctx.mark_non_differentiable(parts)
         return loss, parts
 
     @staticmethod
@@ -340,7 +344,7 @@ def rdrop_loss(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None
     elif need_grad:
         loss, parts = _EagerRDrop.apply(*args)
     else:
-        loss, _, _, parts = _forward(*args)[1]
+        _, loss, _, _, parts = _forward(*args)
     if not return_parts:
         return loss
     parts = parts.detach()
