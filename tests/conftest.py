@@ -17,9 +17,6 @@ from regdrop_fast import backends  # noqa: E402
 # (register before the first import of utils).
 pytest.register_assert_rewrite("utils")
 
-# Re-exported until the last test modules that still import it from here switch to utils.
-from utils import require_backend  # noqa: E402,F401
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")

@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import require_backend
+from utils import require_backend
 from regdrop_fast import ChildTuningAdamW, MaskedAdamW, pack_mask
 from regdrop_fast.reference import masked_adamw as ref
 from regdrop_fast.reference.philox import philox_words

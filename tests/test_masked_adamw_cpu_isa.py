@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import require_backend
+from utils import require_backend
 from regdrop_fast.childtuning.masked_step import masked_adamw_step
 from regdrop_fast.reference import masked_adamw as ref
 

@@ -2,7 +2,7 @@
 CUDA backends give exactly the same words and bools; odd sizes, empty rows, strides, bad input."""
 import pytest
 import torch
-from conftest import require_backend
+from utils import require_backend
 
 from regdrop_fast import backends
 from regdrop_fast.masks import PackedMask, mask_density, num_words, pack_mask, unpack_mask

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import require_backend
+from utils import require_backend
 
 from regdrop_fast import rng
 from regdrop_fast._checks import keep_threshold
