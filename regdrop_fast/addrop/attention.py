@@ -41,16 +41,15 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _MaskedAttention(torch.autograd.Function):
+    # config = (scale, dropout_p, seed, step, stream, is_causal): one argument rather than six,
+    # since Function.apply's cost grows with its argument count
     @staticmethod
-    def forward(ctx, q, k, v, keep_words, kpm, am, scale, dropout_p, seed, step, stream,
-                is_causal):
+    def forward(ctx, q, k, v, keep_words, kpm, am, config):
         from ..triton_kernels import masked_attention as _tk
         masks = _tk.MaskArgs(keep_words, kpm, am, q)
-        out, lse = _tk.masked_attention_forward(q, k, v, masks, scale, dropout_p, seed, step,
-                                                stream, is_causal)
+        out, lse = _tk.masked_attention_forward(q, k, v, masks, *config)
         ctx.save_for_backward(q, k, v, out, lse, keep_words, kpm, am)
-        ctx.config = (scale, dropout_p, seed, step, stream)
-        ctx.is_causal = is_causal
+        ctx.config = config
         return out
 
     @staticmethod
@@ -60,8 +59,8 @@ class _MaskedAttention(torch.autograd.Function):
         masks = _tk.MaskArgs(keep_words, kpm, am, q)
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         dq, dk, dv = _tk.masked_attention_backward(grad_out, q, k, v, out, lse, masks,
-                                                   *ctx.config, ctx.is_causal)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                                   *ctx.config)
+        return dq, dk, dv, None, None, None, None
 
 
 def _split_attn_mask(attn_mask, shape, device):
@@ -144,5 +143,5 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      step, stream, is_causal=is_causal)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     keep_words = None if keep is None else keep.words.contiguous()
-    return _MaskedAttention.apply(q, k, v, keep_words, kpm, am, float(scale), dropout_p, seed,
-                                  step, stream, is_causal)
+    return _MaskedAttention.apply(q, k, v, keep_words, kpm, am,
+                                  (float(scale), dropout_p, seed, step, stream, is_causal))
