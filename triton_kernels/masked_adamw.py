@@ -19,6 +19,13 @@ sqrt(bias correction 2); the tensors' own addresses go in as integers and become
 in the kernel. Grid: one program per CHUNK elements of one tensor (the block map, cached per
 list of sizes); offsets are int64, so tensors past 2^31 elements work. One launch replaces one
 per tensor: a Python launch costs tens of microseconds, longer than a BERT layer's step.
+
+Capturable (torch.optim.AdamW's capturable=True): column 7 holds the address of the tensor's
+0-d float32 step count instead of its value, lr is read through a pointer, and each program
+computes the bias corrections in float64 from the step (beta^t by squaring over the step's 32
+bits, exact to a few float64 ulps). The int64 table is then made of addresses and constants
+only, so it is built once per list of tensors and kept on the device: a step copies nothing from
+the host and can be captured in a CUDA graph.
 """
 from typing import Dict, Tuple
 
@@ -55,6 +62,8 @@ def masked_adamw_multi_kernel(
     eps,
     lr_wd,  # lr * weight_decay
     decay,  # 1 - lr * weight_decay, rounded from float64
+    lr_ptr,  # capturable: the 0-d learning rate tensor (else unused)
+    consts_ptr,  # capturable: float64 [beta1, beta2, weight_decay] (else unused)
     DTYPE: tl.constexpr,  # parameter and gradient dtype
     ACTION: tl.constexpr,  # 0 drop grad, 1 drop update, 2 prune
     PAPER: tl.constexpr,  # official ChildTuning/HF order, else torch.optim.AdamW's
@@ -62,6 +71,7 @@ def masked_adamw_multi_kernel(
     TILES: tl.constexpr,
     N_INT: tl.constexpr,  # row lengths of the two tables
     N_FLOAT: tl.constexpr,
+    CAPTURABLE: tl.constexpr,  # steps and lr read from device tensors
 ):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid).to(tl.int64)
@@ -74,11 +84,39 @@ def masked_adamw_multi_kernel(
     words_ptr = tl.load(row + 4).to(tl.pointer_type(tl.int32))
     n = tl.load(row + 5)
     offset = tl.load(row + 6)
-    step = tl.load(row + 7).to(tl.uint32)
     stream = tl.load(row + 8).to(tl.uint32)
     kind = tl.load(row + 9)
-    step_size = tl.load(float_table + t * N_FLOAT + 0)
-    bc2_sqrt = tl.load(float_table + t * N_FLOAT + 1)
+    if CAPTURABLE:
+        step_count = tl.load(tl.load(row + 7).to(tl.pointer_type(tl.float32))).to(tl.int64)
+        step = step_count.to(tl.uint32)
+        b1 = tl.load(consts_ptr + 0)
+        b2 = tl.load(consts_ptr + 1)
+        lr = tl.load(lr_ptr).to(tl.float64)
+        pow1 = b1 * 0.0 + 1.0
+        pow2 = pow1
+        e = step_count
+        for _ in tl.static_range(32):
+            odd = (e & 1) != 0
+            pow1 = tl.where(odd, pow1 * b1, pow1)
+            pow2 = tl.where(odd, pow2 * b2, pow2)
+            b1 = b1 * b1
+            b2 = b2 * b2
+            e = e >> 1
+        bc1 = 1.0 - pow1
+        bc2 = 1.0 - pow2
+        if PAPER:
+            step_size = (lr * tl.sqrt(bc2) / bc1).to(tl.float32)
+            bc2_sqrt = 1.0
+        else:
+            step_size = (lr / bc1).to(tl.float32)
+            bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+        lr_wd64 = lr * tl.load(consts_ptr + 2)
+        lr_wd = lr_wd64.to(tl.float32)
+        decay = (1.0 - lr_wd64).to(tl.float32)
+    else:
+        step = tl.load(row + 7).to(tl.uint32)
+        step_size = tl.load(float_table + t * N_FLOAT + 0)
+        bc2_sqrt = tl.load(float_table + t * N_FLOAT + 1)
     for tile in tl.static_range(TILES):
         offs = (chunk * TILES + tile) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n
@@ -138,6 +176,22 @@ def _block_map(numels, device) -> Tuple[torch.Tensor, torch.Tensor]:
     return found
 
 
+# capturable launches: (device, rows) -> the int64 table, (device, constants) -> float64
+# constants; kept on the device so that a captured step copies nothing from the host
+_DEVICE_TABLES: Dict[Tuple, torch.Tensor] = {}
+_MAX_DEVICE_TABLES = 64
+
+
+def _cached(key, make) -> torch.Tensor:
+    found = _DEVICE_TABLES.get(key)
+    if found is None:
+        found = make()
+        if len(_DEVICE_TABLES) >= _MAX_DEVICE_TABLES:
+            _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
+        _DEVICE_TABLES[key] = found
+    return found
+
+
 def _table(rows, dtype, device) -> torch.Tensor:
     if device.type == "cpu":
         return torch.tensor(rows, dtype=dtype)
@@ -147,9 +201,13 @@ def _table(rows, dtype, device) -> torch.Tensor:
 
 def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, masks, mask_kinds, steps,
                       index_offsets, streams, step_sizes, bc2_sqrts, beta1, beta2, eps, lr_wd,
-                      seed, threshold, inv_p, action, paper):
+                      seed, threshold, inv_p, action, paper, capturable=None):
     """Launcher: one kernel for the whole list; all tensors contiguous, on one device, params
-    and grads of one dtype (float32, bfloat16 or float16)."""
+    and grads of one dtype (float32, bfloat16 or float16).
+
+    capturable: None, or (lr, beta1, beta2, weight_decay) with lr a 0-d tensor on the device;
+    then steps are 0-d float32 step tensors on the device and step_sizes, bc2_sqrts, lr_wd are
+    unused (the kernel computes them)."""
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     if not live:
         return
@@ -158,14 +216,27 @@ def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, masks, mask_kinds
     for i in live:
         kind = mask_kinds[i]
         words = masks[i] if kind == 2 else params[i]
+        step = steps[i].data_ptr() if capturable is not None else steps[i]
         rows.append((params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                      exp_avg_sqs[i].data_ptr(), words.data_ptr(), params[i].numel(),
-                     index_offsets[i], steps[i], streams[i], kind))
-    int_table = _table(rows, torch.int64, device)
-    float_table = _table([(step_sizes[i], bc2_sqrts[i]) for i in live], torch.float32, device)
+                     index_offsets[i], step, streams[i], kind))
+    if capturable is None:
+        int_table = _table(rows, torch.int64, device)
+        float_table = _table([(step_sizes[i], bc2_sqrts[i]) for i in live], torch.float32,
+                             device)
+        lr, consts = int_table, float_table  # unused by the kernel
+    else:
+        lr, b1, b2, weight_decay = capturable
+        int_table = _cached((str(device), tuple(rows)),
+                            lambda: _table(rows, torch.int64, device))
+        consts = _cached((str(device), b1, b2, weight_decay), lambda: torch.tensor(
+            [b1, b2, weight_decay], dtype=torch.float64).to(device))
+        float_table = consts  # unused by the kernel
+        lr_wd = 0.0
     block_tensor, block_chunk = _block_map([params[i].numel() for i in live], device)
     masked_adamw_multi_kernel[(block_tensor.numel(),)](
         int_table, float_table, block_tensor, block_chunk, seed & 0xFFFFFFFF, seed >> 32,
         threshold, inv_p, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, lr_wd, 1.0 - lr_wd,
-        DTYPE=_DTYPES[params[live[0]].dtype], ACTION=action, PAPER=paper, BLOCK=BLOCK,
-        TILES=TILES, N_INT=N_INT, N_FLOAT=N_FLOAT, num_warps=4)
+        lr, consts, DTYPE=_DTYPES[params[live[0]].dtype], ACTION=action, PAPER=paper,
+        BLOCK=BLOCK, TILES=TILES, N_INT=N_INT, N_FLOAT=N_FLOAT,
+        CAPTURABLE=capturable is not None, num_warps=4)

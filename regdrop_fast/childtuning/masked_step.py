@@ -6,6 +6,13 @@ multi-tensor: one launch per dtype bucket (the CUDA kernel splits very long list
 of at most 24 tensors). "auto" follows backends.OPS["masked_adamw"]: on CUDA tensors the CUDA
 kernel, then Triton (measured 4-9x slower on an H200, so only where the extension lacks CUDA
 kernels), then the reference.
+
+capturable=True (torch.optim.AdamW's semantics): `steps` are 0-d float32 step tensors and `lr`
+may be a 0-d tensor, all on the parameters' device. The reference computes the bias corrections
+and the Philox step word from them with torch ops and the Triton kernel reads them through
+pointers: no host read, so the step can be captured in a CUDA graph. The CPU C++ kernel reads
+the two scalars on the host (a CPU tensor has no device to synchronize with). The CUDA kernel
+still takes host scalars: "auto" takes Triton on CUDA tensors, backend="cuda" raises.
 """
 from __future__ import annotations
 
@@ -26,15 +33,25 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
                       masks: Sequence[Optional[torch.Tensor]], mask_kinds: Sequence[int],
                       steps: Sequence[int], index_offsets: Sequence[int], streams: Sequence[int],
-                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                      lr, beta1: float, beta2: float, eps: float, weight_decay: float,
                       seed: int, reserve_p: float, action: str, semantics: str,
-                      backend: Optional[str] = None) -> None:
+                      backend: Optional[str] = None, capturable: bool = False) -> None:
     """In-place step of `params`, `exp_avgs`, `exp_avg_sqs` (the arguments of
     reference.masked_adamw.masked_adamw_step). All tensors contiguous, on one device, params
     and grads of one dtype; the optimizer checks its inputs before calling this."""
     if not params:
         return
-    name = backends.resolve(OP, backend, params[0].device, implemented=IMPLEMENTED)
+    device = params[0].device
+    if capturable and device.type != "cpu" and backend == "cuda":
+        raise ValueError("capturable=True: the 'cuda' masked AdamW kernel reads the step and lr "
+                         "on the host; use backend='triton' (or None) for a capturable step")
+    implemented = (tuple(b for b in IMPLEMENTED if b != "cuda")
+                   if capturable and device.type != "cpu" else IMPLEMENTED)
+    name = backends.resolve(OP, backend, device, implemented=implemented)
+    if capturable and name not in ("reference", "triton"):
+        # CPU: reading a CPU tensor costs no synchronization
+        steps = [int(s.item()) for s in steps]
+        lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr
     if name == "reference":
         _ref.masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks=masks,
                                mask_kinds=mask_kinds, steps=steps, index_offsets=index_offsets,
@@ -42,11 +59,18 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                                weight_decay=weight_decay, seed=seed, reserve_p=reserve_p,
                                action=action, semantics=semantics, upcast=False)
         return
-    by_step = {t: _ref.step_scalars(semantics, lr, beta1, beta2, t) for t in set(steps)}
-    scalars = [by_step[t] for t in steps]  # the parameters of a group share one step count
-    step_sizes = [s[0] for s in scalars]
-    bc2_sqrts = [s[1] for s in scalars]
-    lr_wd = lr * weight_decay
+    launch = None
+    if capturable and name == "triton":
+        lr_t = lr if isinstance(lr, torch.Tensor) else torch.full((), lr, device=device)
+        launch = (lr_t, beta1, beta2, weight_decay)
+        step_sizes = bc2_sqrts = None
+        lr_wd = 0.0
+    else:
+        by_step = {t: _ref.step_scalars(semantics, lr, beta1, beta2, t) for t in set(steps)}
+        scalars = [by_step[t] for t in steps]  # the parameters of a group share one step count
+        step_sizes = [s[0] for s in scalars]
+        bc2_sqrts = [s[1] for s in scalars]
+        lr_wd = lr * weight_decay
     paper = semantics == "paper"
     code = ACTION_CODES[action]
     if name == "triton":
@@ -56,7 +80,7 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                               streams=streams, step_sizes=step_sizes, bc2_sqrts=bc2_sqrts,
                               beta1=beta1, beta2=beta2, eps=eps, lr_wd=lr_wd, seed=seed,
                               threshold=keep_threshold(reserve_p), inv_p=1.0 / reserve_p,
-                              action=code, paper=paper)
+                              action=code, paper=paper, capturable=launch)
         return
     backends.extension()
     empty = params[0].new_empty(0, dtype=torch.int32)

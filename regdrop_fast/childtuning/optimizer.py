@@ -26,6 +26,15 @@ v and weight become NaN/inf (a dropped element multiplies its gradient by 0, sti
 Skip such steps with torch.amp.GradScaler, or check the gradients before step(). Pruned
 weights of MaskedAdamW stay exactly 0 whatever the gradient.
 
+capturable=True follows torch.optim.AdamW(capturable=True): each parameter's state["step"] is a
+0-d float32 tensor on its device (exact up to 2^24 steps), incremented on the device, and lr may
+be a 0-d tensor (change it in place, `lr.fill_(x)`, or through an LR scheduler); the step reads
+no host value on CUDA (the Triton kernel; the CUDA kernel still takes host scalars), so
+`optimizer.step()` can be captured in a torch.cuda.CUDAGraph and torch.compile does not
+recompile when lr changes. On CPU the C++ kernel reads the two scalars on the host (no device
+to synchronize with). A float lr is copied into a device tensor when it changes (captured as a
+constant, as torch does). Masks and values equal the non-capturable step's.
+
 Sharded parameters (DTensor, FSDP2 `fully_shard`): the kernel runs on the local shard with
 global element indices, so masks do not depend on the sharding. Supported placements: Shard(0)
 and Replicate.
@@ -61,8 +70,16 @@ def _finite_nonneg(value) -> bool:
             and math.isfinite(value) and value >= 0.0)
 
 
-def _check_hparams(lr, betas, eps, weight_decay):
-    if not _finite_nonneg(lr):
+def _check_hparams(lr, betas, eps, weight_decay, capturable=False):
+    if isinstance(lr, torch.Tensor):
+        if not capturable:
+            raise TypeError("lr may be a tensor only with capturable=True; pass a float")
+        if lr.dim() != 0 or not lr.is_floating_point():
+            raise ValueError(f"lr as a tensor must be a 0-d floating-point tensor, got shape "
+                             f"{tuple(lr.shape)} and dtype {lr.dtype}")
+        if lr.device.type != "meta" and not _finite_nonneg(float(lr)):
+            raise ValueError(f"lr must be finite and >= 0, got {float(lr)!r}")
+    elif not _finite_nonneg(lr):
         raise ValueError(f"lr must be a finite float >= 0, got {lr!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(_finite_nonneg(b) and b < 1.0 for b in betas)):
@@ -76,6 +93,16 @@ def _check_hparams(lr, betas, eps, weight_decay):
 def _param_number(key) -> Optional[int]:
     """A state-dict key as a parameter number (an int, as torch saves them), else None."""
     return key if isinstance(key, int) and not isinstance(key, bool) else None
+
+
+def _host_step(step):
+    """A saved step count as a Python int (a capturable optimizer saves a 0-d float tensor)."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.device.type == "meta":
+            return step  # check_int names it
+        value = step.item()
+        return int(value) if float(value).is_integer() else value
+    return step
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -164,6 +191,10 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             parameter (None = always fully updated, e.g. embeddings and classifier; this is
             what `fisher_mask` returns), or a list aligned with the parameters.
         backend: "reference" | "cpu" | "cuda" | "triton" | None (auto).
+        capturable: torch.optim.AdamW's capturable=True: step counts (and lr, which may then be
+            a 0-d tensor) live in device tensors and the step reads no host value on CUDA
+            (Triton kernel, or the reference); on CPU the C++ kernel reads them on the host.
+            See the module docstring.
     """
 
     _mode_choices = _MODES
@@ -171,8 +202,10 @@ class ChildTuningAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, mode: Optional[str] = "F", reserve_p: float = 0.3,
                  drop: str = "grad", semantics: str = "paper", seed: Optional[int] = None,
-                 masks=None, backend: Optional[str] = None):
-        _check_hparams(lr, betas, eps, weight_decay)
+                 masks=None, backend: Optional[str] = None, capturable: bool = False):
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {type(capturable).__name__}")
+        _check_hparams(lr, betas, eps, weight_decay, capturable)
         self._check_mode(mode, reserve_p, drop, semantics)
         if backend is not None and backend not in ("auto",) + IMPLEMENTED:
             raise ValueError(f"backend must be one of {IMPLEMENTED}, 'auto' or None, got "
@@ -183,9 +216,11 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         self._names = {}
         self._mask_words = {}
         self._plans = {}  # param-group index -> _GroupPlan, the step's fast path
+        self._lr_tensors = {}  # capturable group with a float lr -> (value, device tensor)
         self._constructed = False
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        mode=mode, reserve_p=reserve_p, drop=drop, semantics=semantics)
+                        mode=mode, reserve_p=reserve_p, drop=drop, semantics=semantics,
+                        capturable=capturable)
         super().__init__(params, defaults)
         self._attach_masks(masks)
         self._constructed = True
@@ -214,10 +249,13 @@ class ChildTuningAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         for key in ("lr", "betas", "eps", "weight_decay", "mode", "reserve_p", "drop",
-                    "semantics"):
+                    "semantics", "capturable"):
             param_group.setdefault(key, self.defaults[key])
+        if not isinstance(param_group["capturable"], bool):
+            raise TypeError(f"capturable must be a bool, got "
+                            f"{type(param_group['capturable']).__name__}")
         _check_hparams(param_group["lr"], param_group["betas"], param_group["eps"],
-                       param_group["weight_decay"])
+                       param_group["weight_decay"], param_group["capturable"])
         self._check_mode(param_group["mode"], param_group["reserve_p"], param_group["drop"],
                          param_group["semantics"])
         super().add_param_group(param_group)
@@ -365,15 +403,28 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                         f"parameter {name} has shape {tuple(p.shape)} but its optimizer state "
                         f"{key!r} has shape {tuple(moment.shape)}: was it resized after the "
                         f"first step? Create a new optimizer (or drop its state) for the new shape")
+        if group["capturable"] and device is not None:
+            self._check_capturable(group, device)
         for p in live:
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = 0
+                state["step"] = (torch.zeros((), dtype=torch.float32, device=_local(p).device)
+                                 if group["capturable"] else 0)
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
                                                     memory_format=torch.contiguous_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
                                                        memory_format=torch.contiguous_format)
         return live, [_local(p.grad).contiguous() for p in live]
+
+    @staticmethod
+    def _check_capturable(group, device) -> None:
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"capturable=True needs parameters on cpu or cuda (the backends "
+                             f"that read the step and lr from tensors), got {device}")
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.device != device:
+            raise ValueError(f"lr is a tensor on {lr.device}, the parameters are on {device}: "
+                             f"with capturable=True it must be on the parameters' device")
 
     def _make_plan(self, group, params) -> "_GroupPlan":
         """The plan of a step over `params` (checked, with state)."""
@@ -433,10 +484,17 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         return grads
 
     def _run_plan(self, group, plan: "_GroupPlan", grads) -> None:
-        steps = []
-        for st in plan.states:
-            st["step"] += 1
-            steps.append(int(st["step"]))
+        lr = group["lr"]
+        if group["capturable"]:
+            steps = [st["step"] for st in plan.states]
+            if steps:
+                torch._foreach_add_(steps, 1.0)
+                lr = self._device_lr(group, plan.buckets[0].params[0].device)
+        else:
+            steps = []
+            for st in plan.states:
+                st["step"] += 1
+                steps.append(int(st["step"]))
         beta1, beta2 = group["betas"]
         for bucket in plan.buckets:
             idx = bucket.indices
@@ -445,10 +503,30 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 [_local(plan.states[i]["exp_avg"]) for i in idx],
                 [_local(plan.states[i]["exp_avg_sq"]) for i in idx],
                 masks=bucket.masks, mask_kinds=bucket.kinds, steps=[steps[i] for i in idx],
-                index_offsets=bucket.offsets, streams=bucket.streams, lr=group["lr"],
+                index_offsets=bucket.offsets, streams=bucket.streams, lr=lr,
                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 seed=self.seed, reserve_p=group["reserve_p"], action=self._action(group),
-                semantics=group["semantics"], backend=self.backend)
+                semantics=group["semantics"], backend=self.backend,
+                capturable=group["capturable"])
+
+    def _device_lr(self, group, device) -> torch.Tensor:
+        """The group's lr as a 0-d tensor on `device`: the user's tensor, else a float lr copied
+        into a cached tensor when it changes (no host read either way)."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.device != device:
+                raise ValueError(f"lr is a tensor on {lr.device}, the parameters are on "
+                                 f"{device}: with capturable=True it must be on their device")
+            return lr
+        key = id(group)
+        cached = self._lr_tensors.get(key)
+        if cached is None or cached[1].device != device:
+            cached = [None, torch.empty((), dtype=torch.float64, device=device)]
+            self._lr_tensors[key] = cached
+        if cached[0] != lr:
+            cached[1].fill_(lr)
+            cached[0] = lr
+        return cached[1]
 
     # ---- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -493,11 +571,32 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             if "step" in value:
                 value["step"] = check_int(
                     f"state_dict['state'][{key!r}]['step'] (parameter {self._names[p]})",
-                    value["step"], 0, UINT32_MAX)
+                    _host_step(value["step"]), 0, UINT32_MAX)
             state[key] = value
         state_dict["state"] = state
         self._plans.clear()
+        self._lr_tensors.clear()
+        own = [(g["capturable"], g["lr"]) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        # capturable is how this optimizer was built, not a saved hyperparameter (as `backend`);
+        # a tensor lr stays the same tensor (a captured graph reads it), with the saved value
+        for group, (capturable, lr) in zip(self.param_groups, own):
+            group["capturable"] = capturable
+            saved = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                if isinstance(saved, torch.Tensor):
+                    lr.copy_(saved)
+                else:
+                    lr.fill_(saved)
+                group["lr"] = lr
+            elif isinstance(saved, torch.Tensor):
+                group["lr"] = float(saved)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st:
+                    step = _host_step(st["step"])
+                    st["step"] = (torch.tensor(float(step), dtype=torch.float32,
+                                               device=_local(p).device) if capturable else step)
         for key, saved in moments.items():
             p = params[_param_number(key)]
             for k, value in saved.items():
@@ -573,18 +672,19 @@ class MaskedAdamW(ChildTuningAdamW):
             LayerNorm, ...). 1 = keep, as in regdrop_fast.masks.
         lr, betas, eps, weight_decay: torch.optim.AdamW's defaults.
         semantics: "torch" (default, torch.optim.AdamW) or "paper" (HF/official order).
+        capturable: as ChildTuningAdamW's.
     """
 
     _mode_choices = ("sparse",)
 
     def __init__(self, params, masks, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, semantics: str = "torch", seed: Optional[int] = 0,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, capturable: bool = False):
         if masks is None:
             raise ValueError("MaskedAdamW needs masks= (dict or list of PackedMask/bool/None)")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          mode="sparse", reserve_p=1.0, drop="grad", semantics=semantics,
-                         seed=seed, masks=masks, backend=backend)
+                         seed=seed, masks=masks, backend=backend, capturable=capturable)
 
     def _attach_masks(self, masks) -> None:
         params = self._flat_params()

@@ -14,6 +14,9 @@ Per element of a tensor, with keep bit k and scale s:
   action "update": g is not masked; p <- p + (k*s)*(p1 - p)   (the whole step dropped/scaled)
   action "prune":  k=1 as above; k=0: p <- 0 exactly, m and v left untouched
 with bc1 = 1-b1^t, bc2 = 1-b2^t and t the tensor's step count after this step's increment.
+Capturable steps (torch.optim.AdamW's capturable=True): each step count is a 0-d float32 tensor
+and lr may be a 0-d tensor, both on the parameters' device; bias corrections and the Philox step
+word are computed from them with torch ops in float64, no host read.
 NaN/inf gradients propagate as in torch.optim.AdamW and the official code (a NaN grad makes the
 element's m, v and parameter NaN; a dropped element multiplies it by 0, which stays NaN),
 except that a pruned weight stays exactly 0.
@@ -27,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .philox import philox_words
+from .philox import MASK32, philox4x32, philox_words
 
 MASK_NONE, MASK_PHILOX, MASK_BITS = 0, 1, 2
 ACTIONS = ("grad", "update", "prune")
@@ -46,12 +49,37 @@ def step_scalars(semantics: str, lr: float, beta1: float, beta2: float, step: in
     return lr / bc1, math.sqrt(bc2)
 
 
-def keep_bits(kind: int, numel: int, offset: int, *, seed: int, step: int, stream: int,
+def step_scalars_tensor(semantics: str, lr, beta1: float, beta2: float, step: torch.Tensor):
+    """step_scalars from a device step tensor (and lr float or tensor): 0-d float64 tensors."""
+    t = step.to(torch.float64)
+    lr = lr.to(device=t.device, dtype=torch.float64) if isinstance(lr, torch.Tensor) else lr
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    if semantics == "paper":
+        return lr * bc2.sqrt() / bc1, torch.ones_like(t)
+    return lr / bc1, bc2.sqrt()
+
+
+def _philox_words_at(seed: int, index: torch.Tensor, step: torch.Tensor, stream: int):
+    """philox_words with the step word read from a 0-d tensor (no host read)."""
+    counter = index >> 2
+    c2 = step.to(torch.int64).expand_as(index)
+    w0, w1, w2, w3 = philox4x32(counter & MASK32, counter >> 32, c2,
+                                torch.full_like(index, stream), seed & MASK32,
+                                (seed >> 32) & MASK32)
+    lane = index & 3
+    return torch.where(lane == 0, w0, torch.where(lane == 1, w1, torch.where(lane == 2, w2, w3)))
+
+
+def keep_bits(kind: int, numel: int, offset: int, *, seed: int, step, stream: int,
               reserve_p: float, words: Optional[torch.Tensor], device) -> torch.Tensor:
-    """bool keep decisions of elements offset .. offset+numel-1 (global flat indices)."""
+    """bool keep decisions of elements offset .. offset+numel-1 (global flat indices); `step`
+    an int or a 0-d tensor."""
     index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     if kind == MASK_PHILOX:
         threshold = int(reserve_p * 4294967296.0)
+        if isinstance(step, torch.Tensor):
+            return _philox_words_at(seed, index, step, stream) < threshold
         return philox_words(seed, index, step, stream) < threshold
     if kind == MASK_BITS:
         word = words.to(torch.int64)[index >> 5] & 0xFFFFFFFF
@@ -63,13 +91,14 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                       exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
                       masks: Sequence[Optional[torch.Tensor]], mask_kinds: Sequence[int],
                       steps: Sequence[int], index_offsets: Sequence[int],
-                      streams: Sequence[int], lr: float, beta1: float, beta2: float, eps: float,
+                      streams: Sequence[int], lr, beta1: float, beta2: float, eps: float,
                       weight_decay: float, seed: int, reserve_p: float, action: str,
                       semantics: str, upcast: bool = True) -> None:
     """One step over a list of tensors, in place (params, exp_avgs, exp_avg_sqs).
 
     params any float dtype; grads like params; exp_avgs/exp_avg_sqs float32; masks[i] flat int32
-    words (MASK_BITS) or None; steps already incremented."""
+    words (MASK_BITS) or None; steps already incremented: ints, or 0-d float32 tensors on the
+    parameters' device (capturable; then lr may be a 0-d tensor too)."""
     compute = torch.float64 if upcast else torch.float32
     for i, p in enumerate(params):
         n = p.numel()
@@ -80,7 +109,12 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                          reserve_p=reserve_p, words=masks[i], device=p.device)
         scale = (1.0 / reserve_p) if kind == MASK_PHILOX else 1.0
         factor = keep.to(compute) * scale
-        step_size, bc2_sqrt = step_scalars(semantics, lr, beta1, beta2, steps[i])
+        if isinstance(steps[i], torch.Tensor):
+            step_size, bc2_sqrt = step_scalars_tensor(semantics, lr, beta1, beta2, steps[i])
+        else:
+            step_size, bc2_sqrt = step_scalars(semantics, lr, beta1, beta2, steps[i])
+        lr_f64 = (lr.to(device=p.device, dtype=torch.float64) if isinstance(lr, torch.Tensor)
+                  else lr)
 
         p0 = p.detach().reshape(-1).to(compute)
         g = grads[i].detach().reshape(-1).to(compute)
@@ -90,7 +124,7 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
             g = g * factor
         m_new = beta1 * m + (1.0 - beta1) * g
         v_new = beta2 * v + (1.0 - beta2) * g * g
-        lr_wd = lr * weight_decay
+        lr_wd = lr_f64 * weight_decay
         if semantics == "paper":
             p1 = p0 - step_size * m_new / (v_new.sqrt() + eps)
             p1 = p1 - lr_wd * p1
