@@ -169,11 +169,13 @@ def resolve(op: str, backend: Optional[str], device: torch.device,
     environment variable, then auto. `arg` names the caller's tensor in dtype errors.
     """
     info = OPS.get(op, _UNLISTED)
-    have = tuple(name for name in info.implemented
-                 if implemented is None or name in implemented)
+    have = (info.implemented if implemented is None
+            else tuple(name for name in info.implemented if name in implemented))
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    requested = requested.strip().lower()
-    device = torch.device(device)
+    if requested != "auto":  # the common case skips the normalization (a per-call cost)
+        requested = requested.strip().lower()
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(
@@ -199,7 +201,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device,
             continue
         if dtype is not None and dtype not in info.dtypes.get(name, (dtype,)):
             continue  # by design (e.g. float64 on the reference), not worth a log line
-        reason = unavailable_reason(name, device)
+        reason = None if name == "reference" else unavailable_reason(name, device)
         if reason is None:
             if skipped:
                 _log_fallback_once(op, name, skipped)
