@@ -12,6 +12,8 @@ UINT64_MAX = 2**64 - 1
 
 def check_int(name: str, value, low: int, high: int) -> int:
     """A Python/numpy/0-d tensor integer in [low, high]."""
+    if type(value) is int and low <= value <= high:  # the per-call common case, checked first
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer, got a {value.dtype} tensor of shape "
