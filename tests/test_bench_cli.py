@@ -348,6 +348,9 @@ def test_host_overhead_bench_times_every_public_op_without_a_gpu(tmp_path):
     torch_step = "torch AdamW(fused=True).step (201 tensors)"
     assert rows["ChildTuningAdamW.step D (201 tensors)"]["baseline"] == torch_step
     assert rows["pack_mask"]["baseline"] == "pack_mask"
+    floor = rows["torch autograd floor: masked_attention fwd+bwd"]
+    assert floor["ms"] > 0 and "above the autograd floor" in rows["masked_attention fwd+bwd"][
+        "note"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
