@@ -32,7 +32,8 @@ cudaError_t launch_philox_keep(bool* out, int64_t n, int64_t offset, uint64_t se
                                cudaStream_t stream) noexcept;
 
 // One tensor of a masked AdamW step (numel > 0, every pointer valid for numel elements; words
-// covers bits offset .. offset + numel when kind is kMaskBits).
+// covers bits offset .. offset + numel when kind is kMaskBits). With step_count (capturable),
+// the kernel reads the step there and computes step_size and bc2_sqrt itself.
 struct AdamwTensor {
   void* p;
   const void* g;
@@ -46,12 +47,17 @@ struct AdamwTensor {
   uint32_t step;
   uint32_t stream;
   int kind;
+  const float* step_count;  // capturable: the tensor's float32 step count, else nullptr
 };
 
 struct AdamwGroup {
   float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, lr_wd, decay, inv_p;
   uint64_t seed;
   uint64_t threshold;
+  // capturable (tensors with a step_count): lr read on the device, scalars in double
+  const void* lr;
+  bool lr_double;  // lr is float64, else float32
+  double beta1_d, beta2_d, weight_decay;
 };
 
 enum class ParamDtype { kFloat32, kBFloat16, kFloat16 };

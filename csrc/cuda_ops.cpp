@@ -43,11 +43,25 @@ void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
                              at::IntArrayRef streams, at::ArrayRef<double> step_sizes,
                              at::ArrayRef<double> bc2_sqrts, int64_t seed_lo, int64_t seed_hi,
                              double reserve_p, int64_t action, c10::DeviceType device_type);
+void check_masked_adamw_capturable_args(at::TensorList params, at::TensorList grads,
+                                        at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                        at::TensorList masks, at::IntArrayRef mask_kinds,
+                                        at::TensorList steps, at::IntArrayRef index_offsets,
+                                        at::IntArrayRef streams, const at::Tensor& lr,
+                                        int64_t seed_lo, int64_t seed_hi, double reserve_p,
+                                        int64_t action, c10::DeviceType device_type);
 
 namespace {
 
 cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+cuda::ParamDtype param_dtype_of(const at::Tensor& t) {
+  const at::ScalarType dtype = t.scalar_type();
+  return dtype == at::kFloat      ? cuda::ParamDtype::kFloat32
+         : dtype == at::kBFloat16 ? cuda::ParamDtype::kBFloat16
+                                  : cuda::ParamDtype::kFloat16;
 }
 
 uint64_t join_seed(int64_t seed_lo, int64_t seed_hi) {
@@ -140,19 +154,66 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                                    static_cast<float>(bc2_sqrts[i]),
                                    static_cast<uint32_t>(steps[i]),
                                    static_cast<uint32_t>(streams[i]),
-                                   static_cast<int>(mask_kinds[i])};
+                                   static_cast<int>(mask_kinds[i]),
+                                   nullptr};
   }
   const cuda::AdamwGroup group{static_cast<float>(beta1),       static_cast<float>(beta2),
                                static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
                                static_cast<float>(eps),         static_cast<float>(lr_wd),
                                static_cast<float>(1.0 - lr_wd), static_cast<float>(1.0 / reserve_p),
-                               join_seed(seed_lo, seed_hi),     keep_threshold(reserve_p)};
-  const at::ScalarType dtype = params[0].scalar_type();
-  const cuda::ParamDtype param_dtype = dtype == at::kFloat      ? cuda::ParamDtype::kFloat32
-                                       : dtype == at::kBFloat16 ? cuda::ParamDtype::kBFloat16
-                                                                : cuda::ParamDtype::kFloat16;
-  C10_CUDA_CHECK(cuda::launch_masked_adamw(tensors.data(), n, group, param_dtype, paper,
-                                           static_cast<int>(action), current_stream(params[0])));
+                               join_seed(seed_lo, seed_hi),     keep_threshold(reserve_p),
+                               nullptr,                         false,
+                               beta1,                           beta2,
+                               0.0};
+  C10_CUDA_CHECK(cuda::launch_masked_adamw(tensors.data(), n, group, param_dtype_of(params[0]),
+                                           paper, static_cast<int>(action),
+                                           current_stream(params[0])));
+}
+
+// torch.optim.AdamW's capturable=True: the kernel reads each tensor's step count and the lr
+// from device memory and computes the bias corrections itself, so the launch reads no host
+// value and can be captured in a CUDA graph.
+void masked_adamw_capturable_cuda(at::TensorList params, at::TensorList grads,
+                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                  at::TensorList masks, at::IntArrayRef mask_kinds,
+                                  at::TensorList steps, at::IntArrayRef index_offsets,
+                                  at::IntArrayRef streams, const at::Tensor& lr, double beta1,
+                                  double beta2, double eps, double weight_decay, int64_t seed_lo,
+                                  int64_t seed_hi, double reserve_p, int64_t action, bool paper) {
+  check_masked_adamw_capturable_args(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds,
+                                     steps, index_offsets, streams, lr, seed_lo, seed_hi,
+                                     reserve_p, action, c10::DeviceType::CUDA);
+  const size_t n = params.size();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<cuda::AdamwTensor> tensors(n);
+  for (size_t i = 0; i < n; ++i) {
+    const bool bits = mask_kinds[i] == kMaskBits;
+    tensors[i] = cuda::AdamwTensor{params[i].data_ptr(),
+                                   grads[i].data_ptr(),
+                                   exp_avgs[i].data_ptr<float>(),
+                                   exp_avg_sqs[i].data_ptr<float>(),
+                                   bits ? masks[i].data_ptr<int32_t>() : nullptr,
+                                   params[i].numel(),
+                                   static_cast<uint64_t>(index_offsets[i]),
+                                   0.0f,
+                                   1.0f,
+                                   0,
+                                   static_cast<uint32_t>(streams[i]),
+                                   static_cast<int>(mask_kinds[i]),
+                                   steps[i].const_data_ptr<float>()};
+  }
+  const cuda::AdamwGroup group{static_cast<float>(beta1),       static_cast<float>(beta2),
+                               static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                               static_cast<float>(eps),         0.0f,
+                               1.0f,                            static_cast<float>(1.0 / reserve_p),
+                               join_seed(seed_lo, seed_hi),     keep_threshold(reserve_p),
+                               lr.const_data_ptr(),             lr.scalar_type() == at::kDouble,
+                               beta1,                           beta2,
+                               weight_decay};
+  C10_CUDA_CHECK(cuda::launch_masked_adamw(tensors.data(), n, group, param_dtype_of(params[0]),
+                                           paper, static_cast<int>(action),
+                                           current_stream(params[0])));
 }
 
 }  // namespace
@@ -165,6 +226,7 @@ TORCH_LIBRARY_IMPL(regdrop_fast, CUDA, m) {
   m.impl("philox_words", &regdrop::philox_words_cuda);
   m.impl("philox_keep_", &regdrop::philox_keep_cuda);
   m.impl("masked_adamw_", &regdrop::masked_adamw_cuda);
+  m.impl("masked_adamw_capturable_", &regdrop::masked_adamw_capturable_cuda);
 }
 
 #endif  // REGDROP_WITH_CUDA

@@ -702,6 +702,44 @@ void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
   }
 }
 
+// The capturable form's arguments (steps: one-element float32 step counts, lr: a one-element
+// float32/float64 tensor, all on the device of params[0]) plus everything the plain form checks.
+void check_masked_adamw_capturable_args(at::TensorList params, at::TensorList grads,
+                                        at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                        at::TensorList masks, at::IntArrayRef mask_kinds,
+                                        at::TensorList steps, at::IntArrayRef index_offsets,
+                                        at::IntArrayRef streams, const at::Tensor& lr,
+                                        int64_t seed_lo, int64_t seed_hi, double reserve_p,
+                                        int64_t action, c10::DeviceType device_type) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(steps.size() == n, "masked_adamw_capturable_: steps must have ", n,
+                    " entries (one per param), got ", steps.size());
+  // the step counts are tensors here: placeholders for the plain form's host scalars
+  const std::vector<int64_t> no_steps(n, 0);
+  const std::vector<double> ones(n, 1.0);
+  check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, no_steps,
+                          index_offsets, streams, ones, ones, seed_lo, seed_hi, reserve_p,
+                          action, device_type);
+  TORCH_CHECK_VALUE(lr.defined() && lr.numel() == 1, "masked_adamw_capturable_: lr must be a "
+                    "one-element tensor");
+  TORCH_CHECK_TYPE(lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble,
+                   "masked_adamw_capturable_: lr must be float32 or float64, got ",
+                   lr.scalar_type());
+  if (n == 0) return;
+  const c10::Device device = params[0].device();
+  TORCH_CHECK_VALUE(lr.device() == device, "masked_adamw_capturable_: lr must be on ", device,
+                    " (the device of params[0]), got ", lr.device());
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = steps[i];
+    TORCH_CHECK_VALUE(t.defined() && t.numel() == 1, "masked_adamw_capturable_: steps[", i,
+                      "] must be a one-element tensor");
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "masked_adamw_capturable_: steps[", i,
+                     "] must be float32 (as torch.optim.AdamW keeps it), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == device, "masked_adamw_capturable_: steps[", i,
+                      "] must be on ", device, " (the device of params[0]), got ", t.device());
+  }
+}
+
 namespace {
 
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -770,6 +808,39 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   run_all(fn, paper_i, action_i, tensors, segs, grp);
 }
 
+// On CPU the step counts and lr are read on the host (no device to synchronize with), then the
+// plain kernel runs with the bias corrections of regdrop_fast.reference.masked_adamw.step_scalars
+// (the same libm pow, so the same scalars as the host-step path).
+void masked_adamw_capturable_cpu(at::TensorList params, at::TensorList grads,
+                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                 at::TensorList masks, at::IntArrayRef mask_kinds,
+                                 at::TensorList steps, at::IntArrayRef index_offsets,
+                                 at::IntArrayRef streams, const at::Tensor& lr, double beta1,
+                                 double beta2, double eps, double weight_decay, int64_t seed_lo,
+                                 int64_t seed_hi, double reserve_p, int64_t action, bool paper) {
+  check_masked_adamw_capturable_args(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds,
+                                     steps, index_offsets, streams, lr, seed_lo, seed_hi,
+                                     reserve_p, action, c10::DeviceType::CPU);
+  const size_t n = params.size();
+  const double lr_value = lr.item<double>();
+  std::vector<int64_t> counts(n);
+  std::vector<double> step_sizes(n), bc2_sqrts(n);
+  for (size_t i = 0; i < n; ++i) {
+    const double t = steps[i].item<double>();
+    TORCH_CHECK_VALUE(t >= 0.0 && t <= 4294967295.0 && t == std::floor(t),
+                      "masked_adamw_capturable_: steps[", i,
+                      "] must hold an integer in [0, 2^32), got ", t);
+    counts[i] = static_cast<int64_t>(t);
+    const double bc1 = 1.0 - std::pow(beta1, t);
+    const double bc2 = 1.0 - std::pow(beta2, t);
+    step_sizes[i] = paper ? lr_value * std::sqrt(bc2) / bc1 : lr_value / bc1;
+    bc2_sqrts[i] = paper ? 1.0 : std::sqrt(bc2);
+  }
+  masked_adamw_cpu(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, counts,
+                   index_offsets, streams, step_sizes, bc2_sqrts, beta1, beta2, eps,
+                   lr_value * weight_decay, seed_lo, seed_hi, reserve_p, action, paper);
+}
+
 }  // namespace
 }  // namespace regdrop
 
@@ -781,8 +852,16 @@ TORCH_LIBRARY_FRAGMENT(regdrop_fast, m) {
       "int[] index_offsets, int[] streams, float[] step_sizes, float[] bc2_sqrts, float beta1, "
       "float beta2, float eps, float lr_wd, int seed_lo, int seed_hi, float reserve_p, "
       "int action, bool paper) -> ()");
+  // torch.optim.AdamW's capturable=True: step counts and lr in tensors, read on the device
+  m.def(
+      "masked_adamw_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] masks, int[] mask_kinds, Tensor[] steps, "
+      "int[] index_offsets, int[] streams, Tensor lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int seed_lo, int seed_hi, float reserve_p, int action, "
+      "bool paper) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(regdrop_fast, CPU, m) {
   m.impl("masked_adamw_", &regdrop::masked_adamw_cpu);
+  m.impl("masked_adamw_capturable_", &regdrop::masked_adamw_capturable_cpu);
 }

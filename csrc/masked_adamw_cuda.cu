@@ -40,6 +40,7 @@ struct TensorListMeta {
   float step_size[kMaxTensors];
   float bc2_sqrt[kMaxTensors];
   uint32_t step[kMaxTensors];
+  const float* step_count[kMaxTensors];  // capturable: read the step here, else nullptr
   uint32_t stream[kMaxTensors];
   int8_t kind[kMaxTensors];
   uint8_t block_to_tensor[kMaxBlocks];
@@ -71,10 +72,22 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(TensorListMeta m
   const int32_t* words = meta.words[t];
   const int kind = meta.kind[t];
   const uint64_t offset = meta.offset[t];
-  const uint32_t step = meta.step[t];
+  uint32_t step = meta.step[t];
   const uint32_t stream = meta.stream[t];
-  const AdamScalars s{gs.beta1, gs.beta2, gs.one_minus_beta1, gs.one_minus_beta2, gs.eps,
-                      gs.lr_wd, gs.decay, meta.step_size[t], meta.bc2_sqrt[t]};
+  AdamScalars s{gs.beta1, gs.beta2, gs.one_minus_beta1, gs.one_minus_beta2, gs.eps,
+                gs.lr_wd, gs.decay, meta.step_size[t], meta.bc2_sqrt[t]};
+  if (meta.step_count[t] != nullptr) {  // capturable: no host value of the step or lr
+    const double count = static_cast<double>(*meta.step_count[t]);
+    const double lr = gs.lr_double ? *static_cast<const double*>(gs.lr)
+                                   : static_cast<double>(*static_cast<const float*>(gs.lr));
+    const double bc1 = 1.0 - pow(gs.beta1_d, count);
+    const double bc2 = 1.0 - pow(gs.beta2_d, count);
+    step = static_cast<uint32_t>(count);
+    s.step_size = static_cast<float>(kPaper ? lr * sqrt(bc2) / bc1 : lr / bc1);
+    s.bc2_sqrt = static_cast<float>(kPaper ? 1.0 : sqrt(bc2));
+    s.lr_wd = static_cast<float>(lr * gs.weight_decay);
+    s.decay = static_cast<float>(1.0 - lr * gs.weight_decay);
+  }
   const bool vec = aligned<T>(p + begin) && aligned<T>(g + begin) && aligned<float>(m + begin) &&
                    aligned<float>(v + begin);
   for (int64_t i0 = begin + static_cast<int64_t>(threadIdx.x) * kIlp; i0 < end;
@@ -203,6 +216,7 @@ cudaError_t launch_masked_adamw(const AdamwTensor* tensors, size_t n, const Adam
     meta.step_size[slot] = t.step_size;
     meta.bc2_sqrt[slot] = t.bc2_sqrt;
     meta.step[slot] = t.step;
+    meta.step_count[slot] = t.step_count;
     meta.stream[slot] = t.stream;
     meta.kind[slot] = static_cast<int8_t>(t.kind);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
@@ -239,6 +253,7 @@ cudaError_t launch_masked_adamw(const AdamwTensor* tensors, size_t n, const Adam
           meta.step_size[0] = meta.step_size[slot];
           meta.bc2_sqrt[0] = meta.bc2_sqrt[slot];
           meta.step[0] = meta.step[slot];
+          meta.step_count[0] = meta.step_count[slot];
           meta.stream[0] = meta.stream[slot];
           meta.kind[0] = meta.kind[slot];
           slot = 0;

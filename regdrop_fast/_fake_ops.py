@@ -147,3 +147,36 @@ def _masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, steps
                 raise ValueError(f"{op}: masks[{i}] must hold bits index_offsets[i] .. "
                                  f"index_offsets[i] + numel, i.e. >= {needed} int32 words, got "
                                  f"{masks[i].numel()}")
+
+
+@torch.library.register_fake(_LIB + "masked_adamw_capturable_")
+def _masked_adamw_capturable(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, steps,
+                             index_offsets, streams, lr, beta1, beta2, eps, weight_decay, seed_lo,
+                             seed_hi, reserve_p, action, paper):
+    op = "masked_adamw_capturable_"
+    n = len(params)
+    if len(steps) != n:
+        raise ValueError(f"{op}: steps must have {n} entries (one per param), got {len(steps)}")
+    # the plain form's checks, with placeholders for its host step scalars
+    _masked_adamw(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, [0] * n,
+                  index_offsets, streams, [1.0] * n, [1.0] * n, beta1, beta2, eps, 0.0, seed_lo,
+                  seed_hi, reserve_p, action, paper)
+    if lr.numel() != 1:
+        raise ValueError(f"{op}: lr must be a one-element tensor")
+    if lr.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: lr must be float32 or float64, got {lr.dtype}")
+    if n == 0:
+        return
+    device = params[0].device
+    if lr.device != device:
+        raise ValueError(f"{op}: lr must be on {device} (the device of params[0]), got "
+                         f"{lr.device}")
+    for i, step in enumerate(steps):
+        if step.numel() != 1:
+            raise ValueError(f"{op}: steps[{i}] must be a one-element tensor")
+        if step.dtype != torch.float32:
+            raise TypeError(f"{op}: steps[{i}] must be float32 (as torch.optim.AdamW keeps it), "
+                            f"got {step.dtype}")
+        if step.device != device:
+            raise ValueError(f"{op}: steps[{i}] must be on {device} (the device of params[0]), "
+                             f"got {step.device}")

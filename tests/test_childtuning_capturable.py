@@ -65,7 +65,7 @@ def _kept(before, after):
     return [a != b for a, b in zip(before, after)]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 @pytest.mark.parametrize("mode,semantics,drop", [("F", "paper", "grad"), ("F", "torch", "update"),
                                                  ("D", "paper", "update"),
                                                  ("D", "torch", "grad")])
@@ -88,7 +88,7 @@ def test_capturable_matches_the_host_step(device, backend, mode, semantics, drop
     assert cap_opt.param_groups[0]["lr"] is lr  # the caller's tensor, changed in place
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 @pytest.mark.parametrize("semantics", ["paper", "torch"])
 def test_capturable_f_masks_are_the_host_masks(device, backend, semantics):
     """Mode F with drop="grad": an element's m changes by more than its decay exactly when it is
@@ -118,7 +118,7 @@ def test_capturable_f_masks_are_the_host_masks(device, backend, semantics):
     assert any(bool(k.any()) and not bool(k.all()) for k in runs[0][0])  # a real mask
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 def test_masked_adamw_capturable(device, backend):
     require_backend(backend, device)
     batches = _batches(device, len(LRS))
@@ -213,6 +213,64 @@ def test_capturable_on_a_device_without_a_capturable_backend():
     opt = ChildTuningAdamW(params, capturable=True, seed=1, backend="reference")
     with pytest.raises(ValueError, match="capturable=True needs parameters on cpu or cuda"):
         opt.step()
+
+
+def _raw_args(device, lr_dtype=torch.float64):
+    sizes = [37, 70]
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    words = pack_mask(torch.rand(70, generator=gen) < 0.5).words.reshape(-1).to(device)
+    return [params, grads, [torch.zeros(n, device=device) for n in sizes],
+            [torch.zeros(n, device=device) for n in sizes],
+            [torch.zeros(0, dtype=torch.int32, device=device), words], [ref.MASK_PHILOX,
+                                                                      ref.MASK_BITS],
+            [torch.tensor(3.0, device=device) for _ in sizes], [5, 0], [0, 1],
+            torch.tensor(1e-3, dtype=lr_dtype, device=device), 0.9, 0.999, 1e-6, 0.01, 7, 1,
+            0.3, 0, True]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_raw_capturable_op(device, backend):
+    require_backend(backend, device)
+    op = torch.ops.regdrop_fast.masked_adamw_capturable_
+    torch.library.opcheck(op, _raw_args(device))
+    args = _raw_args(device, torch.float32)
+    params = [p.clone() for p in args[0]]
+    exp_avgs, exp_avg_sqs = [m.clone() for m in args[2]], [v.clone() for v in args[3]]
+    op(*args)
+    ref.masked_adamw_step(params, args[1], exp_avgs, exp_avg_sqs, masks=args[4],
+                          mask_kinds=args[5], steps=[3, 3], index_offsets=args[7],
+                          streams=args[8], lr=float(args[9]), beta1=0.9, beta2=0.999, eps=1e-6,
+                          weight_decay=0.01, seed=7 + (1 << 32), reserve_p=0.3, action="grad",
+                          semantics="paper")
+    for a, b in zip(args[0], params):
+        torch.testing.assert_close(a, b.float(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("index,value,error,match", [
+    (6, "int_steps", TypeError, r"steps\[0\] must be float32"),
+    (6, "one_step", ValueError, "steps must have 2 entries"),
+    (9, "two_lrs", ValueError, "lr must be a one-element tensor"),
+    (9, "half_lr", TypeError, "lr must be float32 or float64"),
+])
+def test_raw_capturable_op_bad_arguments(device, index, value, error, match):
+    args = _raw_args(device)
+    args[index] = {"int_steps": [torch.tensor(1, dtype=torch.int32, device=device)] * 2,
+                   "one_step": [torch.tensor(1.0, device=device)],
+                   "two_lrs": torch.ones(2, device=device),
+                   "half_lr": torch.tensor(1.0, dtype=torch.half, device=device)}[value]
+    for where in (device, "meta"):  # the C++ check and the fake
+        moved = [[t.to(where) for t in a] if isinstance(a, list) and a
+                 and isinstance(a[0], torch.Tensor) else
+                 a.to(where) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(error, match=match):
+            torch.ops.regdrop_fast.masked_adamw_capturable_(*moved)
+    if device.type == "cpu":
+        args = _raw_args(device)
+        args[6] = [torch.tensor(1.5), torch.tensor(1.0)]
+        with pytest.raises(ValueError, match=r"steps\[0\] must hold an integer"):
+            torch.ops.regdrop_fast.masked_adamw_capturable_(*args)
 
 
 @pytest.mark.cuda

@@ -9,10 +9,10 @@ kernels), then the reference.
 
 capturable=True (torch.optim.AdamW's semantics): `steps` are 0-d float32 step tensors and `lr`
 may be a 0-d tensor, all on the parameters' device. The reference computes the bias corrections
-and the Philox step word from them with torch ops and the Triton kernel reads them through
-pointers: no host read, so the step can be captured in a CUDA graph. The CPU C++ kernel reads
-the two scalars on the host (a CPU tensor has no device to synchronize with). The CUDA kernel
-still takes host scalars: "auto" takes Triton on CUDA tensors, backend="cuda" raises.
+and the Philox step word from them with torch ops; the CUDA and Triton kernels read them through
+pointers (op masked_adamw_capturable_): no host read, so the step can be captured in a CUDA
+graph. The CPU C++ op reads the two scalars on the host (a CPU tensor has no device to
+synchronize with).
 """
 from __future__ import annotations
 
@@ -42,16 +42,12 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     if not params:
         return
     device = params[0].device
-    if capturable and device.type != "cpu" and backend == "cuda":
-        raise ValueError("capturable=True: the 'cuda' masked AdamW kernel reads the step and lr "
-                         "on the host; use backend='triton' (or None) for a capturable step")
-    implemented = (tuple(b for b in IMPLEMENTED if b != "cuda")
-                   if capturable and device.type != "cpu" else IMPLEMENTED)
-    name = backends.resolve(OP, backend, device, implemented=implemented)
-    if capturable and name not in ("reference", "triton"):
-        # CPU: reading a CPU tensor costs no synchronization
-        steps = [int(s.item()) for s in steps]
-        lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr
+    name = backends.resolve(OP, backend, device, implemented=IMPLEMENTED)
+    if capturable and name != "reference":
+        if not isinstance(lr, torch.Tensor):
+            lr = torch.full((), lr, dtype=torch.float64, device=device)
+        elif lr.dtype not in (torch.float32, torch.float64):
+            lr = lr.to(torch.float64)  # the kernels read float32 or float64
     if name == "reference":
         _ref.masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks=masks,
                                mask_kinds=mask_kinds, steps=steps, index_offsets=index_offsets,
@@ -60,9 +56,8 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                                action=action, semantics=semantics, upcast=False)
         return
     launch = None
-    if capturable and name == "triton":
-        lr_t = lr if isinstance(lr, torch.Tensor) else torch.full((), lr, device=device)
-        launch = (lr_t, beta1, beta2, weight_decay)
+    if capturable:  # the kernels compute the step's scalars from the tensors
+        launch = (lr, beta1, beta2, weight_decay)
         step_sizes = bc2_sqrts = None
         lr_wd = 0.0
     else:
@@ -86,6 +81,12 @@ def masked_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     empty = params[0].new_empty(0, dtype=torch.int32)
     words = [m if m is not None else empty for m in masks]
     seed_lo, seed_hi = split_seed(seed)
+    if capturable:
+        torch.ops.regdrop_fast.masked_adamw_capturable_(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), words,
+            list(mask_kinds), list(steps), list(index_offsets), list(streams), lr, beta1, beta2,
+            eps, weight_decay, seed_lo, seed_hi, reserve_p, code, paper)
+        return
     torch.ops.regdrop_fast.masked_adamw_(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), words, list(mask_kinds),
         list(steps), list(index_offsets), list(streams), step_sizes, bc2_sqrts, beta1, beta2,

@@ -29,7 +29,7 @@ weights of MaskedAdamW stay exactly 0 whatever the gradient.
 capturable=True follows torch.optim.AdamW(capturable=True): each parameter's state["step"] is a
 0-d float32 tensor on its device (exact up to 2^24 steps), incremented on the device, and lr may
 be a 0-d tensor (change it in place, `lr.fill_(x)`, or through an LR scheduler); the step reads
-no host value on CUDA (the Triton kernel; the CUDA kernel still takes host scalars), so
+no host value on CUDA (the CUDA and Triton kernels read both through pointers), so
 `optimizer.step()` can be captured in a torch.cuda.CUDAGraph and torch.compile does not
 recompile when lr changes. On CPU the C++ kernel reads the two scalars on the host (no device
 to synchronize with). A float lr is copied into a device tensor when it changes (captured as a
@@ -193,7 +193,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         backend: "reference" | "cpu" | "cuda" | "triton" | None (auto).
         capturable: torch.optim.AdamW's capturable=True: step counts (and lr, which may then be
             a 0-d tensor) live in device tensors and the step reads no host value on CUDA
-            (Triton kernel, or the reference); on CPU the C++ kernel reads them on the host.
+            (CUDA, Triton or reference backend); on CPU the C++ kernel reads them on the host.
             See the module docstring.
     """
 
