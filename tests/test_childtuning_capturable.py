@@ -215,6 +215,27 @@ def test_capturable_on_a_device_without_a_capturable_backend():
         opt.step()
 
 
+def test_compiled_step_does_not_recompile_when_lr_changes(device):
+    backend = "cpu" if device.type == "cpu" else "cuda"
+    require_backend(backend, device)
+    batches = _batches(device, len(LRS))
+    lr = torch.tensor(LRS[0], device=device)
+    model, opt = _build(device, backend, True, lr)
+    _run(model, opt, batches, LRS, lr_tensor=lr)
+    lr_c = torch.tensor(LRS[0], device=device)
+    compiled_model, compiled_opt = _build(device, backend, True, lr_c)
+    _run(compiled_model, compiled_opt, batches[:1], LRS[:1], lr_tensor=lr_c)  # creates state
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled_opt.step = torch.compile(compiled_opt.step)
+            _run(compiled_model, compiled_opt, batches[1:], LRS[1:], lr_tensor=lr_c)
+    finally:
+        torch._dynamo.reset()
+    for p, q in zip(model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
 def _raw_args(device, lr_dtype=torch.float64):
     sizes = [37, 70]
     gen = torch.Generator().manual_seed(3)
