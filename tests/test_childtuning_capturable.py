@@ -189,6 +189,18 @@ def test_state_dict_round_trip(device, save_capturable, load_capturable):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
 
 
+def test_load_rejects_a_step_past_float32_range(device):
+    model, opt = _build(device, "reference", False, LRS[0])
+    _run(model, opt, _batches(device, 1), LRS)
+    sd = opt.state_dict()
+    for value in sd["state"].values():
+        value["step"] = 2 ** 24 + 1
+    _, cap_opt = _build(device, "reference", True, LRS[0])
+    with pytest.raises(ValueError, match="exact up to 2\\^24"):
+        cap_opt.load_state_dict(sd)
+    assert not any(cap_opt.state.values())
+
+
 def test_capturable_bad_input(device):
     model = _model(device)
     with pytest.raises(TypeError, match="capturable"):

@@ -63,6 +63,7 @@ __all__ = ["ChildTuningAdamW", "MaskedAdamW"]
 _MODES = (None, "F", "D")
 _DROPS = ("grad", "update")
 _EXTRA_KEY = "regdrop_fast"
+_MAX_FLOAT_STEP = 2 ** 24  # capturable steps are float32 tensors, as in torch.optim.AdamW
 
 
 def _finite_nonneg(value) -> bool:
@@ -564,6 +565,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         mask_words = self._loaded_mask_words(extra.get("masks", {}), params)
         moments = {}
         state = {}
+        capturable = {p: g["capturable"] for g in self.param_groups for p in g["params"]}
         for key, value in state_dict.get("state", {}).items():
             p = self._loaded_param(key, params)
             value = dict(value)
@@ -572,6 +574,11 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 value["step"] = check_int(
                     f"state_dict['state'][{key!r}]['step'] (parameter {self._names[p]})",
                     _host_step(value["step"]), 0, UINT32_MAX)
+                if capturable[p] and value["step"] > _MAX_FLOAT_STEP:
+                    raise ValueError(
+                        f"state_dict['state'][{key!r}]['step'] (parameter {self._names[p]}) is "
+                        f"{value['step']}: a capturable optimizer counts steps in float32, "
+                        f"exact up to 2^24; load it with capturable=False")
             state[key] = value
         state_dict["state"] = state
         self._plans.clear()
