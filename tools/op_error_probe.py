@@ -95,6 +95,13 @@ CASES = {
     "masked_adamw_: reserve_p 0": ("adamw(kinds=[1], reserve_p=0.0)", "reserve_p"),
     "masked_adamw_: reserve_p nan": ("adamw(kinds=[1], reserve_p=float('nan'))", "reserve_p"),
     "masked_adamw_: action 3": ("adamw(action=3)", "action"),
+    "masked_adamw_capturable_: steps list too short": ("adamw_capturable(steps=[])", "steps"),
+    "masked_adamw_capturable_: two-element step": (
+        "adamw_capturable(steps=[torch.ones(2, device=d)])", "steps"),
+    "masked_adamw_capturable_: two-element lr": (
+        "adamw_capturable(lr=torch.ones(2, device=d))", "lr"),
+    "masked_adamw_capturable_: bits, negative offset": (
+        "adamw_capturable(kinds=[2], offsets=[-64])", "index_offsets"),
 }
 
 RUNNER = """
@@ -116,6 +123,16 @@ def adamw(params=None, grads=None, exp_avgs=None, exp_avg_sqs=None, masks=None, 
                      masks or [torch.full((2,), -1, dtype=torch.int32, device=d)], list(kinds),
                      list(steps), list(offsets), list(streams), [1e-3], [1.0], 0.9, 0.999, 1e-8,
                      0.0, 0, seed_hi, reserve_p, action, True)
+
+
+def adamw_capturable(steps=None, lr=None, kinds=(0,), offsets=(0,)):
+    def fresh():
+        return [torch.zeros(40, device=d)]
+    op.masked_adamw_capturable_(
+        fresh(), fresh(), fresh(), fresh(), [torch.full((2,), -1, dtype=torch.int32, device=d)],
+        list(kinds), [torch.ones((), device=d)] if steps is None else steps, list(offsets), [0],
+        torch.full((), 1e-3, device=d) if lr is None else lr, 0.9, 0.999, 1e-8, 0.0, 0, 0, 1.0,
+        0, True)
 
 
 for i, statement in enumerate(json.loads(sys.argv[2])):
