@@ -127,6 +127,33 @@ void philox_keep_cuda(const at::Tensor& out, int64_t offset, int64_t seed_lo, in
       static_cast<uint64_t>(threshold), current_stream(out)));
 }
 
+// One launch-table entry per parameter (pointers, sizes, mask); each form fills in how its
+// step scalars arrive: from the host, or through a device step count.
+std::vector<cuda::AdamwTensor> adamw_tensors(at::TensorList params, at::TensorList grads,
+                                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                             at::TensorList masks, at::IntArrayRef mask_kinds,
+                                             at::IntArrayRef index_offsets,
+                                             at::IntArrayRef streams) {
+  std::vector<cuda::AdamwTensor> tensors(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const bool bits = mask_kinds[i] == kMaskBits;
+    tensors[i] = cuda::AdamwTensor{params[i].data_ptr(),
+                                   grads[i].data_ptr(),
+                                   exp_avgs[i].data_ptr<float>(),
+                                   exp_avg_sqs[i].data_ptr<float>(),
+                                   bits ? masks[i].data_ptr<int32_t>() : nullptr,
+                                   params[i].numel(),
+                                   static_cast<uint64_t>(index_offsets[i]),
+                                   0.0f,
+                                   1.0f,
+                                   0,
+                                   static_cast<uint32_t>(streams[i]),
+                                   static_cast<int>(mask_kinds[i]),
+                                   nullptr};
+  }
+  return tensors;
+}
+
 void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList masks,
                        at::IntArrayRef mask_kinds, at::IntArrayRef steps,
@@ -140,22 +167,13 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const size_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<cuda::AdamwTensor> tensors(n);
+  std::vector<cuda::AdamwTensor> tensors =
+      adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, index_offsets,
+                    streams);
   for (size_t i = 0; i < n; ++i) {
-    const bool bits = mask_kinds[i] == kMaskBits;
-    tensors[i] = cuda::AdamwTensor{params[i].data_ptr(),
-                                   grads[i].data_ptr(),
-                                   exp_avgs[i].data_ptr<float>(),
-                                   exp_avg_sqs[i].data_ptr<float>(),
-                                   bits ? masks[i].data_ptr<int32_t>() : nullptr,
-                                   params[i].numel(),
-                                   static_cast<uint64_t>(index_offsets[i]),
-                                   static_cast<float>(step_sizes[i]),
-                                   static_cast<float>(bc2_sqrts[i]),
-                                   static_cast<uint32_t>(steps[i]),
-                                   static_cast<uint32_t>(streams[i]),
-                                   static_cast<int>(mask_kinds[i]),
-                                   nullptr};
+    tensors[i].step_size = static_cast<float>(step_sizes[i]);
+    tensors[i].bc2_sqrt = static_cast<float>(bc2_sqrts[i]);
+    tensors[i].step = static_cast<uint32_t>(steps[i]);
   }
   const cuda::AdamwGroup group{static_cast<float>(beta1),       static_cast<float>(beta2),
                                static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
@@ -186,23 +204,10 @@ void masked_adamw_capturable_cuda(at::TensorList params, at::TensorList grads,
   const size_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<cuda::AdamwTensor> tensors(n);
-  for (size_t i = 0; i < n; ++i) {
-    const bool bits = mask_kinds[i] == kMaskBits;
-    tensors[i] = cuda::AdamwTensor{params[i].data_ptr(),
-                                   grads[i].data_ptr(),
-                                   exp_avgs[i].data_ptr<float>(),
-                                   exp_avg_sqs[i].data_ptr<float>(),
-                                   bits ? masks[i].data_ptr<int32_t>() : nullptr,
-                                   params[i].numel(),
-                                   static_cast<uint64_t>(index_offsets[i]),
-                                   0.0f,
-                                   1.0f,
-                                   0,
-                                   static_cast<uint32_t>(streams[i]),
-                                   static_cast<int>(mask_kinds[i]),
-                                   steps[i].const_data_ptr<float>()};
-  }
+  std::vector<cuda::AdamwTensor> tensors =
+      adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, index_offsets,
+                    streams);
+  for (size_t i = 0; i < n; ++i) tensors[i].step_count = steps[i].const_data_ptr<float>();
   const cuda::AdamwGroup group{static_cast<float>(beta1),       static_cast<float>(beta2),
                                static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
                                static_cast<float>(eps),         0.0f,
