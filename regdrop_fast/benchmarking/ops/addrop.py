@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 from regdrop_fast import addrop, backends
 
+from ._models import random_bert
+
 P, Q, SEED = 0.3, 0.2, 1234
 HEADS, HEAD_DIM = 12, 64
 
@@ -218,17 +220,6 @@ def _attention_case(ctx, batch, heads, length, head_dim, main, causal, dtype):
         ctx.record(impl=impl, flops=flops, **common, **timing)
 
 
-def _bert(device, quick):
-    from transformers import BertConfig, BertForSequenceClassification
-    if quick or device.type == "cpu":
-        config = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=128, num_labels=2)
-    else:
-        config = BertConfig(num_labels=2)  # bert-base shapes
-    torch.manual_seed(0)
-    return BertForSequenceClassification(config).to(device).train()
-
-
 def _register_official_attention():
     """Eager attention that also adds the per-layer additive AD-DROP masks of the official
     (modified BERT) code; returns the maps so output_attentions can give them."""
@@ -284,7 +275,7 @@ def official_step(model, batch, layers):
 
 def bench_train_step(ctx):
     quick_shapes = ctx.quick or ctx.device.type == "cpu"
-    base = _bert(ctx.device, ctx.quick)
+    base = random_bert(ctx.device, ctx.quick or ctx.device.type == "cpu")
     for batch_size, length in [(2, 16)] if quick_shapes else [(32, 128), (8, 512)]:
         _train_step_case(ctx, base, batch_size, length)
 

@@ -56,6 +56,8 @@ from regdrop_fast.reference.masked_linear import scores_mask
 from regdrop_fast.sparse import (IterativeMagnitudePruner, MaskTrainer, masked_linear,
                                  masked_modules)
 
+from ._models import random_bert
+
 SPARSITIES = (0.5, 0.7, 0.9)
 PHI = 0.0
 
@@ -158,17 +160,6 @@ TRAIN_SPARSITY = 0.7
 LR = 1e-4
 
 
-def _train_model(device, small):
-    from transformers import BertConfig, BertForSequenceClassification
-    if small:
-        config = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=128, num_labels=2)
-    else:
-        config = BertConfig(num_labels=2)  # bert-base shapes
-    torch.manual_seed(0)
-    return BertForSequenceClassification(config).to(device).train()
-
-
 def _total_peak(fn, device):
     """Peak bytes allocated on the device while fn() runs, resident tensors included."""
     if device.type != "cuda":
@@ -215,7 +206,7 @@ def bench_train_step(ctx):
     device = ctx.device
     small = ctx.quick or device.type != "cuda"
     batch_size, length = (2, 16) if small else (32, 512)
-    base = _train_model(device, small)
+    base = random_bert(device, small)
     gen = torch.Generator(device=device).manual_seed(3)
     batch = {"input_ids": torch.randint(5, base.config.vocab_size, (batch_size, length),
                                         device=device, generator=gen),
