@@ -386,6 +386,7 @@ def test_sparse_train_step_bench_rows_pair_with_the_issue_18_goals():
     the issue-18 goals select the BERT-base case only, so a tiny CPU case stays unmeasured."""
     from regdrop_fast.benchmarking import BenchContext, goals
     from regdrop_fast.benchmarking.ops import sparse as sparse_bench
+    from regdrop_fast.benchmarking.ops._models import random_bert
     from regdrop_fast.sparse import MaskTrainer, masked_modules
 
     ctx = BenchContext(device=torch.device("cpu"), quick=True)
@@ -397,7 +398,7 @@ def test_sparse_train_step_bench_rows_pair_with_the_issue_18_goals():
     assert {(r["op"], r["case"], r["dtype"], r["baseline"]) for r in ctx.rows} == {
         ("sparse_train_step", "tiny L=16,B=2", "float32", "dense step (AdamW)")}
     assert all(r["ms"] > 0 and r["peak_total_bytes"] is None for r in ctx.rows)
-    model = sparse_bench._train_model(torch.device("cpu"), small=True)
+    model = random_bert(torch.device("cpu"), small=True)
     MaskTrainer(model, 0.7)
     allowance = 2 * sum(m.weight.numel() for m in masked_modules(model).values())
     assert [r.get("peak_allowance_bytes") for r in ctx.rows] == [None, allowance, allowance,
