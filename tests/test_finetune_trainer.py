@@ -1,6 +1,7 @@
 """The finetune methods through transformers' Trainer (`make_trainer`), composed like --method,
 on a tiny random BERT: the right mixins and optimizer, ChildTuning-D's Fisher mask limiting the
-first update to reserve_p of the encoder weights, mask training moving only the scores."""
+first update to reserve_p of the encoder weights, mask training moving only the scores, IMP
+pruning in place, the debiasing loss read from the batch's bias_probs column."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,7 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate"
 
 from regdrop_fast.finetune.config import FinetuneConfig  # noqa: E402
 from regdrop_fast.finetune.errors import FinetuneError  # noqa: E402
-from regdrop_fast.finetune.methods import build_methods  # noqa: E402
-from regdrop_fast.finetune.methods.base import MethodUnavailable  # noqa: E402
+from regdrop_fast.finetune.methods import unavailable  # noqa: E402
 from utils.finetune import make_tiny_bert, review_rows  # noqa: E402
 
 
@@ -27,14 +27,12 @@ def parts(tmp_path_factory):
     return folder, data, DataCollatorWithPadding(tokenizer)
 
 
-def _trainer(parts, tmp_path, method, config=None, steps=2):
+def _trainer(parts, tmp_path, method, config=None, steps=2, **extra):
     from transformers import AutoModelForSequenceClassification, TrainingArguments
     from regdrop_fast.finetune.hf_trainer import make_trainer
     for name in method.split(","):
-        try:
-            build_methods(name, FinetuneConfig())
-        except MethodUnavailable as exc:
-            pytest.skip(str(exc))
+        if unavailable(name):
+            pytest.skip(unavailable(name))
     folder, data, collator = parts
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
@@ -42,7 +40,7 @@ def _trainer(parts, tmp_path, method, config=None, steps=2):
                              per_device_train_batch_size=8, learning_rate=1e-2, weight_decay=0.0,
                              warmup_steps=0, lr_scheduler_type="constant", report_to=[],
                              save_strategy="no", logging_strategy="no", seed=1,
-                             disable_tqdm=True)
+                             disable_tqdm=True, **extra)
     return make_trainer(method, config, model=model, args=args, train_dataset=data,
                         data_collator=collator)
 
@@ -96,10 +94,40 @@ def test_addrop_and_mask_training(parts, tmp_path):
             assert torch.equal(p, weights[name]), name
 
 
+def test_imp_prunes_in_place_and_keeps_pruned_weights_zero(parts, tmp_path):
+    # sparsity 0.2 at rate 0.1: two prunes, at steps 2 and 4 of 6
+    trainer = _trainer(parts, tmp_path, "imp", FinetuneConfig(sparsity=0.2, imp_rate=0.1),
+                       steps=6)
+    trainer.train()
+    pruner = trainer.imp_pruner
+    assert pruner.iteration == 2 and pruner.done()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    # the same optimizer object throughout; its Adam state restarted at the last prune
+    steps = {int(s["step"]) for s in inner.state.values() if "step" in s}
+    assert steps == {2}
+    for name, module in pruner.modules.items():
+        zero = (module.weight == 0).float().mean().item()
+        assert 0.19 <= zero <= 0.21, name
+
+
+def test_debias_reads_bias_probs_from_the_batch(parts, tmp_path):
+    folder, data, collator = parts
+    from regdrop_fast.finetune.batches import Collator
+    rows = [dict(r, bias_probs=[0.9, 0.1] if r["labels"] == 0 else [0.5, 0.5]) for r in data]
+    losses = {}
+    for kind in ("reweight", None):
+        trainer = _trainer((folder, rows, Collator(collator.tokenizer)), tmp_path / str(kind),
+                           "none", FinetuneConfig(debias=kind), steps=1,
+                           remove_unused_columns=False)
+        losses[kind] = trainer.train().training_loss
+    assert losses["reweight"] != losses[None]
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        _trainer(parts, tmp_path, "none", FinetuneConfig(debias="poe"))
+
+
 @pytest.mark.parametrize("method, config, match", [
-    ("imp", None, "imp is not available through the Trainer"),
     ("rdrop,addrop", None, "both replace the training forward pass"),
-    ("none", FinetuneConfig(debias="poe"), "--debias is not available through the Trainer"),
+    ("rdrop", FinetuneConfig(debias="poe"), "--debias cannot be combined with rdrop"),
 ])
 def test_trainer_refuses_what_it_cannot_run(method, config, match):
     from regdrop_fast.finetune.hf_trainer import make_trainer

@@ -58,6 +58,7 @@ class ADDropTrainerMixin:
                             f"{type(cross_tuning).__name__}")
         self.addrop = addrop
         self.cross_tuning = cross_tuning
+        self._addrop_global_step = None
         if not isinstance(getattr(self, "addrop_epochs", None), ADDropEpochCallback):
             self.addrop_epochs = ADDropEpochCallback()
             self.add_callback(self.addrop_epochs)
@@ -71,6 +72,13 @@ class ADDropTrainerMixin:
         inputs = self._prepare_inputs(inputs)
         accelerator = getattr(self, "accelerator", None)
         inner = accelerator.unwrap_model(model) if accelerator is not None else model
+        step = getattr(getattr(self, "state", None), "global_step", None)
+        if step is not None and step != self._addrop_global_step:
+            # the mask counter restarts at each optimizer step from the step number (times the
+            # accumulation steps), so a run resumed from a checkpoint draws the masks of the
+            # uninterrupted run
+            self._addrop_global_step = step
+            self.addrop.step_count = step * self.args.gradient_accumulation_steps
         with self.compute_loss_context_manager():
             masks = self.addrop.compute_masks(inner, inputs)
         with self.addrop.masked(masks):

@@ -1,63 +1,41 @@
-"""Checkpoints: a folder that is both a transformers model folder and a resumable state.
+"""Checkpoints: the Trainer's own `checkpoint-N` folders, sealed by a manifest.
 
-    checkpoint/
-      config.json, model.safetensors, tokenizer files   (save_pretrained: loads with from_pretrained)
-      masks.safetensors        packed masks of the methods (int32 words; shapes in the metadata)
-      training_state.pt        optimizer, LR schedule, loop position, metrics so far, method state
-      rng_rank{r}.pt           torch/python/numpy RNG state of each process
-      MANIFEST.json            size and sha256 of every other file, written last
+    checkpoint-N/
+      config.json, model.safetensors, tokenizer files   (loads with from_pretrained)
+      optimizer.pt, scheduler.pt, rng_state*.pth, trainer_state.json, training_args.bin
+                                  (the Trainer's: `trainer.train(resume_from_checkpoint=...)`)
+      finetune_state.pt           the job's: settings fingerprint, metrics so far
+      masks.safetensors           packed masks of mask-train / imp (int32 words; shapes in the
+                                  metadata), for inspection; the run itself restores them from
+                                  the model buffers and the optimizer state
+      MANIFEST.json               size and sha256 of every other file, written last
 
-Save protocol: at every instant there is a complete checkpoint that `find` returns, however
-many times the process is killed, because a folder under a name `find` reads is only ever
-complete (its manifest lists every file with its size) and a complete folder is only ever
-renamed, never deleted while it is the newest:
-  1. `recover`: finish or undo what an interrupted save left (below)
-  2. every file into checkpoint.tmp, each fsync'd; the manifest last, by an atomic rename,
-     then the folder fsync'd: from here checkpoint.tmp is complete and newer than checkpoint
-  3. checkpoint -> checkpoint.trash, checkpoint.tmp -> checkpoint (renames, the parent fsync'd),
-     then checkpoint.trash is deleted
-`recover` completes step 3 when checkpoint.tmp is complete, deletes it when it is not, and
-deletes any trash. `find` prefers a complete checkpoint.tmp over checkpoint; `verify` checks
-every file against the manifest (sha256) before anything is loaded, so a corrupted, truncated
-or deleted file is refused with a one-line error instead of resuming on wrong weights.
+Save protocol: the Trainer writes checkpoint-N (not atomically); then the job adds its files,
+fsyncs everything and renames MANIFEST.json into place (`seal`): only from here is the folder
+a checkpoint. Only then are the other checkpoint folders deleted (`retire`), so at every
+instant the newest sealed folder is complete, however the process is killed. `find` returns
+the newest sealed folder after checking every file against the manifest (sha256): a corrupted,
+truncated or deleted file is refused with a one-line error instead of resuming on wrong
+weights. `discard_unsealed` deletes what an interrupted save left.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
+import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..masks import PackedMask
 from .errors import FinetuneError
 
-NAME = "checkpoint"
-STAGING = NAME + ".tmp"
-TRASH = NAME + ".trash"
-STATE_FILE = "training_state.pt"
+PREFIX = "checkpoint-"
+STATE_FILE = "finetune_state.pt"
 MASK_FILE = "masks.safetensors"
 MANIFEST = "MANIFEST.json"
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_masks(path: Path, masks: dict) -> None:
@@ -78,6 +56,16 @@ def load_masks(path: Path) -> dict:
         for name in handle.keys():
             out[name] = PackedMask(handle.get_tensor(name), torch.Size(shapes[name]))
     return out
+
+
+def folders(output_dir) -> list:
+    """The checkpoint-N folders of `output_dir`, newest (largest N) first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir()
+             if (m := re.fullmatch(re.escape(PREFIX) + r"(\d+)", p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 # -- the save protocol ---------------------------------------------------------------------------
@@ -128,89 +116,50 @@ def is_complete(folder: Path) -> bool:
     return True
 
 
-def recover(output_dir) -> None:
-    """Finish the commit of a complete staged checkpoint, or drop an incomplete one (rank 0)."""
-    out = Path(output_dir)
-    staging, final, trash = out / STAGING, out / NAME, out / TRASH
-    if trash.exists():
-        _remove(trash)
-    if staging.exists():
-        if is_complete(staging):
-            _swap_in(staging, final, trash)
-        else:
-            _remove(staging)
-
-
-def _swap_in(staging: Path, final: Path, trash: Path) -> None:
-    if final.exists():
-        _rename(final, trash)
-    _rename(staging, final)
-    if trash.exists():
-        _remove(trash)
-
-
-def staging_dir(output_dir) -> Path:
-    """An empty checkpoint.tmp, after `recover` put any earlier save in order."""
-    recover(output_dir)
-    path = Path(output_dir) / STAGING
-    path.mkdir(parents=True)
-    return path
-
-
-def write_main(staging: Path, model, tokenizer, state: dict, masks: dict) -> None:
-    """Rank 0's part: model folder, masks and training state."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # a bar per save would interleave with the epoch bars
-    try:
-        model.save_pretrained(str(staging), safe_serialization=True)
-    finally:
-        hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(str(staging))
-    save_masks(staging / MASK_FILE, masks)
-    torch.save(state, staging / STATE_FILE)
-
-
-def write_rng(staging: Path, rank: int) -> None:
-    file = staging / f"rng_rank{rank}.pt"
-    torch.save(rng_state(), file)
-    _fsync(file)
-
-
-def write_manifest(staging: Path) -> None:
-    """Fsync every staged file and record its size and hash: the folder is complete from here."""
+def seal(folder: Path) -> None:
+    """Fsync every file and record its size and hash: the folder is a checkpoint from here."""
+    folder = Path(folder)
     files = {}
-    for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if file.name.startswith(MANIFEST):
+            continue
         _fsync(file)
-        files[file.relative_to(staging).as_posix()] = {"size": file.stat().st_size,
-                                                       "sha256": _sha256(file)}
-    part = staging / (MANIFEST + ".part")
+        files[file.relative_to(folder).as_posix()] = {"size": file.stat().st_size,
+                                                      "sha256": _sha256(file)}
+    part = folder / (MANIFEST + ".part")
     with open(part, "w", encoding="utf-8") as handle:
-        json.dump({"format": 1, "files": files}, handle, indent=1, sort_keys=True)
+        json.dump({"format": 2, "files": files}, handle, indent=1, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
-    _rename(part, staging / MANIFEST)
+    _rename(part, folder / MANIFEST)
 
 
-def commit(staging: Path, output_dir) -> Path:
-    """Seal the staged folder with its manifest and move it into place."""
-    out = Path(output_dir)
-    write_manifest(staging)
-    _swap_in(staging, out / NAME, out / TRASH)
-    return out / NAME
+def retire(output_dir, keep: Path) -> None:
+    """Delete every checkpoint folder but `keep` (sealed), oldest first."""
+    for folder in reversed(folders(output_dir)):
+        if folder.name != Path(keep).name:
+            _remove(folder)
+
+
+def discard_unsealed(output_dir) -> None:
+    """Delete the folders of interrupted saves (no complete manifest)."""
+    for folder in folders(output_dir):
+        if not is_complete(folder):
+            _remove(folder)
 
 
 # -- resume --------------------------------------------------------------------------------------
 def find(output_dir) -> Path:
     """The newest complete checkpoint in `output_dir`, its files verified against the manifest."""
-    out = Path(output_dir)
-    for name in (STAGING, NAME):  # a complete staged folder is newer than the one it replaces
-        if is_complete(out / name):
-            verify(out / name)
-            return out / name
-    final = out / NAME
-    if final.is_dir():
-        verify(final)  # names what is wrong with it
-    raise FinetuneError(f"--resume: no checkpoint in {out} (expected {final})")
+    candidates = folders(output_dir)
+    for folder in candidates:
+        if is_complete(folder):
+            verify(folder)
+            return folder
+    if candidates:
+        verify(candidates[0])  # names what is wrong with it
+    raise FinetuneError(f"--resume: no checkpoint in {output_dir} (expected "
+                        f"{Path(output_dir) / (PREFIX + 'N')} folders)")
 
 
 def verify(folder: Path) -> None:
@@ -231,37 +180,9 @@ def verify(folder: Path) -> None:
                                 "not match the manifest)")
 
 
-def _load(file: Path):
-    # python's RNG state is a tuple of ints and numpy's holds an ndarray: trusted, our own file
+def load_state(folder: Path) -> dict:
+    file = Path(folder) / STATE_FILE
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling raises many types; the file passed its checksum
         raise FinetuneError(f"--resume: cannot read {file}: {exc}") from None
-
-
-def load_state(path: Path) -> dict:
-    return _load(path / STATE_FILE)
-
-
-def load_rng(path: Path, rank: int) -> dict:
-    file = path / f"rng_rank{rank}.pt"
-    if not file.is_file():
-        raise FinetuneError(f"--resume: {path} has no RNG state for rank {rank} (was it written by "
-                            "a run with another number of processes?)")
-    return _load(file)
-
-
-def load_model_weights(model, path: Path) -> None:
-    from safetensors.torch import load_file
-    weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # tied weights are stored once by save_pretrained
-    missing = [m for m in missing if not _is_tied(model, m)]
-    if missing or unexpected:
-        raise FinetuneError(f"--resume: {path} does not match the model (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]})")
-
-
-def _is_tied(model, name: str) -> bool:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return name in tied

@@ -64,15 +64,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help=f"(default: {D.seed})")
     tr.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
     tr.add_argument("--output-dir", metavar="DIR", help=f"metrics.jsonl, steps.jsonl, summary.md, "
-                    f"curves.png, checkpoint/ (default: {D.output_dir})")
+                    f"curves.png, checkpoint-N/ (default: {D.output_dir})")
     tr.add_argument("--resume", action="store_true", default=None,
-                    help="continue from DIR/checkpoint, bit-identically")
+                    help="continue from the newest checkpoint in DIR, bit-identically")
     tr.add_argument("--save-steps", type=int, metavar="N", help="also checkpoint every N steps "
                     "(default: 0, at epoch ends only)")
     tr.add_argument("--no-save", action="store_true", default=None, help="write no checkpoints")
     tr.add_argument("--logging-steps", type=int, metavar="N", help="also log the training loss "
                     "every N steps to steps.jsonl and the curves (default: "
                     f"{D.logging_steps}; 0 = per epoch only)")
+    tr.add_argument("--report-to", metavar="NAME", help="also send the Trainer's logs to these "
+                    "integrations: tensorboard, wandb, mlflow, ... (comma-separated), all or none "
+                    f"(default: {D.report_to})")
 
     rd = p.add_argument_group("R-Drop")
     rd.add_argument("--rdrop-alpha", type=float, help=f"weight of the symmetric KL "

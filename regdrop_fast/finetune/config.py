@@ -26,6 +26,7 @@ class FinetuneConfig:
     resume: bool = False
     save_steps: int = 0  # 0: checkpoint at each epoch end only
     logging_steps: int = 10  # 0: metrics per epoch only
+    report_to: str = "none"  # the Trainer's report_to: none, all, tensorboard, wandb, ...
     no_save: bool = False
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None

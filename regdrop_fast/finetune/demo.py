@@ -15,8 +15,7 @@ from pathlib import Path
 from . import report
 from .config import FinetuneConfig
 from .errors import FinetuneError
-from .methods import build_methods
-from .methods.base import MethodUnavailable
+from .methods import unavailable
 
 DEMO_METHODS = ("none", "rdrop", "childtuning-f", "addrop")
 
@@ -48,11 +47,7 @@ def config_argv(config: FinetuneConfig) -> list:
 
 def _available(name: str, config) -> str:
     """'' when the method can run here, else the reason."""
-    try:
-        build_methods(name, config)
-    except MethodUnavailable as exc:
-        return str(exc)
-    return ""
+    return unavailable(name)
 
 
 COLUMNS = [("method", "method", 0), ("eval acc", "eval_accuracy", 4),

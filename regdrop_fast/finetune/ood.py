@@ -7,10 +7,8 @@ non-entailment (the HANS convention for MNLI models).
 """
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from . import batches as B
-from . import distributed as D
 from .data import load_table
 from .errors import FinetuneError
 
@@ -18,31 +16,19 @@ NON_ENTAILMENT = "non-entailment"
 
 
 class OODSet:
+    """An OOD file's texts and label ids; `dataset` (rows for the Trainer's evaluate) is set
+    once tokenized, `accuracy` is its compute_metrics."""
+
     def __init__(self, path: str, texts: list, labels: list, collapse_to: list = None):
         self.path, self.texts, self.labels = path, texts, labels
         self.collapse_to = collapse_to  # model class id -> OOD class id, or None (same ids)
-        self.features = None
+        self.dataset = None
 
-    @torch.no_grad()
-    def evaluate(self, job) -> dict:
-        if self.features is None:
-            self.features = B.tokenize(job.tokenizer, self.texts, job.config.max_length)
-        job.model.eval()
-        correct = count = 0.0
-        collapse = (torch.tensor(self.collapse_to, device=job.device)
-                    if self.collapse_to is not None else None)
-        for rows in B.eval_batches(self.features, job.info.rank, job.info.world_size,
-                                   max(64, job.local_batch)):
-            batch = B.to_device(job.collate([self.features[i] for i in rows],
-                                            [self.labels[i] for i in rows]), job.device)
-            logits = job.model(**B.model_inputs(batch)).logits.float()
-            predicted = logits.argmax(-1)
-            if collapse is not None:
-                predicted = collapse[predicted]
-            correct += (predicted == batch["labels"]).sum().item()
-            count += len(rows)
-        correct, count = D.all_reduce_sum(job.info, [correct, count], job.device)
-        return {"ood_accuracy": correct / max(count, 1)}
+    def accuracy(self, prediction) -> dict:
+        predicted = np.asarray(prediction.predictions).argmax(-1)
+        if self.collapse_to is not None:
+            predicted = np.asarray(self.collapse_to)[predicted]
+        return {"accuracy": float((predicted == np.asarray(prediction.label_ids)).mean())}
 
 
 def load_ood(path: str, train_table, label_set) -> OODSet:

@@ -16,7 +16,8 @@ Logging: every training log that carries "loss" also gets "rdrop_ce" (the mean s
 comparable with the loss of a run without R-Drop) and "rdrop_kl" (the mean symmetric KL
 (KL12 + KL21) / 2, without alpha), averaged over the steps since the last log (and over the
 processes of a distributed run); so loss = passes * rdrop_ce + alpha * rdrop_kl with the
-default reductions.
+default reductions. The last training step's parts stay in `loss_parts` ({"ce", "kl"}: 0-d
+tensors) for callers that log every step exactly (the `regdrop-fast finetune` job).
 """
 from __future__ import annotations
 
@@ -100,8 +101,10 @@ class RDropTrainerMixin:
                             kl_reduction=self.rdrop_kl_reduction,
                             causal_lm=self._rdrop_causal_lm(model), backend=self.rdrop_backend)
         self._rdrop_parts["rdrop_ce"].append(out.ce)
+        self.loss_parts = {"ce": out.ce}
         if out.kl is not None:
             self._rdrop_parts["rdrop_kl"].append(out.kl)
+            self.loss_parts["kl"] = out.kl
         loss = out.loss
         if by_items:
             loss = loss / num_items_in_batch * factor

@@ -91,16 +91,20 @@ def assert_same_run(a: Path, b: Path) -> None:
     from safetensors.torch import load_file
     from regdrop_fast.finetune import checkpoint as ckpt
 
-    wa = load_file(str(a / "checkpoint" / "model.safetensors"))
-    wb = load_file(str(b / "checkpoint" / "model.safetensors"))
+    ca, cb = ckpt.find(a), ckpt.find(b)
+    assert ca.name == cb.name
+    wa = load_file(str(ca / "model.safetensors"))
+    wb = load_file(str(cb / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
-    sa = torch.load(a / "checkpoint" / ckpt.STATE_FILE, weights_only=False)
-    sb = torch.load(b / "checkpoint" / ckpt.STATE_FILE, weights_only=False)
-    for pid, state in sa["optimizer"]["state"].items():
+    sa = torch.load(ca / "optimizer.pt", weights_only=False)
+    sb = torch.load(cb / "optimizer.pt", weights_only=False)
+    assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+    for pid, state in sa["state"].items():
         for key, value in state.items():
-            assert torch.equal(value, sb["optimizer"]["state"][pid][key]), (pid, key)
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb["state"][pid][key])), \
+                (pid, key)
     assert stable_metrics(a) == stable_metrics(b)
     assert stable_metrics(a, "steps.jsonl") == stable_metrics(b, "steps.jsonl")
 
@@ -110,19 +114,24 @@ class Killed(BaseException):
 
 
 class Injector:
-    """Counts the protocol's file-system steps of save number `save` and kills at step `step`."""
+    """Counts the file-system steps (`_rename`, `_remove`) of phase number `save` and kills at
+    step `step`. A phase starts with each `seal` (a save: its manifest rename, then the
+    deletion of the older folders) and with `discard_unsealed` (a resumed run's clean-up)."""
 
     def __init__(self, monkeypatch, save: int, step: int, kill=None):
         self.save, self.step, self.kill = save, step, kill or self._raise
         self.saves = self.events = 0
         self.killed = self.sealed = False
         from regdrop_fast.finetune import checkpoint as ckpt
-        staging_dir, rename, remove = ckpt.staging_dir, ckpt._rename, ckpt._remove
+        seal, discard, rename, remove = (ckpt.seal, ckpt.discard_unsealed, ckpt._rename,
+                                         ckpt._remove)
 
-        def counted_staging_dir(output_dir):
-            self.saves += 1
-            self.events = 0
-            return staging_dir(output_dir)
+        def phase(function):
+            def counted(*args):
+                self.saves += 1
+                self.events = 0
+                return function(*args)
+            return counted
 
         def counted_rename(src, dst):
             self._tick()
@@ -139,7 +148,8 @@ class Injector:
                 self.kill()
             return remove(path)
 
-        monkeypatch.setattr(ckpt, "staging_dir", counted_staging_dir)
+        monkeypatch.setattr(ckpt, "seal", phase(seal))
+        monkeypatch.setattr(ckpt, "discard_unsealed", phase(discard))
         monkeypatch.setattr(ckpt, "_rename", counted_rename)
         monkeypatch.setattr(ckpt, "_remove", counted_remove)
 

@@ -1,4 +1,6 @@
-"""The training loss: cross-entropy, or a debiasing loss of `regdrop_fast.sparse` (`--debias`).
+"""The inputs of `--debias`: per-example probabilities of a bias-only model (and of a teacher for
+conf-reg), carried in the training rows as "bias_probs" / "teacher_probs" for the debiasing loss
+of `regdrop_fast.sparse.trainer.DebiasTrainerMixin`.
 
 Bias-model scores come from `--bias-model`: either a file of per-example class probabilities of
 a bias-only model, one row per training example in file order (JSON lines with a "probs" list in
@@ -14,10 +16,9 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 
-from ..errors import FinetuneError
-from .base import MethodUnavailable
+from .errors import FinetuneError
+from .methods import MethodUnavailable
 
 DEBIAS = ("poe", "reweight", "conf-reg")
 BIAS_FEATURES = ("overlap", "claim")
@@ -32,7 +33,7 @@ def _sparse():
 
 
 def _read_probs(path: str, labels: list, n: int, flag: str) -> torch.Tensor:
-    from ..data import _read_rows
+    from .data import _read_rows
     if not os.path.isfile(path):
         raise FinetuneError(f"{flag} {path} does not exist")
     try:
@@ -57,9 +58,8 @@ def _read_probs(path: str, labels: list, n: int, flag: str) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def _fit_bias_model(kind: str, job) -> torch.Tensor:
+def _fit_bias_model(kind: str, texts: list, labels: list, classes: int) -> torch.Tensor:
     sparse = _sparse()
-    texts = job.train_table.texts
     if kind == "overlap":
         if len(texts[0]) < 2:
             raise FinetuneError("--bias-model overlap needs two text columns (premise, hypothesis); "
@@ -67,17 +67,16 @@ def _fit_bias_model(kind: str, job) -> torch.Tensor:
         features = sparse.overlap_features([t[0] for t in texts], [" ".join(t[1:]) for t in texts])
     else:
         features = sparse.claim_features([t[-1] for t in texts])
-    labels = torch.tensor(job.train_labels)
-    model = sparse.train_bias_model(features, labels, len(job.label_set))
+    model = sparse.train_bias_model(features, torch.tensor(labels), classes)
     return model.probs(features)
 
 
-def make_loss(config, job):
-    """loss_fn(logits, batch) -> scalar mean loss over the batch rows."""
+def check(config) -> None:
+    """The --debias flags go together."""
     if config.debias is None:
         if config.bias_model or config.teacher_probs:
             raise FinetuneError("--bias-model/--teacher-probs are only used with --debias")
-        return lambda logits, batch: F.cross_entropy(logits.float(), batch["labels"])
+        return
     if config.debias not in DEBIAS:
         raise FinetuneError(f"--debias {config.debias}: choose from {', '.join(DEBIAS)}")
     if not config.bias_model:
@@ -86,22 +85,18 @@ def make_loss(config, job):
     if config.debias == "conf-reg" and not config.teacher_probs:
         raise FinetuneError("--debias conf-reg needs --teacher-probs FILE (a teacher's class "
                             "probabilities per training example)")
-    sparse = _sparse()
-    labels, n = job.label_set.names, len(job.train_labels)
-    if config.bias_model in BIAS_FEATURES:
-        bias = _fit_bias_model(config.bias_model, job)
-    else:
-        bias = _read_probs(config.bias_model, labels, n, "--bias-model")
-    bias = bias.to(job.device)
-    teacher = (_read_probs(config.teacher_probs, labels, n, "--teacher-probs").to(job.device)
-               if config.debias == "conf-reg" else None)
 
-    def loss_fn(logits, batch):
-        rows = job.batch_indices  # dataset positions of this batch's rows
-        y = batch["labels"]
-        if config.debias == "poe":
-            return sparse.poe_loss(logits, y, bias[rows].clamp_min(1e-12).log())
-        if config.debias == "reweight":
-            return sparse.reweight_loss(logits, y, bias[rows])
-        return sparse.conf_reg_loss(logits, y, teacher[rows], bias[rows])
-    return loss_fn
+
+def columns(config, texts: list, labels: list, names: list) -> dict:
+    """{"bias_probs": [N, C], "teacher_probs": [N, C] (conf-reg)} for the training rows, or {}."""
+    if config.debias is None:
+        return {}
+    n = len(labels)
+    if config.bias_model in BIAS_FEATURES:
+        bias = _fit_bias_model(config.bias_model, texts, labels, len(names))
+    else:
+        bias = _read_probs(config.bias_model, names, n, "--bias-model")
+    out = {"bias_probs": bias}
+    if config.debias == "conf-reg":
+        out["teacher_probs"] = _read_probs(config.teacher_probs, names, n, "--teacher-probs")
+    return out
