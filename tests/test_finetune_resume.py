@@ -1,8 +1,8 @@
 """`regdrop-fast finetune --resume`: a run crashed mid-epoch and resumed from its last checkpoint
-ends bit-identical to an uninterrupted run (weights, optimizer state, metrics), for every
-method whose state lives in the checkpoint (AD-DROP's mask step is the global step, the
-ChildTuning-D Fisher masks come back with the optimizer state); an interrupted checkpoint save
-leaves the previous checkpoint intact."""
+ends bit-identical to an uninterrupted run (weights, optimizer state, metrics) with every
+method (AD-DROP's mask step and the mask-training / IMP schedules follow the global step, the
+ChildTuning-D Fisher masks and IMP's masks come back with the optimizer state and the model's
+buffers); an interrupted checkpoint save leaves the previous checkpoint intact."""
 from __future__ import annotations
 
 import pytest
@@ -36,6 +36,10 @@ def _crash_at(monkeypatch, step):
     # AD-DROP in both epochs (no cross-tuning), so the resumed epoch draws masks
     ("addrop", ["--no-addrop-cross-tuning"]),
     ("childtuning-d", ["--fisher-batches", "2"]),
+    # thresholds reset every epoch (5 steps); the step-6 checkpoint is mid-schedule
+    ("mask-train", ["--sparsity", "0.5"]),
+    # 3 prunes at steps 2, 4, 6: the step-6 checkpoint holds the new masks and the reset optimizer
+    ("imp", ["--sparsity", "0.3"]),
 ])
 def test_resume_mid_epoch_is_bit_identical(task, tmp_path, monkeypatch, method, extra):
     if unavailable(method):

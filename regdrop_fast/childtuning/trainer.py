@@ -62,9 +62,14 @@ class ChildTuningTrainerMixin:
         """{parameter: PackedMask | None} of the Fisher pass over the training set."""
         model = self.model
         accepted = set(inspect.signature(model.forward).parameters)
-        loader = torch.utils.data.DataLoader(self.train_dataset, shuffle=False,
-                                             batch_size=self.args.per_device_train_batch_size,
-                                             collate_fn=self.data_collator)
+        dataset, collator = self.train_dataset, self.data_collator
+        # the columns the model does not take go, as in the Trainer's own dataloaders
+        if hasattr(dataset, "column_names"):  # a datasets.Dataset
+            dataset = self._remove_unused_columns(dataset, description="Fisher")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="Fisher")
+        loader = torch.utils.data.DataLoader(dataset, shuffle=False, collate_fn=collator,
+                                             batch_size=self.args.per_device_train_batch_size)
         masks = fisher_mask(model, _ModelInputs(loader, accepted, self.args.device),
                             self.childtuning.get("reserve_p", 0.3),
                             max_batches=self.childtuning_fisher_batches)
