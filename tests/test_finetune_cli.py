@@ -442,3 +442,11 @@ def test_bad_input_is_one_line_error(task, tmp_path, capsys, case):
     else:
         extra, expect = ["--epochs", "0"], "--epochs must be >= 1"
     assert expect in _error(capsys, base_args(t, tmp_path / "o", *extra))
+
+
+def test_non_finite_training_loss_is_a_one_line_error(task, tmp_path, capsys, monkeypatch):
+    def nan_loss(self, logits, labels):
+        return logits.sum() * float("nan")
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", nan_loss)
+    err = _error(capsys, base_args(task, tmp_path / "o", "--epochs", "1", "--batch-size", "8"))
+    assert "the training loss became nan at step 1; lower --lr" in err

@@ -6,7 +6,6 @@ buffers); an interrupted checkpoint save leaves the previous checkpoint intact."
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import Trainer
 
 from regdrop_fast.cli import main

@@ -86,8 +86,8 @@ class RunMetrics:
     def close_epoch(self, state, evaluation: dict, lr) -> dict:
         correct, count, seconds = _reduce([self.sums["correct"], self.sums["count"],
                                            self.sums["seconds"]], self.device)
-        seconds /= max(torch.distributed.get_world_size()
-                       if torch.distributed.is_initialized() else 1, 1)
+        dist = torch.distributed
+        seconds /= dist.get_world_size() if dist.is_initialized() else 1
         row = {"epoch": round(state.epoch), "step": state.global_step, **self._means(""),
                "train_accuracy": correct / max(count, 1),
                "eval_loss": evaluation["eval_loss"], "eval_accuracy": evaluation["eval_accuracy"],
@@ -137,8 +137,9 @@ class RecordingMixin:
         try:
             super()._save_checkpoint(model, trial)
         except OSError as exc:  # disk full, quota, read-only: the previous checkpoint is intact
-            raise FinetuneError(f"cannot save the checkpoint ({exc.filename or self.args.output_dir}"
-                                f"): {exc.strerror or exc}") from None
+            where = exc.filename or self.args.output_dir
+            raise FinetuneError(f"cannot save the checkpoint ({where}): "
+                                f"{exc.strerror or exc}") from None
 
 
 class MetricsCallback(TrainerCallback):

@@ -29,7 +29,7 @@ from .data import LabelSet, default_split, load_table
 from .distributed import launched_env
 from .errors import FinetuneError
 from .hf_trainer import trainer_class
-from .methods import MethodUnavailable, describe, parse_methods, unavailable
+from .methods import describe
 from .model import check_model_folder, default_model_path, load_model, position_limit
 
 # fields that must match between a checkpoint and the run resuming it
@@ -131,12 +131,10 @@ class Job:
         self.info = launched_env()
         self.device_type = _device(config.device, self.info)
         self.output_dir = Path(config.output_dir)
-        for name in parse_methods(config.method) + (["mask-train"] if config.debias else []):
-            if unavailable(name):  # debiasing lives in regdrop_fast.sparse, as mask training
-                raise MethodUnavailable(unavailable(name).replace("mask-train", "debias"))
-        # the methods' mixins and their settings, checked before any data is read
-        self.trainer_class, self.method_kwargs = trainer_class(config.method, config,
-                                                               outer=(RecordingMixin,))
+        # the methods' mixins (MethodUnavailable when a package cannot be imported) and their
+        # settings, checked before any data is read
+        self.trainer_cls, self.method_kwargs = trainer_class(config.method, config,
+                                                             outer=(RecordingMixin,))
         self.report_to = _report_to(config.report_to)
         if config.batch_size % self.info.world_size:
             raise FinetuneError(f"--batch-size {config.batch_size} (global) must be divisible by "
@@ -151,7 +149,8 @@ class Job:
         else:
             train_path, eval_path = c.train, c.eval
         self.train_path, self.eval_path = str(train_path), str(eval_path)
-        train = load_table(train_path, c.text_cols, c.label_col, c.max_train_samples, "training file")
+        train = load_table(train_path, c.text_cols, c.label_col, c.max_train_samples,
+                           "training file")
         self.label_set = LabelSet(train.labels)
         if len(self.label_set) < 2:
             raise FinetuneError(f"training file {train_path} has a single label "
@@ -208,7 +207,8 @@ class Job:
             # the job's collator takes the debiasing columns; classification losses are batch
             # means, not sums over items to be averaged across processes
             remove_unused_columns=False, average_tokens_across_devices=False,
-            label_names=["labels"], ddp_find_unused_parameters=False)
+            label_names=["labels"], ddp_find_unused_parameters=False,
+            dataloader_pin_memory=self.device_type == "cuda")
 
     def _fingerprint(self) -> dict:
         c = self.config
@@ -247,7 +247,7 @@ class Job:
             resume_from, state = self._resume_point()
             metrics.load_state_dict(state["metrics"])
         try:
-            trainer = self.trainer_class(
+            trainer = self.trainer_cls(
                 model=self.model, args=args, train_dataset=self.train_rows,
                 eval_dataset=self.eval_rows, processing_class=self.tokenizer,
                 data_collator=B.Collator(self.tokenizer), compute_metrics=_accuracy,
