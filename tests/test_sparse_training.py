@@ -512,3 +512,139 @@ def test_zeroed_layer_rezeroes_on_set_mask_and_load_state_dict():
 def rf_pack(keep):
     from regdrop_fast.reference import masks as ref_masks
     return ref_masks.pack_bits(keep)
+
+
+def _score_training_run(make_optimizer, monkeypatch, steps=4, interval=2):
+    """Mask training of the tiny BERT in train mode for `steps` steps (φ reset every
+    `interval`, lr halved before the third): per step the logits, then the scores, the Adam
+    state, the masks and the thresholds at the end, and how many W' the forwards made."""
+    ml_module = sys.modules["regdrop_fast.sparse.masked_linear"]
+    made = []
+    materialize = ml_module.materialize
+    monkeypatch.setattr(ml_module, "materialize", lambda *a: made.append(1) or materialize(*a))
+    model = _tiny(transformers.BertConfig).train()
+    trainer = MaskTrainer(model, 0.5, init="soft", interval=interval)
+    optimizer = make_optimizer(trainer)
+    logits = []
+    for i, (ids, labels) in enumerate(_batches(steps, 100, "cpu", seed=9)):
+        if i == 2:
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5  # a scheduler's change is read at the next step
+        torch.manual_seed(i)  # the same dropout masks in both runs
+        out = model(input_ids=ids, labels=labels)
+        logits.append(out.logits.detach())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trainer.step()
+    state = [optimizer.state[p] for p in trainer.parameters()]
+    return (logits, [p.detach().clone() for p in trainer.parameters()],
+            [(s["exp_avg"], s["exp_avg_sq"], s["step"]) for s in state],
+            {n: m.keep_mask() for n, m in trainer.modules.items()},
+            {n: m.mask_threshold.clone() for n, m in trainer.modules.items()}, len(made))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_mask_score_adamw_equals_torch_adamw(fused, defer, weight_decay, monkeypatch):
+    """MaskScoreAdamW (Triton in the interpreter, or torch's AdamW code on CPU), with dScore or
+    the deferred STE product, trains the scores as torch.optim.AdamW does: logits, scores, Adam
+    state and thresholds within fp32 rounding, masks exact, over steps with and without a φ
+    reset (so W' comes from the fused step and from the forward) and an lr change. Fused, the
+    forwards after a step without a reset make no W' (the step wrote it)."""
+    if fused:
+        require_backend("triton", torch.device("cpu"))
+    lr = 1e-2
+    want = _score_training_run(lambda tr: torch.optim.AdamW(
+        tr.parameters(), lr=lr, weight_decay=weight_decay), monkeypatch)
+    got = _score_training_run(lambda tr: tr.optimizer(
+        lr, weight_decay=weight_decay, fused=fused, defer_ste_grad=defer), monkeypatch)
+    layers = 14
+    assert want[5] == 4 * layers
+    assert got[5] == (2 if fused else 4) * layers  # steps 2 and 4 follow a step keeping φ
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for (m, v, t), (m_ref, v_ref, t_ref) in zip(got[2], want[2]):
+        torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-12)
+        assert t.item() == t_ref.item() == 4
+    assert all(torch.equal(got[3][n], want[3][n]) for n in want[3])
+    for n, phi in want[4].items():  # kth values of scores equal within fp32 rounding
+        torch.testing.assert_close(got[4][n], phi, rtol=1e-5, atol=1e-6)
+    if not fused and not defer:  # torch's own AdamW code: bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
+class _Counted:
+    """A Triton kernel whose launches (kernel[grid](...)) are counted under its name."""
+
+    def __init__(self, kernel, name, counts):
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counts[self.name] += 1
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+class _FusedAdamWCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """How many tensors torch's fused AdamW op updates (one pass over each)."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten._fused_adamw_:
+            self.counts["torch fused AdamW"] += len(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "fused", "fused+defer"])
+def test_fused_step_makes_fewer_passes_over_the_weights(optimizer, monkeypatch):
+    """Issue 18: the elementwise passes over weight-sized tensors per mask-training step, with
+    the default masked linear on Triton (the interpreter standing in for CUDA), counted by
+    intercepting the kernel launches and torch's fused AdamW op. Unfused: 3 per matrix every
+    step (W', dScore, AdamW). MaskScoreAdamW: its step writes W' after a step keeping φ, so the
+    next forward makes none, and with the deferred STE product the backward writes no dScore:
+    1 pass per matrix after such a step, 2 after a φ reset (the forward's W' again)."""
+    require_backend("triton", torch.device("cpu"))
+    from regdrop_fast.triton_kernels import mask_training as mt
+    ml_module = sys.modules["regdrop_fast.sparse.masked_linear"]
+    monkeypatch.setattr(ml_module, "_use_triton_elementwise", lambda device: True)
+    counts = {}
+    for name in ("materialize_kernel", "ste_grads_kernel", "score_adamw_kernel"):
+        monkeypatch.setattr(mt, name, _Counted(getattr(mt, name), name, counts))
+    model = _tiny(transformers.BertConfig).train()
+    trainer = MaskTrainer(model, 0.5, init="soft", interval=2)  # φ reset after steps 2, 4
+    if optimizer == "torch":
+        opt = torch.optim.AdamW(trainer.parameters(), lr=1e-2, fused=True)
+    else:
+        opt = trainer.optimizer(1e-2, fused=True, defer_ste_grad=optimizer == "fused+defer")
+    per_step = []
+    for ids, labels in _batches(3, 100, "cpu", seed=4):
+        for name in ("materialize_kernel", "ste_grads_kernel", "score_adamw_kernel",
+                     "torch fused AdamW"):
+            counts[name] = 0
+        with _FusedAdamWCount(counts):
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+        opt.zero_grad()
+        trainer.step()
+        per_step.append(dict(counts))
+    layers = len(trainer.modules)
+    passes = [sum(c.values()) for c in per_step]
+    if optimizer == "torch":
+        assert per_step[1] == {"materialize_kernel": layers, "ste_grads_kernel": layers,
+                               "score_adamw_kernel": 0, "torch fused AdamW": layers}
+        assert passes == [3 * layers] * 3
+    elif optimizer == "fused":  # step 1 builds W' in its forward, step 3 after the reset
+        assert passes == [3 * layers, 2 * layers, 3 * layers]
+    else:
+        assert per_step[1] == {"materialize_kernel": 0, "ste_grads_kernel": 0,
+                               "score_adamw_kernel": layers, "torch fused AdamW": 0}
+        assert passes == [2 * layers, layers, 2 * layers]

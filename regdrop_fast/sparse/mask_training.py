@@ -22,8 +22,10 @@ import torch.nn as nn
 
 from .._checks import check_int, check_prob
 from .prepare import masked_modules, prepare
+from .score_adamw import MaskScoreAdamW
 
-__all__ = ["cubic_sparsity", "kth_threshold", "num_pruned", "prune_smallest", "MaskTrainer"]
+__all__ = ["cubic_sparsity", "kth_threshold", "num_pruned", "prune_smallest", "MaskTrainer",
+           "MaskScoreAdamW"]
 
 
 def _check_sparsity(name: str, value) -> float:
@@ -76,7 +78,8 @@ class MaskTrainer:
     """Initializes the scores of a model and keeps φ on the sparsity schedule.
 
     Call `step()` once per optimizer step (after `optimizer.step()`). The scores to optimize
-    are `parameters()` (AdamW, weight decay 0, the fine-tuning lr in the paper).
+    are `parameters()` (AdamW, weight decay 0, the fine-tuning lr in the paper); `optimizer(lr)`
+    gives that AdamW fused with the elementwise passes of mask training (MaskScoreAdamW).
 
     sparsity: final target s_f in [0, 1). initial_sparsity: s_i of the cubic schedule (default
     s_f: no schedule), also the sparsity of the initialization. start/end: t0/t_f of the
@@ -201,14 +204,23 @@ class MaskTrainer:
                 if kth < flat.max():
                     module.mask_threshold.fill_(kth)
 
+    def resets_at(self, t: int) -> bool:
+        """Whether `step()` resets φ when it advances to step t (Δt grid or top-k)."""
+        return self.topk_every_step or (t - self.start) % self.interval == 0
+
     def step(self) -> bool:
         """Advance one step; reset φ if this step is on the Δt grid (or always with top-k).
         Returns whether φ was reset."""
         self.t += 1
-        if self.topk_every_step or (self.t - self.start) % self.interval == 0:
+        if self.resets_at(self.t):
             self.reset_thresholds()
             return True
         return False
+
+    def optimizer(self, lr: float, **kwargs) -> MaskScoreAdamW:
+        """The scores' AdamW, fused with the mask-training elementwise passes where Triton
+        runs (MaskScoreAdamW; kwargs: betas, eps, weight_decay, fused, defer_ste_grad)."""
+        return MaskScoreAdamW(self, lr, **kwargs)
 
     def sparsity(self) -> dict:
         """{name: fraction of pruned weights} under the current thresholds."""

@@ -1,0 +1,160 @@
+"""MaskScoreAdamW: torch.optim.AdamW on mask-training scores, fused with the elementwise work
+of mask training (issue 18).
+
+Besides cuBLAS's GEMMs, a mask-training step works over every masked weight: W' = W ⊙ M in
+the compute dtype (forward), dScore = G ⊙ W from G = dW' (backward), the AdamW step of the
+scores, and, where MaskTrainer resets it, φ = kthvalue of the updated scores. φ of step t+1
+depends on every updated score, so the pass that updates the scores can threshold them only
+with a φ that stays. With fused=True (the default on CUDA; the Triton interpreter on request)
+a step is:
+  - one kernel per score matrix (triton_kernels/mask_training.py score_adamw): AdamW on the
+    scores, m and v in place, its gradient read as dScore, or with defer_ste_grad=True
+    computed as G ⊙ W from G and W (no dScore tensor written or read); after a step that
+    MaskTrainer.step() will not follow with a φ reset, the same kernel writes W' = W ⊙
+    (s_new > φ) for the next forward, which then materializes nothing;
+  - where φ is reset: torch's kthvalue (MaskTrainer.step), then the forward's one W' pass.
+Passes per matrix and step, φ kept: 1 (was 3: W', dScore, AdamW); φ reset: 2 + kthvalue.
+Unfused (CPU), the step is torch.optim.adamw.adamw on the same gradients. Both follow
+torch.optim.AdamW's math (decay first, bias corrections, fp32 state); the state_dict has its
+keys (step, exp_avg, exp_avg_sq), so checkpoints move between the two.
+
+defer_ste_grad=True leaves the scores' .grad None (the gradient lives with the layer until
+the step), so only this optimizer sees it: no gradient clipping, GradScaler unscaling, DDP
+all-reduce or grad hooks apply to the scores. It is therefore off by default; the Trainer's
+default max_grad_norm clips gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.optim.adamw import adamw as _torch_adamw
+
+from .. import backends
+
+__all__ = ["MaskScoreAdamW"]
+
+
+class MaskScoreAdamW(torch.optim.Optimizer):
+    """AdamW over the scores of a `MaskTrainer` (see the module docstring).
+
+    trainer: the MaskTrainer whose scores train (its `parameters()`); its schedule tells the
+    fused step whether φ stays after this step. lr, betas, eps, weight_decay: as
+    torch.optim.AdamW (weight decay 0 officially). fused: None (Triton on CUDA, else torch),
+    True (Triton; needs CUDA or TRITON_INTERPRET=1) or False. defer_ste_grad: hand G = dW'
+    from the backward to the step instead of writing dScore (scores' .grad stays None).
+    Call `step()` after the backward and before `trainer.step()`.
+    """
+
+    def __init__(self, trainer, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, fused: Optional[bool] = None,
+                 defer_ste_grad: bool = False):
+        if isinstance(lr, torch.Tensor) or not lr >= 0.0:
+            raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {betas!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self._layers = {m.mask_scores: m for m in trainer.modules.values()}
+        if not self._layers:
+            raise ValueError("trainer has no score matrices to optimize")
+        for name, module in trainer.modules.items():
+            scores = module.mask_scores
+            if scores.dtype != torch.float32 or not scores.is_contiguous():
+                raise TypeError(f"mask_scores of {name} must be contiguous float32, got "
+                                f"{scores.dtype} with strides {scores.stride()}")
+        devices = {p.device for p in self._layers}
+        if fused is None:
+            fused = all(d.type == "cuda" and backends.unavailable_reason("triton", d) is None
+                        for d in devices)
+        elif fused:
+            for d in devices:
+                reason = backends.unavailable_reason("triton", d)
+                if reason is not None:
+                    raise backends.BackendUnavailableError(
+                        f"fused=True needs Triton on {d}: {reason}")
+        super().__init__(list(self._layers), dict(lr=float(lr), betas=tuple(betas),
+                                                  eps=float(eps),
+                                                  weight_decay=float(weight_decay)))
+        self.trainer = trainer
+        self.fused = bool(fused)
+        self.defer_ste_grad = bool(defer_ste_grad)
+        for module in self._layers.values():
+            module.cache_masked_weight = self.fused
+            module.defer_score_grad = self.defer_ste_grad
+
+    def _state(self, p):
+        state = self.state[p]
+        if not state:
+            # torch.optim.AdamW's layout: a float32 step count on the CPU
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # the official order: optimizer step, then MaskTrainer.step() (t + 1) may reset φ
+        keep_phi = not self.trainer.resets_at(self.trainer.t + 1)
+        for group in self.param_groups:
+            for p in group["params"]:
+                layer = self._layers[p]
+                g_ste = layer.take_score_grad()
+                if p.grad is None and g_ste is None:
+                    continue
+                state = self._state(p)
+                if self.fused:
+                    self._fused_step(p, layer, g_ste, state, group, keep_phi)
+                else:
+                    grad = p.grad if g_ste is None else _ste_product(p, layer, g_ste)
+                    beta1, beta2 = group["betas"]
+                    _torch_adamw([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [],
+                                 [state["step"]], amsgrad=False, beta1=beta1, beta2=beta2,
+                                 lr=group["lr"], weight_decay=group["weight_decay"],
+                                 eps=group["eps"], maximize=False)
+        return loss
+
+    def _fused_step(self, p, layer, g_ste, state, group, keep_phi) -> None:
+        from ..triton_kernels import mask_training as _mt
+
+        state["step"] += 1
+        t = int(state["step"].item())  # a CPU tensor: no device sync
+        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+        weight = layer.weight.detach()
+        if not weight.is_contiguous():
+            weight = weight.contiguous()
+        ste = g_ste is not None and p.grad is None
+        grad = g_ste if ste else (p.grad if g_ste is None else _ste_product(p, layer, g_ste))
+        grad = grad.contiguous()
+        cache = layer._masked_cache  # the last training forward's W' gives the compute dtype
+        out = None
+        if keep_phi and cache is not None:
+            layer._masked_cache = None  # the old W' is freed (unless a graph still holds it)
+            out = torch.empty(p.shape, dtype=cache[0].dtype, device=p.device)
+        _mt.score_adamw(p, state["exp_avg"], state["exp_avg_sq"], grad, weight,
+                        layer.mask_threshold, out, step_size=lr / (1.0 - beta1 ** t),
+                        bc2_sqrt=math.sqrt(1.0 - beta2 ** t),
+                        decay=1.0 - lr * group["weight_decay"], beta1=beta1, beta2=beta2,
+                        eps=group["eps"], ste=ste)
+        # as torch's in-place update would: autograd then sees the scores changed
+        torch.autograd.graph.increment_version(p)
+        if out is not None:
+            layer._masked_cache = (out, layer._masked_key(out.dtype))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for layer in self._layers.values():
+            layer.take_score_grad()
+
+
+def _ste_product(p, layer, g_ste) -> torch.Tensor:
+    """dScore = G ⊙ W in fp32 (ste_grads' rounding), plus any .grad the scores also got."""
+    dscore = g_ste.float() * layer.weight.detach().float()
+    return dscore if p.grad is None else p.grad + dscore
