@@ -124,10 +124,10 @@ target = GPUTarget("cuda", 90, 32)
 BLOCKS = dict(BLOCK_N=K._BLOCK_N, BLOCK_K=K._BLOCK_K)
 
 
-def compile_(fn, sig, flags):
-    sig = {**sig, **{n: "constexpr" for n in list(flags) + list(BLOCKS)}}
+def compile_(fn, sig, flags, blocks=BLOCKS):
+    sig = {**sig, **{n: "constexpr" for n in list(flags) + list(blocks)}}
     ordered = {name: sig[name] for name in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=ordered, constexprs={**flags, **BLOCKS}),
+    triton.compile(ASTSource(fn=fn, signature=ordered, constexprs={**flags, **blocks}),
                    target=target, options={"num_warps": 4})
 
 
@@ -142,10 +142,20 @@ for src in (True, False):
                   phi_ptr="*fp32", dscore_ptr="*fp32", dw_ptr="*fp32", stride_gn="i64",
                   stride_wn="i64", stride_words_n="i64", stride_scores_n="i64", **ints),
              dict(FROM_SCORES=src, WANT_DSCORE=True, WANT_DW=True))
+scalars = {n: "fp32" for n in ("step_size", "bc2_sqrt", "decay", "beta1", "beta2",
+                               "one_minus_beta1", "one_minus_beta2", "eps")}
+for ste in (True, False):
+    for write in (True, False):
+        compile_(K.score_adamw_kernel,
+                 dict(s_ptr="*fp32", m_ptr="*fp32", v_ptr="*fp32",
+                      grad_ptr="*bf16" if ste else "*fp32", w_ptr="*fp32", phi_ptr="*fp32",
+                      out_ptr="*bf16", n="i32", **scalars),
+                 dict(STE=ste, WRITE_MASKED=write), dict(BLOCK=K._ADAM_BLOCK))
 print("compiled")
 """
 
 
 def test_kernels_compile_for_sm90():
-    """Both kernels, both mask sources, as a GPU compiles them (no GPU needed)."""
+    """The kernels, both mask sources and every score_adamw variant, as a GPU compiles them
+    (no GPU needed)."""
     compile_script_for_sm90(_SM90_COMPILE, timeout=600)
