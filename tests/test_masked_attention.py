@@ -337,3 +337,20 @@ def test_tma_configs_compile_for_sm90_with_bulk_tensor_copies():
     causal, as a GPU compiles it: bulk tensor copies in (Q/K/V/dO) and out (O, dQ, dK/dV),
     wgmma dots, no spills (tools/triton_aot checks every config; this pins the TMA path)."""
     compile_script_for_sm90(_SM90_TMA, timeout=600)
+
+
+def test_forward_only_call_equals_the_autograd_path(device):
+    """Without a gradient to track (no_grad, or no input requiring one) the kernel runs
+    without the autograd Function: same output, no graph node."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = _inputs(1, 2, 20, 24, 16, device, gen)
+    kpm = _padding(1, 24, [19], device)
+    args = dict(attn_mask=kpm, dropout_p=0.2, seed=4, backend="triton")
+    tracked = masked_attention(q.requires_grad_(), k, v, **args)
+    assert tracked.grad_fn is not None
+    with torch.no_grad():
+        plain = masked_attention(q, k, v, **args)
+    assert plain.grad_fn is None and not plain.requires_grad
+    assert torch.equal(plain, tracked.detach())
+    assert torch.equal(masked_attention(q.detach(), k, v, **args), plain)

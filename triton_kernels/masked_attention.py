@@ -34,7 +34,6 @@ Memory traffic per (b,h): forward reads Q once, K and V once per query block, th
 Lq·Lk/8 bytes, writes O and lse; backward reads Q, K, V, O, dO, the bits, writes dQ, dK, dV.
 Launch grids: forward and dQ (cdiv(Lq, BLOCK_M), B·H); dK/dV (cdiv(Lk, BLOCK_N), B·Hkv).
 """
-import math
 import os
 
 import torch
@@ -47,6 +46,7 @@ from .philox import philox_word
 from .utils import cdiv, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
+_LOG2E = 1.4426950408889634  # the host's copy
 MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)
 MASK_ADDITIVE = tl.constexpr(2)
@@ -140,17 +140,19 @@ def _prune(configs, named_args, **kwargs):
 
 
 def tma_ok(*tensors) -> int:
-    """1 when every [B, H, L, D] tensor suits tensor descriptors over its [L, D] head
-    matrices and over those of the contiguous outputs: base, the strides of dims 0-2 and a
-    row of D elements multiples of 16 bytes (the last stride is 1 in every launcher), D within
-    one TMA box (<= 256 elements)."""
+    """1 when the [B, H, L, D] tensors (one dtype, one D) suit tensor descriptors over their
+    [L, D] head matrices and over those of the contiguous outputs: bases, the strides of dims
+    0-2 and a row of D elements multiples of 16 bytes (the last stride is 1 in every
+    launcher), D within one TMA box (<= 256 elements). Bitwise ORs: every value is a multiple
+    of a power of two iff their OR is (this runs on every call)."""
+    d = tensors[0].shape[-1]
+    ptrs, strides = 0, d
     for t in tensors:
-        size = t.element_size()
-        d = t.shape[-1]
-        if (t.data_ptr() % 16 or d > 256 or d * size % 16
-                or any(st * size % 16 for st in t.stride()[:3])):
-            return 0
-    return 1
+        st = t.stride()
+        ptrs |= t.data_ptr()
+        strides |= st[0] | st[1] | st[2]
+    return int(d <= 256 and not ptrs & 15
+               and not strides & (16 // tensors[0].element_size() - 1))
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -549,7 +551,7 @@ def masked_attention_forward(q, k, v, masks: MaskArgs, scale: float, dropout_p: 
         q, k, v, out, lse, *masks.args,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         heads, lq, lk, d, heads // kv_heads, next_power_of_2(max(lq, lk)), tma,
-        scale * math.log2(math.e),
+        scale * _LOG2E,
         *_dropout_args(dropout_p, seed, step, stream),
         **masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal, BLOCK_D=block_d,
         DOT_PRECISION=precision)
@@ -575,7 +577,7 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
         _ensure_allocator(q.device)
     common = (*masks.args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
               *do.stride()[:3], heads, lq, lk, d, heads // kv_heads,
-              next_power_of_2(max(lq, lk)), tma, scale * math.log2(math.e), scale,
+              next_power_of_2(max(lq, lk)), tma, scale * _LOG2E, scale,
               *_dropout_args(dropout_p, seed, step, stream))
     flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal,
                  BLOCK_D=block_d, DOT_PRECISION=precision)

@@ -40,21 +40,31 @@ __all__ = ["masked_attention"]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_KERNELS = []  # triton_kernels.masked_attention, imported on first use (it imports triton)
+
+
+def _kernels():
+    if not _KERNELS:
+        from ..triton_kernels import masked_attention as module
+        _KERNELS.append(module)
+    return _KERNELS[0]
+
+
 class _MaskedAttention(torch.autograd.Function):
     # config = (scale, dropout_p, seed, step, stream, is_causal): one argument rather than six,
     # since Function.apply's cost grows with its argument count
     @staticmethod
     def forward(ctx, q, k, v, keep_words, kpm, am, config):
-        from ..triton_kernels import masked_attention as _tk
-        masks = _tk.MaskArgs(keep_words, kpm, am, q)
-        out, lse = _tk.masked_attention_forward(q, k, v, masks, *config)
+        tk = _kernels()
+        out, lse = tk.masked_attention_forward(q, k, v, tk.MaskArgs(keep_words, kpm, am, q),
+                                               *config)
         ctx.save_for_backward(q, k, v, out, lse, keep_words, kpm, am)
         ctx.config = config
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        from ..triton_kernels import masked_attention as _tk
+        _tk = _kernels()
         q, k, v, out, lse, keep_words, kpm, am = ctx.saved_tensors
         masks = _tk.MaskArgs(keep_words, kpm, am, q)
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -131,7 +141,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     elif not (math.isfinite(scale) and scale >= 0):
         raise ValueError(f"scale must be finite and >= 0 (0 = uniform attention), got {scale!r}")
-    dropout_p = check_prob("dropout_p", dropout_p, low_open=False, high_open=True)
+    if type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0:  # else already checked
+        dropout_p = check_prob("dropout_p", dropout_p, low_open=False, high_open=True)
     seed = check_int("seed", seed, 0, UINT64_MAX)
     step = check_int("step", step, 0, UINT32_MAX)
     stream = check_int("stream", stream, 0, UINT32_MAX)
@@ -141,7 +152,17 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dense = None if keep is None else unpack_mask(keep, backend="reference")
         return _ref.masked_attention(q, k, v, dense, attn_mask, float(scale), dropout_p, seed,
                                      step, stream, is_causal=is_causal)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
     keep_words = None if keep is None else keep.words.contiguous()
-    return _MaskedAttention.apply(q, k, v, keep_words, kpm, am,
-                                  (float(scale), dropout_p, seed, step, stream, is_causal))
+    config = (float(scale), dropout_p, seed, step, stream, is_causal)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _MaskedAttention.apply(q, k, v, keep_words, kpm, am, config)
+    # nothing to differentiate: the kernel without the autograd Function (its node, saved
+    # tensors and bookkeeping are host work a forward-only call does not need)
+    tk = _kernels()
+    return tk.masked_attention_forward(q, k, v, tk.MaskArgs(keep_words, kpm, am, q), *config)[0]
