@@ -648,3 +648,104 @@ def test_fused_step_makes_fewer_passes_over_the_weights(optimizer, monkeypatch):
         assert per_step[1] == {"materialize_kernel": 0, "ste_grads_kernel": 0,
                                "score_adamw_kernel": layers, "torch fused AdamW": 0}
         assert passes == [2 * layers, layers, 2 * layers]
+
+
+def _score_layer(n=11, k=37, train_weight=False, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    layer = MaskedLinear.from_linear(torch.nn.Linear(k, n), "scores")
+    layer.weight.requires_grad_(train_weight)
+    with torch.no_grad():
+        layer.mask_scores.copy_(torch.randn(n, k, generator=g))
+        layer.mask_threshold.fill_(0.1)
+    x = torch.randn(3, 4, k, generator=g, requires_grad=True)
+    dy = torch.randn(3, 4, n, generator=g)
+    return layer, x, dy
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_deferred_ste_and_cached_masked_weight_keep_the_gradients(train_weight):
+    """A scores layer with its W' cached and its score gradient deferred (as MaskScoreAdamW
+    sets it): y, dx and dW as the float64 reference; the handed-over G gives G ⊙ W = the
+    reference dScore; two backward passes sum; an in-place change of the scores or of φ is
+    seen by the next forward (the cache is keyed on their versions)."""
+    from regdrop_fast.reference import masked_linear as ref
+    layer, x, dy = _score_layer(train_weight=train_weight)
+    layer.cache_masked_weight = layer.defer_score_grad = True
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = layer.weight.detach().clone().requires_grad_(train_weight)
+    s_ref = layer.mask_scores.detach().clone().requires_grad_(True)
+    y_ref = ref.masked_linear(x_ref, w_ref, bias=layer.bias.detach(), scores=s_ref,
+                              threshold=layer.mask_threshold, upcast=True)
+    y_ref.backward(dy.double())
+    for _ in range(2):  # the second forward takes W' from the cache
+        x.grad = None
+        y = layer(x)
+        torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+        y.backward(dy)
+        assert layer.mask_scores.grad is None
+        torch.testing.assert_close(x.grad, x_ref.grad.float(), rtol=1e-5, atol=1e-5)
+        if train_weight:
+            torch.testing.assert_close(layer.weight.grad / (_ + 1), w_ref.grad.float(),
+                                       rtol=1e-5, atol=1e-5)
+    g = layer.take_score_grad()
+    assert g.dtype == torch.float32 and layer.take_score_grad() is None
+    torch.testing.assert_close(g * layer.weight.detach(), 2 * s_ref.grad.float(), rtol=1e-5,
+                               atol=1e-5)
+    cached = layer._masked_cache[0]
+    with torch.no_grad():
+        layer.mask_scores.neg_()
+    y = layer(x)
+    assert layer._masked_cache[0] is not cached
+    want = ref.masked_linear(x.detach(), layer.weight.detach(), bias=layer.bias.detach(),
+                             scores=layer.mask_scores.detach(), threshold=layer.mask_threshold)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.mask_threshold.fill_(0.5)
+    want = ref.masked_linear(x.detach(), layer.weight.detach(), bias=layer.bias.detach(),
+                             scores=layer.mask_scores.detach(), threshold=0.5)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_score_adamw_state_dict_moves_to_and_from_torch_adamw():
+    """The same state keys as torch.optim.AdamW: a checkpoint of either loads into the other
+    and the next step is the same."""
+    def build(kind, trainer):
+        if kind == "ours":
+            return trainer.optimizer(1e-2, fused=False)
+        return torch.optim.AdamW(trainer.parameters(), lr=1e-2, weight_decay=0.0)
+
+    def run(first, second):
+        model = _tiny(transformers.BertConfig)
+        trainer = MaskTrainer(model, 0.5, init="soft")
+        opt = build(first, trainer)
+        for i, (ids, labels) in enumerate(_batches(3, 100, "cpu", seed=11)):
+            if i == 2:  # resume from a checkpoint of the other optimizer
+                state = opt.state_dict()
+                opt = build(second, trainer)
+                opt.load_state_dict(state)
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in trainer.parameters()]
+
+    for first, second in (("torch", "ours"), ("ours", "torch")):
+        straight, resumed = run(first, first), run(first, second)
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_mask_score_adamw_bad_input(monkeypatch):
+    trainer = MaskTrainer(_tiny(transformers.BertConfig), 0.5)
+    for kwargs, match in (({"lr": -1.0}, "lr must be"), ({"lr": 1e-3, "eps": -1.0}, "eps"),
+                          ({"lr": 1e-3, "betas": (0.9, 1.0)}, "betas"),
+                          ({"lr": 1e-3, "weight_decay": -0.1}, "weight_decay")):
+        with pytest.raises(ValueError, match=match):
+            sparse.MaskScoreAdamW(trainer, **kwargs)
+    from regdrop_fast import backends
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: "no GPU")
+    with pytest.raises(backends.BackendUnavailableError, match="fused=True needs Triton.*no GPU"):
+        trainer.optimizer(1e-3, fused=True)
+    assert not trainer.optimizer(1e-3).fused  # the default falls back to torch's AdamW
+    layer = next(iter(trainer.modules.values()))
+    layer.mask_scores.data = layer.mask_scores.data.double()
+    with pytest.raises(TypeError, match="mask_scores of .* must be contiguous float32"):
+        trainer.optimizer(1e-3)
