@@ -541,11 +541,12 @@ def masked_attention_forward(q, k, v, masks: MaskArgs, scale: float, dropout_p: 
                              seed: int, step: int, stream: int, is_causal: bool = False):
     """(O [B,H,Lq,D] contiguous in q's dtype, lse fp32 [B,H,Lq] base 2). k, v [B,Hkv,Lk,D]."""
     batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
-    out = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=q.device)
+    device = q.device
+    out = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=device)
+    lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=device)
     tma = tma_ok(q, k, v)
     if tma:
-        _ensure_allocator(q.device)
+        _ensure_allocator(device)
     grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     masked_attention_fwd_kernel[grid](
         q, k, v, out, lse, *masks.args,
@@ -564,17 +565,19 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
     """(dq [B,H,Lq,D], dk, dv [B,Hkv,Lk,D]), contiguous, in q's dtype. `do` needs last
     stride 1."""
     batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
+    device, dtype = q.device, q.dtype
+    on_cpu = device.type == "cpu"
     delta = torch.empty_like(lse)
-    delta_m = 16 if q.device.type == "cpu" else DELTA_BLOCK_M
+    delta_m = 16 if on_cpu else DELTA_BLOCK_M
     masked_attention_bwd_delta_kernel[(cdiv(lq, delta_m), batch * heads)](
         out, do, delta, *do.stride()[:3], heads, lq, d, BLOCK_M=delta_m, BLOCK_D=block_d,
-        num_warps=1 if q.device.type == "cpu" else 4)
-    dq = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=q.device)
-    dk = torch.empty(batch, kv_heads, lk, d, dtype=k.dtype, device=q.device)
-    dv = torch.empty(batch, kv_heads, lk, d, dtype=v.dtype, device=q.device)
+        num_warps=1 if on_cpu else 4)
+    dq = torch.empty(batch, heads, lq, d, dtype=dtype, device=device)
+    dk = torch.empty(batch, kv_heads, lk, d, dtype=dtype, device=device)
+    dv = torch.empty(batch, kv_heads, lk, d, dtype=dtype, device=device)
     tma = tma_ok(q, k, v, do)
     if tma:
-        _ensure_allocator(q.device)
+        _ensure_allocator(device)
     common = (*masks.args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
               *do.stride()[:3], heads, lq, lk, d, heads // kv_heads,
               next_power_of_2(max(lq, lk)), tma, scale * _LOG2E, scale,

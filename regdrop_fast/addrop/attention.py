@@ -56,20 +56,20 @@ class _MaskedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keep_words, kpm, am, config):
         tk = _kernels()
-        out, lse = tk.masked_attention_forward(q, k, v, tk.MaskArgs(keep_words, kpm, am, q),
-                                               *config)
+        masks = tk.MaskArgs(keep_words, kpm, am, q)
+        out, lse = tk.masked_attention_forward(q, k, v, masks, *config)
+        # the masks are saved too (an in-place change of one before backward raises), and
+        # their kernel arguments kept for backward rather than rebuilt there
         ctx.save_for_backward(q, k, v, out, lse, keep_words, kpm, am)
-        ctx.config = config
+        ctx.masks, ctx.config = masks, config
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        _tk = _kernels()
-        q, k, v, out, lse, keep_words, kpm, am = ctx.saved_tensors
-        masks = _tk.MaskArgs(keep_words, kpm, am, q)
+        q, k, v, out, lse = ctx.saved_tensors[:5]
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dq, dk, dv = _tk.masked_attention_backward(grad_out, q, k, v, out, lse, masks,
-                                                   *ctx.config)
+        dq, dk, dv = _kernels().masked_attention_backward(grad_out, q, k, v, out, lse,
+                                                          ctx.masks, *ctx.config)
         return dq, dk, dv, None, None, None, None
 
 
@@ -146,8 +146,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     seed = check_int("seed", seed, 0, UINT64_MAX)
     step = check_int("step", step, 0, UINT32_MAX)
     stream = check_int("stream", stream, 0, UINT32_MAX)
-    name = backends.resolve("masked_attention", backend, q.device,
-                            implemented=("reference", "triton"))
+    name = backends.resolve("masked_attention", backend, q.device)  # reference or triton
     if name == "reference":
         dense = None if keep is None else unpack_mask(keep, backend="reference")
         return _ref.masked_attention(q, k, v, dense, attn_mask, float(scale), dropout_p, seed,
