@@ -86,8 +86,12 @@ def _calls():
                                                                        **triton))),
         "addrop.keep_mask (dO, V)": ("bfloat16", lambda: addrop.keep_mask(
             (do, v.detach()), 0.3, 0.2, key_padding_mask=pad, seed=1, **triton)),
+        # forward only (inference, evaluation): no autograd Function on this path
         "masked_attention fwd": ("bfloat16", lambda: addrop.masked_attention(
             q.detach(), k.detach(), v.detach(), keep, attn_mask=pad, **triton)),
+        # the forward of a training step: q, k, v require grad, so it records the graph node
+        "masked_attention fwd, grad tracked": ("bfloat16", lambda: addrop.masked_attention(
+            q, k, v, keep, attn_mask=pad, dropout_p=0.1, **triton)),
         "masked_attention fwd+bwd": ("bfloat16", lambda: backward(addrop.masked_attention(
             q, k, v, keep, attn_mask=pad, dropout_p=0.1, **triton), do)),
         "masked_linear fwd+bwd": ("bfloat16", lambda: backward(masked_linear(
