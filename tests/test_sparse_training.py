@@ -749,3 +749,32 @@ def test_mask_score_adamw_bad_input(monkeypatch):
     layer.mask_scores.data = layer.mask_scores.data.double()
     with pytest.raises(TypeError, match="mask_scores of .* must be contiguous float32"):
         trainer.optimizer(1e-3)
+
+
+def test_official_local_reset_is_per_matrix_with_one_host_sync(monkeypatch):
+    """The local reset runs one kthvalue per group of equal-sized matrices and decides on the
+    device whether φ moves: thresholds equal the official per-matrix rule (kthvalue at
+    int(n·s), kept where it is the largest score), with one host read for the NaN check."""
+    trainer = MaskTrainer(_tiny(transformers.BertConfig), 0.5)  # 1024-, 2048- and 96-sized
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for s in trainer.parameters():
+            s.copy_(torch.randn(s.shape, generator=g))
+        flat_layer = trainer.parameters()[2]
+        flat_layer.fill_(1.0)  # kth value = largest: φ stays
+        flat_layer.view(-1)[:10] = 0.0
+    before = {n: m.mask_threshold.clone() for n, m in trainer.modules.items()}
+    reads = []
+    real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real_item(t))
+    trainer.reset_thresholds(0.6)
+    monkeypatch.undo()
+    assert len(reads) == 1
+    assert len({m.weight.numel() for m in trainer.modules.values()}) == 3
+    for name, m in trainer.modules.items():
+        flat = m.mask_scores.detach().reshape(-1)
+        kth = flat.kthvalue(int(flat.numel() * 0.6)).values
+        want = kth if kth < flat.max() else before[name][0]
+        assert m.mask_threshold.item() == want.item(), name
+    assert trainer.modules[list(trainer.modules)[2]].mask_threshold.item() == pytest.approx(0.01)

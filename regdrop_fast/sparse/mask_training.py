@@ -165,9 +165,10 @@ class MaskTrainer:
         sparsity = self.sparsity_at(self.t) if sparsity is None else _check_sparsity(
             "sparsity", sparsity)
         scores = {n: m.mask_scores.detach() for n, m in self.modules.items()}
-        for name, s in scores.items():
-            if torch.isnan(s).any():
-                raise ValueError(f"mask scores of {name} contain NaN")
+        has_nan = torch.stack([torch.isnan(s).any() for s in scores.values()])
+        if has_nan.any():  # the reset's one host sync
+            name = list(scores)[int(has_nan.nonzero()[0])]
+            raise ValueError(f"mask scores of {name} contain NaN")
         if not self.exact_count:
             self._official_reset(scores, sparsity)
             return sparsity
@@ -196,13 +197,21 @@ class MaskTrainer:
                 for module in self.modules.values():
                     module.mask_threshold.fill_(phi)
             return
-        for name, module in self.modules.items():
-            flat = scores[name].float().reshape(-1)
-            k = num_pruned(sparsity, flat.numel())
-            if k > 0:
-                kth = flat.kthvalue(k).values
-                if kth < flat.max():
-                    module.mask_threshold.fill_(kth)
+        # matrices of one size share k: one kthvalue over their stacked rows (a GPU's kthvalue
+        # runs one block per row, so a matrix alone fills one SM), φ kept on the device
+        by_size = {}
+        for name, s in scores.items():
+            by_size.setdefault(s.numel(), []).append(name)
+        for numel, names in by_size.items():
+            k = num_pruned(sparsity, numel)
+            if k == 0:
+                continue
+            rows = torch.stack([scores[n].float().reshape(-1) for n in names])
+            kth = rows.kthvalue(k, dim=1).values
+            moved = kth < rows.amax(dim=1)
+            for i, name in enumerate(names):
+                phi = self.modules[name].mask_threshold
+                phi.copy_(torch.where(moved[i], kth[i], phi[0]))
 
     def resets_at(self, t: int) -> bool:
         """Whether `step()` resets φ when it advances to step t (Δt grid or top-k)."""
