@@ -69,17 +69,17 @@ def rdrop():
 def addrop_mask():
     from regdrop_fast.triton_kernels import addrop_mask as K
 
+    streams = t(12, dtype=torch.int64)  # ADDrop.step: all 12 layers of BERT-base, one launch
     for dtype in (torch.bfloat16, torch.float32):
         for lk in (L, 512, 4096):  # resident row, the L=512 train step, streamed row
-            kpm, rank = t(B, lk, dtype=torch.bool), t(B, dtype=torch.int32)
-            K.keep_mask_bits(t(B, H, L, lk, dtype=dtype), None, kpm, rank, 3 << 30, SEED, 2, 0,
+            kpm = t(B, lk, dtype=torch.bool)
+            K.keep_mask_bits(t(B, H, L, lk, dtype=dtype), None, kpm, 0.7, 3 << 30, SEED, 2, 0,
                              False)
             for causal in (False, True):
-                extra = optional(K.keep_mask_bits, is_causal=True) if causal else {}
-                if causal and not extra:
-                    continue
                 K.keep_mask_bits(t(B, H, L, D, dtype=dtype), t(B, H, lk, D, dtype=dtype), None,
-                                 rank, 3 << 30, SEED, 2, 0, True, **extra)
+                                 0.3, 3 << 30, SEED, 2, 0, True, causal)
+                K.keep_mask_bits(t(12, B, H, L, D, dtype=dtype), t(12, B, H, lk, D, dtype=dtype),
+                                 kpm, 0.7, 3 << 30, SEED, 2, streams, False, causal)
 
 
 def masked_attention():
