@@ -107,8 +107,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [0, 1); seed in [0, 2^64), step and stream in [0, 2^32) name the dropout's Philox stream
     (independent of the mask's); is_causal: bottom-right aligned causal mask."""
     check_tensor("q", q, dtypes=_FLOATS, ndim=4)
-    check_tensor("k", k, dtypes=_FLOATS, ndim=4, device=q.device)
-    check_tensor("v", v, dtypes=_FLOATS, ndim=4, device=q.device)
+    device = q.device
+    check_tensor("k", k, dtypes=_FLOATS, ndim=4, device=device)
+    check_tensor("v", v, dtypes=_FLOATS, ndim=4, device=device)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads, lq, d = q.shape
@@ -132,9 +133,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if tuple(keep.shape) != shape:
             raise ValueError(f"keep must have shape [B,H,Lq,Lk] = {shape}, got "
                              f"{tuple(keep.shape)}")
-        if keep.device != q.device:
-            raise ValueError(f"keep must be on {q.device}, got {keep.device}")
-    kpm, am = _split_attn_mask(attn_mask, shape, q.device)
+        if keep.device != device:
+            raise ValueError(f"keep must be on {device}, got {keep.device}")
+    kpm, am = _split_attn_mask(attn_mask, shape, device)
     if scale is None:
         scale = d ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -146,7 +147,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     seed = check_int("seed", seed, 0, UINT64_MAX)
     step = check_int("step", step, 0, UINT32_MAX)
     stream = check_int("stream", stream, 0, UINT32_MAX)
-    name = backends.resolve("masked_attention", backend, q.device)  # reference or triton
+    name = backends.resolve("masked_attention", backend, device)  # reference or triton
     if name == "reference":
         dense = None if keep is None else unpack_mask(keep, backend="reference")
         return _ref.masked_attention(q, k, v, dense, attn_mask, float(scale), dropout_p, seed,
