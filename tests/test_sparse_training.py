@@ -734,17 +734,22 @@ def test_mask_score_adamw_state_dict_moves_to_and_from_torch_adamw():
 
 
 def test_mask_score_adamw_bad_input(monkeypatch):
+    from regdrop_fast import backends
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
     trainer = MaskTrainer(_tiny(transformers.BertConfig), 0.5)
     for kwargs, match in (({"lr": -1.0}, "lr must be"), ({"lr": 1e-3, "eps": -1.0}, "eps"),
                           ({"lr": 1e-3, "betas": (0.9, 1.0)}, "betas"),
                           ({"lr": 1e-3, "weight_decay": -0.1}, "weight_decay")):
         with pytest.raises(ValueError, match=match):
             sparse.MaskScoreAdamW(trainer, **kwargs)
-    from regdrop_fast import backends
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: "no GPU")
-    with pytest.raises(backends.BackendUnavailableError, match="fused=True needs Triton.*no GPU"):
+    with pytest.raises(backends.BackendUnavailableError,
+                       match="mask_score_adamw: backend 'triton' is unavailable: no GPU"):
         trainer.optimizer(1e-3, fused=True)
     assert not trainer.optimizer(1e-3).fused  # the default falls back to torch's AdamW
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    with pytest.raises(backends.BackendUnavailableError, match="mask_score_adamw has no 'cpu'"):
+        trainer.optimizer(1e-3)
     layer = next(iter(trainer.modules.values()))
     layer.mask_scores.data = layer.mask_scores.data.double()
     with pytest.raises(TypeError, match="mask_scores of .* must be contiguous float32"):

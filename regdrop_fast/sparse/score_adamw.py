@@ -41,8 +41,9 @@ class MaskScoreAdamW(torch.optim.Optimizer):
 
     trainer: the MaskTrainer whose scores train (its `parameters()`); its schedule tells the
     fused step whether φ stays after this step. lr, betas, eps, weight_decay: as
-    torch.optim.AdamW (weight decay 0 officially). fused: None (Triton on CUDA, else torch),
-    True (Triton; needs CUDA or TRITON_INTERPRET=1) or False. defer_ste_grad: hand G = dW'
+    torch.optim.AdamW (weight decay 0 officially). fused: None (backends "mask_score_adamw":
+    Triton on CUDA, else torch; REGDROP_FAST_BACKEND applies), True (Triton; needs CUDA or
+    TRITON_INTERPRET=1) or False. defer_ste_grad: hand G = dW'
     from the backward to the step instead of writing dScore (scores' .grad stays None).
     Call `step()` after the backward and before `trainer.step()`.
     """
@@ -67,15 +68,12 @@ class MaskScoreAdamW(torch.optim.Optimizer):
                 raise TypeError(f"mask_scores of {name} must be contiguous float32, got "
                                 f"{scores.dtype} with strides {scores.stride()}")
         devices = {p.device for p in self._layers}
-        if fused is None:
-            fused = all(d.type == "cuda" and backends.unavailable_reason("triton", d) is None
-                        for d in devices)
-        elif fused:
-            for d in devices:
-                reason = backends.unavailable_reason("triton", d)
-                if reason is not None:
-                    raise backends.BackendUnavailableError(
-                        f"fused=True needs Triton on {d}: {reason}")
+        if len(devices) != 1:
+            raise ValueError(f"the trainer's scores must be on one device, got "
+                             f"{sorted(str(d) for d in devices)}")
+        # fused=None: auto (Triton on CUDA) unless REGDROP_FAST_BACKEND names a backend
+        backend = None if fused is None else ("triton" if fused else "reference")
+        fused = backends.resolve("mask_score_adamw", backend, devices.pop()) == "triton"
         super().__init__(list(self._layers), dict(lr=float(lr), betas=tuple(betas),
                                                   eps=float(eps),
                                                   weight_decay=float(weight_decay)))
