@@ -691,11 +691,11 @@ def test_deferred_ste_and_cached_masked_weight_keep_the_gradients(train_weight):
     assert g.dtype == torch.float32 and layer.take_score_grad() is None
     torch.testing.assert_close(g * layer.weight.detach(), 2 * s_ref.grad.float(), rtol=1e-5,
                                atol=1e-5)
-    cached = layer._masked_cache[0]
+    cached = layer._score_state.masked
     with torch.no_grad():
         layer.mask_scores.neg_()
     y = layer(x)
-    assert layer._masked_cache[0] is not cached
+    assert layer._score_state.masked is not cached
     want = ref.masked_linear(x.detach(), layer.weight.detach(), bias=layer.bias.detach(),
                              scores=layer.mask_scores.detach(), threshold=layer.mask_threshold)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)

@@ -259,6 +259,16 @@ def _masked_linear(x, weight, mask, bias, threshold, backend, check_finite, laye
     return MaterializedMaskedLinear.apply(x, weight, bias, scores, words, phi, compute, layer)
 
 
+class _ScoreState:
+    """What a scores MaskedLinear keeps between steps for MaskScoreAdamW: W' and the key it was
+    made under, the deferred G. A plain object: setting a Module attribute costs microseconds,
+    paid per matrix and step."""
+    __slots__ = ("masked", "key", "g")
+
+    def __init__(self):
+        self.masked = self.key = self.g = None
+
+
 class MaskedLinear(nn.Linear):
     """An nn.Linear whose weight is used as weight ⊙ M, M never materialized.
 
@@ -292,8 +302,7 @@ class MaskedLinear(nn.Linear):
         # set by MaskScoreAdamW (sparse/score_adamw.py): keep W' between steps / hand G to it
         self.cache_masked_weight = False
         self.defer_score_grad = False
-        self._masked_cache = None  # (W' in the compute dtype, the key it was made under)
-        self._score_grad_g = None  # deferred G = dW', summed over backward passes
+        self._score_state = _ScoreState()
         device = linear.weight.device
         if kind == "scores":
             self.mask_scores = nn.Parameter(
@@ -372,24 +381,35 @@ class MaskedLinear(nn.Linear):
                 t._version)
 
     def _cached_masked_weight(self, dtype) -> Optional[torch.Tensor]:
-        cache = self._masked_cache
-        if cache is not None and cache[1] == self._masked_key(dtype):
-            return cache[0]
-        self._masked_cache = None  # stale: freed before a new W' is made
+        state = self._score_state
+        if state.masked is not None and state.key == self._masked_key(dtype):
+            return state.masked
+        state.masked = state.key = None  # stale: freed before a new W' is made
         return None
 
-    def _store_masked_weight(self, w_eff: torch.Tensor) -> None:
-        if self.cache_masked_weight and self.training:  # an eval forward's dtype may differ
-            self._masked_cache = (w_eff, self._masked_key(w_eff.dtype))
+    def _store_masked_weight(self, w_eff: torch.Tensor, always: bool = False) -> None:
+        """Keep W' for later forwards: always (the optimizer's W'), or from a training forward
+        when caching is on (an eval forward's dtype may differ)."""
+        if always or (self.cache_masked_weight and self.training):
+            state = self._score_state
+            state.masked, state.key = w_eff, self._masked_key(w_eff.dtype)
+
+    def _drop_masked_weight(self) -> Optional[torch.dtype]:
+        """Forget the kept W' (freed unless a graph still holds it); its dtype, or None."""
+        state = self._score_state
+        dtype = None if state.masked is None else state.masked.dtype
+        state.masked = state.key = None
+        return dtype
 
     def _add_score_grad(self, g: torch.Tensor) -> None:
-        prev = self._score_grad_g
+        state = self._score_state
         # a second backward before the step (gradient accumulation) sums in fp32
-        self._score_grad_g = g if prev is None else prev.float() + g
+        state.g = g if state.g is None else state.g.float() + g
 
     def take_score_grad(self) -> Optional[torch.Tensor]:
         """The deferred G = dW' of the scores (dScore = G ⊙ W), cleared; None if none."""
-        g, self._score_grad_g = self._score_grad_g, None
+        state = self._score_state
+        g, state.g = state.g, None
         return g
 
     def extra_repr(self) -> str:

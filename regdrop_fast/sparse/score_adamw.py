@@ -102,49 +102,55 @@ class MaskScoreAdamW(torch.optim.Optimizer):
         # the official order: optimizer step, then MaskTrainer.step() (t + 1) may reset φ
         keep_phi = not self.trainer.resets_at(self.trainer.t + 1)
         for group in self.param_groups:
+            work = []  # (scores, layer, deferred G or None, state)
             for p in group["params"]:
                 layer = self._layers[p]
                 g_ste = layer.take_score_grad()
-                if p.grad is None and g_ste is None:
-                    continue
-                state = self._state(p)
-                if self.fused:
-                    self._fused_step(p, layer, g_ste, state, group, keep_phi)
-                else:
-                    grad = p.grad if g_ste is None else _ste_product(p, layer, g_ste)
-                    beta1, beta2 = group["betas"]
-                    _torch_adamw([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [],
-                                 [state["step"]], amsgrad=False, beta1=beta1, beta2=beta2,
-                                 lr=group["lr"], weight_decay=group["weight_decay"],
-                                 eps=group["eps"], maximize=False)
+                if p.grad is not None or g_ste is not None:
+                    work.append((p, layer, g_ste, self._state(p)))
+            if not work:
+                continue
+            if self.fused:
+                self._fused_steps(work, group, keep_phi)
+                continue
+            beta1, beta2 = group["betas"]
+            _torch_adamw([p for p, *_ in work],
+                         [p.grad if g is None else _ste_product(p, layer, g)
+                          for p, layer, g, _ in work],
+                         [s["exp_avg"] for *_, s in work], [s["exp_avg_sq"] for *_, s in work],
+                         [], [s["step"] for *_, s in work], amsgrad=False, beta1=beta1,
+                         beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                         eps=group["eps"], maximize=False)
         return loss
 
-    def _fused_step(self, p, layer, g_ste, state, group, keep_phi) -> None:
+    def _fused_steps(self, work, group, keep_phi) -> None:
         from ..triton_kernels import mask_training as _mt
 
-        state["step"] += 1
-        t = int(state["step"].item())  # a CPU tensor: no device sync
-        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
-        weight = layer.weight.detach()
-        if not weight.is_contiguous():
-            weight = weight.contiguous()
-        ste = g_ste is not None and p.grad is None
-        grad = g_ste if ste else (p.grad if g_ste is None else _ste_product(p, layer, g_ste))
-        grad = grad.contiguous()
-        cache = layer._masked_cache  # the last training forward's W' gives the compute dtype
-        out = None
-        if keep_phi and cache is not None:
-            layer._masked_cache = None  # the old W' is freed (unless a graph still holds it)
-            out = torch.empty(p.shape, dtype=cache[0].dtype, device=p.device)
-        _mt.score_adamw(p, state["exp_avg"], state["exp_avg_sq"], grad, weight,
-                        layer.mask_threshold, out, step_size=lr / (1.0 - beta1 ** t),
-                        bc2_sqrt=math.sqrt(1.0 - beta2 ** t),
-                        decay=1.0 - lr * group["weight_decay"], beta1=beta1, beta2=beta2,
-                        eps=group["eps"], ste=ste)
-        # as torch's in-place update would: autograd then sees the scores changed
-        torch.autograd.graph.increment_version(p)
-        if out is not None:
-            layer._masked_cache = (out, layer._masked_key(out.dtype))
+        torch._foreach_add_([s["step"] for *_, s in work], 1)
+        lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
+        decay = 1.0 - lr * group["weight_decay"]
+        scalars = {}  # by step count: the matrices normally share one
+        for p, layer, g_ste, state in work:
+            t = int(state["step"].item())  # a CPU tensor: no device sync
+            if t not in scalars:
+                scalars[t] = (lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t))
+            step_size, bc2_sqrt = scalars[t]
+            weight = layer.weight.detach()
+            if not weight.is_contiguous():
+                weight = weight.contiguous()
+            ste = g_ste is not None and p.grad is None
+            grad = g_ste if ste else (p.grad if g_ste is None else _ste_product(p, layer, g_ste))
+            # the last training forward's W' gives the compute dtype of the next one
+            dtype = layer._drop_masked_weight()
+            out = (torch.empty(p.shape, dtype=dtype, device=p.device)
+                   if keep_phi and dtype is not None else None)
+            _mt.score_adamw(p, state["exp_avg"], state["exp_avg_sq"], grad.contiguous(), weight,
+                            layer.mask_threshold, out, step_size=step_size, bc2_sqrt=bc2_sqrt,
+                            decay=decay, beta1=beta1, beta2=beta2, eps=eps, ste=ste)
+            # as torch's in-place update would: autograd then sees the scores changed
+            torch.autograd.graph.increment_version(p)
+            if out is not None:
+                layer._store_masked_weight(out, always=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
