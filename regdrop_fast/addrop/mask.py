@@ -83,8 +83,10 @@ def _fraction(p: float, drop: str) -> float:
 
 def _check_settings(p, q, seed, step, drop, is_causal):
     """The validated (p, q, seed, step) shared by both entry points."""
-    p = check_prob("p", p, low_open=True, high_open=True)
-    q = check_prob("q", q, low_open=False, high_open=False)
+    if type(p) is not float or not 0.0 < p < 1.0:  # in-range floats, the per-call case, pass
+        p = check_prob("p", p, low_open=True, high_open=True)
+    if type(q) is not float or not 0.0 <= q <= 1.0:
+        q = check_prob("q", q, low_open=False, high_open=False)
     seed = check_int("seed", seed, 0, UINT64_MAX)
     step = check_int("step", step, 0, UINT32_MAX)
     if drop != "high" and drop != "low":
@@ -127,9 +129,15 @@ def _check_inputs(attr, key_padding_mask, ndim: int):
     return shape, scores, dO, v
 
 
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The Triton kernel module, imported on the first triton call (not with this module)."""
+    from ..triton_kernels import addrop_mask
+    return addrop_mask
+
+
 def _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step, stream, drop, is_causal):
     """The kernel's int32 words for validated inputs (stream: an int or a device table)."""
-    from ..triton_kernels import addrop_mask as _tk
     src = scores if dO is None else dO
     if src.dtype not in _KERNEL_FLOATS:
         raise TypeError(f"the triton backend takes float32/float16/bfloat16 attributions, got "
@@ -139,8 +147,9 @@ def _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step, stream, dro
         v = v if v.stride(-1) == 1 else v.contiguous()
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
         key_padding_mask = key_padding_mask.contiguous()
-    return _tk.keep_mask_bits(src, v, key_padding_mask, _fraction(p, drop), keep_threshold(q),
-                              seed, step, stream, drop == "low", is_causal)
+    return _kernels().keep_mask_bits(src, v, key_padding_mask, _fraction(p, drop),
+                                     keep_threshold(q), seed, step, stream, drop == "low",
+                                     is_causal)
 
 
 def keep_mask(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor] = None,
@@ -160,10 +169,11 @@ def keep_mask(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor]
     if backends.resolve("addrop_keep_mask", backend, device) == "reference":
         dense = _ref.keep_mask(attr if dO is None else (dO, v), p, q, key_padding_mask, seed,
                                step, stream, drop, is_causal)
-        return PackedMask(_ref_masks.pack_bits(dense), shape)
-    words = _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step, stream, drop,
-                          is_causal)
-    return PackedMask(words, shape)
+        words = _ref_masks.pack_bits(dense)
+    else:
+        words = _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step, stream, drop,
+                              is_causal)
+    return PackedMask._unchecked(words, torch.Size(shape))
 
 
 @functools.lru_cache(maxsize=64)
@@ -197,8 +207,10 @@ def keep_mask_layers(attr, p: float, q: float, key_padding_mask: Optional[torch.
         if len(streams) != n_layers:
             raise ValueError(f"streams must name one stream per layer ({n_layers}), got "
                              f"{len(streams)}")
-        streams = tuple(check_int(f"streams[{i}]", s, 0, UINT32_MAX)
-                        for i, s in enumerate(streams))
+        streams = tuple(streams)
+        if not all(type(s) is int and 0 <= s <= UINT32_MAX for s in streams):
+            streams = tuple(check_int(f"streams[{i}]", s, 0, UINT32_MAX)
+                            for i, s in enumerate(streams))
     device = (scores if dO is None else dO).device
     if backends.resolve("addrop_keep_mask", backend, device) == "reference":
         shared = key_padding_mask is None or key_padding_mask.dim() == 2
@@ -209,4 +221,6 @@ def keep_mask_layers(attr, p: float, q: float, key_padding_mask: Optional[torch.
     else:
         words = _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step,
                               _stream_table(streams, device), drop, is_causal)
-    return tuple(PackedMask(layer_words, layer_shape) for layer_words in words.unbind(0))
+    layer_shape = torch.Size(layer_shape)
+    return tuple(PackedMask._unchecked(layer_words, layer_shape)
+                 for layer_words in words.unbind(0))
