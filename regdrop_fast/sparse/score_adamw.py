@@ -14,9 +14,9 @@ a step is:
     (s_new > φ) for the next forward, which then materializes nothing;
   - where φ is reset: torch's kthvalue (MaskTrainer.step), then the forward's one W' pass.
 Elementwise passes per matrix and step (unfused: 3, W', dScore, AdamW): φ kept 2, or 1 with
-defer_ste_grad; φ reset 3, or 2 with defer_ste_grad, plus the kthvalue. Scores, m, v and W'
-are read and written once each per pass; a step moves 12 B/weight of state plus 4 B of
-dScore, or 2 + 4 B of G and W (bf16 G, fp32 W), plus 2 B of bf16 W' where φ stays.
+defer_ste_grad; φ reset 3, or 2 with defer_ste_grad, plus the kthvalue. The fused step reads
+s, m, v (12 B/weight) and dScore (4 B) or G and W (2 + 4 B: bf16 G, fp32 W), and writes s, m,
+v (12 B) and, where φ stays, W' (2 B in bf16).
 Unfused (CPU), the step is torch.optim.adamw.adamw on the same gradients. Both follow
 torch.optim.AdamW's math (decay first, bias corrections, fp32 state); the state_dict has its
 keys (step, exp_avg, exp_avg_sq), so checkpoints move between the two.
