@@ -9,12 +9,12 @@ of each input and one write of each output per pass.
   score_adamw  the scores' AdamW step (torch.optim.AdamW's math, fp32, m and v in place), its
                gradient read as dScore or computed as G ⊙ W from G and W (no dScore tensor),
                and optionally W' = W ⊙ (s_new > φ) for the next forward, when φ stays: reads
-               s, m, v and dScore (16 B) or G and W (2 + 4 B for bf16 G, fp32 W), writes
-               s, m, v (12 B) and W' (2 B in bf16). One program per 1024 elements.
+               s, m, v (12 B) and dScore (4 B) or G and W (2 + 4 B for bf16 G, fp32 W),
+               writes s, m, v (12 B) and W' (2 B in bf16). One program per 1024 elements.
 
 Shapes: W, scores, G [N, K] with any row stride and unit column stride; packed words int32
 [N, ceil(K/32)], bit j of word w = column 32w+j, 1 = keep; φ a 1-element fp32 tensor (read on
-the device: no host sync). Outputs are contiguous.
+the device: no host sync). Outputs are contiguous. score_adamw takes every tensor contiguous.
 """
 import torch
 import triton
