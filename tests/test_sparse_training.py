@@ -731,6 +731,17 @@ def test_mask_score_adamw_state_dict_moves_to_and_from_torch_adamw():
     for first, second in (("torch", "ours"), ("ours", "torch")):
         straight, resumed = run(first, first), run(first, second)
         assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+    # step counts held elsewhere (torch's fused AdamW: on the device; old checkpoints: numbers)
+    trainer = MaskTrainer(_tiny(transformers.BertConfig), 0.5)
+    opt = trainer.optimizer(1e-2, fused=False)
+    state = torch.optim.AdamW(trainer.parameters()).state_dict()
+    state["state"] = {i: {"step": 3 if i % 2 else torch.tensor(3.0, dtype=torch.float64),
+                          "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                      for i, p in enumerate(trainer.parameters())}
+    opt.load_state_dict(state)
+    steps = [opt.state[p]["step"] for p in trainer.parameters()]
+    assert all(s.dtype == torch.float32 and s.device.type == "cpu" and s.item() == 3
+               for s in steps)
 
 
 def test_mask_score_adamw_bad_input(monkeypatch):

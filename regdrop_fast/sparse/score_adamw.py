@@ -46,8 +46,8 @@ class MaskScoreAdamW(torch.optim.Optimizer):
     fused step whether φ stays after this step. lr, betas, eps, weight_decay: as
     torch.optim.AdamW (weight decay 0 officially). fused: None (backends "mask_score_adamw":
     Triton on CUDA, else torch; REGDROP_FAST_BACKEND applies), True (Triton; needs CUDA or
-    TRITON_INTERPRET=1) or False. defer_ste_grad: hand G = dW'
-    from the backward to the step instead of writing dScore (scores' .grad stays None).
+    TRITON_INTERPRET=1) or False. defer_ste_grad: hand G = dW' from the backward to the step
+    instead of writing dScore (the scores' .grad stays None).
     Call `step()` after the backward and before `trainer.step()`.
     """
 
@@ -138,15 +138,15 @@ class MaskScoreAdamW(torch.optim.Optimizer):
             if t not in scalars:
                 scalars[t] = (lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t))
             step_size, bc2_sqrt = scalars[t]
-            weight = layer.weight.detach()
-            if not weight.is_contiguous():
-                weight = weight.contiguous()
             ste = g_ste is not None and p.grad is None
             grad = g_ste if ste else (p.grad if g_ste is None else _ste_product(p, layer, g_ste))
             # the last training forward's W' gives the compute dtype of the next one
             dtype = layer._drop_masked_weight()
             out = (torch.empty(p.shape, dtype=dtype, device=p.device)
                    if keep_phi and dtype is not None else None)
+            weight = layer.weight.detach()
+            if (ste or out is not None) and not weight.is_contiguous():
+                weight = weight.contiguous()
             _mt.score_adamw(p, state["exp_avg"], state["exp_avg_sq"], grad.contiguous(), weight,
                             layer.mask_threshold, out, step_size=step_size, bc2_sqrt=bc2_sqrt,
                             decay=decay, beta1=beta1, beta2=beta2, eps=eps, ste=ste)
@@ -154,6 +154,12 @@ class MaskScoreAdamW(torch.optim.Optimizer):
             torch.autograd.graph.increment_version(p)
             if out is not None:
                 layer._store_masked_weight(out, always=True)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "step" in state:  # torch's fused or capturable AdamW keeps it on the device
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
