@@ -1,14 +1,19 @@
-"""FSDP2 through `make_trainer` on 2 CPU processes (gloo), tiny random BERT, global batch 8.
+"""FSDP2 and DeepSpeed ZeRO-1/2 through `make_trainer` on 2 CPU processes (gloo), tiny random
+BERT, global batch 8, with the example configs of examples/distributed/.
 
 accelerate 1.15 switches to FSDP only for GPU-type launches: on CPU, `fsdp=True` (or an accelerate
 FSDP config) silently gives DDP. The worker (this file run under torchrun) therefore sets
 accelerate's state to FSDP with the plugin the TrainingArguments built; from there on it is the
 Trainer's own FSDP2 path: `fully_shard` per BertLayer, the optimizer's parameters swapped for
-their DTensors, the full weights gathered at the end. With dropout off a 2-process FSDP2 run
-equals a 1-process run (float summation order only); AD-DROP and R-Drop with dropout draw per
-rank, so they are compared with a 2-process DDP run, which sees the same per-rank batches and RNG.
-Not covered: childtuning-d (its Fisher pass sees each rank's shard of the data) and mask-train
-(its thresholds need whole score tensors); see docs/distributed.md.
+their DTensors, the full weights gathered at the end. Likewise a DeepSpeed launch without a GPU
+is one process to accelerate (no backend: every rank would train on the same batches); the
+worker gives it the gloo backend, so the data is split as on GPUs.
+With dropout off a 2-process run equals a 1-process run (float summation order only); AD-DROP
+and R-Drop with dropout draw per rank, so they are compared with a 2-process DDP run, which sees
+the same per-rank batches and RNG. Not covered: childtuning-d under FSDP2 (its Fisher pass sees
+each rank's shard of the data), mask-train under FSDP2 (its thresholds need whole score
+tensors), ChildTuning under DeepSpeed (ZeRO flattens the optimizer's parameters); see
+docs/distributed.md. The DeepSpeed tests skip when deepspeed is not installed.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ GLOBAL_BATCH, STEPS = 8, 3
 JOBS = [("none", "fsdp2", 0.0), ("childtuning-f", "fsdp2", 0.0), ("rdrop", "fsdp2", 0.1),
         ("rdrop", "ddp", 0.1), ("addrop", "fsdp2", 0.0), ("addrop", "ddp", 0.0),
         ("none", "fsdp2-unforced", 0.0)]
+DEEPSPEED_JOBS = [("none", "zero1", 0.0), ("none", "zero2", 0.0), ("mask-train", "zero2", 0.0),
+                  ("addrop", "zero1", 0.0)]
 
 
 def _config():
@@ -65,21 +72,42 @@ def _force_fsdp_on_cpu():
     return lambda: setattr(AcceleratorState, "__init__", init)
 
 
+def _gloo_for_deepspeed_on_cpu():
+    """Give a DeepSpeed launch without a GPU the gloo backend (accelerate leaves it none)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    prepare = PartialState._prepare_backend
+
+    def with_gloo(self, *args, **kwargs):
+        backend, kind = prepare(self, *args, **kwargs)
+        if backend is None and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+            return "gloo", DistributedType.MULTI_CPU
+        return backend, kind
+
+    PartialState._prepare_backend = with_gloo
+    return lambda: setattr(PartialState, "_prepare_backend", prepare)
+
+
 def _train(folder, out, method, mode, dropout):
     """(full state dict, wrapper class name) after STEPS steps of `method` under `mode`."""
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForSequenceClassification, TrainingArguments
     from regdrop_fast.finetune.hf_trainer import make_trainer
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    extra = {}
+    extra, restore = dict(use_cpu=True), (lambda: None)
     if mode.startswith("fsdp2"):
-        extra = dict(fsdp=True, fsdp_config=str(EXAMPLES / "fsdp2_config.json"))
-    restore = _force_fsdp_on_cpu() if mode == "fsdp2" else (lambda: None)
+        extra.update(fsdp=True, fsdp_config=str(EXAMPLES / "fsdp2_config.json"))
+        if mode == "fsdp2":
+            restore = _force_fsdp_on_cpu()
+    elif mode.startswith("zero"):
+        # use_cpu=True would turn DeepSpeed off; CUDA_VISIBLE_DEVICES="" keeps it on the CPU
+        extra = dict(use_cpu=False, deepspeed=str(EXAMPLES / f"{mode}.json"))
+        restore = _gloo_for_deepspeed_on_cpu()
     try:
         # average_tokens_across_devices=False: BERT's loss is a per-batch mean, and the default
         # would scale it (and the gradients) by the number of processes
         args = TrainingArguments(
-            output_dir=str(out), use_cpu=True, ddp_backend="gloo" if world > 1 else None,
+            output_dir=str(out), ddp_backend="gloo" if world > 1 else None,
             max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
             learning_rate=1e-2, weight_decay=0.0, warmup_steps=0, lr_scheduler_type="constant",
             average_tokens_across_devices=False, seed=1, report_to=[], save_strategy="no",
@@ -114,29 +142,62 @@ def tiny(tmp_path_factory):
     return make_tiny_bert(tmp_path_factory.mktemp("fsdp") / "model", dropout=0.0)
 
 
-@pytest.fixture(scope="module")
-def two_process_runs(tiny):
-    out = tiny.parent / "runs.pt"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def _launch(tiny, jobs, name):
+    out = tiny.parent / f"{name}.pt"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           __file__, str(tiny), str(out), json.dumps(JOBS)]
+           __file__, str(tiny), str(out), json.dumps(jobs)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
 
-def _assert_close(two, one, pre):
-    moved = max((one[k] - pre[k]).abs().max().item() for k in pre)
-    assert moved > 1e-3  # training really changed the weights
+@pytest.fixture(scope="module")
+def two_process_runs(tiny):
+    return _launch(tiny, JOBS, "fsdp")
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tiny):
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
+    return _launch(tiny, DEEPSPEED_JOBS, "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, tmp_path_factory):
+    runs = {}
+
+    def run(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp("single")
+            runs[method] = _train(tiny, out, method, "single", 0.0)[0]
+        return runs[method]
+    return run
+
+
+def _initial(folder, method):
+    """The untrained state dict the runs start from (mask training adds its scores)."""
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    if method == "mask-train":
+        from regdrop_fast.sparse import MaskTrainer
+        config = _config()
+        MaskTrainer(model, config.sparsity, init=config.mask_init)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_close(two, one, folder, method):
+    pre = _initial(folder, method)
+    moved = max((one[k].float() - pre[k].float()).abs().max().item() for k in pre)
+    assert moved > 1e-3  # training really changed the weights (the scores of mask training)
     assert two.keys() == one.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("method", ["none", "childtuning-f"])
-def test_fsdp2_two_processes_match_one_process(tiny, two_process_runs, tmp_path, method):
+def _skip_unavailable(method):
     from regdrop_fast.finetune.config import FinetuneConfig
     from regdrop_fast.finetune.methods import build_methods
     from regdrop_fast.finetune.methods.base import MethodUnavailable
@@ -144,20 +205,40 @@ def test_fsdp2_two_processes_match_one_process(tiny, two_process_runs, tmp_path,
         build_methods(method, FinetuneConfig())
     except MethodUnavailable as exc:
         pytest.skip(str(exc))
-    from safetensors.torch import load_file
+
+
+@pytest.mark.parametrize("method", ["none", "childtuning-f"])
+def test_fsdp2_two_processes_match_one_process(tiny, two_process_runs, one_process, method):
+    _skip_unavailable(method)
     two, wrapper = two_process_runs[f"{method}:fsdp2"]
     assert wrapper.startswith("FSDP")  # the model really was sharded
-    one, _ = _train(tiny, tmp_path, method, "single", 0.0)
-    _assert_close(two, one, load_file(str(tiny / "model.safetensors")))
+    _assert_close(two, one_process(method), tiny, method)
 
 
 @pytest.mark.parametrize("method", ["rdrop", "addrop"])
 def test_fsdp2_matches_ddp(tiny, two_process_runs, method):
-    from safetensors.torch import load_file
     fsdp, wrapper = two_process_runs[f"{method}:fsdp2"]
     ddp, ddp_wrapper = two_process_runs[f"{method}:ddp"]
     assert wrapper.startswith("FSDP") and ddp_wrapper == "DistributedDataParallel"
-    _assert_close(fsdp, ddp, load_file(str(tiny / "model.safetensors")))
+    _assert_close(fsdp, ddp, tiny, method)
+
+
+@pytest.mark.slow  # a second 2-process launch, about 40 s
+@pytest.mark.parametrize("method, stage", [("none", "zero1"), ("none", "zero2"),
+                                           ("mask-train", "zero2")])
+def test_deepspeed_two_processes_match_one_process(tiny, deepspeed_runs, one_process, method,
+                                                   stage):
+    _skip_unavailable(method)
+    two, wrapper = deepspeed_runs[f"{method}:{stage}"]
+    assert wrapper == "DeepSpeedEngine"
+    _assert_close(two, one_process(method), tiny, method)
+
+
+@pytest.mark.slow
+def test_deepspeed_addrop_matches_ddp(tiny, deepspeed_runs, two_process_runs):
+    zero, _ = deepspeed_runs["addrop:zero1"]
+    ddp, _ = two_process_runs["addrop:ddp"]
+    _assert_close(zero, ddp, tiny, "addrop")
 
 
 def test_fsdp_on_cpu_is_ddp_without_the_forced_state(two_process_runs):
@@ -174,6 +255,15 @@ def test_example_fsdp2_config_reaches_the_plugin(tmp_path):
     assert plugin["fsdp_version"] == 2
     assert plugin["transformer_cls_names_to_wrap"] == "BertLayer"
     assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_example_deepspeed_configs(stage):
+    config = json.loads((EXAMPLES / f"zero{stage}.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    # "auto" lets the Trainer fill in its own values, so the TrainingArguments stay the truth
+    assert config["train_micro_batch_size_per_gpu"] == "auto"
+    assert config["gradient_accumulation_steps"] == "auto"
 
 
 def test_example_accelerate_config_is_fsdp2():
