@@ -12,8 +12,9 @@ With dropout off a 2-process run equals a 1-process run (float summation order o
 and R-Drop with dropout draw per rank, so they are compared with a 2-process DDP run, which sees
 the same per-rank batches and RNG. Not covered: childtuning-d under FSDP2 (its Fisher pass sees
 each rank's shard of the data), mask-train under FSDP2 (its thresholds need whole score
-tensors), ChildTuning under DeepSpeed (ZeRO flattens the optimizer's parameters); see
-docs/distributed.md. The DeepSpeed tests skip when deepspeed is not installed.
+tensors), ChildTuning under ZeRO (it flattens the optimizer's parameters; DeepSpeed without
+ZeRO is tested); see docs/distributed.md. The DeepSpeed tests skip when deepspeed is not
+installed.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ JOBS = [("none", "fsdp2", 0.0), ("childtuning-f", "fsdp2", 0.0), ("rdrop", "fsdp
         ("rdrop", "ddp", 0.1), ("addrop", "fsdp2", 0.0), ("addrop", "ddp", 0.0),
         ("none", "fsdp2-unforced", 0.0)]
 DEEPSPEED_JOBS = [("none", "zero1", 0.0), ("none", "zero2", 0.0), ("mask-train", "zero2", 0.0),
-                  ("addrop", "zero1", 0.0)]
+                  ("addrop", "zero1", 0.0), ("rdrop", "zero1", 0.1),
+                  ("childtuning-f", "zero0", 0.0)]
 
 
 def _config():
@@ -100,8 +102,13 @@ def _train(folder, out, method, mode, dropout):
         if mode == "fsdp2":
             restore = _force_fsdp_on_cpu()
     elif mode.startswith("zero"):
+        config = str(EXAMPLES / f"{mode}.json")
+        if mode == "zero0":  # no ZeRO, no optimizer section: the Trainer's optimizer as it is
+            config = json.loads((EXAMPLES / "zero1.json").read_text())
+            config["zero_optimization"]["stage"] = 0
+            del config["optimizer"]
         # use_cpu=True would turn DeepSpeed off; CUDA_VISIBLE_DEVICES="" keeps it on the CPU
-        extra = dict(use_cpu=False, deepspeed=str(EXAMPLES / f"{mode}.json"))
+        extra = dict(use_cpu=False, deepspeed=config)
         restore = _gloo_for_deepspeed_on_cpu()
     try:
         # average_tokens_across_devices=False: BERT's loss is a per-batch mean, and the default
@@ -225,7 +232,7 @@ def test_fsdp2_matches_ddp(tiny, two_process_runs, method):
 
 @pytest.mark.slow  # a second 2-process launch, about 40 s
 @pytest.mark.parametrize("method, stage", [("none", "zero1"), ("none", "zero2"),
-                                           ("mask-train", "zero2")])
+                                           ("mask-train", "zero2"), ("childtuning-f", "zero0")])
 def test_deepspeed_two_processes_match_one_process(tiny, deepspeed_runs, one_process, method,
                                                    stage):
     _skip_unavailable(method)
@@ -235,10 +242,11 @@ def test_deepspeed_two_processes_match_one_process(tiny, deepspeed_runs, one_pro
 
 
 @pytest.mark.slow
-def test_deepspeed_addrop_matches_ddp(tiny, deepspeed_runs, two_process_runs):
-    zero, _ = deepspeed_runs["addrop:zero1"]
-    ddp, _ = two_process_runs["addrop:ddp"]
-    _assert_close(zero, ddp, tiny, "addrop")
+@pytest.mark.parametrize("method", ["rdrop", "addrop"])
+def test_deepspeed_matches_ddp(tiny, deepspeed_runs, two_process_runs, method):
+    zero, _ = deepspeed_runs[f"{method}:zero1"]
+    ddp, _ = two_process_runs[f"{method}:ddp"]
+    _assert_close(zero, ddp, tiny, method)
 
 
 def test_fsdp_on_cpu_is_ddp_without_the_forced_state(two_process_runs):
