@@ -15,9 +15,10 @@ Grouped-query attention: K, V have Hkv heads (Hkv divides H); query head h reads
 h // GROUP, GROUP = H / Hkv, in place. Causal: the forward and dQ loops stop at the block's
 last visible key, the dK/dV loop starts at the first query block that sees the key block.
 
-Backward (FlashAttention-2): delta_i = rowsum(dO ⊙ O); one program per (key block, kv head)
-accumulates dK, dV over the GROUP query heads and their query blocks, one per query block
-accumulates dQ over the key blocks (no atomics): dP = dO·Vᵀ ⊙ Z/(1 − dropout_p),
+Backward (FlashAttention-2): delta_i = rowsum(dO ⊙ O); one program per query block accumulates
+dQ over the key blocks and first computes its rows' delta, which it stores for the dK/dV kernel
+launched after it (no separate delta launch); one program per (key block, kv head) accumulates
+dK, dV over the GROUP query heads and their query blocks (no atomics): dP = dO·Vᵀ ⊙ Z/(1 − dropout_p),
 dS = P ⊙ (dP − delta), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = (P ⊙ Z/(1 − dropout_p))ᵀ·dO.
 
 Tiles: autotuned on GPU over a pruned list keyed on (power-of-two length bucket, D, GROUP,
@@ -33,6 +34,7 @@ aligned bases and strides: when the inputs lack them (TMA_OK = 0) the TMA config
 Memory traffic per (b,h): forward reads Q once, K and V once per query block, the mask bits
 Lq·Lk/8 bytes, writes O and lse; backward reads Q, K, V, O, dO, the bits, writes dQ, dK, dV.
 Launch grids: forward and dQ (cdiv(Lq, BLOCK_M), B·H); dK/dV (cdiv(Lk, BLOCK_N), B·Hkv).
+Backward launches dQ (with delta) before dK/dV.
 """
 import os
 
@@ -285,28 +287,6 @@ def masked_attention_fwd_kernel(
 
 
 @triton.jit
-def masked_attention_bwd_delta_kernel(
-    o_ptr,  # [B,H,Lq,D] contiguous
-    do_ptr,  # [B,H,Lq,D], last stride 1
-    delta_ptr,  # fp32 [B,H,Lq] output: rowsum(dO * O)
-    do_b, do_h, do_m,  # strides of dO
-    H, Lq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    row = bh * Lq + offs_m
-    o = tl.load(o_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_ptr + (bh // H) * do_b + (bh % H) * do_h + offs_m[:, None] * do_m
-                 + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(delta_ptr + row, delta, mask=offs_m < Lq)
-
-
-@triton.jit
 def _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk, qk_scale,
               keep_ptr, keep_b, keep_h, keep_m, kpm_ptr, kpm_b,
               am_ptr, am_b, am_h, am_m, am_n,
@@ -425,7 +405,9 @@ def masked_attention_bwd_dkdv_kernel(
 @triton.jit
 def masked_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # q/dO [B,H,Lq,D], k/v [B,Hkv,Lk,D], last stride 1
-    lse_ptr, delta_ptr,  # fp32 [B,H,Lq]
+    o_ptr,  # [B,H,Lq,D] forward output, contiguous
+    lse_ptr,  # fp32 [B,H,Lq]
+    delta_ptr,  # fp32 [B,H,Lq] output: rowsum(dO ⊙ O), read by the dK/dV kernel
     dq_ptr,  # [B,H,Lq,D] output, contiguous
     keep_ptr, keep_b, keep_h, keep_m,
     kpm_ptr, kpm_b,
@@ -456,10 +438,12 @@ def masked_attention_bwd_dq_kernel(
     mask_md = in_m[:, None] & in_d[None, :]
     k_base = k_ptr + b * k_b + hkv * k_h
     v_base = v_ptr + b * v_b + hkv * v_h
+    row = bh * Lq + offs_m
     if USE_TMA:
         q = _tile_desc(q_ptr + b * q_b + h * q_h, Lq, D, q_m, BLOCK_M, BLOCK_D).load([start_m, 0])
         do = _tile_desc(do_ptr + b * do_b + h * do_h, Lq, D, do_m, BLOCK_M, BLOCK_D).load(
             [start_m, 0])
+        o = _tile_desc(o_ptr + bh * Lq * D, Lq, D, D, BLOCK_M, BLOCK_D).load([start_m, 0])
         k_desc = _tile_desc(k_base, Lk, D, k_n, BLOCK_N, BLOCK_D)
         v_desc = _tile_desc(v_base, Lk, D, v_n, BLOCK_N, BLOCK_D)
     else:
@@ -467,8 +451,10 @@ def masked_attention_bwd_dq_kernel(
                     mask=mask_md, other=0.0)
         do = tl.load(do_ptr + b * do_b + h * do_h + offs_m[:, None] * do_m + offs_d[None, :],
                      mask=mask_md, other=0.0)
-    lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=in_m, other=float("inf"))
-    delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=in_m, other=0.0)
+        o = tl.load(o_ptr + row[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + row, delta, mask=in_m)
+    lse = tl.load(lse_ptr + row, mask=in_m, other=float("inf"))
     keep_thr = tl.cast(dropout_keep_thr, tl.int64)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, _key_end(start_m, Lq, Lk, IS_CAUSAL, BLOCK_M), BLOCK_N):
@@ -492,7 +478,6 @@ def masked_attention_bwd_dq_kernel(
     if USE_TMA:
         _tile_desc(dq_ptr + bh * Lq * D, Lq, D, D, BLOCK_M, BLOCK_D).store([start_m, 0], dq)
     else:
-        row = bh * Lq + offs_m
         tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], dq, mask=mask_md)
 
 
@@ -518,8 +503,6 @@ class MaskArgs:
                      am_t, *(am.stride() if am is not None else (0, 0, 0, 0)))
         self.flags = dict(HAS_KEEP=self.has_keep, HAS_KPM=self.has_kpm, MASK_KIND=self.kind)
 
-
-DELTA_BLOCK_M = 64
 
 
 def _dropout_args(dropout_p, seed, step, stream):
@@ -566,12 +549,7 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
     stride 1."""
     batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
     device, dtype = q.device, q.dtype
-    on_cpu = device.type == "cpu"
     delta = torch.empty_like(lse)
-    delta_m = 16 if on_cpu else DELTA_BLOCK_M
-    masked_attention_bwd_delta_kernel[(cdiv(lq, delta_m), batch * heads)](
-        out, do, delta, *do.stride()[:3], heads, lq, d, BLOCK_M=delta_m, BLOCK_D=block_d,
-        num_warps=1 if on_cpu else 4)
     dq = torch.empty(batch, heads, lq, d, dtype=dtype, device=device)
     dk = torch.empty(batch, kv_heads, lk, d, dtype=dtype, device=device)
     dv = torch.empty(batch, kv_heads, lk, d, dtype=dtype, device=device)
@@ -584,8 +562,9 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
               *_dropout_args(dropout_p, seed, step, stream))
     flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal,
                  BLOCK_D=block_d, DOT_PRECISION=precision)
+    grid_q = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    # dQ first: it writes delta, which dK/dV reads
+    masked_attention_bwd_dq_kernel[grid_q](q, k, v, do, out, lse, delta, dq, *common, **flags)
     grid_kv = lambda meta: (cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
     masked_attention_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *common, **flags)
-    grid_q = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    masked_attention_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *common, **flags)
     return dq, dk, dv
