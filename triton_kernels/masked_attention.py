@@ -18,8 +18,9 @@ last visible key, the dK/dV loop starts at the first query block that sees the k
 Backward (FlashAttention-2): delta_i = rowsum(dO ⊙ O); one program per query block accumulates
 dQ over the key blocks and first computes its rows' delta, which it stores for the dK/dV kernel
 launched after it (no separate delta launch); one program per (key block, kv head) accumulates
-dK, dV over the GROUP query heads and their query blocks (no atomics): dP = dO·Vᵀ ⊙ Z/(1 − dropout_p),
-dS = P ⊙ (dP − delta), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = (P ⊙ Z/(1 − dropout_p))ᵀ·dO.
+dK, dV over the GROUP query heads and their query blocks (no atomics):
+dP = dO·Vᵀ ⊙ Z/(1 − dropout_p), dS = P ⊙ (dP − delta), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
+dV = (P ⊙ Z/(1 − dropout_p))ᵀ·dO.
 
 Tiles: autotuned on GPU over a pruned list keyed on (power-of-two length bucket, D, GROUP,
 dtype, flags, TMA_OK); one config under the interpreter (small tiles that exercise the loops).
