@@ -31,24 +31,31 @@ cudaError_t launch_philox_keep(bool* out, int64_t n, int64_t offset, uint64_t se
                                uint32_t step, uint32_t stream_id, uint64_t limit,
                                cudaStream_t stream) noexcept;
 
-// One tensor of a masked AdamW step (numel > 0, every pointer valid for numel elements; words
-// covers bits offset .. offset + numel when kind is kMaskBits). With step_count (capturable),
-// the kernel reads the step there and computes step_size and bc2_sqrt itself.
-struct AdamwTensor {
-  void* p;
-  const void* g;
-  float* m;
-  float* v;
-  const int32_t* words;
+// One tensor of a multi-tensor launch (csrc/multi_tensor_apply.h): kDepth pointers to numel
+// elements each and the op's per-tensor arguments; a tensor with numel 0 is skipped.
+template <int kDepth, typename Extra>
+struct TensorEntry {
+  void* ptr[kDepth];
   int64_t numel;
+  Extra extra;
+};
+
+// The per-tensor arguments of a masked AdamW step (words covers bits offset .. offset + numel
+// when kind is kMaskBits). With step_count (capturable), the kernel reads the step there and
+// computes step_size and bc2_sqrt itself.
+struct AdamwTensorArgs {
+  const int32_t* words;
   uint64_t offset;
+  const float* step_count;  // capturable: the tensor's float32 step count, else nullptr
   float step_size;
   float bc2_sqrt;
   uint32_t step;
   uint32_t stream;
   int kind;
-  const float* step_count;  // capturable: the tensor's float32 step count, else nullptr
 };
+
+// ptr: param, grad, exp_avg (float), exp_avg_sq (float)
+using AdamwTensor = TensorEntry<4, AdamwTensorArgs>;
 
 struct AdamwGroup {
   float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, lr_wd, decay, inv_p;

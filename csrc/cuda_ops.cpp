@@ -137,19 +137,20 @@ std::vector<cuda::AdamwTensor> adamw_tensors(at::TensorList params, at::TensorLi
   std::vector<cuda::AdamwTensor> tensors(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const bool bits = mask_kinds[i] == kMaskBits;
-    tensors[i] = cuda::AdamwTensor{params[i].data_ptr(),
-                                   grads[i].data_ptr(),
-                                   exp_avgs[i].data_ptr<float>(),
-                                   exp_avg_sqs[i].data_ptr<float>(),
-                                   bits ? masks[i].data_ptr<int32_t>() : nullptr,
-                                   params[i].numel(),
-                                   static_cast<uint64_t>(index_offsets[i]),
-                                   0.0f,
-                                   1.0f,
-                                   0,
-                                   static_cast<uint32_t>(streams[i]),
-                                   static_cast<int>(mask_kinds[i]),
-                                   nullptr};
+    cuda::AdamwTensor& t = tensors[i];
+    t.ptr[0] = params[i].data_ptr();
+    t.ptr[1] = grads[i].data_ptr();  // read only
+    t.ptr[2] = exp_avgs[i].data_ptr();
+    t.ptr[3] = exp_avg_sqs[i].data_ptr();
+    t.numel = params[i].numel();
+    t.extra = cuda::AdamwTensorArgs{bits ? masks[i].data_ptr<int32_t>() : nullptr,
+                                    static_cast<uint64_t>(index_offsets[i]),
+                                    nullptr,
+                                    0.0f,
+                                    1.0f,
+                                    0,
+                                    static_cast<uint32_t>(streams[i]),
+                                    static_cast<int>(mask_kinds[i])};
   }
   return tensors;
 }
@@ -171,9 +172,9 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
       adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, index_offsets,
                     streams);
   for (size_t i = 0; i < n; ++i) {
-    tensors[i].step_size = static_cast<float>(step_sizes[i]);
-    tensors[i].bc2_sqrt = static_cast<float>(bc2_sqrts[i]);
-    tensors[i].step = static_cast<uint32_t>(steps[i]);
+    tensors[i].extra.step_size = static_cast<float>(step_sizes[i]);
+    tensors[i].extra.bc2_sqrt = static_cast<float>(bc2_sqrts[i]);
+    tensors[i].extra.step = static_cast<uint32_t>(steps[i]);
   }
   const cuda::AdamwGroup group{static_cast<float>(beta1),       static_cast<float>(beta2),
                                static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
@@ -207,7 +208,7 @@ void masked_adamw_capturable_cuda(at::TensorList params, at::TensorList grads,
   std::vector<cuda::AdamwTensor> tensors =
       adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, index_offsets,
                     streams);
-  for (size_t i = 0; i < n; ++i) tensors[i].step_count = steps[i].const_data_ptr<float>();
+  for (size_t i = 0; i < n; ++i) tensors[i].extra.step_count = steps[i].const_data_ptr<float>();
   const cuda::AdamwGroup group{static_cast<float>(beta1),       static_cast<float>(beta2),
                                static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
                                static_cast<float>(eps),         0.0f,

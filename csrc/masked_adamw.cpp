@@ -10,8 +10,9 @@
 // fp32 with AVX-512 runs one pass over groups of 32 elements whose keep decisions are one 32-bit
 // word (the D word, or 8 Philox counters in one register); other dtypes and CPUs run blocks of
 // 256 elements (keep factors into a stack array, then a loop the compiler vectorizes), compiled
-// for AVX-512, AVX2+FMA and the baseline; their Philox words come from AVX2 intrinsics at the
-// AVX2 and AVX-512 levels, from a generic loop at the baseline.
+// for AVX2+FMA (Philox words from AVX2 intrinsics) and for the baseline (a generic Philox loop).
+// Each x86 path is kept for its measured gain (one thread, 110M parameters, against torch's fused
+// AdamW): benchmarks/results/cpu-amd-epyc-2vcpu-2026-11-29-masked-adamw-isa.md.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -66,8 +67,9 @@ struct GroupArgs {
   float inv_p;
 };
 
-// Instruction-set levels of the entry points; REGDROP_FAST_CPU_ISA caps the level so that
-// tests can run every path on one machine.
+// Instruction-set levels of the paths; REGDROP_FAST_CPU_ISA caps the level so that tests can
+// run every path on one machine. kIsaAvx512 is the fp32 one-pass kernel; other dtypes run the
+// AVX2 block path there.
 constexpr int kIsaDefault = 0;
 constexpr int kIsaAvx2 = 1;
 constexpr int kIsaAvx512 = 2;
@@ -75,7 +77,7 @@ constexpr int kIsaAvx512 = 2;
 // ---- Portable path (any dtype, any x86 level or other CPUs) --------------------------------
 // Per block of kBlock elements: keep factors into a stack array, then the branch-free update
 // loop, which the compiler vectorizes for the instruction set of the function it is inlined
-// into (the per-ISA entry points below).
+// into (the baseline and AVX2 entry points below).
 
 // Counters touched by one block (kBlock / 4 plus one for an unaligned start).
 constexpr int kMaxCounters = kBlock / 4 + 1;
@@ -133,10 +135,10 @@ __attribute__((target("avx2"))) REGDROP_INLINE __m128 low_halves(__m256i v) {
 // per 64-bit lane of a ymm register. _mm256_mul_epu32 multiplies the low halves of the lanes into
 // full 64-bit products; the high halves of c0..c3 carry junk that no multiply reads, and the
 // output takes the low halves only. Writes 4 * 16 * ceil(n_counters / 16) words (the caller's
-// buffer holds kWordsCapacity). Against the generic loop above, an F-mode fp32 step at the AVX2
-// level went from 3.3-3.5 to 1.4-1.6 ns per element (one thread, EPYC Zen 4; unmasked ~1).
-// Not inlined (one call per block of kBlock elements): GCC will not force-inline an AVX2
-// function into the ISA-neutral helpers in between.
+// buffer holds kWordsCapacity). Kept because the compiler's vectorization of the generic loop
+// (64-bit products of 32-bit lanes) is about half as fast at the same AVX2 level (see the
+// results file named at the top). Not inlined (one call per block of kBlock elements): GCC
+// will not force-inline an AVX2 function into the ISA-neutral helpers in between.
 __attribute__((target("avx2"), noinline)) void philox_words_avx2(
     uint32_t* words, uint64_t c_first, int n_counters, uint64_t seed, uint32_t step,
     uint32_t stream) {
@@ -329,11 +331,6 @@ REGDROP_INLINE void run_segment_any(int paper, int action, const TensorArgs& t,
   void segment_##suffix##_avx2(int paper, int action, const TensorArgs& t,                    \
                                const GroupArgs& grp, int64_t begin, int64_t end) {            \
     run_segment_any<T, kIsaAvx2>(paper, action, t, grp, begin, end);                          \
-  }                                                                                           \
-  REGDROP_X86_TARGET("avx512f,avx512bw,avx512vl,avx2,fma")                                    \
-  void segment_##suffix##_avx512(int paper, int action, const TensorArgs& t,                  \
-                                 const GroupArgs& grp, int64_t begin, int64_t end) {          \
-    run_segment_any<T, kIsaAvx512>(paper, action, t, grp, begin, end);                        \
   }
 
 #if defined(__x86_64__)
@@ -384,16 +381,13 @@ REGDROP_AVX512 inline void philox_consts(PhiloxConsts& pc, uint64_t seed, uint32
 // Philox of 8 counters, one per 64-bit lane. _mm512_mul_epu32 multiplies the low halves of the
 // lanes into full 64-bit products, so a round is two multiplies, two shifts and two three-way
 // xors; the high halves of c0..c3 carry junk that no multiply or compare reads.
-// Why batches, and why rounds one at a time (measured on an EPYC Zen 4, one thread): one group
-// is a chain of 10 dependent rounds whose ~60 vector ops fill the scheduler, so four independent
-// chains side by side are needed to keep the vector pipes busy (0.41 -> 0.32 ns per element for
-// the words alone); and the Adam math is bound by the divide/sqrt unit (~1 cycle per element), so
-// a batch computed in one piece and then the Adam of its elements run one after the other. The
-// segment loop therefore runs one round of the next batch after each 16 elements of Adam
-// (software pipelining). F-mode step time over the unmasked step, one thread, one 32M-element
-// tensor: 1.24-1.30x before, 1.18-1.21x after (1.10-1.16x for this loop in a C++ harness with
-// 2 MiB pages, where the unmasked step is also faster). Force-inlined: called through memory,
-// the batch's 16 registers would be stored and reloaded every round.
+// Why batches, and why rounds one at a time (on an EPYC Zen 4; numbers in the results file named
+// at the top): one group is a chain of 10 dependent rounds whose ~60 vector ops fill the
+// scheduler, so four independent chains side by side keep the vector pipes busy; and the Adam
+// math is bound by the divide/sqrt unit, so a batch computed in one piece and then the Adam of
+// its elements would run one after the other. The segment loop therefore runs one round of the
+// next batch after each 16 elements of Adam (software pipelining). Force-inlined: called
+// through memory, the batch's 16 registers would be stored and reloaded every round.
 constexpr int kGroups = 4;
 constexpr int kRounds = 10;
 
@@ -599,9 +593,8 @@ int isa_level() {
   int level = kIsaDefault;
 #if defined(__x86_64__)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = kIsaAvx2;
-  if (level == kIsaAvx2 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("bmi2")) {
+  // the one-pass kernel's instruction sets (REGDROP_AVX512)
+  if (level == kIsaAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2")) {
     level = kIsaAvx512;
   }
 #endif
@@ -787,19 +780,16 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   SegmentFn fn = nullptr;
   switch (dtype) {
     case at::kFloat:
-      fn = isa == kIsaAvx512 ? &segment_f32_avx512 : isa == kIsaAvx2 ? &segment_f32_avx2
-                                                                      : &segment_f32_default;
+      fn = isa >= kIsaAvx2 ? &segment_f32_avx2 : &segment_f32_default;
 #if defined(__x86_64__)
       if (isa == kIsaAvx512) fn = &segment_f32_fused;
 #endif
       break;
     case at::kBFloat16:
-      fn = isa == kIsaAvx512 ? &segment_bf16_avx512 : isa == kIsaAvx2 ? &segment_bf16_avx2
-                                                                       : &segment_bf16_default;
+      fn = isa >= kIsaAvx2 ? &segment_bf16_avx2 : &segment_bf16_default;
       break;
     case at::kHalf:
-      fn = isa == kIsaAvx512 ? &segment_f16_avx512 : isa == kIsaAvx2 ? &segment_f16_avx2
-                                                                      : &segment_f16_default;
+      fn = isa >= kIsaAvx2 ? &segment_f16_avx2 : &segment_f16_default;
       break;
     default:
       TORCH_CHECK(false, "masked_adamw_: params must be float32, bfloat16 or float16, got ",

@@ -1,51 +1,31 @@
-// Fused masked AdamW step on CUDA (ChildTuning-F/-D, sparse masks): one multi-tensor launch
-// per up to kMaxTensors tensors / kMaxBlocks chunks, like torch's multi_tensor_apply and apex's
-// multi_tensor_adam; the schema is in csrc/masked_adamw.cpp, the op and its checks in
-// csrc/cuda_ops.cpp (why: csrc/cuda_launch.h).
+// Fused masked AdamW step on CUDA (ChildTuning-F/-D, sparse masks): a functor run by the
+// generic multi-tensor launcher (csrc/multi_tensor_apply.h), like apex's multi_tensor_adam;
+// the schema is in csrc/masked_adamw.cpp, the op and its checks in csrc/cuda_ops.cpp (why:
+// csrc/cuda_launch.h).
 //
 // Math: regdrop_fast/reference/masked_adamw.py, per element in csrc/masked_adamw.h (fp32 for
 // fp32/bf16/fp16 parameters, fp32 moments). Memory per element: read p, g, m, v, write p, m, v
 // (28 B for fp32 params, 20 B for bf16/fp16 params + grads); the F mask is generated in
 // registers (one Philox block per 4 elements, 0 B), the D mask reads 1/8 B.
-// Launch: grid = chunks of kChunk elements (block b -> (tensor, chunk) from the metadata in
-// the kernel arguments), kThreads threads, each thread 4 consecutive elements per iteration
-// with 16 B (fp32) / 8 B (bf16, fp16) vector loads when the chunk is aligned.
+// Launch: grid = chunks of kChunk elements (block b -> (tensor, chunk) from the launcher's
+// metadata in the kernel arguments), kThreads threads, each thread 4 consecutive elements per
+// iteration with 16 B (fp32) / 8 B (bf16, fp16) vector loads when the chunk is aligned.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "cuda_launch.h"
 #include "masked_adamw.h"
+#include "multi_tensor_apply.h"
 
 namespace regdrop {
 namespace {
 
-constexpr int kMaxTensors = 24;  // keeps the metadata under the 4 KB kernel-argument limit
-constexpr int kMaxBlocks = 320;
 constexpr int64_t kChunk = 65536;
 constexpr int kThreads = 512;
 constexpr int kIlp = 4;
-
-struct TensorListMeta {
-  void* p[kMaxTensors];
-  const void* g[kMaxTensors];
-  float* m[kMaxTensors];
-  float* v[kMaxTensors];
-  const int32_t* words[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  uint64_t offset[kMaxTensors];  // global flat index of local element 0
-  float step_size[kMaxTensors];
-  float bc2_sqrt[kMaxTensors];
-  uint32_t step[kMaxTensors];
-  const float* step_count[kMaxTensors];  // capturable: read the step here, else nullptr
-  uint32_t stream[kMaxTensors];
-  int8_t kind[kMaxTensors];
-  uint8_t block_to_tensor[kMaxBlocks];
-  int32_t block_to_chunk[kMaxBlocks];
-};
 
 using GroupScalars = cuda::AdamwGroup;
 
@@ -59,25 +39,32 @@ __device__ __forceinline__ bool aligned(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % sizeof(Pack<T>) == 0;
 }
 
+// Elements begin .. end - 1 of the tensor in slot t of the launch metadata.
 template <typename T, bool kPaper, int kAction>
-__global__ void __launch_bounds__(kThreads) masked_adamw_kernel(TensorListMeta meta,
-                                                                GroupScalars gs) {
-  const int t = meta.block_to_tensor[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunk;
-  const int64_t end = min(meta.numel[t], begin + kChunk);
-  T* p = static_cast<T*>(meta.p[t]);
-  const T* g = static_cast<const T*>(meta.g[t]);
-  float* m = meta.m[t];
-  float* v = meta.v[t];
-  const int32_t* words = meta.words[t];
-  const int kind = meta.kind[t];
-  const uint64_t offset = meta.offset[t];
-  uint32_t step = meta.step[t];
-  const uint32_t stream = meta.stream[t];
+struct MaskedAdamwFunctor {
+  template <typename Meta>
+  __device__ __forceinline__ void operator()(const Meta& meta, int t, int64_t begin, int64_t end,
+                                             const GroupScalars& gs) const;
+};
+
+template <typename T, bool kPaper, int kAction>
+template <typename Meta>
+__device__ __forceinline__ void MaskedAdamwFunctor<T, kPaper, kAction>::operator()(
+    const Meta& meta, int t, int64_t begin, int64_t end, const GroupScalars& gs) const {
+  T* p = static_cast<T*>(meta.ptr[0][t]);
+  const T* g = static_cast<const T*>(meta.ptr[1][t]);
+  float* m = static_cast<float*>(meta.ptr[2][t]);
+  float* v = static_cast<float*>(meta.ptr[3][t]);
+  const cuda::AdamwTensorArgs& a = meta.extra[t];
+  const int32_t* words = a.words;
+  const int kind = a.kind;
+  const uint64_t offset = a.offset;  // global flat index of local element 0
+  uint32_t step = a.step;
+  const uint32_t stream = a.stream;
   AdamScalars s{gs.beta1, gs.beta2, gs.one_minus_beta1, gs.one_minus_beta2, gs.eps,
-                gs.lr_wd, gs.decay, meta.step_size[t], meta.bc2_sqrt[t]};
-  if (meta.step_count[t] != nullptr) {  // capturable: no host value of the step or lr
-    const double count = static_cast<double>(*meta.step_count[t]);
+                gs.lr_wd, gs.decay, a.step_size, a.bc2_sqrt};
+  if (a.step_count != nullptr) {  // capturable: no host value of the step or lr
+    const double count = static_cast<double>(*a.step_count);
     const double lr = gs.lr_double ? *static_cast<const double*>(gs.lr)
                                    : static_cast<double>(*static_cast<const float*>(gs.lr));
     const double bc1 = 1.0 - pow(gs.beta1_d, count);
@@ -169,23 +156,24 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(TensorListMeta m
 }
 
 template <typename T, bool kPaper, int kAction>
-cudaError_t launch(const TensorListMeta& meta, const GroupScalars& gs, int n_blocks,
+cudaError_t launch(const cuda::AdamwTensor* tensors, size_t n, const GroupScalars& gs,
                    cudaStream_t stream) {
-  masked_adamw_kernel<T, kPaper, kAction><<<n_blocks, kThreads, 0, stream>>>(meta, gs);
-  return cudaGetLastError();
+  return cuda::multi_tensor_apply<kThreads, kChunk>(tensors, n,
+                                                    MaskedAdamwFunctor<T, kPaper, kAction>{}, gs,
+                                                    stream);
 }
 
 template <typename T>
-cudaError_t launch_any(bool paper, int action, const TensorListMeta& meta,
-                       const GroupScalars& gs, int n_blocks, cudaStream_t stream) {
+cudaError_t launch_any(bool paper, int action, const cuda::AdamwTensor* tensors, size_t n,
+                       const GroupScalars& gs, cudaStream_t stream) {
   if (paper) {
-    if (action == kDropGrad) return launch<T, true, kDropGrad>(meta, gs, n_blocks, stream);
-    if (action == kDropUpdate) return launch<T, true, kDropUpdate>(meta, gs, n_blocks, stream);
-    return launch<T, true, kPrune>(meta, gs, n_blocks, stream);
+    if (action == kDropGrad) return launch<T, true, kDropGrad>(tensors, n, gs, stream);
+    if (action == kDropUpdate) return launch<T, true, kDropUpdate>(tensors, n, gs, stream);
+    return launch<T, true, kPrune>(tensors, n, gs, stream);
   }
-  if (action == kDropGrad) return launch<T, false, kDropGrad>(meta, gs, n_blocks, stream);
-  if (action == kDropUpdate) return launch<T, false, kDropUpdate>(meta, gs, n_blocks, stream);
-  return launch<T, false, kPrune>(meta, gs, n_blocks, stream);
+  if (action == kDropGrad) return launch<T, false, kDropGrad>(tensors, n, gs, stream);
+  if (action == kDropUpdate) return launch<T, false, kDropUpdate>(tensors, n, gs, stream);
+  return launch<T, false, kPrune>(tensors, n, gs, stream);
 }
 
 }  // namespace
@@ -195,74 +183,14 @@ namespace cuda {
 cudaError_t launch_masked_adamw(const AdamwTensor* tensors, size_t n, const AdamwGroup& gs,
                                 ParamDtype dtype, bool paper, int action,
                                 cudaStream_t stream) noexcept {
-  size_t last = n;
-  for (size_t i = 0; i < n; ++i) {
-    if (tensors[i].numel > 0) last = i;
+  switch (dtype) {
+    case ParamDtype::kFloat32:
+      return launch_any<float>(paper, action, tensors, n, gs, stream);
+    case ParamDtype::kBFloat16:
+      return launch_any<c10::BFloat16>(paper, action, tensors, n, gs, stream);
+    default:
+      return launch_any<c10::Half>(paper, action, tensors, n, gs, stream);
   }
-  TensorListMeta meta;
-  int slot = 0;
-  int n_blocks = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const AdamwTensor& t = tensors[i];
-    const int64_t numel = t.numel;
-    if (numel == 0) continue;
-    meta.p[slot] = t.p;
-    meta.g[slot] = t.g;
-    meta.m[slot] = t.m;
-    meta.v[slot] = t.v;
-    meta.words[slot] = t.words;
-    meta.numel[slot] = numel;
-    meta.offset[slot] = t.offset;
-    meta.step_size[slot] = t.step_size;
-    meta.bc2_sqrt[slot] = t.bc2_sqrt;
-    meta.step[slot] = t.step;
-    meta.step_count[slot] = t.step_count;
-    meta.stream[slot] = t.stream;
-    meta.kind[slot] = static_cast<int8_t>(t.kind);
-    const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[n_blocks] = static_cast<uint8_t>(slot);
-      meta.block_to_chunk[n_blocks] = static_cast<int32_t>(c);
-      ++n_blocks;
-      const bool last_chunk = c == chunks - 1;
-      const bool tensors_full = last_chunk && slot + 1 == kMaxTensors;
-      if (tensors_full || n_blocks == kMaxBlocks || (last_chunk && i == last)) {
-        cudaError_t err;
-        switch (dtype) {
-          case ParamDtype::kFloat32:
-            err = launch_any<float>(paper, action, meta, gs, n_blocks, stream);
-            break;
-          case ParamDtype::kBFloat16:
-            err = launch_any<c10::BFloat16>(paper, action, meta, gs, n_blocks, stream);
-            break;
-          default:
-            err = launch_any<c10::Half>(paper, action, meta, gs, n_blocks, stream);
-        }
-        if (err != cudaSuccess) return err;
-        n_blocks = 0;
-        if (last_chunk) {
-          slot = -1;  // the next tensor starts a fresh list
-        } else {      // the rest of this tensor's chunks continue in slot 0
-          meta.p[0] = meta.p[slot];
-          meta.g[0] = meta.g[slot];
-          meta.m[0] = meta.m[slot];
-          meta.v[0] = meta.v[slot];
-          meta.words[0] = meta.words[slot];
-          meta.numel[0] = meta.numel[slot];
-          meta.offset[0] = meta.offset[slot];
-          meta.step_size[0] = meta.step_size[slot];
-          meta.bc2_sqrt[0] = meta.bc2_sqrt[slot];
-          meta.step[0] = meta.step[slot];
-          meta.step_count[0] = meta.step_count[slot];
-          meta.stream[0] = meta.stream[slot];
-          meta.kind[0] = meta.kind[slot];
-          slot = 0;
-        }
-      }
-    }
-    ++slot;
-  }
-  return cudaSuccess;
 }
 
 }  // namespace cuda

@@ -72,6 +72,8 @@ OPS: Dict[str, OpInfo] = {
     "addrop_keep_mask": OpInfo(implemented=("reference", "triton")),
     "masked_attention": OpInfo(implemented=("reference", "triton")),
     "masked_linear": OpInfo(implemented=("reference", "triton")),
+    # MaskScoreAdamW's step: "reference" is torch's AdamW on dScore, "triton" the fused kernel
+    "mask_score_adamw": OpInfo(implemented=("reference", "triton")),
     "rdrop_loss": OpInfo(implemented=("reference", "triton"), dtypes=_TRITON_ONLY_FLOATS),
     "fused_linear_rdrop_loss": OpInfo(implemented=("reference", "triton"),
                                       dtypes=_TRITON_ONLY_FLOATS),

@@ -58,7 +58,7 @@ def test_causal_mask_from_gqa_pair_and_streamed_path(device):
     """(dO, v) with v of Hkv = H/2 heads (exact small-integer products), resident and streamed
     kernel paths, against the reference."""
     require_backend("triton", device)
-    from regdrop_fast.addrop.mask import causal_ranks
+    from regdrop_fast.addrop.mask import _fraction
     from regdrop_fast.triton_kernels import addrop_mask as tk
     gen = torch.Generator().manual_seed(5)
     lq, lk = 20, 70
@@ -70,9 +70,8 @@ def test_causal_mask_from_gqa_pair_and_streamed_path(device):
                     is_causal=True)
         want = keep_mask((dO, v), backend="reference", **args)
         assert torch.equal(keep_mask((dO, v), backend="triton", **args).words, want.words)
-        rank = causal_ranks(kpm, 1, lq, lk, 0.4, drop, device).to(torch.int32)
-        words = tk.keep_mask_bits(dO, v, kpm, rank, int(0.5 * 2**32), 9, 2, 1, drop == "low",
-                                  True, block_n=32)
+        words = tk.keep_mask_bits(dO, v, kpm, _fraction(0.4, drop), int(0.5 * 2**32), 9, 2, 1,
+                                  drop == "low", True, block_n=32)
         assert torch.equal(words, want.words)
 
 

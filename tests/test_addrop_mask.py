@@ -107,10 +107,9 @@ def test_streamed_path_bit_identical(device, from_pair):
     v = torch.randint(-3, 4, (2, 2, lk, d), generator=gen).float().to(device)
     kpm = _padding(2, lk, gen, device)
     p, q = 0.45, 0.6
-    rank = ref.threshold_rank(ref.valid_lengths(kpm, 2, lk, device), p).to(torch.int32)
     src, src_v = ((dO, v) if from_pair else (attribution(dO, v), None))
-    words = tk.keep_mask_bits(src, src_v, kpm, rank, keep_threshold(q), 9, 4, 1, False,
-                              block_n=32)
+    words = tk.keep_mask_bits(src, src_v, kpm, np.float32(1 - p).item(), keep_threshold(q), 9,
+                              4, 1, False, block_n=32)
     want = keep_mask((dO, v), p, q, kpm, seed=9, step=4, stream=1, backend="reference")
     assert torch.equal(words, want.words)
 
@@ -265,6 +264,45 @@ def test_kernel_counts_over_the_p_grid(device, drop):
         want = index if drop == "high" else lengths - index
         got = _kept_counts([64], p, drop, "triton", device, causal=True)
         assert torch.equal(got[0, 0], want), p
+
+
+EDGE_PS = (1e-9, 0.01, 0.1, 0.25, 0.3, 0.5, 0.7, 0.9, 0.99, 1 - 1e-9)
+
+
+def _rank_from_counts(kept: torch.Tensor, allowed_len: torch.Tensor, drop: str):
+    """The threshold index a q = 1 mask of distinct attributions implies: "high" keeps the rank
+    keys below the threshold, "low" keeps the n − rank keys from it up."""
+    return kept if drop == "high" else allowed_len - kept
+
+
+@pytest.mark.parametrize("drop", ["high", "low"])
+def test_kernel_rank_equals_threshold_rank(device, drop):
+    """The kernel counts each row's allowed keys and takes the official float32 index itself:
+    every length 0..37 (one sample each, padding), unpadded rows of other lengths, and causal
+    rows (each row's prefix count) over edge values of p, against ref.threshold_rank."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(8)
+    lk = 37
+    kpm = (torch.arange(lk)[None, :] < torch.arange(lk + 1)[:, None]).to(device)
+    attr = torch.randn(lk + 1, 1, 2, lk, generator=gen).to(device)
+    causal_attr = torch.randn(3, 1, 12, 12, generator=gen).to(device)
+    causal_kpm = (torch.rand(3, 12, generator=gen) < 0.7).to(device)
+    prefix = causal_kpm.long().cumsum(-1).cpu()  # row i sees keys 0..i
+    for p in EDGE_PS:
+        kept = unpack_mask(keep_mask(attr, p, 1.0, kpm, drop=drop, backend="triton")).sum(-1)
+        lengths = kpm.sum(-1).cpu()
+        want = ref.threshold_rank(lengths, p, drop)
+        got = _rank_from_counts(kept.cpu(), lengths.view(-1, 1, 1), drop)
+        assert torch.equal(got, want.view(-1, 1, 1).expand_as(got)), p
+        for n in (1, 7, 10, 33, 100):
+            row = torch.randn(1, 1, 1, n, generator=gen).to(device)
+            kept = unpack_mask(keep_mask(row, p, 1.0, drop=drop, backend="triton")).sum()
+            want = ref.threshold_rank(torch.tensor([n]), p, drop)
+            assert _rank_from_counts(kept.cpu(), n, drop) == want, (p, n)
+        kept = unpack_mask(keep_mask(causal_attr, p, 1.0, causal_kpm, drop=drop,
+                                     backend="triton", is_causal=True)).sum(-1).cpu()
+        assert torch.equal(_rank_from_counts(kept[:, 0], prefix, drop),
+                           ref.threshold_rank(prefix, p, drop)), p
 
 
 def test_threshold_rank_clamps_to_last_real_key():

@@ -1,6 +1,6 @@
 """The CPU masked AdamW op on each instruction-set path (REGDROP_FAST_CPU_ISA caps the path the
-op picks: the AVX-512 one-pass fp32 kernel, the AVX2 and the baseline block kernels) against the
-fp32 reference: unaligned global offsets, Philox counters whose low word wraps, tensors longer
+op picks: the AVX-512 one-pass fp32 kernel, the AVX2 and the baseline block kernels; bf16/fp16
+take the AVX2 block kernel at the AVX-512 level) against the fp32 reference: unaligned global offsets, Philox counters whose low word wraps, tensors longer
 than one parallel chunk, partial 32-element groups."""
 import pytest
 import torch

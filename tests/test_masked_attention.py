@@ -2,12 +2,14 @@
 AD-DROP mask, key padding, 4-D masks and Philox attention dropout."""
 import pytest
 import torch
+import triton
 
 from regdrop_fast.addrop.attention import masked_attention
 from regdrop_fast.addrop.mask import keep_mask
 from regdrop_fast.masks import PackedMask, pack_mask, unpack_mask
 from regdrop_fast.reference import masked_attention as ref
 from utils import require_backend
+from utils.sm90 import compile_script_for_sm90
 
 
 def _inputs(batch, heads, lq, lk, d, device, gen, dtype=torch.float32):
@@ -228,3 +230,127 @@ def test_official_additive_form_of_the_mask(device):
         zeros = masked_attention(q, k, v, keep=pack_mask(dense), backend=backend)
         assert torch.count_nonzero(zeros[0, 1, 4]) == 0
         torch.testing.assert_close(zeros[0, 0], official[0, 0], rtol=1e-5, atol=1e-5)
+
+
+def _kernels():
+    from regdrop_fast.triton_kernels import masked_attention as K
+    return K, (K.masked_attention_fwd_kernel, K.masked_attention_bwd_dkdv_kernel,
+               K.masked_attention_bwd_dq_kernel)
+
+
+@pytest.fixture
+def tma_tiles(monkeypatch):
+    """Each autotuned kernel holds one config: the tensor-descriptor (TMA) twin of its first
+    tile, so the descriptor loads and stores run (the interpreter implements them, with TMA's
+    16-byte alignment checks)."""
+    for kernel in _kernels()[1]:
+        first = kernel.configs[0]
+        monkeypatch.setattr(kernel, "configs", [triton.Config(
+            {**first.kwargs, "USE_TMA": True}, num_warps=first.num_warps,
+            num_stages=first.num_stages)])
+
+
+@pytest.mark.parametrize("case", ["keep_padding_dropout", "padded_d_bool_mask",
+                                  "strided_additive", "gqa_causal"])
+def test_tma_tiles_match_eager(device, tma_tiles, case):
+    """The descriptor path: keys past Lk and the columns of a padded D (D=20 in a 32-wide
+    tile) read as zeros, partial tiles store only their rows, GQA heads and causal skipping."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(11)
+    if case == "keep_padding_dropout":
+        q, k, v = _inputs(2, 2, 33, 40, 16, device, gen)
+        kpm = _padding(2, 40, [40, 0], device)
+        keep = keep_mask(torch.randn(2, 2, 33, 40, generator=gen).to(device), 0.3, 0.5, kpm,
+                         backend="reference")
+        out = _compare(q, k, v, keep=keep, attn_mask=kpm, dropout_p=0.25, seed=5, step=2)[0]
+        assert torch.count_nonzero(out[1]) == 0
+    elif case == "padded_d_bool_mask":
+        q, k, v = _inputs(1, 2, 19, 37, 20, device, gen)
+        mask = (torch.rand(1, 2, 19, 37, generator=gen) < 0.7).to(device)
+        _compare(q, k, v, attn_mask=mask)
+    elif case == "strided_additive":  # [B,L,H,D] storage seen as [B,H,L,D] (HF)
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                   for t in _inputs(2, 3, 18, 18, 16, device, gen))
+        bias = torch.randn(2, 1, 18, 18, generator=gen).to(device)
+        _compare(q, k, v, attn_mask=bias, scale=0.3)
+    else:
+        q = _inputs(2, 4, 40, 40, 16, device, gen)[0]
+        k, v = _inputs(2, 2, 33, 33, 16, device, gen)[1:]
+        _compare(q, k, v, is_causal=True, dropout_p=0.1, seed=9)
+
+
+def test_tma_eligibility_and_pruning():
+    """Inputs TMA cannot address (a base or stride not a multiple of 16 bytes, a D beyond one
+    box) get TMA_OK = 0, and then the autotuner keeps only the pointer configs."""
+    K, _ = _kernels()
+    x = torch.zeros(2, 3, 8, 16)
+    assert K.tma_ok(x, x.transpose(1, 2).contiguous().transpose(1, 2)) == 1
+    assert K.tma_ok(x, torch.zeros(2 * 3 * 8 * 16 + 1)[1:].view(2, 3, 8, 16)) == 0  # base + 4 B
+    assert K.tma_ok(torch.zeros(2, 3, 8, 12, dtype=torch.bfloat16)) == 0  # 24-byte rows
+    assert K.tma_ok(torch.zeros(1, 1, 8, 320, dtype=torch.bfloat16)) == 0  # D > 256
+    configs = [triton.Config(dict(BLOCK_M=64, BLOCK_N=64, USE_TMA=t)) for t in (False, True)]
+    half = torch.zeros(1, dtype=torch.bfloat16)
+    assert K._prune(configs, dict(q_ptr=half, TMA_OK=0)) == configs[:1]
+    assert K._prune(configs, dict(q_ptr=half, TMA_OK=1)) == configs
+
+
+_SM90_TMA = r"""
+import io, contextlib, re
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from regdrop_fast.triton_kernels import masked_attention as K
+
+TYPES = dict(lse_ptr="*fp32", delta_ptr="*fp32", keep_ptr="*i32", kpm_ptr="*u8", am_ptr="*u8",
+             qk_scale="fp32", sm_scale="fp32", dropout_scale="fp32", dropout_keep_thr="i64")
+FLAGS = dict(HAS_KEEP=True, HAS_KPM=True, MASK_KIND=0, HAS_DROPOUT=True, IS_CAUSAL=True,
+             BLOCK_D=64, DOT_PRECISION="tf32", TMA_OK=1, GROUP=1)
+knobs.nvidia.dump_ptxas_log = True
+knobs.compilation.always_compile = True
+for autotuner in (K.masked_attention_fwd_kernel, K.masked_attention_bwd_dkdv_kernel,
+                  K.masked_attention_bwd_dq_kernel):
+    fn = autotuner.fn
+    config = next(c for c in autotuner.configs if c.kwargs["USE_TMA"])
+    constexprs = {**FLAGS, **config.kwargs}
+    sig = {n: "constexpr" if n in constexprs else TYPES.get(n, "*bf16" if n.endswith("_ptr")
+                                                           else "i32") for n in fn.arg_names}
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=config.num_warps,
+                                               num_stages=config.num_stages))
+    ptx = compiled.asm["ptx"]
+    name = fn.__name__
+    assert "cp.async.bulk.tensor.2d.shared::cta.global" in ptx, f"{name}: no TMA load"
+    assert "cp.async.bulk.tensor.2d.global.shared::cta" in ptx, f"{name}: no TMA store"
+    assert "wgmma.mma_async" in ptx, f"{name}: no wgmma"
+    spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
+    assert spills and spills.group(1) == "0", f"{name}: {log.getvalue()[-500:]}"
+print("compiled")
+"""
+
+
+def test_tma_configs_compile_for_sm90_with_bulk_tensor_copies():
+    """The first TMA config of each kernel, bf16 D=64 with keep bits, padding, dropout and
+    causal, as a GPU compiles it: bulk tensor copies in (Q/K/V/dO) and out (O, dQ, dK/dV),
+    wgmma dots, no spills (tools/triton_aot checks every config; this pins the TMA path)."""
+    compile_script_for_sm90(_SM90_TMA, timeout=600)
+
+
+def test_forward_only_call_equals_the_autograd_path(device):
+    """Without a gradient to track (no_grad, or no input requiring one) the kernel runs
+    without the autograd Function: same output, no graph node."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = _inputs(1, 2, 20, 24, 16, device, gen)
+    kpm = _padding(1, 24, [19], device)
+    args = dict(attn_mask=kpm, dropout_p=0.2, seed=4, backend="triton")
+    tracked = masked_attention(q.requires_grad_(), k, v, **args)
+    assert tracked.grad_fn is not None
+    with torch.no_grad():
+        plain = masked_attention(q, k, v, **args)
+    assert plain.grad_fn is None and not plain.requires_grad
+    assert torch.equal(plain, tracked.detach())
+    assert torch.equal(masked_attention(q.detach(), k, v, **args), plain)

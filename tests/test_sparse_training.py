@@ -512,3 +512,285 @@ def test_zeroed_layer_rezeroes_on_set_mask_and_load_state_dict():
 def rf_pack(keep):
     from regdrop_fast.reference import masks as ref_masks
     return ref_masks.pack_bits(keep)
+
+
+def _score_training_run(make_optimizer, monkeypatch, steps=4, interval=2):
+    """Mask training of the tiny BERT in train mode for `steps` steps (φ reset every
+    `interval`, lr halved before the third): per step the logits, then the scores, the Adam
+    state, the masks and the thresholds at the end, and how many W' the forwards made."""
+    ml_module = sys.modules["regdrop_fast.sparse.masked_linear"]
+    made = []
+    materialize = ml_module.materialize
+    monkeypatch.setattr(ml_module, "materialize", lambda *a: made.append(1) or materialize(*a))
+    model = _tiny(transformers.BertConfig).train()
+    trainer = MaskTrainer(model, 0.5, init="soft", interval=interval)
+    optimizer = make_optimizer(trainer)
+    logits = []
+    for i, (ids, labels) in enumerate(_batches(steps, 100, "cpu", seed=9)):
+        if i == 2:
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5  # a scheduler's change is read at the next step
+        torch.manual_seed(i)  # the same dropout masks in both runs
+        out = model(input_ids=ids, labels=labels)
+        logits.append(out.logits.detach())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trainer.step()
+    state = [optimizer.state[p] for p in trainer.parameters()]
+    return (logits, [p.detach().clone() for p in trainer.parameters()],
+            [(s["exp_avg"], s["exp_avg_sq"], s["step"]) for s in state],
+            {n: m.keep_mask() for n, m in trainer.modules.items()},
+            {n: m.mask_threshold.clone() for n, m in trainer.modules.items()}, len(made))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_mask_score_adamw_equals_torch_adamw(fused, defer, weight_decay, monkeypatch):
+    """MaskScoreAdamW (Triton in the interpreter, or torch's AdamW code on CPU), with dScore or
+    the deferred STE product, trains the scores as torch.optim.AdamW does: logits, scores, Adam
+    state and thresholds within fp32 rounding, masks exact, over steps with and without a φ
+    reset (so W' comes from the fused step and from the forward) and an lr change. Fused, the
+    forwards after a step without a reset make no W' (the step wrote it)."""
+    if fused:
+        require_backend("triton", torch.device("cpu"))
+    lr = 1e-2
+    want = _score_training_run(lambda tr: torch.optim.AdamW(
+        tr.parameters(), lr=lr, weight_decay=weight_decay), monkeypatch)
+    got = _score_training_run(lambda tr: tr.optimizer(
+        lr, weight_decay=weight_decay, fused=fused, defer_ste_grad=defer), monkeypatch)
+    layers = 14
+    assert want[5] == 4 * layers
+    assert got[5] == (2 if fused else 4) * layers  # steps 2 and 4 follow a step keeping φ
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for (m, v, t), (m_ref, v_ref, t_ref) in zip(got[2], want[2]):
+        torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-12)
+        assert t.item() == t_ref.item() == 4
+    assert all(torch.equal(got[3][n], want[3][n]) for n in want[3])
+    for n, phi in want[4].items():  # kth values of scores equal within fp32 rounding
+        torch.testing.assert_close(got[4][n], phi, rtol=1e-5, atol=1e-6)
+    if not fused and not defer:  # torch's own AdamW code: bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
+class _Counted:
+    """A Triton kernel whose launches (kernel[grid](...)) are counted under its name."""
+
+    def __init__(self, kernel, name, counts):
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counts[self.name] += 1
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+class _FusedAdamWCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """How many tensors torch's fused AdamW op updates (one pass over each)."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten._fused_adamw_:
+            self.counts["torch fused AdamW"] += len(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "fused", "fused+defer"])
+def test_fused_step_makes_fewer_passes_over_the_weights(optimizer, monkeypatch):
+    """Issue 18: the elementwise passes over weight-sized tensors per mask-training step, with
+    the default masked linear on Triton (the interpreter standing in for CUDA), counted by
+    intercepting the kernel launches and torch's fused AdamW op. Unfused: 3 per matrix every
+    step (W', dScore, AdamW). MaskScoreAdamW: its step writes W' after a step keeping φ, so the
+    next forward makes none, and with the deferred STE product the backward writes no dScore:
+    1 pass per matrix after such a step, 2 after a φ reset (the forward's W' again)."""
+    require_backend("triton", torch.device("cpu"))
+    from regdrop_fast.triton_kernels import mask_training as mt
+    ml_module = sys.modules["regdrop_fast.sparse.masked_linear"]
+    monkeypatch.setattr(ml_module, "_use_triton_elementwise", lambda device: True)
+    counts = {}
+    for name in ("materialize_kernel", "ste_grads_kernel", "score_adamw_kernel"):
+        monkeypatch.setattr(mt, name, _Counted(getattr(mt, name), name, counts))
+    model = _tiny(transformers.BertConfig).train()
+    trainer = MaskTrainer(model, 0.5, init="soft", interval=2)  # φ reset after steps 2, 4
+    if optimizer == "torch":
+        opt = torch.optim.AdamW(trainer.parameters(), lr=1e-2, fused=True)
+    else:
+        opt = trainer.optimizer(1e-2, fused=True, defer_ste_grad=optimizer == "fused+defer")
+    per_step = []
+    for ids, labels in _batches(3, 100, "cpu", seed=4):
+        for name in ("materialize_kernel", "ste_grads_kernel", "score_adamw_kernel",
+                     "torch fused AdamW"):
+            counts[name] = 0
+        with _FusedAdamWCount(counts):
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+        opt.zero_grad()
+        trainer.step()
+        per_step.append(dict(counts))
+    layers = len(trainer.modules)
+    passes = [sum(c.values()) for c in per_step]
+    if optimizer == "torch":
+        assert per_step[1] == {"materialize_kernel": layers, "ste_grads_kernel": layers,
+                               "score_adamw_kernel": 0, "torch fused AdamW": layers}
+        assert passes == [3 * layers] * 3
+    elif optimizer == "fused":  # step 1 builds W' in its forward, step 3 after the reset
+        assert passes == [3 * layers, 2 * layers, 3 * layers]
+    else:
+        assert per_step[1] == {"materialize_kernel": 0, "ste_grads_kernel": 0,
+                               "score_adamw_kernel": layers, "torch fused AdamW": 0}
+        assert passes == [2 * layers, layers, 2 * layers]
+
+
+def _score_layer(n=11, k=37, train_weight=False, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    layer = MaskedLinear.from_linear(torch.nn.Linear(k, n), "scores")
+    layer.weight.requires_grad_(train_weight)
+    with torch.no_grad():
+        layer.mask_scores.copy_(torch.randn(n, k, generator=g))
+        layer.mask_threshold.fill_(0.1)
+    x = torch.randn(3, 4, k, generator=g, requires_grad=True)
+    dy = torch.randn(3, 4, n, generator=g)
+    return layer, x, dy
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_deferred_ste_and_cached_masked_weight_keep_the_gradients(train_weight):
+    """A scores layer with its W' cached and its score gradient deferred (as MaskScoreAdamW
+    sets it): y, dx and dW as the float64 reference; the handed-over G gives G ⊙ W = the
+    reference dScore; two backward passes sum; an in-place change of the scores or of φ is
+    seen by the next forward (the cache is keyed on their versions)."""
+    from regdrop_fast.reference import masked_linear as ref
+    layer, x, dy = _score_layer(train_weight=train_weight)
+    layer.cache_masked_weight = layer.defer_score_grad = True
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = layer.weight.detach().clone().requires_grad_(train_weight)
+    s_ref = layer.mask_scores.detach().clone().requires_grad_(True)
+    y_ref = ref.masked_linear(x_ref, w_ref, bias=layer.bias.detach(), scores=s_ref,
+                              threshold=layer.mask_threshold, upcast=True)
+    y_ref.backward(dy.double())
+    for _ in range(2):  # the second forward takes W' from the cache
+        x.grad = None
+        y = layer(x)
+        torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+        y.backward(dy)
+        assert layer.mask_scores.grad is None
+        torch.testing.assert_close(x.grad, x_ref.grad.float(), rtol=1e-5, atol=1e-5)
+        if train_weight:
+            torch.testing.assert_close(layer.weight.grad / (_ + 1), w_ref.grad.float(),
+                                       rtol=1e-5, atol=1e-5)
+    g = layer.take_score_grad()
+    assert g.dtype == torch.float32 and layer.take_score_grad() is None
+    torch.testing.assert_close(g * layer.weight.detach(), 2 * s_ref.grad.float(), rtol=1e-5,
+                               atol=1e-5)
+    cached = layer._score_state.masked
+    with torch.no_grad():
+        layer.mask_scores.neg_()
+    y = layer(x)
+    assert layer._score_state.masked is not cached
+    want = ref.masked_linear(x.detach(), layer.weight.detach(), bias=layer.bias.detach(),
+                             scores=layer.mask_scores.detach(), threshold=layer.mask_threshold)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.mask_threshold.fill_(0.5)
+    want = ref.masked_linear(x.detach(), layer.weight.detach(), bias=layer.bias.detach(),
+                             scores=layer.mask_scores.detach(), threshold=0.5)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_score_adamw_state_dict_moves_to_and_from_torch_adamw():
+    """The same state keys as torch.optim.AdamW: a checkpoint of either loads into the other
+    and the next step is the same."""
+    def build(kind, trainer):
+        if kind == "ours":
+            return trainer.optimizer(1e-2, fused=False)
+        return torch.optim.AdamW(trainer.parameters(), lr=1e-2, weight_decay=0.0)
+
+    def run(first, second):
+        model = _tiny(transformers.BertConfig)
+        trainer = MaskTrainer(model, 0.5, init="soft")
+        opt = build(first, trainer)
+        for i, (ids, labels) in enumerate(_batches(3, 100, "cpu", seed=11)):
+            if i == 2:  # resume from a checkpoint of the other optimizer
+                state = opt.state_dict()
+                opt = build(second, trainer)
+                opt.load_state_dict(state)
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in trainer.parameters()]
+
+    for first, second in (("torch", "ours"), ("ours", "torch")):
+        straight, resumed = run(first, first), run(first, second)
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+    # step counts held elsewhere (torch's fused AdamW: on the device; old checkpoints: numbers)
+    trainer = MaskTrainer(_tiny(transformers.BertConfig), 0.5)
+    opt = trainer.optimizer(1e-2, fused=False)
+    state = torch.optim.AdamW(trainer.parameters()).state_dict()
+    state["state"] = {i: {"step": 3 if i % 2 else torch.tensor(3.0, dtype=torch.float64),
+                          "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                      for i, p in enumerate(trainer.parameters())}
+    opt.load_state_dict(state)
+    steps = [opt.state[p]["step"] for p in trainer.parameters()]
+    assert all(s.dtype == torch.float32 and s.device.type == "cpu" and s.item() == 3
+               for s in steps)
+
+
+def test_mask_score_adamw_bad_input(monkeypatch):
+    from regdrop_fast import backends
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    trainer = MaskTrainer(_tiny(transformers.BertConfig), 0.5)
+    for kwargs, match in (({"lr": -1.0}, "lr must be"), ({"lr": 1e-3, "eps": -1.0}, "eps"),
+                          ({"lr": 1e-3, "betas": (0.9, 1.0)}, "betas"),
+                          ({"lr": 1e-3, "weight_decay": -0.1}, "weight_decay")):
+        with pytest.raises(ValueError, match=match):
+            sparse.MaskScoreAdamW(trainer, **kwargs)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: "no GPU")
+    with pytest.raises(backends.BackendUnavailableError,
+                       match="mask_score_adamw: backend 'triton' is unavailable: no GPU"):
+        trainer.optimizer(1e-3, fused=True)
+    assert not trainer.optimizer(1e-3).fused  # the default falls back to torch's AdamW
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    with pytest.raises(backends.BackendUnavailableError, match="mask_score_adamw has no 'cpu'"):
+        trainer.optimizer(1e-3)
+    layer = next(iter(trainer.modules.values()))
+    layer.mask_scores.data = layer.mask_scores.data.double()
+    with pytest.raises(TypeError, match="mask_scores of .* must be contiguous float32"):
+        trainer.optimizer(1e-3)
+
+
+def test_official_local_reset_is_per_matrix_with_one_host_sync(monkeypatch):
+    """The local reset runs one kthvalue per group of equal-sized matrices and decides on the
+    device whether φ moves: thresholds equal the official per-matrix rule (kthvalue at
+    int(n·s), kept where it is the largest score), with one host read for the NaN check."""
+    trainer = MaskTrainer(_tiny(transformers.BertConfig), 0.5)  # 1024-, 2048- and 96-sized
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for s in trainer.parameters():
+            s.copy_(torch.randn(s.shape, generator=g))
+        flat_layer = trainer.parameters()[2]
+        flat_layer.fill_(1.0)  # kth value = largest: φ stays
+        flat_layer.view(-1)[:10] = 0.0
+    before = {n: m.mask_threshold.clone() for n, m in trainer.modules.items()}
+    reads = []
+    real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real_item(t))
+    trainer.reset_thresholds(0.6)
+    monkeypatch.undo()
+    assert len(reads) == 1
+    assert len({m.weight.numel() for m in trainer.modules.values()}) == 3
+    for name, m in trainer.modules.items():
+        flat = m.mask_scores.detach().reshape(-1)
+        kth = flat.kthvalue(int(flat.numel() * 0.6)).values
+        want = kth if kth < flat.max() else before[name][0]
+        assert m.mask_threshold.item() == want.item(), name
+    assert trainer.modules[list(trainer.modules)[2]].mask_threshold.item() == pytest.approx(0.01)

@@ -4,13 +4,20 @@ For each (batch b, head h, query row i) over the row's allowed keys (real, and w
 j <= i + Lk − Lq; semantics and the reference: regdrop_fast/reference/addrop.py):
   B[i, j]   = dO[i]·V[j]  (tl.dot, fp32 accumulation; or read from an attribution tensor; V of
               kv head h // GROUP for grouped-query attention)
-  threshold = value at ascending index rank[b, i] of the allowed keys (the host computes rank
-              with the official float32 rule: ((1 − p)·n).long() for "high", (p·n).long() "low")
+  threshold = value at ascending index rank of the row's n allowed keys, rank computed here with
+              the official float32 rule: trunc(f32(n)·frac) (frac = f32(1 − p) for "high",
+              f32(p) for "low"; one rounded float32 product), clamped to [0, n − 1]
   candidate = B[i,j] >= threshold ("high") or B[i,j] < threshold ("low")
   keep[i,j] = allowed(i,j) AND (NOT candidate OR philox_word(b·H·Lq·Lk + h·Lq·Lk + i·Lk + j)
               >= floor(q·2^32))
 and writes keep as bits [B,H,Lq,ceil(Lk/32)] int32 (bit j of word w = key 32w + j). No
 [B,H,Lq,Lk] float tensor is written.
+
+Several layers in one launch: inputs stacked on a leading layer axis ([n,B,H,Lq,D] dO and
+[n,B,Hkv,Lk,D] V, or [n,B,H,Lq,Lk] attributions; key padding [B,Lk] shared or [n,B,Lk]) give
+words [n,B,H,Lq,W]; layer l draws with its own stream (streams[l], an int64 device table), and
+its Philox indices are those of its own [B,H,Lq,Lk] map, so each layer's words equal a
+single-layer launch with that stream.
 
 Exact selection: each score maps to an int32 sort key with the same order (fp32 bit pattern,
 negatives' magnitude bits flipped, −0 folded into +0); the rank-th smallest key is found by a
@@ -24,9 +31,10 @@ D=64), a program computes its rows' scores once and bisects in registers; otherw
 key tiles (64 rows per program on GPU), recomputing each tile's scores (dO·Vᵀ or attribution
 loads) for each of the 33 passes: 33x the dot FLOPs, traded for no L² scratch.
 
-Memory traffic per (b,h): dO and V read once per BLOCK_M rows (resident; ×33 from L2 when
-streamed), key padding mask Lk bytes, mask written Lq·Lk/8 bytes. Attribution input instead:
-Lq·Lk·elt bytes read (×33 when streamed). Launch grid: (cdiv(Lq, BLOCK_M), B·H).
+Memory traffic per (layer,b,h): dO and V read once per BLOCK_M rows (resident; ×33 from L2
+when streamed), key padding mask Lk bytes (twice when streamed: the row counts), mask written
+Lq·Lk/8 bytes. Attribution input instead: Lq·Lk·elt bytes read (×33 when streamed). Launch
+grid: (cdiv(Lq, BLOCK_M), B·H, layers).
 """
 import torch
 import triton
@@ -60,6 +68,28 @@ def _sort_key(score):
 
 
 @triton.jit
+def _tile_allowed(kpm_ptr, b, offs_m, offs_n, kpm_b, Lq, Lk, HAS_KPM: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr):
+    """bool [BLOCK_M, BLOCK_N]: key offs_n is real and (causal) visible from row offs_m."""
+    real = offs_n < Lk
+    if HAS_KPM:
+        flags = tl.load(kpm_ptr + b * kpm_b + offs_n, mask=real, other=0)
+        real = real & (flags != 0)
+    allowed = real[None, :] & (offs_m[:, None] < Lq)
+    if IS_CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
+    return allowed
+
+
+@triton.jit
+def _threshold_rank(n, frac):
+    """int32 rank per row from its allowed-key count n: the official (frac·n).long() as torch
+    computes it (float32 factors, one rounded product, truncated), clamped to [0, n − 1]."""
+    rank = (n.to(tl.float32) * frac).to(tl.int32)
+    return tl.maximum(tl.minimum(rank, n - 1), 0)
+
+
+@triton.jit
 def _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, hkv, offs_m, start_n,
                s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
                FROM_ATTR: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -77,13 +107,7 @@ def _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, hkv, offs_m, start_n,
         vt_ptrs = v_ptr + b * v_b + hkv * v_h + offs_n[None, :] * v_n + offs_d[:, None]
         vt = tl.load(vt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)
         score = tl.dot(do, vt, input_precision=DOT_PRECISION)
-    real = in_k
-    if HAS_KPM:
-        flags = tl.load(kpm_ptr + b * kpm_b + offs_n, mask=in_k, other=0)
-        real = real & (flags != 0)
-    allowed = real[None, :] & (offs_m[:, None] < Lq)
-    if IS_CAUSAL:
-        allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
+    allowed = _tile_allowed(kpm_ptr, b, offs_m, offs_n, kpm_b, Lq, Lk, HAS_KPM, IS_CAUSAL)
     key = tl.where(allowed, _sort_key(score), INT32_MAX)
     return key, allowed, offs_n
 
@@ -114,22 +138,23 @@ def _store_keep_bits(words_ptr, key, allowed, thr, offs_m, offs_n, start_n, b, h
 
 @triton.jit
 def addrop_mask_kernel(
-    src_ptr,  # FROM_ATTR: attribution [B,H,Lq,Lk]; else dO [B,H,Lq,D] (last stride 1)
-    v_ptr,  # V [B,H,Lk,D] (last stride 1); unused when FROM_ATTR
-    kpm_ptr,  # uint8 [B,Lk], 1 = real key; unused unless HAS_KPM
-    rank_ptr,  # int32 [B, Lq] (by strides): ascending index of the threshold among the row's
-    #            allowed keys
-    words_ptr,  # int32 [B,H,Lq,W] output bits, contiguous
-    s_b, s_h, s_m, s_n,  # strides of src (s_n unused for dO)
-    v_b, v_h, v_n,  # strides of V
-    kpm_b,  # row stride of the key padding mask
-    rank_b, rank_m,  # strides of rank (rank_m 0 when every row of a sample shares it)
+    src_ptr,  # FROM_ATTR: attribution [(n,)B,H,Lq,Lk]; else dO [(n,)B,H,Lq,D] (last stride 1)
+    v_ptr,  # V [(n,)B,Hkv,Lk,D] (last stride 1); unused when FROM_ATTR
+    kpm_ptr,  # uint8 [(n,)B,Lk], 1 = real key (last stride 1); unused unless HAS_KPM
+    streams_ptr,  # int64 [n]: each layer's Philox stream; unused unless STREAM_TABLE
+    words_ptr,  # int32 [(n,)B,H,Lq,W] output bits, contiguous
+    s_l, s_b, s_h, s_m, s_n,  # strides of src (s_n unused for dO; s_l 0 for one layer)
+    v_l, v_b, v_h, v_n,  # strides of V
+    kpm_l, kpm_b,  # layer (0 when shared) and row strides of the key padding mask
+    words_l,  # layer stride of the words
     H, Lq, Lk, D, W,  # heads, query/key lengths, head dim, words per row
     GROUP,  # query heads per kv head: V of kv head h // GROUP
-    seed_lo, seed_hi, step, stream,  # Philox key halves, counter words 2 and 3
+    seed_lo, seed_hi, step, stream,  # Philox key halves, counter words 2 and 3 (one layer)
+    frac,  # float32 f32(1 − p) ("high") or f32(p) ("low"): rank = trunc(n·frac)
     drop_threshold,  # floor(q * 2^32): a candidate is dropped iff its word is below it
     FROM_ATTR: tl.constexpr,  # read B from an attribution tensor instead of dO·Vᵀ
     HAS_KPM: tl.constexpr,  # a key padding mask is given
+    STREAM_TABLE: tl.constexpr,  # layer l's stream is streams_ptr[l], not `stream`
     DROP_LOW: tl.constexpr,  # candidates strictly below the threshold (official "low")
     IS_CAUSAL: tl.constexpr,  # only keys j <= i + Lk - Lq are allowed
     RESIDENT: tl.constexpr,  # the whole padded row is one tile (BLOCK_N >= Lk)
@@ -140,10 +165,16 @@ def addrop_mask_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    layer = tl.program_id(2).to(tl.int64)
     b = bh // H
     h = bh % H
+    src_ptr += layer * s_l
+    v_ptr += layer * v_l
+    kpm_ptr += layer * kpm_l
+    words_ptr += layer * words_l
+    if STREAM_TABLE:
+        stream = tl.load(streams_ptr + layer)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rank = tl.load(rank_ptr + b * rank_b + offs_m * rank_m, mask=offs_m < Lq, other=0)
     hkv = h // GROUP
     drop_thr = tl.cast(drop_threshold, tl.int64)
     if FROM_ATTR:
@@ -152,15 +183,23 @@ def addrop_mask_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         do_ptrs = src_ptr + b * s_b + h * s_h + offs_m[:, None] * s_m + offs_d[None, :]
         do = tl.load(do_ptrs, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+    # key tiles past the block's last visible key hold no allowed key: the counts skip them
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + (Lk - Lq)))
     if RESIDENT:
         key, allowed, offs_n = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, hkv, offs_m, 0,
                                           s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
                                           FROM_ATTR, HAS_KPM, IS_CAUSAL, BLOCK_N, BLOCK_D,
                                           DOT_PRECISION)
-    # key tiles past the block's last visible key hold no allowed key: the counts skip them
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + (Lk - Lq)))
+        n_allowed = tl.sum(allowed.to(tl.int32), axis=1)
+    else:
+        n_allowed = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for start_n in range(0, hi, BLOCK_N):
+            tile = _tile_allowed(kpm_ptr, b, offs_m, start_n + tl.arange(0, BLOCK_N), kpm_b,
+                                 Lq, Lk, HAS_KPM, IS_CAUSAL)
+            n_allowed += tl.sum(tile.to(tl.int32), axis=1)
+    rank = _threshold_rank(n_allowed, frac)
     # bisection on the key bits in the unsigned domain u = key + 2^31: the largest u with
     # count(keys < u) <= rank is the rank-th smallest key
     ans = tl.zeros((BLOCK_M,), dtype=tl.int64)
@@ -194,30 +233,35 @@ def addrop_mask_kernel(
                              BLOCK_M, BLOCK_N)
 
 
-def keep_mask_bits(attr, v, key_padding_mask, rank, drop_threshold: int, seed: int, step: int,
-                   stream: int, drop_low: bool, is_causal: bool = False,
+def keep_mask_bits(attr, v, key_padding_mask, frac: float, drop_threshold: int, seed: int,
+                   step: int, stream, drop_low: bool, is_causal: bool = False,
                    block_n=None) -> torch.Tensor:
-    """Launcher: int32 bits [B,H,Lq,ceil(Lk/32)].
+    """Launcher: int32 bits [B,H,Lq,ceil(Lk/32)], or [n,B,H,Lq,ceil(Lk/32)] for n stacked layers.
 
     attr: a [B,H,Lq,Lk] attribution tensor (v None) or dO [B,H,Lq,D] with v [B,Hkv,Lk,D] (Hkv
-    dividing H; last stride 1, same dtype); key_padding_mask: uint8/bool [B,Lk] or None; rank:
-    int32 [B] or [B,Lq] (per row, for causal rows); drop_threshold = floor(q·2^32). block_n
-    forces the streamed path with that key tile (tests)."""
+    dividing H; last stride 1, same dtype), each with a leading layer axis n for several
+    layers; key_padding_mask: bool [B,Lk] (shared) or [n,B,Lk] (per layer, stacked inputs
+    only), last stride 1, or None; frac: f32(1 − p) for "high", f32(p) for "low";
+    drop_threshold = floor(q·2^32); stream: an int, or for stacked inputs an int64 tensor [n]
+    of per-layer streams on attr's device. block_n forces the streamed path with that key tile
+    (tests)."""
     from_attr = v is None
+    layered = attr.dim() == 5
+    strides = attr.stride()
+    s_l, (s_b, s_h, s_m, s_n) = (strides[0], strides[1:]) if layered else (0, strides)
     if from_attr:
-        batch, heads, lq, lk = attr.shape
+        *_, batch, heads, lq, lk = attr.shape
         d, group = 1, 1
-        s_b, s_h, s_m, s_n = attr.stride()
-        v_b = v_h = v_n = 0
+        v_l = v_b = v_h = v_n = 0
         v = attr
     else:
-        batch, heads, lq, d = attr.shape
-        lk = v.shape[2]
-        group = heads // v.shape[1]
-        s_b, s_h, s_m, s_n = attr.stride()
-        v_b, v_h, v_n, _ = v.stride()
+        *_, batch, heads, lq, d = attr.shape
+        lk = v.shape[-2]
+        group = heads // v.shape[-3]
+        v_strides = v.stride()
+        v_l, v_b, v_h, v_n = v_strides[:4] if layered else (0, *v_strides[:3])
     n_words = cdiv(lk, 32)
-    words = torch.empty(batch, heads, lq, n_words, dtype=torch.int32, device=attr.device)
+    words = torch.empty(*attr.shape[:-1], n_words, dtype=torch.int32, device=attr.device)
     if words.numel() == 0:
         return words
     lk_pad = max(32, next_power_of_2(lk))
@@ -233,18 +277,23 @@ def keep_mask_bits(attr, v, key_padding_mask, rank, drop_threshold: int, seed: i
     if tile_n % 32:
         raise ValueError(f"block_n must be a multiple of 32, got {tile_n}")
     has_kpm = key_padding_mask is not None
-    kpm = key_padding_mask.view(torch.uint8) if has_kpm else rank
-    kpm_b = key_padding_mask.stride(0) if has_kpm else 0
-    rank_b, rank_m = (rank.stride(0), 0) if rank.dim() == 1 else rank.stride()
+    if has_kpm:
+        kpm = key_padding_mask.view(torch.uint8)
+        kpm_l, kpm_b = (kpm.stride(0), kpm.stride(1)) if kpm.dim() == 3 else (0, kpm.stride(0))
+    else:
+        kpm, kpm_l, kpm_b = words, 0, 0
+    table = isinstance(stream, torch.Tensor)
+    streams, stream = (stream, 0) if table else (words, stream)
     precision = "ieee" if attr.dtype == torch.float32 else "tf32"
     num_warps = 8 if block_m * tile_n >= 8192 else 4
-    grid = (cdiv(lq, block_m), batch * heads)
+    grid = (cdiv(lq, block_m), batch * heads, attr.shape[0] if layered else 1)
     addrop_mask_kernel[grid](
-        attr, v, kpm, rank, words,
-        s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, rank_b, rank_m,
+        attr, v, kpm, streams, words,
+        s_l, s_b, s_h, s_m, s_n, v_l, v_b, v_h, v_n, kpm_l, kpm_b,
+        words.stride(0) if layered else 0,
         heads, lq, lk, d, n_words, group,
-        seed & 0xFFFFFFFF, seed >> 32, step, stream, drop_threshold,
-        FROM_ATTR=from_attr, HAS_KPM=has_kpm, DROP_LOW=drop_low, IS_CAUSAL=is_causal,
-        RESIDENT=resident, BLOCK_M=block_m, BLOCK_N=tile_n, BLOCK_D=block_d,
-        DOT_PRECISION=precision, num_warps=num_warps)
+        seed & 0xFFFFFFFF, seed >> 32, step, stream, frac, drop_threshold,
+        FROM_ATTR=from_attr, HAS_KPM=has_kpm, STREAM_TABLE=table, DROP_LOW=drop_low,
+        IS_CAUSAL=is_causal, RESIDENT=resident, BLOCK_M=block_m, BLOCK_N=tile_n,
+        BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=num_warps)
     return words

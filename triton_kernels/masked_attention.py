@@ -15,30 +15,41 @@ Grouped-query attention: K, V have Hkv heads (Hkv divides H); query head h reads
 h // GROUP, GROUP = H / Hkv, in place. Causal: the forward and dQ loops stop at the block's
 last visible key, the dK/dV loop starts at the first query block that sees the key block.
 
-Backward (FlashAttention-2): delta_i = rowsum(dO ⊙ O); one program per (key block, kv head)
-accumulates dK, dV over the GROUP query heads and their query blocks, one per query block
-accumulates dQ over the key blocks (no atomics): dP = dO·Vᵀ ⊙ Z/(1 − dropout_p),
-dS = P ⊙ (dP − delta), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = (P ⊙ Z/(1 − dropout_p))ᵀ·dO.
+Backward (FlashAttention-2): delta_i = rowsum(dO ⊙ O); one program per query block accumulates
+dQ over the key blocks and first computes its rows' delta, which it stores for the dK/dV kernel
+launched after it (no separate delta launch); one program per (key block, kv head) accumulates
+dK, dV over the GROUP query heads and their query blocks (no atomics):
+dP = dO·Vᵀ ⊙ Z/(1 − dropout_p), dS = P ⊙ (dP − delta), dQ = scale·dS·K, dK = scale·dSᵀ·Q,
+dV = (P ⊙ Z/(1 − dropout_p))ᵀ·dO.
 
 Tiles: autotuned on GPU over a pruned list keyed on (power-of-two length bucket, D, GROUP,
-dtype, flags); one config under the interpreter (small tiles that exercise the loops).
+dtype, flags, TMA_OK); one config under the interpreter (small tiles that exercise the loops).
+Each tile shape comes twice: with pointer loads, and (USE_TMA) with the Q/K/V/dO tiles read and
+the O/dQ/dK/dV tiles written through tensor descriptors (Hopper's bulk tensor copies), so the
+autotuner measures which wins. A descriptor spans one head's [L, D] matrix (out-of-range rows
+and the columns of a padded D read as zeros, stores there are dropped: no masks), built on the
+device per program and per GQA head, hence any head/batch strides; the keep bits, key padding
+and 4-D masks stay pointer loads (their tiles are not [rows, D] boxes). TMA needs 16-byte
+aligned bases and strides: when the inputs lack them (TMA_OK = 0) the TMA configs are pruned.
 
 Memory traffic per (b,h): forward reads Q once, K and V once per query block, the mask bits
 Lq·Lk/8 bytes, writes O and lse; backward reads Q, K, V, O, dO, the bits, writes dQ, dK, dV.
 Launch grids: forward and dQ (cdiv(Lq, BLOCK_M), B·H); dK/dV (cdiv(Lk, BLOCK_N), B·Hkv).
+Backward launches dQ (with delta) before dK/dV.
 """
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from .addrop_mask import mask_element_index
 from .philox import philox_word
 from .utils import cdiv, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
+_LOG2E = 1.4426950408889634  # the host's copy
 MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)
 MASK_ADDITIVE = tl.constexpr(2)
@@ -112,35 +123,78 @@ def _dropout_keep(b, h, H, Lq, Lk, offs_m, offs_n, seed_lo, seed_hi, step, strea
     return word.to(tl.int64) < keep_thr
 
 
+@triton.jit
+def _tile_desc(base, rows, D, row_stride, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tensor descriptor of the [rows, D] matrix at `base` (row stride in elements, columns
+    contiguous), moving [BLOCK_R, BLOCK_D] tiles: zeros beyond rows and D, stores clipped."""
+    return tl.make_tensor_descriptor(base, shape=[rows, D], strides=[row_stride, 1],
+                                     block_shape=[BLOCK_R, BLOCK_D])
+
+
 def _prune(configs, named_args, **kwargs):
-    """Exact-fp32 ("ieee") dots take only the small tiles (their operands are twice as wide)."""
+    """TMA configs only for inputs with 16-byte aligned bases and strides (TMA_OK); exact-fp32
+    ("ieee") dots take only the small tiles (their operands are twice as wide)."""
+    if not named_args["TMA_OK"]:
+        configs = [c for c in configs if not c.kwargs["USE_TMA"]]
     if named_args["q_ptr"].dtype != torch.float32:
         return configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32]
     return small or configs[:1]
 
 
+def tma_ok(*tensors) -> int:
+    """1 when the [B, H, L, D] tensors (one dtype, one D) suit tensor descriptors over their
+    [L, D] head matrices and over those of the contiguous outputs: bases, the strides of dims
+    0-2 and a row of D elements multiples of 16 bytes (the last stride is 1 in every
+    launcher), D within one TMA box (<= 256 elements). Bitwise ORs: every value is a multiple
+    of a power of two iff their OR is (this runs on every call)."""
+    d = tensors[0].shape[-1]
+    ptrs, strides = 0, d
+    for t in tensors:
+        st = t.stride()
+        ptrs |= t.data_ptr()
+        strides |= st[0] | st[1] | st[2]
+    return int(d <= 256 and not ptrs & 15
+               and not strides & (16 // tensors[0].element_size() - 1))
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator(device) -> None:
+    """Descriptors built on the device live in a global scratch buffer that Triton takes from
+    the allocator set with triton.set_allocator; install a torch one if the caller set none
+    (without one, a TMA config could not launch)."""
+    if device.type == "cuda" and isinstance(_allocation._allocator.get(),
+                                            _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def _configs(kernel: str):
     """Tile list of one kernel ("fwd", "dkdv", "dq"): (BLOCK_M, BLOCK_N, warps, stages), each
     free of register spills for bf16 at D = 128 with every mask and dropout on (the sm_90
     compile check of tools/triton_aot; bigger tiles spill there, chiefly from the Philox
-    rounds), and with wgmma dots. One small config in the interpreter (it exercises the loops).
-    BLOCK_N is a multiple of 32: a key tile covers whole words of the keep bits."""
+    rounds), and with wgmma dots; each with pointer loads and with tensor descriptors
+    (USE_TMA). One small pointer config in the interpreter (it exercises the loops; the tests
+    swap in its TMA twin). BLOCK_N is a multiple of 32: a key tile covers whole words of the
+    keep bits."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32), num_warps=1, num_stages=1)]
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, USE_TMA=False), num_warps=1,
+                              num_stages=1)]
     shapes = {
         "fwd": [(128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
         "dkdv": [(32, 64, 8, 2)],
         "dq": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
     }[kernel]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
-            for m, n, w, st in shapes]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=tma), num_warps=w, num_stages=st)
+            for tma in (False, True) for m, n, w, st in shapes]
 
 
 # keyed on a power-of-two length bucket, not the exact lengths: training batches padded to
 # their longest sample would otherwise re-tune at every new length
-_TUNE_KEY = ["LEN_BUCKET", "D", "GROUP", "HAS_KEEP", "HAS_KPM", "MASK_KIND", "HAS_DROPOUT",
-             "IS_CAUSAL"]
+_TUNE_KEY = ["LEN_BUCKET", "TMA_OK", "D", "GROUP", "HAS_KEEP", "HAS_KPM", "MASK_KIND",
+             "HAS_DROPOUT", "IS_CAUSAL"]
 
 
 @triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY,
@@ -157,6 +211,7 @@ def masked_attention_fwd_kernel(
     H, Lq, Lk, D,  # query heads, query/key lengths, head dim
     GROUP,  # query heads per kv head
     LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
+    TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
     qk_scale,  # scale * log2(e)
     seed_lo, seed_hi, step, stream,  # attention-dropout Philox key halves and counter words
     dropout_keep_thr,  # floor((1 - dropout_p) * 2^32)
@@ -165,6 +220,7 @@ def masked_attention_fwd_kernel(
     HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+    USE_TMA: tl.constexpr,  # tiles of q, k, v, o through tensor descriptors
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -175,19 +231,27 @@ def masked_attention_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
-    q = tl.load(q_ptr + b * q_b + h * q_h + offs_m[:, None] * q_m + offs_d[None, :],
-                mask=(offs_m[:, None] < Lq) & in_d[None, :], other=0.0)
+    k_base = k_ptr + b * k_b + hkv * k_h
+    v_base = v_ptr + b * v_b + hkv * v_h
+    if USE_TMA:
+        q = _tile_desc(q_ptr + b * q_b + h * q_h, Lq, D, q_m, BLOCK_M, BLOCK_D).load([start_m, 0])
+        k_desc = _tile_desc(k_base, Lk, D, k_n, BLOCK_N, BLOCK_D)
+        v_desc = _tile_desc(v_base, Lk, D, v_n, BLOCK_N, BLOCK_D)
+    else:
+        q = tl.load(q_ptr + b * q_b + h * q_h + offs_m[:, None] * q_m + offs_d[None, :],
+                    mask=(offs_m[:, None] < Lq) & in_d[None, :], other=0.0)
     keep_thr = tl.cast(dropout_keep_thr, tl.int64)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    k_base = k_ptr + b * k_b + hkv * k_h
-    v_base = v_ptr + b * v_b + hkv * v_h
     for start_n in range(0, _key_end(start_m, Lq, Lk, IS_CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < Lk
-        kt = tl.load(k_base + offs_n[None, :] * k_n + offs_d[:, None],
-                     mask=in_n[None, :] & in_d[:, None], other=0.0)
+        if USE_TMA:
+            kt = k_desc.load([start_n, 0]).T
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * k_n + offs_d[:, None],
+                         mask=in_n[None, :] & in_d[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = _masked_scores(s, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h, keep_m,
                            kpm_ptr, kpm_b, am_ptr, am_b, am_h, am_m, am_n,
@@ -202,8 +266,11 @@ def masked_attention_fwd_kernel(
             z = _dropout_keep(b, h, H, Lq, Lk, offs_m, offs_n, seed_lo, seed_hi, step, stream,
                               keep_thr)
             p = tl.where(z, p * dropout_scale, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * v_n + offs_d[None, :],
-                    mask=in_n[:, None] & in_d[None, :], other=0.0)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = tl.load(v_base + offs_n[:, None] * v_n + offs_d[None, :],
+                        mask=in_n[:, None] & in_d[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     has_any = l_i > 0.0
@@ -211,31 +278,13 @@ def masked_attention_fwd_kernel(
     lse = tl.where(has_any, m_i + tl.math.log2(tl.where(has_any, l_i, 1.0)), float("inf"))
     row = bh * Lq + offs_m
     in_m = offs_m < Lq
-    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=in_m[:, None] & in_d[None, :])
+    if USE_TMA:
+        _tile_desc(o_ptr + bh * Lq * D, Lq, D, D, BLOCK_M, BLOCK_D).store(
+            [start_m, 0], out.to(o_ptr.dtype.element_ty))
+    else:
+        tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=in_m[:, None] & in_d[None, :])
     tl.store(lse_ptr + row, lse, mask=in_m)
-
-
-@triton.jit
-def masked_attention_bwd_delta_kernel(
-    o_ptr,  # [B,H,Lq,D] contiguous
-    do_ptr,  # [B,H,Lq,D], last stride 1
-    delta_ptr,  # fp32 [B,H,Lq] output: rowsum(dO * O)
-    do_b, do_h, do_m,  # strides of dO
-    H, Lq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    row = bh * Lq + offs_m
-    o = tl.load(o_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_ptr + (bh // H) * do_b + (bh % H) * do_h + offs_m[:, None] * do_m
-                 + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(delta_ptr + row, delta, mask=offs_m < Lq)
 
 
 @triton.jit
@@ -279,12 +328,14 @@ def masked_attention_bwd_dkdv_kernel(
     H, Lq, Lk, D,
     GROUP,  # query heads per kv head: this program sums over heads hkv·GROUP .. + GROUP − 1
     LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
+    TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
     qk_scale, sm_scale,  # scale * log2(e), scale
     seed_lo, seed_hi, step, stream, dropout_keep_thr, dropout_scale,
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # tiles of q, k, v, dO and the gradients through tensor descriptors
 ):
     pid_n = tl.program_id(0)
     bhkv = tl.program_id(1).to(tl.int64)
@@ -296,10 +347,16 @@ def masked_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < D
     in_n = offs_n < Lk
-    kt = tl.load(k_ptr + b * k_b + hkv * k_h + offs_n[None, :] * k_n + offs_d[:, None],
-                 mask=in_n[None, :] & in_d[:, None], other=0.0)
-    vt = tl.load(v_ptr + b * v_b + hkv * v_h + offs_n[None, :] * v_n + offs_d[:, None],
-                 mask=in_n[None, :] & in_d[:, None], other=0.0)
+    if USE_TMA:
+        kt = _tile_desc(k_ptr + b * k_b + hkv * k_h, Lk, D, k_n, BLOCK_N, BLOCK_D).load(
+            [start_n, 0]).T
+        vt = _tile_desc(v_ptr + b * v_b + hkv * v_h, Lk, D, v_n, BLOCK_N, BLOCK_D).load(
+            [start_n, 0]).T
+    else:
+        kt = tl.load(k_ptr + b * k_b + hkv * k_h + offs_n[None, :] * k_n + offs_d[:, None],
+                     mask=in_n[None, :] & in_d[:, None], other=0.0)
+        vt = tl.load(v_ptr + b * v_b + hkv * v_h + offs_n[None, :] * v_n + offs_d[:, None],
+                     mask=in_n[None, :] & in_d[:, None], other=0.0)
     keep_thr = tl.cast(dropout_keep_thr, tl.int64)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -307,14 +364,21 @@ def masked_attention_bwd_dkdv_kernel(
     for g in range(GROUP):
         h = hkv * GROUP + g
         bh = b * H + h
+        if USE_TMA:  # one descriptor per query head of the group
+            q_desc = _tile_desc(q_ptr + b * q_b + h * q_h, Lq, D, q_m, BLOCK_M, BLOCK_D)
+            do_desc = _tile_desc(do_ptr + b * do_b + h * do_h, Lq, D, do_m, BLOCK_M, BLOCK_D)
         for start_m in range(lo, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             in_m = offs_m < Lq
-            mask_md = in_m[:, None] & in_d[None, :]
-            q = tl.load(q_ptr + b * q_b + h * q_h + offs_m[:, None] * q_m + offs_d[None, :],
-                        mask=mask_md, other=0.0)
-            do = tl.load(do_ptr + b * do_b + h * do_h + offs_m[:, None] * do_m
-                         + offs_d[None, :], mask=mask_md, other=0.0)
+            if USE_TMA:
+                q = q_desc.load([start_m, 0])
+                do = do_desc.load([start_m, 0])
+            else:
+                mask_md = in_m[:, None] & in_d[None, :]
+                q = tl.load(q_ptr + b * q_b + h * q_h + offs_m[:, None] * q_m
+                            + offs_d[None, :], mask=mask_md, other=0.0)
+                do = tl.load(do_ptr + b * do_b + h * do_h + offs_m[:, None] * do_m
+                             + offs_d[None, :], mask=mask_md, other=0.0)
             lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=in_m, other=float("inf"))
             delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=in_m, other=0.0)
             p_drop, ds = _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk,
@@ -325,12 +389,16 @@ def masked_attention_bwd_dkdv_kernel(
                                    BLOCK_N)
             dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    row = bhkv * Lk + offs_n
-    mask_nd = in_n[:, None] & in_d[None, :]
-    tl.store(dk_ptr + row[:, None] * D + offs_d[None, :],
-             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=mask_nd)
-    tl.store(dv_ptr + row[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=mask_nd)
+    dk = (dk * sm_scale).to(dk_ptr.dtype.element_ty)
+    dv = dv.to(dv_ptr.dtype.element_ty)
+    if USE_TMA:
+        _tile_desc(dk_ptr + bhkv * Lk * D, Lk, D, D, BLOCK_N, BLOCK_D).store([start_n, 0], dk)
+        _tile_desc(dv_ptr + bhkv * Lk * D, Lk, D, D, BLOCK_N, BLOCK_D).store([start_n, 0], dv)
+    else:
+        row = bhkv * Lk + offs_n
+        mask_nd = in_n[:, None] & in_d[None, :]
+        tl.store(dk_ptr + row[:, None] * D + offs_d[None, :], dk, mask=mask_nd)
+        tl.store(dv_ptr + row[:, None] * D + offs_d[None, :], dv, mask=mask_nd)
 
 
 @triton.autotune(configs=_configs("dq"), key=_TUNE_KEY,
@@ -338,7 +406,9 @@ def masked_attention_bwd_dkdv_kernel(
 @triton.jit
 def masked_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # q/dO [B,H,Lq,D], k/v [B,Hkv,Lk,D], last stride 1
-    lse_ptr, delta_ptr,  # fp32 [B,H,Lq]
+    o_ptr,  # [B,H,Lq,D] forward output, contiguous
+    lse_ptr,  # fp32 [B,H,Lq]
+    delta_ptr,  # fp32 [B,H,Lq] output: rowsum(dO ⊙ O), read by the dK/dV kernel
     dq_ptr,  # [B,H,Lq,D] output, contiguous
     keep_ptr, keep_b, keep_h, keep_m,
     kpm_ptr, kpm_b,
@@ -347,12 +417,14 @@ def masked_attention_bwd_dq_kernel(
     H, Lq, Lk, D,
     GROUP,  # query heads per kv head
     LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
+    TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
     qk_scale, sm_scale,
     seed_lo, seed_hi, step, stream, dropout_keep_thr, dropout_scale,
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # tiles of q, k, v, dO and the gradients through tensor descriptors
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -365,32 +437,49 @@ def masked_attention_bwd_dq_kernel(
     in_d = offs_d < D
     in_m = offs_m < Lq
     mask_md = in_m[:, None] & in_d[None, :]
-    q = tl.load(q_ptr + b * q_b + h * q_h + offs_m[:, None] * q_m + offs_d[None, :],
-                mask=mask_md, other=0.0)
-    do = tl.load(do_ptr + b * do_b + h * do_h + offs_m[:, None] * do_m + offs_d[None, :],
-                 mask=mask_md, other=0.0)
-    lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=in_m, other=float("inf"))
-    delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=in_m, other=0.0)
-    keep_thr = tl.cast(dropout_keep_thr, tl.int64)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     k_base = k_ptr + b * k_b + hkv * k_h
     v_base = v_ptr + b * v_b + hkv * v_h
+    row = bh * Lq + offs_m
+    if USE_TMA:
+        q = _tile_desc(q_ptr + b * q_b + h * q_h, Lq, D, q_m, BLOCK_M, BLOCK_D).load([start_m, 0])
+        do = _tile_desc(do_ptr + b * do_b + h * do_h, Lq, D, do_m, BLOCK_M, BLOCK_D).load(
+            [start_m, 0])
+        o = _tile_desc(o_ptr + bh * Lq * D, Lq, D, D, BLOCK_M, BLOCK_D).load([start_m, 0])
+        k_desc = _tile_desc(k_base, Lk, D, k_n, BLOCK_N, BLOCK_D)
+        v_desc = _tile_desc(v_base, Lk, D, v_n, BLOCK_N, BLOCK_D)
+    else:
+        q = tl.load(q_ptr + b * q_b + h * q_h + offs_m[:, None] * q_m + offs_d[None, :],
+                    mask=mask_md, other=0.0)
+        do = tl.load(do_ptr + b * do_b + h * do_h + offs_m[:, None] * do_m + offs_d[None, :],
+                     mask=mask_md, other=0.0)
+        o = tl.load(o_ptr + row[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + row, delta, mask=in_m)
+    lse = tl.load(lse_ptr + row, mask=in_m, other=float("inf"))
+    keep_thr = tl.cast(dropout_keep_thr, tl.int64)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, _key_end(start_m, Lq, Lk, IS_CAUSAL, BLOCK_M), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_n = offs_n < Lk
-        kt = tl.load(k_base + offs_n[None, :] * k_n + offs_d[:, None],
-                     mask=in_n[None, :] & in_d[:, None], other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * v_n + offs_d[:, None],
-                     mask=in_n[None, :] & in_d[:, None], other=0.0)
+        if USE_TMA:
+            kt = k_desc.load([start_n, 0]).T
+            vt = v_desc.load([start_n, 0]).T
+        else:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_n = offs_n < Lk
+            kt = tl.load(k_base + offs_n[None, :] * k_n + offs_d[:, None],
+                         mask=in_n[None, :] & in_d[:, None], other=0.0)
+            vt = tl.load(v_base + offs_n[None, :] * v_n + offs_d[:, None],
+                         mask=in_n[None, :] & in_d[:, None], other=0.0)
         _, ds = _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk,
                           qk_scale, keep_ptr, keep_b, keep_h, keep_m, kpm_ptr, kpm_b,
                           am_ptr, am_b, am_h, am_m, am_n, seed_lo, seed_hi, step, stream,
                           keep_thr, dropout_scale, HAS_KEEP, HAS_KPM, MASK_KIND,
                           HAS_DROPOUT, IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
-    row = bh * Lq + offs_m
-    tl.store(dq_ptr + row[:, None] * D + offs_d[None, :],
-             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask_md)
+    dq = (dq * sm_scale).to(dq_ptr.dtype.element_ty)
+    if USE_TMA:
+        _tile_desc(dq_ptr + bh * Lq * D, Lq, D, D, BLOCK_M, BLOCK_D).store([start_m, 0], dq)
+    else:
+        tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], dq, mask=mask_md)
 
 
 class MaskArgs:
@@ -416,8 +505,6 @@ class MaskArgs:
         self.flags = dict(HAS_KEEP=self.has_keep, HAS_KPM=self.has_kpm, MASK_KIND=self.kind)
 
 
-DELTA_BLOCK_M = 64
-
 
 def _dropout_args(dropout_p, seed, step, stream):
     keep_thr = int((1.0 - dropout_p) * 4294967296.0)
@@ -438,14 +525,18 @@ def masked_attention_forward(q, k, v, masks: MaskArgs, scale: float, dropout_p: 
                              seed: int, step: int, stream: int, is_causal: bool = False):
     """(O [B,H,Lq,D] contiguous in q's dtype, lse fp32 [B,H,Lq] base 2). k, v [B,Hkv,Lk,D]."""
     batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
-    out = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=q.device)
+    device = q.device
+    out = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=device)
+    lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=device)
+    tma = tma_ok(q, k, v)
+    if tma:
+        _ensure_allocator(device)
     grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     masked_attention_fwd_kernel[grid](
         q, k, v, out, lse, *masks.args,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        heads, lq, lk, d, heads // kv_heads, next_power_of_2(max(lq, lk)),
-        scale * math.log2(math.e),
+        heads, lq, lk, d, heads // kv_heads, next_power_of_2(max(lq, lk)), tma,
+        scale * _LOG2E,
         *_dropout_args(dropout_p, seed, step, stream),
         **masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal, BLOCK_D=block_d,
         DOT_PRECISION=precision)
@@ -458,22 +549,23 @@ def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: flo
     """(dq [B,H,Lq,D], dk, dv [B,Hkv,Lk,D]), contiguous, in q's dtype. `do` needs last
     stride 1."""
     batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
+    device, dtype = q.device, q.dtype
     delta = torch.empty_like(lse)
-    delta_m = 16 if q.device.type == "cpu" else DELTA_BLOCK_M
-    masked_attention_bwd_delta_kernel[(cdiv(lq, delta_m), batch * heads)](
-        out, do, delta, *do.stride()[:3], heads, lq, d, BLOCK_M=delta_m, BLOCK_D=block_d,
-        num_warps=1 if q.device.type == "cpu" else 4)
-    dq = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=q.device)
-    dk = torch.empty(batch, kv_heads, lk, d, dtype=k.dtype, device=q.device)
-    dv = torch.empty(batch, kv_heads, lk, d, dtype=v.dtype, device=q.device)
+    dq = torch.empty(batch, heads, lq, d, dtype=dtype, device=device)
+    dk = torch.empty(batch, kv_heads, lk, d, dtype=dtype, device=device)
+    dv = torch.empty(batch, kv_heads, lk, d, dtype=dtype, device=device)
+    tma = tma_ok(q, k, v, do)
+    if tma:
+        _ensure_allocator(device)
     common = (*masks.args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
               *do.stride()[:3], heads, lq, lk, d, heads // kv_heads,
-              next_power_of_2(max(lq, lk)), scale * math.log2(math.e), scale,
+              next_power_of_2(max(lq, lk)), tma, scale * _LOG2E, scale,
               *_dropout_args(dropout_p, seed, step, stream))
     flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal,
                  BLOCK_D=block_d, DOT_PRECISION=precision)
+    grid_q = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    # dQ first: it writes delta, which dK/dV reads
+    masked_attention_bwd_dq_kernel[grid_q](q, k, v, do, out, lse, delta, dq, *common, **flags)
     grid_kv = lambda meta: (cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
     masked_attention_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *common, **flags)
-    grid_q = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    masked_attention_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *common, **flags)
     return dq, dk, dv

@@ -40,26 +40,36 @@ __all__ = ["masked_attention"]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_KERNELS = []  # triton_kernels.masked_attention, imported on first use (it imports triton)
+
+
+def _kernels():
+    if not _KERNELS:
+        from ..triton_kernels import masked_attention as module
+        _KERNELS.append(module)
+    return _KERNELS[0]
+
+
 class _MaskedAttention(torch.autograd.Function):
     # config = (scale, dropout_p, seed, step, stream, is_causal): one argument rather than six,
     # since Function.apply's cost grows with its argument count
     @staticmethod
     def forward(ctx, q, k, v, keep_words, kpm, am, config):
-        from ..triton_kernels import masked_attention as _tk
-        masks = _tk.MaskArgs(keep_words, kpm, am, q)
-        out, lse = _tk.masked_attention_forward(q, k, v, masks, *config)
+        tk = _kernels()
+        masks = tk.MaskArgs(keep_words, kpm, am, q)
+        out, lse = tk.masked_attention_forward(q, k, v, masks, *config)
+        # the masks are saved too (an in-place change of one before backward raises), and
+        # their kernel arguments kept for backward rather than rebuilt there
         ctx.save_for_backward(q, k, v, out, lse, keep_words, kpm, am)
-        ctx.config = config
+        ctx.masks, ctx.config = masks, config
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        from ..triton_kernels import masked_attention as _tk
-        q, k, v, out, lse, keep_words, kpm, am = ctx.saved_tensors
-        masks = _tk.MaskArgs(keep_words, kpm, am, q)
+        q, k, v, out, lse = ctx.saved_tensors[:5]
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dq, dk, dv = _tk.masked_attention_backward(grad_out, q, k, v, out, lse, masks,
-                                                   *ctx.config)
+        dq, dk, dv = _kernels().masked_attention_backward(grad_out, q, k, v, out, lse,
+                                                          ctx.masks, *ctx.config)
         return dq, dk, dv, None, None, None, None
 
 
@@ -97,8 +107,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [0, 1); seed in [0, 2^64), step and stream in [0, 2^32) name the dropout's Philox stream
     (independent of the mask's); is_causal: bottom-right aligned causal mask."""
     check_tensor("q", q, dtypes=_FLOATS, ndim=4)
-    check_tensor("k", k, dtypes=_FLOATS, ndim=4, device=q.device)
-    check_tensor("v", v, dtypes=_FLOATS, ndim=4, device=q.device)
+    device = q.device
+    check_tensor("k", k, dtypes=_FLOATS, ndim=4, device=device)
+    check_tensor("v", v, dtypes=_FLOATS, ndim=4, device=device)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads, lq, d = q.shape
@@ -122,26 +133,36 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if tuple(keep.shape) != shape:
             raise ValueError(f"keep must have shape [B,H,Lq,Lk] = {shape}, got "
                              f"{tuple(keep.shape)}")
-        if keep.device != q.device:
-            raise ValueError(f"keep must be on {q.device}, got {keep.device}")
-    kpm, am = _split_attn_mask(attn_mask, shape, q.device)
+        if keep.device != device:
+            raise ValueError(f"keep must be on {device}, got {keep.device}")
+    kpm, am = _split_attn_mask(attn_mask, shape, device)
     if scale is None:
         scale = d ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     elif not (math.isfinite(scale) and scale >= 0):
         raise ValueError(f"scale must be finite and >= 0 (0 = uniform attention), got {scale!r}")
-    dropout_p = check_prob("dropout_p", dropout_p, low_open=False, high_open=True)
+    if type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0:  # else already checked
+        dropout_p = check_prob("dropout_p", dropout_p, low_open=False, high_open=True)
     seed = check_int("seed", seed, 0, UINT64_MAX)
     step = check_int("step", step, 0, UINT32_MAX)
     stream = check_int("stream", stream, 0, UINT32_MAX)
-    name = backends.resolve("masked_attention", backend, q.device,
-                            implemented=("reference", "triton"))
+    name = backends.resolve("masked_attention", backend, device)  # reference or triton
     if name == "reference":
         dense = None if keep is None else unpack_mask(keep, backend="reference")
         return _ref.masked_attention(q, k, v, dense, attn_mask, float(scale), dropout_p, seed,
                                      step, stream, is_causal=is_causal)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
     keep_words = None if keep is None else keep.words.contiguous()
-    return _MaskedAttention.apply(q, k, v, keep_words, kpm, am,
-                                  (float(scale), dropout_p, seed, step, stream, is_causal))
+    config = (float(scale), dropout_p, seed, step, stream, is_causal)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _MaskedAttention.apply(q, k, v, keep_words, kpm, am, config)
+    # nothing to differentiate: the kernel without the autograd Function (its node, saved
+    # tensors and bookkeeping are host work a forward-only call does not need)
+    tk = _kernels()
+    return tk.masked_attention_forward(q, k, v, tk.MaskArgs(keep_words, kpm, am, q), *config)[0]

@@ -20,6 +20,10 @@ Philox contract (../shared/DESIGN.md): word = philox_words(seed, index, step, st
 element's global flat index in [B,H,Lq,Lk], index = b·H·Lq·Lk + h·Lq·Lk + i·Lk + j. The caller
 picks the stream (regdrop_fast.addrop passes the layer index) and the step (the training step).
 
+`keep_mask_layers(attr, p, q, ..., streams=...)` computes the masks of several layers in one
+kernel launch from inputs stacked on a leading layer axis; layer l's mask is bit for bit
+keep_mask(attr[l], ..., stream=streams[l]) (streams are the Philox streams, one per layer).
+
 `attr` is a [B,H,Lq,Lk] attribution tensor (any kind: gradient, integrated gradients, the
 attention map, random scores) or a (dO, v) pair, dO [B,H,Lq,D] and v [B,Hkv,Lk,D] (Hkv dividing
 H: grouped-query attention, head h uses kv head h // (H // Hkv)): then B = dO·Vᵀ is computed tile
@@ -30,8 +34,9 @@ can only swap near-equal scores at the threshold).
 """
 from __future__ import annotations
 
+import functools
 import struct
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -41,24 +46,29 @@ from ..masks import PackedMask
 from ..reference import addrop as _ref
 from ..reference import masks as _ref_masks
 
-__all__ = ["keep_mask"]
+__all__ = ["keep_mask", "keep_mask_layers"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_dO_v(dO, v):
-    """dO [B,H,Lq,D] and v [B,Hkv,Lk,D] with Hkv dividing H: one float dtype and device."""
-    check_tensor("dO", dO, dtypes=_FLOATS, ndim=4)
-    check_tensor("v", v, dtypes=_FLOATS, ndim=4, device=dO.device)
+def _check_dO_v(dO, v, ndim: int = 4):
+    """dO [B,H,Lq,D] and v [B,Hkv,Lk,D] with Hkv dividing H (each with a leading layer axis of
+    the same size when ndim is 5): one float dtype and device."""
+    check_tensor("dO", dO, dtypes=_FLOATS, ndim=ndim)
+    check_tensor("v", v, dtypes=_FLOATS, ndim=ndim)
+    if v.device != dO.device:
+        raise ValueError(f"v must be on dO's device {dO.device}, got {v.device}")
     if v.dtype != dO.dtype:
         raise TypeError(f"dO and v must have the same dtype, got {dO.dtype} and {v.dtype}")
-    if v.shape[0] != dO.shape[0] or v.shape[3] != dO.shape[3]:
-        raise ValueError(f"v must be [B,Hkv,Lk,D] matching dO [B,H,Lq,D] = {tuple(dO.shape)}, "
-                         f"got {tuple(v.shape)}")
-    if v.shape[1] == 0 or dO.shape[1] % v.shape[1]:
-        raise ValueError(f"v's heads (Hkv = {v.shape[1]}) must divide dO's heads "
-                         f"(H = {dO.shape[1]}) for grouped-query attention")
+    do_shape, v_shape = dO.shape, v.shape
+    if v_shape[:-3] != do_shape[:-3] or v_shape[-1] != do_shape[-1]:
+        lead = "n," if ndim == 5 else ""
+        raise ValueError(f"v must be [{lead}B,Hkv,Lk,D] matching dO [{lead}B,H,Lq,D] = "
+                         f"{tuple(do_shape)}, got {tuple(v_shape)}")
+    if v_shape[-3] == 0 or do_shape[-3] % v_shape[-3]:
+        raise ValueError(f"v's heads (Hkv = {v_shape[-3]}) must divide dO's heads "
+                         f"(H = {do_shape[-3]}) for grouped-query attention")
 
 
 def _f32(x: float) -> float:
@@ -67,50 +77,79 @@ def _f32(x: float) -> float:
 
 
 def _fraction(p: float, drop: str) -> float:
+    """The float32 factor of the official threshold index ((1 − p)·n or p·n)."""
     return _f32((1.0 - p) if drop == "high" else p)
 
 
-def _ranks_f32(n: torch.Tensor, frac: float) -> torch.Tensor:
-    """int32: `threshold_rank` of the float32 key counts n (exact integers) in four small ops.
-    trunc(max(min(n·frac, n − 1), 0)) equals its min(trunc(n·frac), max(n − 1, 0)): n − 1 is an
-    integer and n·frac >= 0 is the same float32 product."""
-    return torch.minimum(n * frac, n - 1).clamp_min_(0).to(torch.int32)
+def _check_settings(p, q, seed, step, drop, is_causal):
+    """The validated (p, q, seed, step) shared by both entry points."""
+    if type(p) is not float or not 0.0 < p < 1.0:  # in-range floats, the per-call case, pass
+        p = check_prob("p", p, low_open=True, high_open=True)
+    if type(q) is not float or not 0.0 <= q <= 1.0:
+        q = check_prob("q", q, low_open=False, high_open=False)
+    seed = check_int("seed", seed, 0, UINT64_MAX)
+    step = check_int("step", step, 0, UINT32_MAX)
+    if drop != "high" and drop != "low":
+        raise ValueError(f"drop must be 'high' or 'low', got {drop!r}")
+    if is_causal is not True and is_causal is not False:
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    return p, q, seed, step
 
 
-def row_ranks(key_padding_mask, batch: int, lk: int, p: float, drop: str,
-              device) -> torch.Tensor:
-    """int32 [B]: each sample's threshold index over its real keys, the value of
-    `threshold_rank(valid_lengths(...))` with fewer device ops (one fill without padding)."""
-    frac = _fraction(p, drop)
-    if key_padding_mask is None:
-        rank = min(int(_f32(_f32(float(lk)) * frac)), max(lk - 1, 0))
-        return torch.full((batch,), rank, dtype=torch.int32, device=device)
-    return _ranks_f32(key_padding_mask.sum(-1, dtype=torch.float32), frac)
-
-
-def causal_ranks(key_padding_mask, batch: int, lq: int, lk: int, p: float, drop: str,
-                 device) -> torch.Tensor:
-    """int32 [B,Lq]: each causal row's threshold index over its visible real keys."""
-    real = (torch.ones(batch, lk, dtype=torch.float32, device=device) if key_padding_mask is None
-            else key_padding_mask.to(torch.float32))
-    prefix = torch.cat([real.new_zeros(batch, 1), real.cumsum(-1)], dim=-1)
-    last = (torch.arange(lq, device=device) + (lk - lq + 1)).clamp(0, lk)
-    return _ranks_f32(prefix[:, last], _fraction(p, drop))
-
-
-def _check_attr(attr):
-    """(shape [B,H,Lq,Lk], device, attribution tensor or None, dO, v) after validation."""
+def _check_inputs(attr, key_padding_mask, ndim: int):
+    """(shape [(n,)B,H,Lq,Lk], attribution tensor or None, dO, v) after validation; ndim 5:
+    inputs stacked over layers, whose key padding mask may be [B,Lk] or [n,B,Lk]."""
     if isinstance(attr, (tuple, list)):
         if len(attr) != 2:
             raise ValueError(f"attr as a pair must be (dO, v), got {len(attr)} items")
         dO, v = attr
-        _check_dO_v(dO, v)
-        shape = (*dO.shape[:3], v.shape[2])
-        if dO.shape[3] == 0:
+        _check_dO_v(dO, v, ndim)
+        if dO.shape[-1] == 0:
             raise ValueError(f"dO must have a non-empty head dim, got shape {tuple(dO.shape)}")
-        return shape, dO.device, None, dO, v
-    check_tensor("attr", attr, dtypes=_FLOATS, ndim=4)
-    return tuple(attr.shape), attr.device, attr, None, None
+        scores, shape, device = None, (*dO.shape[:-1], v.shape[-2]), dO.device
+    else:
+        check_tensor("attr", attr, dtypes=_FLOATS, ndim=ndim)
+        scores, dO, v, shape, device = attr, None, None, tuple(attr.shape), attr.device
+    if min(shape) == 0:
+        raise ValueError(f"attr must describe a non-empty [{'n,' if ndim == 5 else ''}B,H,Lq,Lk] "
+                         f"map (no empty layer, batch or length), got shape {shape}")
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,),
+                     ndim=(2, 3) if ndim == 5 else 2)
+        if key_padding_mask.device != device:
+            raise ValueError(f"key_padding_mask must be on {device}, got "
+                             f"{key_padding_mask.device}")
+        want = (shape[-4], shape[-1])
+        if key_padding_mask.dim() == 3:
+            want = (shape[0], *want)
+        if tuple(key_padding_mask.shape) != want:
+            form = "[B, Lk]" if len(want) == 2 else "[n, B, Lk]"
+            raise ValueError(f"key_padding_mask must have shape {form} = {want}, got "
+                             f"{tuple(key_padding_mask.shape)}")
+    return shape, scores, dO, v
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The Triton kernel module, imported on the first triton call (not with this module)."""
+    from ..triton_kernels import addrop_mask
+    return addrop_mask
+
+
+def _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step, stream, drop, is_causal):
+    """The kernel's int32 words for validated inputs (stream: an int or a device table)."""
+    src = scores if dO is None else dO
+    if src.dtype not in _KERNEL_FLOATS:
+        raise TypeError(f"the triton backend takes float32/float16/bfloat16 attributions, got "
+                        f"{src.dtype} (use backend='reference' for float64)")
+    if dO is not None:
+        src = dO if dO.stride(-1) == 1 else dO.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()
+    return _kernels().keep_mask_bits(src, v, key_padding_mask, _fraction(p, drop),
+                                     keep_threshold(q), seed, step, stream, drop == "low",
+                                     is_causal)
 
 
 def keep_mask(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor] = None,
@@ -123,46 +162,65 @@ def keep_mask(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor]
     seed in [0, 2^64), step and stream in [0, 2^32); drop: "high" (default) or "low";
     is_causal: threshold each row over its causal prefix (bottom-right aligned when Lq != Lk).
     """
-    p = check_prob("p", p, low_open=True, high_open=True)
-    q = check_prob("q", q, low_open=False, high_open=False)
-    seed = check_int("seed", seed, 0, UINT64_MAX)
-    step = check_int("step", step, 0, UINT32_MAX)
+    p, q, seed, step = _check_settings(p, q, seed, step, drop, is_causal)
     stream = check_int("stream", stream, 0, UINT32_MAX)
-    if drop not in ("high", "low"):
-        raise ValueError(f"drop must be 'high' or 'low', got {drop!r}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    shape, device, scores, dO, v = _check_attr(attr)
-    batch, heads, lq, lk = shape
-    if min(shape) == 0:
-        raise ValueError(f"attr must describe a non-empty [B,H,Lq,Lk] map (empty batch or "
-                         f"length), got shape {shape}")
-    if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), ndim=2,
-                     device=device)
-        if tuple(key_padding_mask.shape) != (batch, lk):
-            raise ValueError(f"key_padding_mask must have shape [B, Lk] = {(batch, lk)}, got "
-                             f"{tuple(key_padding_mask.shape)}")
-    name = backends.resolve("addrop_keep_mask", backend, device,
-                            implemented=("reference", "triton"))
-    if name == "reference":
-        dense = _ref.keep_mask(attr if scores is not None else (dO, v), p, q, key_padding_mask,
-                               seed, step, stream, drop, is_causal)
-        return PackedMask(_ref_masks.pack_bits(dense), torch.Size(shape))
-    from ..triton_kernels import addrop_mask as _tk
-    src = scores if scores is not None else dO
-    if src.dtype not in _KERNEL_FLOATS:
-        raise TypeError(f"the triton backend takes float32/float16/bfloat16 attributions, got "
-                        f"{src.dtype} (use backend='reference' for float64)")
-    if dO is not None:
-        dO = dO if dO.stride(-1) == 1 else dO.contiguous()
-        v = v if v.stride(-1) == 1 else v.contiguous()
-        src = dO
-    if is_causal:
-        rank = causal_ranks(key_padding_mask, batch, lq, lk, p, drop, device)
+    shape, scores, dO, v = _check_inputs(attr, key_padding_mask, 4)
+    device = (scores if dO is None else dO).device
+    if backends.resolve("addrop_keep_mask", backend, device) == "reference":
+        dense = _ref.keep_mask(attr if dO is None else (dO, v), p, q, key_padding_mask, seed,
+                               step, stream, drop, is_causal)
+        words = _ref_masks.pack_bits(dense)
     else:
-        rank = row_ranks(key_padding_mask, batch, lk, p, drop, device)
-    kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
-    words = _tk.keep_mask_bits(src, v, kpm, rank, keep_threshold(q), seed, step, stream,
-                               drop == "low", is_causal)
-    return PackedMask(words, torch.Size(shape))
+        words = _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step, stream, drop,
+                              is_causal)
+    return PackedMask._unchecked(words, torch.Size(shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_table(streams: tuple, device: torch.device) -> torch.Tensor:
+    """int64 [n] device copy of the layers' streams, made once per (streams, device): a training
+    run reuses its layers' table instead of copying it to the device every step. Never written."""
+    return torch.tensor(streams, dtype=torch.int64, device=device)
+
+
+def keep_mask_layers(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor] = None,
+                     seed: int = 0, step: int = 0, streams: Optional[Sequence[int]] = None,
+                     backend: Optional[str] = None, drop: str = "high",
+                     is_causal: bool = False) -> tuple:
+    """Keep masks of n layers from one kernel launch: a tuple of n PackedMask [B,H,Lq,Lk].
+
+    attr: attributions stacked over the layers [n,B,H,Lq,Lk], or a (dO, v) pair stacked the
+    same way, dO [n,B,H,Lq,D] and v [n,B,Hkv,Lk,D]; key_padding_mask: bool [B,Lk] shared by
+    every layer, [n,B,Lk] per layer, or None; streams: the layers' Philox streams (default 0..
+    n − 1), each in [0, 2^32). Mask l equals keep_mask(attr[l] (or (dO[l], v[l])), p, q,
+    key_padding_mask (or key_padding_mask[l]), seed, step, streams[l], ...) bit for bit; the
+    other arguments are keep_mask's. The masks are views of one [n,B,H,Lq,W] word tensor.
+    """
+    p, q, seed, step = _check_settings(p, q, seed, step, drop, is_causal)
+    shape, scores, dO, v = _check_inputs(attr, key_padding_mask, 5)
+    n_layers, layer_shape = shape[0], shape[1:]
+    if streams is None:
+        streams = tuple(range(n_layers))
+    else:
+        if isinstance(streams, torch.Tensor) or not isinstance(streams, Sequence):
+            raise TypeError(f"streams must be a sequence of ints, got {type(streams).__name__}")
+        if len(streams) != n_layers:
+            raise ValueError(f"streams must name one stream per layer ({n_layers}), got "
+                             f"{len(streams)}")
+        streams = tuple(streams)
+        if not all(type(s) is int and 0 <= s <= UINT32_MAX for s in streams):
+            streams = tuple(check_int(f"streams[{i}]", s, 0, UINT32_MAX)
+                            for i, s in enumerate(streams))
+    device = (scores if dO is None else dO).device
+    if backends.resolve("addrop_keep_mask", backend, device) == "reference":
+        shared = key_padding_mask is None or key_padding_mask.dim() == 2
+        words = torch.stack([_ref_masks.pack_bits(_ref.keep_mask(
+            scores[i] if dO is None else (dO[i], v[i]), p, q,
+            key_padding_mask if shared else key_padding_mask[i], seed, step, stream, drop,
+            is_causal)) for i, stream in enumerate(streams)])
+    else:
+        words = _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step,
+                              _stream_table(streams, device), drop, is_causal)
+    layer_shape = torch.Size(layer_shape)
+    return tuple(PackedMask._unchecked(layer_words, layer_shape)
+                 for layer_words in words.unbind(0))

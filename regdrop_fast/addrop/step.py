@@ -10,7 +10,9 @@ dO = ∂target/∂O per chosen layer comes from `torch.autograd.grad(target, out
 parameter gradient is formed or accumulated, and the forward records autograd only from the
 lowest chosen layer's attention output up, so nothing below it is back-propagated. Then keep
 mask i = keep_mask((dO_i, V_i), ...) with stream i (causal rows: over their causal prefix) and
-step = this object's step counter (recorded in `last_step` for reproducibility).
+step = this object's step counter (recorded in `last_step` for reproducibility); the masks of
+all chosen layers come from one `keep_mask_layers` launch over the stacked dO and V (one per
+group of layers with different shapes or causality, which the supported models do not have).
 Pass 2 runs the model with layer i masked by keep mask i; only its loss is back-propagated.
 
 Attribution kinds:
@@ -40,7 +42,7 @@ from .._checks import check_int, keep_threshold
 from ..masks import PackedMask, pack_mask
 from .attribution import attribution as _attribution
 from .integration import RANDOM_STREAM, enable, get_state
-from .mask import keep_mask
+from .mask import keep_mask_layers
 
 __all__ = ["ADDrop", "StepOutput", "TASKS"]
 
@@ -92,6 +94,24 @@ def _token_weights(batch, pseudo: torch.Tensor, causal: bool) -> torch.Tensor:
         counted = (torch.ones_like(pseudo[:, 1:], dtype=torch.bool) if real is None
                    else real[:, 1:].bool())
     return F.pad(counted, (0, 1), value=False)
+
+
+def _stack(tensors: list) -> torch.Tensor:
+    """[n, ...] from n same-shape tensors; one layer is a view, not a copy."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _shared_or_stacked(paddings: list) -> Optional[torch.Tensor]:
+    """The layers' key padding masks as keep_mask_layers takes them: None, the one [B,Lk] mask
+    every layer reads (the same memory, as transformers' encoders pass it), else stacked
+    [n,B,Lk]. Compared by address and strides: a comparison of values would sync the host."""
+    first = paddings[0]
+    if first is None:
+        return None
+    layout = (first.data_ptr(), first.stride())
+    if all(p is first or (p.data_ptr(), p.stride()) == layout for p in paddings[1:]):
+        return first
+    return torch.stack(paddings)
 
 
 class ADDrop:
@@ -226,31 +246,50 @@ class ADDrop:
         state = self.state
         model.train()
         kind = state.attribution
-        masks = {}
         if kind == "gradient":
-            for layer, (dO, record) in self._gradients(model, batch).items():
-                masks[layer] = self._keep(layer, (dO, record.value), record, step)
+            masks = self._keep({layer: ((dO, record.value), record) for layer, (dO, record)
+                                in self._gradients(model, batch).items()}, step)
         elif kind == "integrated_gradients":
-            for layer, (attr, record) in self._integrated_gradients(model, batch).items():
-                masks[layer] = self._keep(layer, attr, record, step)
+            masks = self._keep(self._integrated_gradients(model, batch), step)
         else:
             _, records = self._forward_records(model, batch, grad=False,
                                                materialize=kind == "attention")
-            for layer in self.layers:
-                record = records[layer]
-                if kind == "attention":
-                    masks[layer] = self._keep(layer, record.probs, record, step)
-                else:
-                    masks[layer] = self._random(layer, record, step)
+            if kind == "attention":
+                masks = self._keep({layer: (records[layer].probs, records[layer])
+                                    for layer in self.layers}, step)
+            else:
+                masks = {layer: self._random(layer, records[layer], step)
+                         for layer in self.layers}
         self.last_step = {"step": step, "seed": state.seed,
                           "streams": {layer: layer for layer in self.layers}}
         return masks
 
-    def _keep(self, layer, attr, record, step) -> PackedMask:
+    def _keep(self, attrs: dict, step: int) -> dict:
+        """{layer: keep mask} from {layer: (attribution or (dO, V), record)}: one
+        keep_mask_layers call (one kernel launch) per group of layers that share shapes,
+        dtypes, causality and padding presence, with stream = layer index."""
+        groups = {}
+        for layer, (attr, record) in attrs.items():
+            tensors = attr if isinstance(attr, tuple) else (attr,)
+            key = (record.causal, record.key_padding is None,
+                   *((t.shape, t.dtype) for t in tensors))
+            groups.setdefault(key, []).append(layer)
         state = self.state
-        return keep_mask(attr, state.p, state.q, key_padding_mask=record.key_padding,
-                         seed=state.seed, step=step, stream=layer, backend=state.backend,
-                         drop=state.drop, is_causal=record.causal)
+        masks = {}
+        for layers in groups.values():
+            records = [attrs[layer][1] for layer in layers]
+            first = attrs[layers[0]][0]
+            if isinstance(first, tuple):
+                stacked = tuple(_stack([attrs[layer][0][i] for layer in layers])
+                                for i in range(len(first)))
+            else:
+                stacked = _stack([attrs[layer][0] for layer in layers])
+            masks.update(zip(layers, keep_mask_layers(
+                stacked, state.p, state.q, key_padding_mask=_shared_or_stacked(
+                    [record.key_padding for record in records]),
+                seed=state.seed, step=step, streams=layers, backend=state.backend,
+                drop=state.drop, is_causal=records[0].causal)))
+        return {layer: masks[layer] for layer in attrs}
 
     def _random(self, layer, record, step) -> PackedMask:
         state = self.state

@@ -2,10 +2,10 @@
 
 Backends: reference (regdrop_fast/reference/masked_adamw.py), cpu (csrc/masked_adamw.cpp,
 OpenMP), cuda (csrc/masked_adamw_cuda.cu) and triton (triton_kernels/masked_adamw.py), both
-multi-tensor: one launch per dtype bucket (the CUDA kernel splits very long lists into launches
-of at most 24 tensors). "auto" follows backends.OPS["masked_adamw"]: on CUDA tensors the CUDA
-kernel, then Triton (measured 4-9x slower on an H200, so only where the extension lacks CUDA
-kernels), then the reference.
+multi-tensor: one launch per dtype bucket (the CUDA launcher splits very long lists into
+launches whose tensor list fits the kernel arguments). "auto" follows
+backends.OPS["masked_adamw"]: on CUDA tensors the CUDA kernel, then Triton (measured 4-9x slower
+on an H200, so only where the extension lacks CUDA kernels), then the reference.
 
 capturable=True (torch.optim.AdamW's semantics): `steps` are 0-d float32 step tensors and `lr`
 may be a 0-d tensor, all on the parameters' device. The reference computes the bias corrections

@@ -216,6 +216,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         self._streams = {}
         self._names = {}
         self._mask_words = {}
+        self._known = []  # the parameters the dicts above are keyed on, in param-group order
         self._plans = {}  # param-group index -> _GroupPlan, the step's fast path
         self._lr_tensors = {}  # capturable group with a float lr -> (value, device tensor)
         self._constructed = False
@@ -270,12 +271,41 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 f"param_groups[{len(self.param_groups) - 1}]['params'][{i}] "
                 f"(shape {tuple(p.shape)})")
             self._streams[p] = (zlib.crc32(name.encode()) if name is not None else first + i)
+            self._known.append(p)
         if self._constructed and group["mode"] == "D":
             raise ValueError("a mode='D' param group cannot be added after construction: "
                              "pass all groups and their masks to the constructor")
 
+    def _adopt_replaced_params(self) -> None:
+        """Re-key the per-parameter tables when `param_groups` now hold other tensors at the
+        same positions: accelerate's FSDP2 `prepare` swaps each parameter for its sharded
+        DTensor inside an existing optimizer. A replacement keeps its name, stream, mask and
+        state; one of another (global) shape is refused."""
+        params = self._flat_params()
+        if len(params) == len(self._known) and all(p is q for p, q in zip(params, self._known)):
+            return
+        if len(params) != len(self._known):
+            raise ValueError(f"param_groups now hold {len(params)} parameters, the optimizer "
+                             f"was built over {len(self._known)}")
+        for new, old in zip(params, self._known):
+            if new is old:
+                continue
+            name = self._names[old]
+            if tuple(new.shape) != tuple(old.shape):
+                raise ValueError(f"parameter {name} was replaced by a tensor of shape "
+                                 f"{tuple(new.shape)}, it had shape {tuple(old.shape)}")
+            self._names[new] = self._names.pop(old)
+            self._streams[new] = self._streams.pop(old)
+            if old in self._mask_words:
+                self._mask_words[new] = self._mask_words.pop(old).to(_local(new).device)
+            if old in self.state:
+                self.state[new] = self.state.pop(old)
+        self._known = list(params)
+        self._plans.clear()
+
     def mask_stream(self, param: torch.Tensor) -> int:
         """The Philox stream of `param` (see the module docstring)."""
+        self._adopt_replaced_params()
         if param not in self._streams:
             raise ValueError("param is not a parameter of this optimizer")
         return self._streams[param]
@@ -371,6 +401,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         """(live params, their local contiguous grads): every parameter with a gradient is
         checked before any state is touched, so a bad input changes nothing; then missing
         state is created."""
+        self._adopt_replaced_params()
         live = [p for p in group["params"] if p.grad is not None]
         device = None
         for p in live:
@@ -533,6 +564,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's optimizer state plus the seed, the streams and the packed masks (flat
         int32 words keyed by the parameter's index in param-group order)."""
+        self._adopt_replaced_params()
         sd = super().state_dict()
         params = self._flat_params()
         sd[_EXTRA_KEY] = {
@@ -556,6 +588,7 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         if not isinstance(extra, dict):
             raise ValueError(f"state_dict has no {_EXTRA_KEY!r} entry (seed, streams, masks): "
                              f"it was not saved by {type(self).__name__}")
+        self._adopt_replaced_params()
         params = self._flat_params()
         if list(extra.get("streams", ())) != [self._streams[p] for p in params]:
             raise ValueError("state_dict: the saved Philox streams differ from this "
@@ -705,6 +738,7 @@ class MaskedAdamW(ChildTuningAdamW):
     @torch.no_grad()
     def apply_masks_(self) -> None:
         """Set the pruned weights to 0 now (step() does it for parameters with a gradient)."""
+        self._adopt_replaced_params()
         for p, words in self._mask_words.items():
             local = _local(p)
             keep = _ref.keep_bits(_ref.MASK_BITS, local.numel(), _global_offset(p), seed=0,

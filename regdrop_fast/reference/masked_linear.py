@@ -60,3 +60,23 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch
         mask = scores_mask(scores, threshold).to(weight.dtype)
     y = F.linear(x, weight * mask, bias)
     return y if upcast else y.to(dtype)
+
+
+def score_adamw_step(scores, exp_avg, exp_avg_sq, grad, *, step: int, lr: float, beta1: float,
+                     beta2: float, eps: float, weight_decay: float = 0.0,
+                     weight: Optional[torch.Tensor] = None, upcast: bool = True):
+    """One torch.optim.AdamW step of mask-training scores, returned as new tensors
+    (scores, exp_avg, exp_avg_sq); the reference of MaskScoreAdamW's fused step.
+
+    grad: dScore, or with `weight` given G = dW' (the gradient of W ⊙ M), the gradient then being
+    the straight-through G ⊙ W. step: the step count after this step's increment.
+    p ← p·(1 − lr·wd) − lr/bc1 · m/(√v/√bc2 + eps) with m, v updated first, bc = 1 − βᵗ."""
+    dtype = torch.float64 if upcast else torch.float32
+    s, m, v, g = (t.to(dtype) for t in (scores, exp_avg, exp_avg_sq, grad))
+    if weight is not None:
+        g = g * weight.to(dtype)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    s = s * (1.0 - lr * weight_decay) - (lr / bc1) * (m / (v.sqrt() / bc2 ** 0.5 + eps))
+    return s, m, v

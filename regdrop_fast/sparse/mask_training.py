@@ -22,8 +22,10 @@ import torch.nn as nn
 
 from .._checks import check_int, check_prob
 from .prepare import masked_modules, prepare
+from .score_adamw import MaskScoreAdamW
 
-__all__ = ["cubic_sparsity", "kth_threshold", "num_pruned", "prune_smallest", "MaskTrainer"]
+__all__ = ["cubic_sparsity", "kth_threshold", "num_pruned", "prune_smallest", "MaskTrainer",
+           "MaskScoreAdamW"]
 
 
 def _check_sparsity(name: str, value) -> float:
@@ -76,7 +78,8 @@ class MaskTrainer:
     """Initializes the scores of a model and keeps φ on the sparsity schedule.
 
     Call `step()` once per optimizer step (after `optimizer.step()`). The scores to optimize
-    are `parameters()` (AdamW, weight decay 0, the fine-tuning lr in the paper).
+    are `parameters()` (AdamW, weight decay 0, the fine-tuning lr in the paper); `optimizer(lr)`
+    gives that AdamW fused with the elementwise passes of mask training (MaskScoreAdamW).
 
     sparsity: final target s_f in [0, 1). initial_sparsity: s_i of the cubic schedule (default
     s_f: no schedule), also the sparsity of the initialization. start/end: t0/t_f of the
@@ -162,9 +165,10 @@ class MaskTrainer:
         sparsity = self.sparsity_at(self.t) if sparsity is None else _check_sparsity(
             "sparsity", sparsity)
         scores = {n: m.mask_scores.detach() for n, m in self.modules.items()}
-        for name, s in scores.items():
-            if torch.isnan(s).any():
-                raise ValueError(f"mask scores of {name} contain NaN")
+        has_nan = torch.stack([torch.isnan(s).any() for s in scores.values()])
+        if has_nan.any():  # the reset's one host sync
+            name = list(scores)[int(has_nan.nonzero()[0])]
+            raise ValueError(f"mask scores of {name} contain NaN")
         if not self.exact_count:
             self._official_reset(scores, sparsity)
             return sparsity
@@ -193,22 +197,39 @@ class MaskTrainer:
                 for module in self.modules.values():
                     module.mask_threshold.fill_(phi)
             return
-        for name, module in self.modules.items():
-            flat = scores[name].float().reshape(-1)
-            k = num_pruned(sparsity, flat.numel())
-            if k > 0:
-                kth = flat.kthvalue(k).values
-                if kth < flat.max():
-                    module.mask_threshold.fill_(kth)
+        # matrices of one size share k: one kthvalue over their stacked rows (a GPU's kthvalue
+        # runs one block per row, so a matrix alone fills one SM), φ kept on the device
+        by_size = {}
+        for name, s in scores.items():
+            by_size.setdefault(s.numel(), []).append(name)
+        for numel, names in by_size.items():
+            k = num_pruned(sparsity, numel)
+            if k == 0:
+                continue
+            rows = torch.stack([scores[n].float().reshape(-1) for n in names])
+            kth = rows.kthvalue(k, dim=1).values
+            moved = kth < rows.amax(dim=1)
+            for i, name in enumerate(names):
+                phi = self.modules[name].mask_threshold
+                phi.copy_(torch.where(moved[i], kth[i], phi[0]))
+
+    def resets_at(self, t: int) -> bool:
+        """Whether `step()` resets φ when it advances to step t (Δt grid or top-k)."""
+        return self.topk_every_step or (t - self.start) % self.interval == 0
 
     def step(self) -> bool:
         """Advance one step; reset φ if this step is on the Δt grid (or always with top-k).
         Returns whether φ was reset."""
         self.t += 1
-        if self.topk_every_step or (self.t - self.start) % self.interval == 0:
+        if self.resets_at(self.t):
             self.reset_thresholds()
             return True
         return False
+
+    def optimizer(self, lr: float, **kwargs) -> MaskScoreAdamW:
+        """The scores' AdamW, fused with the mask-training elementwise passes where Triton
+        runs (MaskScoreAdamW; kwargs: betas, eps, weight_decay, fused, defer_ste_grad)."""
+        return MaskScoreAdamW(self, lr, **kwargs)
 
     def sparsity(self) -> dict:
         """{name: fraction of pruned weights} under the current thresholds."""

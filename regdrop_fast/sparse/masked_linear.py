@@ -12,7 +12,9 @@
 original weight and bias Parameters (no copy) and adds either trainable `mask_scores` + a
 `mask_threshold` buffer, or a `mask_words` buffer of packed bits. A packed layer whose pruned
 weights are held at 0 (`zero_pruned`, as IMP does; train it with MaskedAdamW) runs plain
-F.linear: no masking op at all.
+F.linear: no masking op at all. A scores layer trained by MaskScoreAdamW (sparse/score_adamw.py)
+keeps its W' between steps, rewritten by the optimizer's fused step where φ stays, and may hand
+G to the optimizer instead of computing dScore (`defer_score_grad`).
 """
 from __future__ import annotations
 
@@ -68,12 +70,19 @@ class MaterializedMaskedLinear(torch.autograd.Function):
     """The default path. Forward: W' = W ⊙ M once in the compute dtype, y = F.linear(x, W', b).
     Saves x and W' (in the compute dtype: what a dense layer under autocast saves, x and its
     16-bit weight copy) and references to W and the mask source, no other weight-sized tensor.
-    Backward: dx = dy·W', G = dyᵀ·x (torch GEMMs), then dScore = G ⊙ W and dW = G ⊙ M."""
+    Backward: dx = dy·W', G = dyᵀ·x (torch GEMMs), then dScore = G ⊙ W and dW = G ⊙ M.
+    With `layer` (a scores MaskedLinear), W' comes from the layer's cache when still valid
+    (written by MaskScoreAdamW's fused step) and, if the layer defers its score gradient, G is
+    handed to the layer for the optimizer instead of dScore being computed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scores, words, phi, compute_dtype):
+    def forward(ctx, x, weight, bias, scores, words, phi, compute_dtype, layer=None):
         need_x, need_w, _, need_s = ctx.needs_input_grad[:4]
-        w_eff = materialize(weight, words, scores, phi, compute_dtype)
+        w_eff = None if layer is None else layer._cached_masked_weight(compute_dtype)
+        if w_eff is None:
+            w_eff = materialize(weight, words, scores, phi, compute_dtype)
+            if layer is not None:
+                layer._store_masked_weight(w_eff)
         xc = x.to(compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, w_eff, None if bias is None else bias.to(compute_dtype))
@@ -83,6 +92,7 @@ class MaterializedMaskedLinear(torch.autograd.Function):
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype,
                       None if scores is None else scores.dtype)
         ctx.compute_dtype = compute_dtype
+        ctx.layer = layer
         return y
 
     @staticmethod
@@ -93,15 +103,19 @@ class MaterializedMaskedLinear(torch.autograd.Function):
         n, k = weight.shape
         dy = dy.to(ctx.compute_dtype)
         dx = dw = db = dscore = None
+        defer = need_s and ctx.layer is not None and ctx.layer.defer_score_grad
         with torch.autocast(dy.device.type, enabled=False):
             if need_x:
                 dx = (dy @ w_eff).to(x_dtype)
             if need_w or need_s:
                 g = dy.reshape(-1, n).t() @ xc.reshape(-1, k)
-                dscore, dw = ste_grads(g, weight, words, scores, phi, need_s, need_w, s_dtype)
+                if defer:
+                    ctx.layer._add_score_grad(g)
+                dscore, dw = ste_grads(g, weight, words, scores, phi, need_s and not defer,
+                                       need_w, s_dtype)
             if need_b:
                 db = dy.reshape(-1, n).float().sum(0).to(b_dtype)
-        return dx, dw, db, dscore, None, None, None
+        return dx, dw, db, dscore, None, None, None, None
 
 
 class MaskedLinearFunction(torch.autograd.Function):
@@ -178,6 +192,12 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask, bias: Optional[to
     "reference" or "triton" (the fused masked GEMM); REGDROP_FAST_BACKEND applies when None.
     Under torch.autocast x may differ from weight's dtype and the output has the autocast dtype.
     """
+    return _masked_linear(x, weight, mask, bias, threshold, backend, check_finite, None)
+
+
+def _masked_linear(x, weight, mask, bias, threshold, backend, check_finite, layer):
+    """masked_linear; `layer`: the scores MaskedLinear calling it, whose W' cache and deferred
+    score gradient the default path uses (see MaterializedMaskedLinear)."""
     check_tensor("x", x, dtypes=_FLOATS)
     check_tensor("weight", weight, dtypes=_FLOATS, ndim=2, device=x.device)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -236,7 +256,17 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask, bias: Optional[to
     if name == "triton":
         return MaskedLinearFunction.apply(x, weight, bias, scores, words, phi)
     compute = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-    return MaterializedMaskedLinear.apply(x, weight, bias, scores, words, phi, compute)
+    return MaterializedMaskedLinear.apply(x, weight, bias, scores, words, phi, compute, layer)
+
+
+class _ScoreState:
+    """What a scores MaskedLinear keeps between steps for MaskScoreAdamW: W' and the key it was
+    made under, the deferred G. A plain object: setting a Module attribute costs microseconds,
+    paid per matrix and step."""
+    __slots__ = ("masked", "key", "g")
+
+    def __init__(self):
+        self.masked = self.key = self.g = None
 
 
 class MaskedLinear(nn.Linear):
@@ -269,6 +299,10 @@ class MaskedLinear(nn.Linear):
         self.kind = kind
         self.backend = backend
         self.zeroed = False
+        # set by MaskScoreAdamW (sparse/score_adamw.py): keep W' between steps / hand G to it
+        self.cache_masked_weight = False
+        self.defer_score_grad = False
+        self._score_state = _ScoreState()
         device = linear.weight.device
         if kind == "scores":
             self.mask_scores = nn.Parameter(
@@ -333,13 +367,50 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "scores":
-            return masked_linear(x, self.weight, self.mask_scores, self.bias,
-                                 threshold=self.mask_threshold, backend=self.backend,
-                                 check_finite=False)
+            return _masked_linear(x, self.weight, self.mask_scores, self.bias,
+                                  self.mask_threshold, self.backend, False, self)
         if self.zeroed:
             return F.linear(x, self.weight, self.bias)
         return masked_linear(x, self.weight, PackedMask(self.mask_words, self.weight.shape),
                              self.bias, backend=self.backend)
+
+    def _masked_key(self, dtype) -> tuple:
+        """What W' depends on: any in-place change of W, the scores or φ bumps a version."""
+        w, s, t = self.weight, self.mask_scores, self.mask_threshold
+        return (dtype, w.data_ptr(), w._version, s.data_ptr(), s._version, t.data_ptr(),
+                t._version)
+
+    def _cached_masked_weight(self, dtype) -> Optional[torch.Tensor]:
+        state = self._score_state
+        if state.masked is not None and state.key == self._masked_key(dtype):
+            return state.masked
+        state.masked = state.key = None  # stale: freed before a new W' is made
+        return None
+
+    def _store_masked_weight(self, w_eff: torch.Tensor, always: bool = False) -> None:
+        """Keep W' for later forwards: always (the optimizer's W'), or from a training forward
+        when caching is on (an eval forward's dtype may differ)."""
+        if always or (self.cache_masked_weight and self.training):
+            state = self._score_state
+            state.masked, state.key = w_eff, self._masked_key(w_eff.dtype)
+
+    def _drop_masked_weight(self) -> Optional[torch.dtype]:
+        """Forget the kept W' (freed unless a graph still holds it); its dtype, or None."""
+        state = self._score_state
+        dtype = None if state.masked is None else state.masked.dtype
+        state.masked = state.key = None
+        return dtype
+
+    def _add_score_grad(self, g: torch.Tensor) -> None:
+        state = self._score_state
+        # a second backward before the step (gradient accumulation) sums in fp32
+        state.g = g if state.g is None else state.g.float() + g
+
+    def take_score_grad(self) -> Optional[torch.Tensor]:
+        """The deferred G = dW' of the scores (dScore = G ⊙ W), cleared; None if none."""
+        state = self._score_state
+        g, state.g = state.g, None
+        return g
 
     def extra_repr(self) -> str:
         zeroed = ", pruned weights held at 0" if self.zeroed else ""

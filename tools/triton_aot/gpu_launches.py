@@ -69,17 +69,17 @@ def rdrop():
 def addrop_mask():
     from regdrop_fast.triton_kernels import addrop_mask as K
 
+    streams = t(12, dtype=torch.int64)  # ADDrop.step: all 12 layers of BERT-base, one launch
     for dtype in (torch.bfloat16, torch.float32):
         for lk in (L, 512, 4096):  # resident row, the L=512 train step, streamed row
-            kpm, rank = t(B, lk, dtype=torch.bool), t(B, dtype=torch.int32)
-            K.keep_mask_bits(t(B, H, L, lk, dtype=dtype), None, kpm, rank, 3 << 30, SEED, 2, 0,
+            kpm = t(B, lk, dtype=torch.bool)
+            K.keep_mask_bits(t(B, H, L, lk, dtype=dtype), None, kpm, 0.7, 3 << 30, SEED, 2, 0,
                              False)
             for causal in (False, True):
-                extra = optional(K.keep_mask_bits, is_causal=True) if causal else {}
-                if causal and not extra:
-                    continue
                 K.keep_mask_bits(t(B, H, L, D, dtype=dtype), t(B, H, lk, D, dtype=dtype), None,
-                                 rank, 3 << 30, SEED, 2, 0, True, **extra)
+                                 0.3, 3 << 30, SEED, 2, 0, True, causal)
+                K.keep_mask_bits(t(12, B, H, L, D, dtype=dtype), t(12, B, H, lk, D, dtype=dtype),
+                                 kpm, 0.7, 3 << 30, SEED, 2, streams, False, causal)
 
 
 def masked_attention():
@@ -117,8 +117,9 @@ def masked_linear():
 
 
 def mask_training():
-    """The default masked linear's elementwise passes at the bench weights (out, in): fp32
-    weights under bf16 autocast (the training-step bench) and bf16 weights (the op bench)."""
+    """The default masked linear's elementwise passes and MaskScoreAdamW's fused step at the
+    bench weights (out, in): fp32 weights under bf16 autocast (the training-step bench) and bf16
+    weights (the op bench)."""
     from regdrop_fast.triton_kernels import mask_training as K
 
     weights = {(n_out, n_in) for _, n_in, n_out in LINEAR_CASES} | {(HIDDEN, HIDDEN),
@@ -132,6 +133,11 @@ def mask_training():
             K.ste_grads(g, w, None, scores, phi, True, False, torch.float32)  # frozen W
             K.ste_grads(g, w, None, scores, phi, True, True, torch.float32)
             K.ste_grads(g, w, words, None, None, False, True, torch.float32)
+            for ste in (True, False):  # MaskScoreAdamW's fused step, with and without W'
+                for out in (t(n_out, n_in), None):
+                    K.score_adamw(scores, scores, scores, g if ste else scores, w, phi, out,
+                                  step_size=1e-3, bc2_sqrt=0.5, decay=1.0, beta1=0.9,
+                                  beta2=0.999, eps=1e-8, ste=ste)
 
 
 LAUNCHERS = (philox_and_masks, rdrop, addrop_mask, masked_attention, masked_linear,

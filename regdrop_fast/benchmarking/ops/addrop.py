@@ -6,6 +6,9 @@
     floor((1−p)·len), a float Bernoulli(1−q) map from torch's RNG, a long [B,H,L,L] mask.
     Ours: keep_mask((dO, V), ...) per backend (reference = sort + Philox; triton = no L² tensor).
     bytes_moved: dO and V read once plus the bit mask written (what the fused kernel must move).
+(a') addrop_keep_mask_layers (CUDA, triton): one training step's masks for all 12 layers of
+    BERT-base at the train-step shapes (L=128 B=32, L=512 B=8), keep_mask_layers over the
+    stacked dO and V (one launch) against 12 keep_mask calls (one launch per layer).
 (b) addrop_masked_attention: forward + backward (bf16 on CUDA), keep mask with p=0.3, q=0.2
     and 10% key padding; on CUDA 16k tokens at d=64, H=12, L=512..4096 and d=128, H=32,
     L=2048 (plus the small L=128 row), causal rows when the op has is_causal. Baselines: each
@@ -86,6 +89,33 @@ def bench_keep_mask(ctx):
                                         backend=name)
             ctx.record(impl=f"keep_mask[{name}]", bytes_moved=moved, **common,
                        **ctx.measure(ours))
+
+
+def bench_keep_mask_layers(ctx, layers=12):
+    device = ctx.device
+    if device.type != "cuda" or backends.unavailable_reason("triton", device) is not None:
+        return  # the interpreter is never timed; the reference form is a loop of keep_mask
+    for batch, length in [(32, 128)] if ctx.quick else [(32, 128), (8, 512)]:
+        gen = torch.Generator(device=device).manual_seed(0)
+        shape = (layers, batch, HEADS, length, HEAD_DIM)
+        dO, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+                 for _ in range(2))
+        pad = _padding(batch, length, device)
+        singles = f"{layers} x keep_mask[triton]"
+        common = dict(op="addrop_keep_mask_layers", baseline=singles,
+                      case=f"L={length} B={batch}, {layers} layers", dtype="bfloat16",
+                      shape=list(shape), bytes_moved=2 * dO.numel() * dO.element_size()
+                      + layers * batch * HEADS * length * math.ceil(length / 32) * 4)
+
+        def per_layer():
+            for layer in range(layers):
+                addrop.keep_mask((dO[layer], v[layer]), P, Q, key_padding_mask=pad, seed=SEED,
+                                 stream=layer, backend="triton")
+
+        ctx.record(impl=singles, **common, **ctx.measure(per_layer))
+        ctx.record(impl="keep_mask_layers[triton]", **common, **ctx.measure(
+            lambda: addrop.keep_mask_layers((dO, v), P, Q, key_padding_mask=pad, seed=SEED,
+                                            backend="triton")))
 
 
 def _attention_cases(ctx):
@@ -335,5 +365,6 @@ def _train_step_case(ctx, base, batch_size, length):
 
 def run(ctx):
     bench_keep_mask(ctx)
+    bench_keep_mask_layers(ctx)
     bench_masked_attention(ctx)
     bench_train_step(ctx)

@@ -29,6 +29,9 @@ from .childtuning import bert_shapes
 OP = "host_overhead"
 CASE = "python path, launches no-op"
 FLOOR = "torch autograd floor:"
+LAYERS = 12  # BERT-base: AD-DROP on every layer
+MASK_LAYERS = f"addrop.keep_mask_layers (dO, V), {LAYERS} layers"
+MASK_SINGLES = f"{LAYERS} x addrop.keep_mask (dO, V)"
 
 
 def _no_launches():
@@ -64,6 +67,13 @@ def _calls():
     w_mask = pack_mask(torch.rand(128, 256, generator=gen) < 0.5, backend="reference")
     dy = randn(64, 128)
     triton = {"backend": "triton"}
+    # one AD-DROP step's masks: the layers' dO and V stacked (as ADDrop.step passes them)
+    do_layers, v_layers = randn(LAYERS, *do.shape), randn(LAYERS, *v.shape)
+
+    def single_masks():
+        for layer in range(LAYERS):
+            addrop.keep_mask((do_layers[layer], v_layers[layer]), 0.3, 0.2, key_padding_mask=pad,
+                             seed=1, stream=layer, **triton)
 
     leaves = (z1, z2, q, k, v, x, w)
 
@@ -86,8 +96,15 @@ def _calls():
                                                                        **triton))),
         "addrop.keep_mask (dO, V)": ("bfloat16", lambda: addrop.keep_mask(
             (do, v.detach()), 0.3, 0.2, key_padding_mask=pad, seed=1, **triton)),
+        MASK_LAYERS: ("bfloat16", lambda: addrop.keep_mask_layers(
+            (do_layers, v_layers), 0.3, 0.2, key_padding_mask=pad, seed=1, **triton)),
+        MASK_SINGLES: ("bfloat16", single_masks),
+        # forward only (inference, evaluation): no autograd Function on this path
         "masked_attention fwd": ("bfloat16", lambda: addrop.masked_attention(
             q.detach(), k.detach(), v.detach(), keep, attn_mask=pad, **triton)),
+        # the forward of a training step: q, k, v require grad, so it records the graph node
+        "masked_attention fwd, grad tracked": ("bfloat16", lambda: addrop.masked_attention(
+            q, k, v, keep, attn_mask=pad, dropout_p=0.1, **triton)),
         "masked_attention fwd+bwd": ("bfloat16", lambda: backward(addrop.masked_attention(
             q, k, v, keep, attn_mask=pad, dropout_p=0.1, **triton), do)),
         "masked_linear fwd+bwd": ("bfloat16", lambda: backward(masked_linear(
@@ -169,6 +186,11 @@ def run(ctx):
         baseline = torch_fused if "AdamW" in impl else impl
         if "AdamW" in impl:
             note = None
+        elif impl == MASK_LAYERS:
+            baseline = MASK_SINGLES
+            note = f"one AD-DROP step's masks ({LAYERS} layers, one launch); goal <= 0.03 ms"
+        elif impl == MASK_SINGLES:
+            note = f"the same masks as {LAYERS} launches, one keep_mask call per layer"
         elif impl.startswith(FLOOR):
             note = "what torch's autograd costs any op with these inputs and outputs"
         elif f"{FLOOR} {impl}" in ms:

@@ -30,10 +30,15 @@ autocast on CUDA, a 2-layer 64-wide one with B=2, L=16 in fp32 on CPU or quick. 
 on a fresh copy of the same model (built, measured, freed in turn, so each peak is its own):
   dense step (AdamW)   fine-tuning every parameter with torch.optim.AdamW (fused on CUDA)
   mask training (fwd+bwd+AdamW on scores)   MaskTrainer(model, 0.7) defaults (frozen weights,
-                       scores trained through masked_linear's default path), the same AdamW
-                       on the scores (weight decay 0); φ kept (the issue's step definition)
-  mask training + φ reset every step   the same plus trainer.step() at its default interval=1
-                       (a per-matrix kthvalue of the scores every step)
+                       scores trained through masked_linear's default path) and its optimizer
+                       (MaskScoreAdamW, weight decay 0: on CUDA one fused kernel per matrix for
+                       the AdamW step and the next W'); φ kept (the issue's step definition)
+  mask training, deferred STE   the same with defer_ste_grad=True (the step forms dScore = G ⊙ W
+                       itself: no dScore tensor; scores' .grad stays None)
+  mask training, unfused   the same model and schedule with torch.optim.AdamW (fused on CUDA) on
+                       the dScore the backward writes, W' made by every forward: the comparison
+  mask training + φ reset every step   the default row plus trainer.step() at its default
+                       interval=1 (a per-matrix kthvalue of the scores every step)
   IMP fixed masks (MaskedAdamW)   IterativeMagnitudePruner(model, 0.7, rate=0.7) after its one
                        prune(): pruned weights held at 0, plain F.linear, MaskedAdamW's step
 Times are eager only (no CUDA-graph replay: a whole step with an optimizer and a φ reset is
@@ -187,12 +192,17 @@ def _dense(model, device):
     return torch.optim.AdamW(model.parameters(), lr=LR, fused=device.type == "cuda"), None
 
 
-def _mask_training(reset):
+def _mask_training(reset, optimizer="default"):
+    """optimizer: "default" (MaskTrainer.optimizer: MaskScoreAdamW, fused on CUDA), "defer"
+    (the same with the STE product formed in the step) or "torch" (torch's AdamW on dScore)."""
     def setup(model, device):
         trainer = MaskTrainer(model, TRAIN_SPARSITY, **({} if reset else {"interval": 2**62}))
-        optimizer = torch.optim.AdamW(trainer.parameters(), lr=LR, weight_decay=0.0,
-                                      fused=device.type == "cuda")
-        return optimizer, trainer.step
+        if optimizer == "torch":
+            opt = torch.optim.AdamW(trainer.parameters(), lr=LR, weight_decay=0.0,
+                                    fused=device.type == "cuda")
+        else:
+            opt = trainer.optimizer(LR, defer_ste_grad=optimizer == "defer")
+        return opt, trainer.step
     return setup
 
 
@@ -223,6 +233,10 @@ def bench_train_step(ctx):
     timing = dict(warmup=1, repeat=3) if device.type == "cpu" else dict(rep_ms=1000)
     setups = {"dense step (AdamW)": _dense,
               "mask training (fwd+bwd+AdamW on scores)": _mask_training(reset=False),
+              "mask training, deferred STE (defer_ste_grad=True)":
+                  _mask_training(reset=False, optimizer="defer"),
+              "mask training, unfused (torch AdamW on dScore)":
+                  _mask_training(reset=False, optimizer="torch"),
               "mask training + φ reset every step (MaskTrainer default interval=1)":
                   _mask_training(reset=True),
               "IMP fixed masks (MaskedAdamW)": _imp}

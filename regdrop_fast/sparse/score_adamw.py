@@ -1,0 +1,173 @@
+"""MaskScoreAdamW: torch.optim.AdamW on mask-training scores, fused with the elementwise work
+of mask training (issue 18).
+
+Besides cuBLAS's GEMMs, a mask-training step works over every masked weight: W' = W ⊙ M in
+the compute dtype (forward), dScore = G ⊙ W from G = dW' (backward), the AdamW step of the
+scores, and, where MaskTrainer resets it, φ = kthvalue of the updated scores. φ of step t+1
+depends on every updated score, so the pass that updates the scores can threshold them only
+with a φ that stays. With fused=True (the default on CUDA; the Triton interpreter on request)
+a step is:
+  - one kernel per score matrix (triton_kernels/mask_training.py score_adamw): AdamW on the
+    scores, m and v in place, its gradient read as dScore, or with defer_ste_grad=True
+    computed as G ⊙ W from G and W (no dScore tensor written or read); after a step that
+    MaskTrainer.step() will not follow with a φ reset, the same kernel writes W' = W ⊙
+    (s_new > φ) for the next forward, which then materializes nothing;
+  - where φ is reset: torch's kthvalue (MaskTrainer.step), then the forward's one W' pass.
+Elementwise passes per matrix and step (unfused: 3, W', dScore, AdamW): φ kept 2, or 1 with
+defer_ste_grad; φ reset 3, or 2 with defer_ste_grad, plus the kthvalue. The fused step reads
+s, m, v (12 B/weight) and dScore (4 B) or G and W (2 + 4 B: bf16 G, fp32 W), and writes s, m,
+v (12 B) and, where φ stays, W' (2 B in bf16).
+Unfused (CPU), the step is torch.optim.adamw.adamw on the same gradients. Both follow
+torch.optim.AdamW's math (decay first, bias corrections, fp32 state); the state_dict has its
+keys (step, exp_avg, exp_avg_sq), so checkpoints move between the two.
+
+defer_ste_grad=True leaves the scores' .grad None (the gradient lives with the layer until
+the step), so only this optimizer sees it: no gradient clipping, GradScaler unscaling, DDP
+all-reduce or grad hooks apply to the scores. It is therefore off by default; the Trainer's
+default max_grad_norm clips gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.optim.adamw import adamw as _torch_adamw
+
+from .. import backends
+
+__all__ = ["MaskScoreAdamW"]
+
+
+class MaskScoreAdamW(torch.optim.Optimizer):
+    """AdamW over the scores of a `MaskTrainer` (see the module docstring).
+
+    trainer: the MaskTrainer whose scores train (its `parameters()`); its schedule tells the
+    fused step whether φ stays after this step. lr, betas, eps, weight_decay: as
+    torch.optim.AdamW (weight decay 0 officially). fused: None (backends "mask_score_adamw":
+    Triton on CUDA, else torch; REGDROP_FAST_BACKEND applies), True (Triton; needs CUDA or
+    TRITON_INTERPRET=1) or False. defer_ste_grad: hand G = dW' from the backward to the step
+    instead of writing dScore (the scores' .grad stays None).
+    Call `step()` after the backward and before `trainer.step()`.
+    """
+
+    def __init__(self, trainer, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, fused: Optional[bool] = None,
+                 defer_ste_grad: bool = False):
+        if isinstance(lr, torch.Tensor) or not lr >= 0.0:
+            raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {betas!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self._layers = {m.mask_scores: m for m in trainer.modules.values()}
+        if not self._layers:
+            raise ValueError("trainer has no score matrices to optimize")
+        for name, module in trainer.modules.items():
+            scores = module.mask_scores
+            if scores.dtype != torch.float32 or not scores.is_contiguous():
+                raise TypeError(f"mask_scores of {name} must be contiguous float32, got "
+                                f"{scores.dtype} with strides {scores.stride()}")
+        devices = {p.device for p in self._layers}
+        if len(devices) != 1:
+            raise ValueError(f"the trainer's scores must be on one device, got "
+                             f"{sorted(str(d) for d in devices)}")
+        # fused=None: auto (Triton on CUDA) unless REGDROP_FAST_BACKEND names a backend
+        backend = None if fused is None else ("triton" if fused else "reference")
+        fused = backends.resolve("mask_score_adamw", backend, devices.pop()) == "triton"
+        super().__init__(list(self._layers), dict(lr=float(lr), betas=tuple(betas),
+                                                  eps=float(eps),
+                                                  weight_decay=float(weight_decay)))
+        self.trainer = trainer
+        self.fused = bool(fused)
+        self.defer_ste_grad = bool(defer_ste_grad)
+        for module in self._layers.values():
+            module.cache_masked_weight = self.fused
+            module.defer_score_grad = self.defer_ste_grad
+
+    def _state(self, p):
+        state = self.state[p]
+        if not state:
+            # torch.optim.AdamW's layout: a float32 step count on the CPU
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # the official order: optimizer step, then MaskTrainer.step() (t + 1) may reset φ
+        keep_phi = not self.trainer.resets_at(self.trainer.t + 1)
+        for group in self.param_groups:
+            work = []  # (scores, layer, deferred G or None, state)
+            for p in group["params"]:
+                layer = self._layers[p]
+                g_ste = layer.take_score_grad()
+                if p.grad is not None or g_ste is not None:
+                    work.append((p, layer, g_ste, self._state(p)))
+            if not work:
+                continue
+            if self.fused:
+                self._fused_steps(work, group, keep_phi)
+                continue
+            beta1, beta2 = group["betas"]
+            _torch_adamw([p for p, *_ in work],
+                         [p.grad if g is None else _ste_product(p, layer, g)
+                          for p, layer, g, _ in work],
+                         [s["exp_avg"] for *_, s in work], [s["exp_avg_sq"] for *_, s in work],
+                         [], [s["step"] for *_, s in work], amsgrad=False, beta1=beta1,
+                         beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                         eps=group["eps"], maximize=False)
+        return loss
+
+    def _fused_steps(self, work, group, keep_phi) -> None:
+        from ..triton_kernels import mask_training as _mt
+
+        torch._foreach_add_([s["step"] for *_, s in work], 1)
+        lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
+        decay = 1.0 - lr * group["weight_decay"]
+        scalars = {}  # by step count: the matrices normally share one
+        for p, layer, g_ste, state in work:
+            t = int(state["step"].item())  # a CPU tensor: no device sync
+            if t not in scalars:
+                scalars[t] = (lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t))
+            step_size, bc2_sqrt = scalars[t]
+            ste = g_ste is not None and p.grad is None
+            grad = g_ste if ste else (p.grad if g_ste is None else _ste_product(p, layer, g_ste))
+            # the last training forward's W' gives the compute dtype of the next one
+            dtype = layer._drop_masked_weight()
+            out = (torch.empty(p.shape, dtype=dtype, device=p.device)
+                   if keep_phi and dtype is not None else None)
+            weight = layer.weight.detach()
+            if (ste or out is not None) and not weight.is_contiguous():
+                weight = weight.contiguous()
+            _mt.score_adamw(p, state["exp_avg"], state["exp_avg_sq"], grad.contiguous(), weight,
+                            layer.mask_threshold, out, step_size=step_size, bc2_sqrt=bc2_sqrt,
+                            decay=decay, beta1=beta1, beta2=beta2, eps=eps, ste=ste)
+            # as torch's in-place update would: autograd then sees the scores changed
+            torch.autograd.graph.increment_version(p)
+            if out is not None:
+                layer._store_masked_weight(out, always=True)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "step" in state:  # torch's fused or capturable AdamW keeps it on the device
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for layer in self._layers.values():
+            layer.take_score_grad()
+
+
+def _ste_product(p, layer, g_ste) -> torch.Tensor:
+    """dScore = G ⊙ W in fp32 (ste_grads' rounding), plus any .grad the scores also got."""
+    dscore = g_ste.float() * layer.weight.detach().float()
+    return dscore if p.grad is None else p.grad + dscore
