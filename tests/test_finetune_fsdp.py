@@ -205,13 +205,9 @@ def _assert_close(two, one, folder, method):
 
 
 def _skip_unavailable(method):
-    from regdrop_fast.finetune.config import FinetuneConfig
-    from regdrop_fast.finetune.methods import build_methods
-    from regdrop_fast.finetune.methods.base import MethodUnavailable
-    try:
-        build_methods(method, FinetuneConfig())
-    except MethodUnavailable as exc:
-        pytest.skip(str(exc))
+    from regdrop_fast.finetune.methods import unavailable
+    if unavailable(method):
+        pytest.skip(unavailable(method))
 
 
 @pytest.mark.parametrize("method", ["none", "childtuning-f"])
