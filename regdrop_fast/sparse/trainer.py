@@ -7,7 +7,7 @@ pruning (IMP) and the debiasing losses, each a mixin to put before the Trainer c
     MyTrainer(..., debias="poe")         # DebiasTrainerMixin; rows carry "bias_probs"
 
 Mask training: scores on the paper's matrices (weights frozen), trained by AdamW (weight
-decay 0, official); the thresholds are reset on the schedule every Δt steps, Δt = one epoch of
+decay 0, official; `MaskTrainer.optimizer`, fused with the mask passes on CUDA); the thresholds are reset on the schedule every Δt steps, Δt = one epoch of
 optimizer steps by default (`interval="epoch"`, the official evaluation interval).
 IMP: `MaskedAdamW` keeps pruned weights at exactly 0; the run is split evenly into
 `num_iterations + 1` segments, and after each of the first `num_iterations` the pruner prunes
@@ -70,8 +70,10 @@ class MaskTrainingTrainerMixin:
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(self.mask_trainer.parameters(),
-                                               lr=self.args.learning_rate, weight_decay=0.0)
+            # AdamW on the scores (weight decay 0, official), fused with mask training's
+            # elementwise passes where Triton runs
+            self.optimizer = self.mask_trainer.optimizer(self.args.learning_rate,
+                                                         weight_decay=0.0)
         return self.optimizer
 
     def packed_masks(self) -> dict:
