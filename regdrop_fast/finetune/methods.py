@@ -158,13 +158,10 @@ def unavailable(name: str) -> str:
 def compose(spec: str, config) -> tuple:
     """(mixins, keyword arguments) of the Trainer running `spec` with `config`'s settings,
     after checking them; the debiasing mixin comes first so it sets its columns aside before
-    any method's forward pass."""
+    any method's forward pass (with R-Drop, each pass takes the debiasing loss)."""
     names = parse_methods(spec)
     methods = [REGISTRY[n] for n in names if REGISTRY[n].mixin]
     if config.debias is not None:
-        if "rdrop" in names:
-            raise FinetuneError("--debias cannot be combined with rdrop (R-Drop computes its "
-                                "own cross-entropy per pass)")
         methods.insert(0, DEBIAS)
     mixins, kwargs = [], {}
     for method in methods:

@@ -26,14 +26,20 @@ from typing import Optional
 import torch
 from transformers import Trainer
 
-from .forward import is_causal_lm, rdrop_forward
+from .forward import (duplicate_batch, is_causal_lm, model_logits, multi_rdrop_loss_parts,
+                      rdrop_forward)
 
 
 class RDropTrainerMixin:
     """Mix in before `transformers.Trainer`. Keyword options (also class attributes):
     rdrop_alpha (KL weight), rdrop_passes (m), rdrop_mode ("duplicate" | "twice"),
     rdrop_every (k), rdrop_kl_reduction ("mean": the fairseq criteria; "sum" with alpha 0.5:
-    the official HF BERT GLUE script), rdrop_causal_lm (None: detect), rdrop_backend."""
+    the official HF BERT GLUE script), rdrop_causal_lm (None: detect), rdrop_backend.
+
+    rdrop_pass_loss: None, or loss(logits, labels) of one pass of a sequence-classification
+    batch used in place of its cross-entropy (the debiasing losses of
+    `sparse.trainer.DebiasTrainerMixin` set it): the loss is then the passes' losses plus
+    alpha times the symmetric KL, reported as ce = their mean and kl."""
 
     rdrop_alpha: float = 1.0
     rdrop_passes: int = 2
@@ -42,6 +48,7 @@ class RDropTrainerMixin:
     rdrop_kl_reduction: str = "mean"
     rdrop_causal_lm: Optional[bool] = None
     rdrop_backend: Optional[str] = None
+    rdrop_pass_loss = None
 
     def __init__(self, *args, rdrop_alpha: Optional[float] = None,
                  rdrop_passes: Optional[int] = None, rdrop_mode: Optional[str] = None,
@@ -83,6 +90,8 @@ class RDropTrainerMixin:
         if not model.training or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        if self.rdrop_pass_loss is not None:
+            return self._rdrop_with_pass_loss(model, inputs, return_outputs)
         by_items = self._loss_normalized_by_items(num_items_in_batch)
         factor = 1
         if by_items and getattr(self.args, "average_tokens_across_devices", False):
@@ -109,6 +118,28 @@ class RDropTrainerMixin:
         if by_items:
             loss = loss / num_items_in_batch * factor
         return (loss, out.outputs) if return_outputs else loss
+
+    def _rdrop_with_pass_loss(self, model, inputs, return_outputs):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        if self.state.global_step % self.rdrop_every:  # k-step variant: a plain step
+            outputs = model(**inputs)
+            loss = ce = self.rdrop_pass_loss(model_logits(outputs), labels)
+            kl = None
+        else:
+            outputs = model(**duplicate_batch(inputs, self.rdrop_passes))
+            passes = model_logits(outputs).chunk(self.rdrop_passes, dim=0)
+            task = sum(self.rdrop_pass_loss(z, labels) for z in passes)
+            consistency, _, kl = multi_rdrop_loss_parts(
+                passes, labels, self.rdrop_alpha, ce=False,
+                kl_reduction=self.rdrop_kl_reduction, backend=self.rdrop_backend)
+            loss, ce = task + consistency, task.detach() / self.rdrop_passes
+        self.loss_parts = {"ce": ce.detach()}
+        self._rdrop_parts["rdrop_ce"].append(ce.detach())
+        if kl is not None:
+            self.loss_parts["kl"] = kl.detach()
+            self._rdrop_parts["rdrop_kl"].append(kl.detach())
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:

@@ -17,13 +17,13 @@ Both restore their schedule position from the Trainer's global step when resumin
 are model buffers and optimizer state, so they come back with the checkpoint.
 Debiasing: `compute_loss` uses the per-example bias-model probabilities the batch carries as
 "bias_probs" ([B, C]; conf-reg also "teacher_probs"); build the Trainer with
-`remove_unused_columns=False` so the columns reach it. Evaluation uses the plain loss.
+`remove_unused_columns=False` so the columns reach it. Evaluation uses the plain loss. With
+R-Drop's mixin in the class, each R-Drop pass takes the debiasing loss (`rdrop_pass_loss`).
 """
 from __future__ import annotations
 
 import math
 
-import torch
 from transformers import TrainerCallback
 
 from ..masks import PackedMask, pack_mask, unpack_mask
@@ -142,6 +142,8 @@ class DebiasTrainerMixin:
                              "batch's bias_probs column must reach compute_loss")
         self.debias = debias
         self._debias_columns = {}
+        if hasattr(self, "rdrop_pass_loss"):  # R-Drop composed: its passes take this loss
+            self.rdrop_pass_loss = self.debias_loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # set aside before any forward pass (AD-DROP's attribution pass included)
@@ -154,21 +156,23 @@ class DebiasTrainerMixin:
                              "column")
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def debias_loss(self, logits, labels):
+        """The debiasing loss of the current training batch's rows."""
+        bias = self._debias_columns["bias_probs"].to(logits.device)
+        if self.debias == "poe":
+            return poe_loss(logits, labels, bias.clamp_min(1e-12).log())
+        if self.debias == "reweight":
+            return reweight_loss(logits, labels, bias)
+        teacher = self._debias_columns["teacher_probs"].to(logits.device)
+        return conf_reg_loss(logits, labels, teacher, bias)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:
+        if not model.training or getattr(self, "rdrop_pass_loss", None) is not None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        device = logits.device
-        bias = self._debias_columns["bias_probs"].to(device)
-        if self.debias == "poe":
-            loss = poe_loss(logits, labels, bias.clamp_min(1e-12).log())
-        elif self.debias == "reweight":
-            loss = reweight_loss(logits, labels, bias)
-        else:
-            loss = conf_reg_loss(logits, labels,
-                                 self._debias_columns["teacher_probs"].to(device), bias)
+        loss = self.debias_loss(outputs["logits"] if isinstance(outputs, dict) else outputs[0],
+                                labels)
         return (loss, outputs) if return_outputs else loss
