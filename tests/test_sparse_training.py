@@ -823,3 +823,16 @@ def test_mask_score_adamw_with_scores_replaced_in_param_groups(fused):
     deferred.param_groups[0]["params"] = shards
     with pytest.raises(ValueError, match="defer_ste_grad=True needs the scores themselves"):
         deferred.step()
+
+
+@pytest.mark.parametrize("kwargs", [dict(interval=3), dict(interval=2, start=3),
+                                    dict(interval=5, topk_every_step=True)])
+def test_resets_at_predicts_step(kwargs):
+    """MaskScoreAdamW writes W' only after steps that MaskTrainer.step() does not follow with a
+    φ reset: resets_at(t + 1), asked before the step, is what step() then does."""
+    trainer = MaskTrainer(_tiny(transformers.BertConfig), 0.5, **kwargs)
+    predicted, done = [], []
+    for _ in range(8):
+        predicted.append(trainer.resets_at(trainer.t + 1))
+        done.append(trainer.step())
+    assert predicted == done and any(done) and (not all(done) or "topk_every_step" in kwargs)
