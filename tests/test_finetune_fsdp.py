@@ -101,6 +101,8 @@ def _train(folder, out, method, mode, dropout):
         extra.update(fsdp=True, fsdp_config=str(EXAMPLES / "fsdp2_config.json"))
         if mode == "fsdp2":
             restore = _force_fsdp_on_cpu()
+    elif mode == "accelerate-fsdp2":  # the FSDP settings come from `accelerate launch`
+        restore = _force_fsdp_on_cpu()
     elif mode.startswith("zero"):
         # "zeroN-client": without the optimizer section DeepSpeed takes the Trainer's optimizer
         stage = int(mode[4])
@@ -151,13 +153,13 @@ def tiny(tmp_path_factory):
     return make_tiny_bert(tmp_path_factory.mktemp("fsdp") / "model", dropout=0.0)
 
 
-def _launch(tiny, jobs, name):
+def _launch(tiny, jobs, name, launcher=None):
     out = tiny.parent / f"{name}.pt"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           __file__, str(tiny), str(out), json.dumps(jobs)]
+    launcher = launcher or ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [sys.executable, *launcher, __file__, str(tiny), str(out), json.dumps(jobs)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -238,6 +240,16 @@ def test_deepspeed_matches_ddp(tiny, deepspeed_runs, two_process_runs, method):
     zero, _ = deepspeed_runs[f"{method}:zero1"]
     ddp, _ = two_process_runs[f"{method}:ddp"]
     _assert_close(zero, ddp, tiny, method)
+
+
+@pytest.mark.slow  # a second 2-process launch
+def test_accelerate_launch_with_the_example_fsdp2_config(tiny, one_process):
+    launcher = ["-m", "accelerate.commands.launch", "--config_file",
+                str(EXAMPLES / "fsdp2.yaml"), "--main_process_port", "0"]
+    runs = _launch(tiny, [("none", "accelerate-fsdp2", 0.0)], "accelerate", launcher)
+    two, wrapper = runs["none:accelerate-fsdp2"]
+    assert wrapper.startswith("FSDP")
+    _assert_close(two, one_process("none"), tiny, "none")
 
 
 def test_fsdp_on_cpu_is_ddp_without_the_forced_state(two_process_runs):
