@@ -334,7 +334,7 @@ print("compiled")
 """
 
 
-def test_tma_configs_compile_for_sm90_with_bulk_tensor_copies():
+def test_tma_kernels_compile_for_sm90_with_bulk_tensor_copies():
     """The first TMA config of each kernel, bf16 D=64 with keep bits, padding, dropout and
     causal, as a GPU compiles it: bulk tensor copies in (Q/K/V/dO) and out (O, dQ, dK/dV),
     wgmma dots, no spills (tools/triton_aot checks every config; this pins the TMA path)."""
