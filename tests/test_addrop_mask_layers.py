@@ -168,3 +168,22 @@ def test_step_makes_one_mask_launch_for_all_layers(kind, monkeypatch):
                          seed=4, step=5, stream=layer, is_causal=record.causal,
                          backend="reference")
         assert torch.equal(masks[layer].words, want.words), layer
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lk", [128, 512, 3000])
+def test_cuda_bf16_layers_equal_per_layer_calls(lk):
+    """bf16 on the GPU (tensor-core dots; resident rows, streamed beyond 2048 keys), 12 layers:
+    each layer's words equal the single-layer launch and, for exact integer inputs, the
+    reference."""
+    gen = torch.Generator().manual_seed(lk)
+    dO = torch.randint(-3, 4, (12, 2, 4, 64, 64), generator=gen).to("cuda", torch.bfloat16)
+    v = torch.randint(-3, 4, (12, 2, 4, lk, 64), generator=gen).to("cuda", torch.bfloat16)
+    kpm = (torch.arange(lk) < torch.tensor([[lk], [lk // 2]])).to("cuda")
+    args = dict(p=0.3, q=0.2, key_padding_mask=kpm, seed=3, step=2)
+    got = keep_mask_layers((dO, v), backend="triton", **args)
+    for layer in range(12):
+        single = keep_mask((dO[layer], v[layer]), stream=layer, backend="triton", **args)
+        assert torch.equal(got[layer].words, single.words), layer
+    want = keep_mask((dO[5], v[5]), stream=5, backend="reference", **args)
+    assert torch.equal(got[5].words, want.words)

@@ -12,8 +12,8 @@ With dropout off a 2-process run equals a 1-process run (float summation order o
 and R-Drop with dropout draw per rank, so they are compared with a 2-process DDP run, which sees
 the same per-rank batches and RNG. Not covered: childtuning-d under FSDP2 (its Fisher pass sees
 each rank's shard of the data), mask-train under FSDP2 (its thresholds need whole score
-tensors), ChildTuning under ZeRO (it flattens the optimizer's parameters; DeepSpeed without
-ZeRO is tested); see docs/distributed.md. The DeepSpeed tests skip when deepspeed is not
+tensors), the methods with their own optimizer under ZeRO (it flattens the optimizer's
+parameters; DeepSpeed without ZeRO is tested); see docs/distributed.md. The DeepSpeed tests skip when deepspeed is not
 installed.
 """
 from __future__ import annotations
@@ -36,9 +36,9 @@ GLOBAL_BATCH, STEPS = 8, 3
 JOBS = [("none", "fsdp2", 0.0), ("childtuning-f", "fsdp2", 0.0), ("rdrop", "fsdp2", 0.1),
         ("rdrop", "ddp", 0.1), ("addrop", "fsdp2", 0.0), ("addrop", "ddp", 0.0),
         ("none", "fsdp2-unforced", 0.0)]
-DEEPSPEED_JOBS = [("none", "zero1", 0.0), ("none", "zero2", 0.0), ("mask-train", "zero2", 0.0),
-                  ("addrop", "zero1", 0.0), ("rdrop", "zero1", 0.1),
-                  ("childtuning-f", "zero0", 0.0)]
+DEEPSPEED_JOBS = [("none", "zero1", 0.0), ("none", "zero2", 0.0),
+                  ("mask-train", "zero0-client", 0.0), ("addrop", "zero1", 0.0),
+                  ("rdrop", "zero1", 0.1), ("childtuning-f", "zero0-client", 0.0)]
 
 
 def _config():
@@ -101,11 +101,15 @@ def _train(folder, out, method, mode, dropout):
         extra.update(fsdp=True, fsdp_config=str(EXAMPLES / "fsdp2_config.json"))
         if mode == "fsdp2":
             restore = _force_fsdp_on_cpu()
+    elif mode == "accelerate-fsdp2":  # the FSDP settings come from `accelerate launch`
+        restore = _force_fsdp_on_cpu()
     elif mode.startswith("zero"):
-        config = str(EXAMPLES / f"{mode}.json")
-        if mode == "zero0":  # no ZeRO, no optimizer section: the Trainer's optimizer as it is
-            config = json.loads((EXAMPLES / "zero1.json").read_text())
-            config["zero_optimization"]["stage"] = 0
+        # "zeroN-client": without the optimizer section DeepSpeed takes the Trainer's optimizer
+        stage = int(mode[4])
+        config = str(EXAMPLES / f"zero{max(stage, 1)}.json")
+        if stage == 0 or mode.endswith("-client"):
+            config = json.loads(Path(config).read_text())
+            config["zero_optimization"]["stage"] = stage
             del config["optimizer"]
         # use_cpu=True would turn DeepSpeed off; CUDA_VISIBLE_DEVICES="" keeps it on the CPU
         extra = dict(use_cpu=False, deepspeed=config)
@@ -149,13 +153,13 @@ def tiny(tmp_path_factory):
     return make_tiny_bert(tmp_path_factory.mktemp("fsdp") / "model", dropout=0.0)
 
 
-def _launch(tiny, jobs, name):
+def _launch(tiny, jobs, name, launcher=None):
     out = tiny.parent / f"{name}.pt"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           __file__, str(tiny), str(out), json.dumps(jobs)]
+    launcher = launcher or ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [sys.executable, *launcher, __file__, str(tiny), str(out), json.dumps(jobs)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -204,15 +208,8 @@ def _assert_close(two, one, folder, method):
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def _skip_unavailable(method):
-    from regdrop_fast.finetune.methods import unavailable
-    if unavailable(method):
-        pytest.skip(unavailable(method))
-
-
 @pytest.mark.parametrize("method", ["none", "childtuning-f"])
 def test_fsdp2_two_processes_match_one_process(tiny, two_process_runs, one_process, method):
-    _skip_unavailable(method)
     two, wrapper = two_process_runs[f"{method}:fsdp2"]
     assert wrapper.startswith("FSDP")  # the model really was sharded
     _assert_close(two, one_process(method), tiny, method)
@@ -228,10 +225,10 @@ def test_fsdp2_matches_ddp(tiny, two_process_runs, method):
 
 @pytest.mark.slow  # a second 2-process launch, about 40 s
 @pytest.mark.parametrize("method, stage", [("none", "zero1"), ("none", "zero2"),
-                                           ("mask-train", "zero2"), ("childtuning-f", "zero0")])
+                                           ("mask-train", "zero0-client"),
+                                           ("childtuning-f", "zero0-client")])
 def test_deepspeed_two_processes_match_one_process(tiny, deepspeed_runs, one_process, method,
                                                    stage):
-    _skip_unavailable(method)
     two, wrapper = deepspeed_runs[f"{method}:{stage}"]
     assert wrapper == "DeepSpeedEngine"
     _assert_close(two, one_process(method), tiny, method)
@@ -243,6 +240,16 @@ def test_deepspeed_matches_ddp(tiny, deepspeed_runs, two_process_runs, method):
     zero, _ = deepspeed_runs[f"{method}:zero1"]
     ddp, _ = two_process_runs[f"{method}:ddp"]
     _assert_close(zero, ddp, tiny, method)
+
+
+@pytest.mark.slow  # a second 2-process launch
+def test_accelerate_launch_with_the_example_fsdp2_config(tiny, one_process):
+    launcher = ["-m", "accelerate.commands.launch", "--config_file",
+                str(EXAMPLES / "fsdp2.yaml"), "--main_process_port", "0"]
+    runs = _launch(tiny, [("none", "accelerate-fsdp2", 0.0)], "accelerate", launcher)
+    two, wrapper = runs["none:accelerate-fsdp2"]
+    assert wrapper.startswith("FSDP")
+    _assert_close(two, one_process("none"), tiny, "none")
 
 
 def test_fsdp_on_cpu_is_ddp_without_the_forced_state(two_process_runs):

@@ -281,13 +281,15 @@ def test_tma_tiles_match_eager(device, tma_tiles, case):
 
 def test_tma_eligibility_and_pruning():
     """Inputs TMA cannot address (a base or stride not a multiple of 16 bytes, a D beyond one
-    box) get TMA_OK = 0, and then the autotuner keeps only the pointer configs."""
+    box, overlapping rows) get TMA_OK = 0, and then the autotuner keeps only the pointer
+    configs."""
     K, _ = _kernels()
     x = torch.zeros(2, 3, 8, 16)
     assert K.tma_ok(x, x.transpose(1, 2).contiguous().transpose(1, 2)) == 1
     assert K.tma_ok(x, torch.zeros(2 * 3 * 8 * 16 + 1)[1:].view(2, 3, 8, 16)) == 0  # base + 4 B
     assert K.tma_ok(torch.zeros(2, 3, 8, 12, dtype=torch.bfloat16)) == 0  # 24-byte rows
     assert K.tma_ok(torch.zeros(1, 1, 8, 320, dtype=torch.bfloat16)) == 0  # D > 256
+    assert K.tma_ok(torch.zeros(2, 3, 1, 16).expand(2, 3, 8, 16)) == 0  # rows overlap
     configs = [triton.Config(dict(BLOCK_M=64, BLOCK_N=64, USE_TMA=t)) for t in (False, True)]
     half = torch.zeros(1, dtype=torch.bfloat16)
     assert K._prune(configs, dict(q_ptr=half, TMA_OK=0)) == configs[:1]
@@ -332,7 +334,7 @@ print("compiled")
 """
 
 
-def test_tma_configs_compile_for_sm90_with_bulk_tensor_copies():
+def test_tma_kernels_compile_for_sm90_with_bulk_tensor_copies():
     """The first TMA config of each kernel, bf16 D=64 with keep bits, padding, dropout and
     causal, as a GPU compiles it: bulk tensor copies in (Q/K/V/dO) and out (O, dQ, dK/dV),
     wgmma dots, no spills (tools/triton_aot checks every config; this pins the TMA path)."""

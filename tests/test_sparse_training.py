@@ -544,9 +544,8 @@ def _score_training_run(make_optimizer, monkeypatch, steps=4, interval=2):
             {n: m.mask_threshold.clone() for n, m in trainer.modules.items()}, len(made))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("defer", [False, True])
-@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("fused,defer,weight_decay", [(False, False, 0.0), (False, True, 0.01),
+                                                    (True, False, 0.01), (True, True, 0.0)])
 def test_mask_score_adamw_equals_torch_adamw(fused, defer, weight_decay, monkeypatch):
     """MaskScoreAdamW (Triton in the interpreter, or torch's AdamW code on CPU), with dScore or
     the deferred STE product, trains the scores as torch.optim.AdamW does: logits, scores, Adam
@@ -794,3 +793,45 @@ def test_official_local_reset_is_per_matrix_with_one_host_sync(monkeypatch):
         want = kth if kth < flat.max() else before[name][0]
         assert m.mask_threshold.item() == want.item(), name
     assert trainer.modules[list(trainer.modules)[2]].mask_threshold.item() == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mask_score_adamw_with_scores_replaced_in_param_groups(fused):
+    """accelerate's FSDP2 prepare swaps each parameter in param_groups for its shard (DeepSpeed
+    ZeRO for flat partitions): those tensors take torch's AdamW step, as torch.optim.AdamW
+    would on them, and their layers stop keeping W' (the step no longer updates what they
+    read); defer_ste_grad=True refuses such groups."""
+    if fused:
+        require_backend("triton", torch.device("cpu"))
+    trainer = MaskTrainer(_tiny(transformers.BertConfig).train(), 0.5, init="soft")
+    opt = trainer.optimizer(1e-2, fused=fused)
+    shards = [p.detach().clone().requires_grad_(True) for p in trainer.parameters()]
+    twins = [p.detach().clone().requires_grad_(True) for p in shards]
+    opt.param_groups[0]["params"] = shards
+    ref = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(13)
+    for _ in range(2):
+        for shard, twin in zip(shards, twins):
+            shard.grad = torch.randn(shard.shape, generator=g)
+            twin.grad = shard.grad.clone()
+        opt.step()
+        ref.step()
+    assert all(torch.equal(a, b) for a, b in zip(shards, twins))
+    assert not any(m.cache_masked_weight for m in trainer.modules.values())
+    deferred = trainer.optimizer(1e-2, fused=fused, defer_ste_grad=True)
+    deferred.param_groups[0]["params"] = shards
+    with pytest.raises(ValueError, match="defer_ste_grad=True needs the scores themselves"):
+        deferred.step()
+
+
+@pytest.mark.parametrize("kwargs", [dict(interval=3), dict(interval=2, start=3),
+                                    dict(interval=5, topk_every_step=True)])
+def test_resets_at_predicts_step(kwargs):
+    """MaskScoreAdamW writes W' only after steps that MaskTrainer.step() does not follow with a
+    φ reset: resets_at(t + 1), asked before the step, is what step() then does."""
+    trainer = MaskTrainer(_tiny(transformers.BertConfig), 0.5, **kwargs)
+    predicted, done = [], []
+    for _ in range(8):
+        predicted.append(trainer.resets_at(trainer.t + 1))
+        done.append(trainer.step())
+    assert predicted == done and any(done) and (not all(done) or "topk_every_step" in kwargs)

@@ -146,12 +146,15 @@ def tma_ok(*tensors) -> int:
     """1 when the [B, H, L, D] tensors (one dtype, one D) suit tensor descriptors over their
     [L, D] head matrices and over those of the contiguous outputs: bases, the strides of dims
     0-2 and a row of D elements multiples of 16 bytes (the last stride is 1 in every
-    launcher), D within one TMA box (<= 256 elements). Bitwise ORs: every value is a multiple
-    of a power of two iff their OR is (this runs on every call)."""
+    launcher), rows that do not overlap (an expanded length dim has stride 0), D within one
+    TMA box (<= 256 elements). Bitwise ORs: every value is a multiple of a power of two iff
+    their OR is (this runs on every call)."""
     d = tensors[0].shape[-1]
     ptrs, strides = 0, d
     for t in tensors:
         st = t.stride()
+        if st[2] < d:
+            return 0
         ptrs |= t.data_ptr()
         strides |= st[0] | st[1] | st[2]
     return int(d <= 256 and not ptrs & 15

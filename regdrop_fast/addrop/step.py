@@ -267,12 +267,13 @@ class ADDrop:
     def _keep(self, attrs: dict, step: int) -> dict:
         """{layer: keep mask} from {layer: (attribution or (dO, V), record)}: one
         keep_mask_layers call (one kernel launch) per group of layers that share shapes,
-        dtypes, causality and padding presence, with stream = layer index."""
+        dtypes, devices (a model split over GPUs), causality and padding presence, with
+        stream = layer index."""
         groups = {}
         for layer, (attr, record) in attrs.items():
             tensors = attr if isinstance(attr, tuple) else (attr,)
             key = (record.causal, record.key_padding is None,
-                   *((t.shape, t.dtype) for t in tensors))
+                   *((t.shape, t.dtype, t.device) for t in tensors))
             groups.setdefault(key, []).append(layer)
         state = self.state
         masks = {}

@@ -64,7 +64,8 @@ _MASK_STEP = "mask training (fwd+bwd+AdamW on scores)"
 _BERT_STEP = r"bert-base .*"
 GOALS: List[Goal] = [
     Goal(13, "host overhead of each public GPU op's Python path <= 30 us per forward call "
-         "(CPU, launches no-op)", "host_overhead", r"(?!.*AdamW)(?!.*bwd).*", "us", 30, "<="),
+         "(CPU, launches no-op)", "host_overhead", r"(?!.*AdamW)(?!.*bwd)(?!\d+ x ).*", "us",
+         30, "<="),  # "12 x op" rows time several calls (the baseline of a batched op)
     Goal(13, f"main GPU cases keep the GPU busy >= {MIN_GPU_US} us per measured call (CUDA "
          "graph replay; secondary and latency rows excluded)", ".*", ".*", "main_graph_us",
          MIN_GPU_US, ">="),

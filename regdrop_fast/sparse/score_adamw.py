@@ -83,9 +83,8 @@ class MaskScoreAdamW(torch.optim.Optimizer):
         self.trainer = trainer
         self.fused = bool(fused)
         self.defer_ste_grad = bool(defer_ste_grad)
-        for module in self._layers.values():
-            module.cache_masked_weight = self.fused
-            module.defer_score_grad = self.defer_ste_grad
+        self._group_ids = None
+        self._check_groups()
 
     def _state(self, p):
         state = self.state[p]
@@ -102,29 +101,48 @@ class MaskScoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_groups()
         # the official order: optimizer step, then MaskTrainer.step() (t + 1) may reset φ
         keep_phi = not self.trainer.resets_at(self.trainer.t + 1)
         for group in self.param_groups:
-            work = []  # (scores, layer, deferred G or None, state)
+            fused, plain = [], []  # (scores, layer or None, deferred G or None, state)
             for p in group["params"]:
-                layer = self._layers[p]
-                g_ste = layer.take_score_grad()
+                layer = self._layers.get(p)
+                g_ste = None if layer is None else layer.take_score_grad()
                 if p.grad is not None or g_ste is not None:
+                    work = fused if self.fused and layer is not None else plain
                     work.append((p, layer, g_ste, self._state(p)))
-            if not work:
-                continue
-            if self.fused:
-                self._fused_steps(work, group, keep_phi)
-                continue
-            beta1, beta2 = group["betas"]
-            _torch_adamw([p for p, *_ in work],
-                         [p.grad if g is None else _ste_product(p, layer, g)
-                          for p, layer, g, _ in work],
-                         [s["exp_avg"] for *_, s in work], [s["exp_avg_sq"] for *_, s in work],
-                         [], [s["step"] for *_, s in work], amsgrad=False, beta1=beta1,
-                         beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                         eps=group["eps"], maximize=False)
+            if fused:
+                self._fused_steps(fused, group, keep_phi)
+            if plain:
+                beta1, beta2 = group["betas"]
+                _torch_adamw([p for p, *_ in plain],
+                             [p.grad if g is None else _ste_product(p, layer, g)
+                              for p, layer, g, _ in plain],
+                             [s["exp_avg"] for *_, s in plain],
+                             [s["exp_avg_sq"] for *_, s in plain], [],
+                             [s["step"] for *_, s in plain], amsgrad=False, beta1=beta1,
+                             beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                             eps=group["eps"], maximize=False)
         return loss
+
+    def _check_groups(self) -> None:
+        """Scores replaced in param_groups (accelerate's FSDP2 prepare swaps each for its
+        DTensor shard, DeepSpeed ZeRO for flat partitions) train by torch's AdamW; their layers
+        then neither keep W' nor defer G, since this step no longer updates what they read."""
+        ids = tuple(id(p) for group in self.param_groups for p in group["params"])
+        if ids == self._group_ids:
+            return
+        present = set(ids)
+        for scores, layer in self._layers.items():
+            own = id(scores) in present
+            if not own and self.defer_ste_grad:
+                raise ValueError("defer_ste_grad=True needs the scores themselves in "
+                                 "param_groups, but they were replaced (FSDP or DeepSpeed "
+                                 "sharding): use defer_ste_grad=False")
+            layer.cache_masked_weight = self.fused and own
+            layer.defer_score_grad = self.defer_ste_grad and own
+        self._group_ids = ids
 
     def _fused_steps(self, work, group, keep_phi) -> None:
         from ..triton_kernels import mask_training as _mt
