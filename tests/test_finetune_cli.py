@@ -463,3 +463,65 @@ def test_non_finite_training_loss_is_a_one_line_error(task, tmp_path, capsys, mo
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", nan_loss)
     err = _error(capsys, base_args(task, tmp_path / "o", "--epochs", "1", "--batch-size", "8"))
     assert "the training loss became nan at step 1; lower --lr" in err
+
+
+def _deepspeed_installed(monkeypatch, installed=True):
+    """Pretend the deepspeed package is (not) installed: the flag checks only look it up."""
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if installed else None) if name == "deepspeed" else find(name, *a)))
+
+
+@pytest.mark.parametrize("case", ["fsdp-config-alone", "fsdp-and-deepspeed", "no-deepspeed",
+                                  "fsdp-cpu", "deepspeed-cpu", "fsdp-mask-train",
+                                  "zero1-childtuning", "optimizer-section", "missing-config"])
+def test_fsdp_and_deepspeed_flag_errors(task, tmp_path, capsys, monkeypatch, case):
+    zero = tmp_path / "zero.json"
+    zero.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"zero_optimization": {"stage": 0}, "optimizer": {}}))
+    fsdp_json = str(HERE.parent / "examples" / "distributed" / "fsdp2_config.json")
+    _deepspeed_installed(monkeypatch, case != "no-deepspeed")
+    extra, expect = {
+        "fsdp-config-alone": (["--fsdp-config", fsdp_json], "--fsdp-config needs --fsdp"),
+        "fsdp-and-deepspeed": (["--fsdp", "--deepspeed", str(zero)],
+                               "--fsdp and --deepspeed cannot be combined"),
+        "no-deepspeed": (["--deepspeed", str(zero)], "--deepspeed needs the deepspeed package"),
+        "fsdp-cpu": (["--fsdp", "--fsdp-config", fsdp_json],
+                     "--fsdp would silently run as DDP on CPU: accelerate enables FSDP/DeepSpeed "
+                     "only for GPU processes"),
+        "deepspeed-cpu": (["--deepspeed", str(zero)],
+                          "--deepspeed would silently run as one process on CPU"),
+        "fsdp-mask-train": (["--fsdp", "--method", "mask-train"],
+                            "mask-train is not available with FSDP: it ranks whole weight/score "
+                            "tensors (top-k thresholds), which FSDP shards across processes; "
+                            "use DDP"),
+        "zero1-childtuning": (["--deepspeed", str(zero), "--method", "childtuning-d"],
+                              "childtuning-d is not available with this DeepSpeed config: "
+                              "DeepSpeed ZeRO stage 1 flattens"),
+        "optimizer-section": (["--deepspeed", str(plain), "--method", "imp"],
+                              "\"optimizer\" section, so DeepSpeed's optimizer would silently "
+                              "replace imp's own; use DDP, or a DeepSpeed config with stage 0"),
+        "missing-config": (["--fsdp", "--fsdp-config", str(tmp_path / "nope.json")],
+                           "no such file"),
+    }[case]
+    assert expect in _error(capsys, base_args(task, tmp_path / "o", *extra))
+
+
+def test_fsdp_and_deepspeed_flags_reach_the_training_arguments(task, tmp_path):
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+    from regdrop_fast.finetune.train import sharding_arguments
+    model = AutoModelForSequenceClassification.from_pretrained(task["model"], num_labels=2)
+    args = config_from_args(build_parser().parse_args(["finetune", "--fsdp"]))[0]
+    # the default: FSDP2 wrapping BertLayer only (sharding BertEmbeddings too crashes)
+    kwargs = sharding_arguments(args, model)
+    training = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kwargs)
+    assert training.fsdp_plugin_args["fsdp_version"] == 2
+    assert training.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "BertLayer"
+    path = str(HERE.parent / "examples" / "distributed" / "fsdp2_config.json")
+    args = config_from_args(build_parser().parse_args(["finetune", "--fsdp",
+                                                       "--fsdp-config", path]))[0]
+    assert sharding_arguments(args, model) == {"fsdp": True, "fsdp_config": path}
+    args = config_from_args(build_parser().parse_args(["finetune", "--deepspeed", "ds.json"]))[0]
+    assert sharding_arguments(args, model) == {"deepspeed": "ds.json"}
+    assert sharding_arguments(FinetuneConfig(), model) == {}

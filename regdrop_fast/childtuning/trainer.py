@@ -7,9 +7,10 @@ optimizer a `ChildTuningAdamW` over its usual weight-decay groups.
 
 Mode F draws its gradient mask inside each optimizer step (Philox: seed, step, parameter
 stream), so every process draws the same mask. Mode D computes the Fisher mask just before the
-optimizer is built, over the training set in order (the Trainer's dataset and collator,
-`per_device_train_batch_size` rows per batch, `fisher_batches` batches or all of them); every
-process computes it and rank 0's copy is broadcast. On `train(resume_from_checkpoint=...)` the
+optimizer is built, over the training set in order (the Trainer's dataset and collator) in
+GLOBAL batches of `per_device_train_batch_size * world_size` rows, `fisher_batches` of them or
+all: every process computes the same mask as a 1-process run with the same global batch, and
+rank 0's copy is broadcast. On `train(resume_from_checkpoint=...)` the
 masks come back with the optimizer state (ChildTuningAdamW's state dict carries them), so the
 Fisher pass is not rerun on the resumed weights. The seed defaults to `args.seed`.
 """
@@ -68,8 +69,11 @@ class ChildTuningTrainerMixin:
             dataset = self._remove_unused_columns(dataset, description="Fisher")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="Fisher")
+        # the global batch, in the same order on every rank: the mask does not depend on how
+        # many processes share the data
+        batch = self.args.per_device_train_batch_size * self.args.world_size
         loader = torch.utils.data.DataLoader(dataset, shuffle=False, collate_fn=collator,
-                                             batch_size=self.args.per_device_train_batch_size)
+                                             batch_size=batch)
         masks = fisher_mask(model, _ModelInputs(loader, accepted, self.args.device),
                             self.childtuning.get("reserve_p", 0.3),
                             max_batches=self.childtuning_fisher_batches)

@@ -17,6 +17,7 @@ EPILOG = """examples:
   regdrop-fast finetune --model MODEL_DIR --train train.csv --eval dev.csv \\
       --text-cols sentence --label-col label --method rdrop,childtuning-f
   torchrun --nproc_per_node=2 -m regdrop_fast finetune --train ... --eval ... --method rdrop
+  torchrun --nproc_per_node=8 -m regdrop_fast finetune --train ... --eval ... --fsdp
 """
 
 
@@ -63,6 +64,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     f"{D.max_length}; demo: 64)")
     tr.add_argument("--seed", type=int, help=f"(default: {D.seed})")
     tr.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
+    tr.add_argument("--fsdp", action="store_true", default=None, help="shard the model with "
+                    "FSDP2 (GPU launches only; default wrapping: one shard unit per transformer "
+                    "layer); not with mask-train or imp")
+    tr.add_argument("--fsdp-config", metavar="FILE", help="--fsdp: a JSON FSDP config for the "
+                    "Trainer (fsdp_config), e.g. examples/distributed/fsdp2_config.json")
+    tr.add_argument("--deepspeed", metavar="FILE", help="train under DeepSpeed with this JSON "
+                    "config (GPU launches only; needs the deepspeed package); ChildTuning, "
+                    "mask-train and imp only with ZeRO stage 0 and no optimizer section")
     tr.add_argument("--output-dir", metavar="DIR", help=f"metrics.jsonl, steps.jsonl, summary.md, "
                     f"curves.png, checkpoint-N/ (default: {D.output_dir})")
     tr.add_argument("--resume", action="store_true", default=None,
@@ -98,7 +107,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     help="official update order or torch AdamW's formula "
                     f"(default: {D.childtuning_semantics})")
     ct.add_argument("--fisher-batches", type=int, metavar="N", help="ChildTuning-D: Fisher "
-                    "over the first N batches (default: the whole training set)")
+                    "over the first N global batches of --batch-size rows, in file order, the same on every "
+                    "process (default: the whole training set)")
 
     ad = p.add_argument_group("AD-DROP")
     ad.add_argument("--addrop-p", type=float, help=f"candidate ratio (default: {D.addrop_p})")

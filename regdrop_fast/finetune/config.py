@@ -31,6 +31,11 @@ class FinetuneConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     device: str = "auto"
+    # FSDP2 / DeepSpeed (GPU launches only): fsdp_config None = FSDP2 wrapping the model's
+    # transformer layers; deepspeed: a DeepSpeed JSON config file
+    fsdp: bool = False
+    fsdp_config: Optional[str] = None
+    deepspeed: Optional[str] = None
     # R-Drop: "mean" = the fairseq NMT/RoBERTa criteria; "sum" = the official HF BERT GLUE
     # script (CE means + alpha/2 * the KL summed over the batch), where the paper uses alpha 0.5
     rdrop_alpha: float = 0.5

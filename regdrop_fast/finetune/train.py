@@ -10,11 +10,13 @@ optimizer, schedule, per-process RNG states and position, so --resume continues 
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import PrinterCallback, TrainingArguments, set_seed
@@ -28,7 +30,7 @@ from .config import FinetuneConfig
 from .data import LabelSet, default_split, load_table
 from .distributed import launched_env
 from .errors import FinetuneError
-from .hf_trainer import trainer_class
+from .hf_trainer import check_backend, trainer_class
 from .methods import describe
 from .model import check_model_folder, default_model_path, load_model, position_limit
 
@@ -100,6 +102,49 @@ def _device(name: str, info) -> str:
     return device.type
 
 
+def _check_sharding(config: FinetuneConfig, device_type: str) -> None:
+    """The --fsdp / --deepspeed flags: combinations, files, package, the method, the device."""
+    if config.fsdp_config and not config.fsdp:
+        raise FinetuneError("--fsdp-config needs --fsdp")
+    if config.fsdp and config.deepspeed:
+        raise FinetuneError("--fsdp and --deepspeed cannot be combined: choose one")
+    if config.deepspeed:
+        import importlib.util
+        if importlib.util.find_spec("deepspeed") is None:
+            raise FinetuneError("--deepspeed needs the deepspeed package (pip install deepspeed)")
+    for flag, path in (("--fsdp-config", config.fsdp_config), ("--deepspeed", config.deepspeed)):
+        if path and not Path(path).is_file():
+            raise FinetuneError(f"{flag} {path}: no such file")
+    if config.deepspeed:
+        try:
+            json.loads(Path(config.deepspeed).read_text())
+        except ValueError as exc:
+            raise FinetuneError(f"--deepspeed {config.deepspeed}: not a JSON file ({exc})") from None
+    check_backend(config.method, SimpleNamespace(fsdp=config.fsdp, deepspeed=config.deepspeed))
+    if (config.fsdp or config.deepspeed) and device_type == "cpu":
+        flag, fallback = ("--fsdp", "DDP") if config.fsdp else ("--deepspeed", "one process")
+        raise FinetuneError(f"{flag} would silently run as {fallback} on CPU: accelerate enables "
+                            "FSDP/DeepSpeed only for GPU processes")
+
+
+def sharding_arguments(config: FinetuneConfig, model) -> dict:
+    """The TrainingArguments keywords of --fsdp / --fsdp-config / --deepspeed."""
+    if config.deepspeed:
+        return {"deepspeed": config.deepspeed}
+    if not config.fsdp:
+        return {}
+    if config.fsdp_config:
+        return {"fsdp": True, "fsdp_config": config.fsdp_config}
+    # accelerate's default wrapping takes all of _no_split_modules, and sharding BERT's
+    # embeddings module shards word_embeddings twice (crash in prepare)
+    layers = [n for n in getattr(model, "_no_split_modules", None) or []
+              if not n.endswith("Embeddings")]
+    fsdp_config = {"version": 2}
+    if layers:
+        fsdp_config["transformer_layer_cls_to_wrap"] = layers
+    return {"fsdp": True, "fsdp_config": fsdp_config}
+
+
 def _report_to(value: str) -> list:
     """The integration names of --report-to, checked against the Trainer's list."""
     from transformers.integrations import (get_available_reporting_integrations,
@@ -130,6 +175,7 @@ class Job:
         self.progress = progress
         self.info = launched_env()
         self.device_type = _device(config.device, self.info)
+        _check_sharding(config, self.device_type)
         self.output_dir = Path(config.output_dir)
         # the methods' mixins (MethodUnavailable when a package cannot be imported) and their
         # settings, checked before any data is read
@@ -208,7 +254,8 @@ class Job:
             # means, not sums over items to be averaged across processes
             remove_unused_columns=False, average_tokens_across_devices=False,
             label_names=["labels"], ddp_find_unused_parameters=False,
-            dataloader_pin_memory=self.device_type == "cuda")
+            dataloader_pin_memory=self.device_type == "cuda",
+            **sharding_arguments(c, self.model))
 
     def _fingerprint(self) -> dict:
         c = self.config
