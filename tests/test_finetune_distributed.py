@@ -1,6 +1,7 @@
 """`torchrun --nproc_per_node=2 -m regdrop_fast finetune`: the Trainer's DDP on CPU (gloo) over a
 tiny random BERT gives the same model as a 1-process run with the same global batch (dropout
-off, so the only differences are float summation order and per-rank padding)."""
+off, so the only differences are float summation order and per-rank padding); ChildTuning-D's
+Fisher pass over global batches gives the 1-process mask."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from regdrop_fast.finetune.methods import unavailable
 from utils.finetune import base_args, tiny_task
 
 
-@pytest.mark.parametrize("method", ["none", "childtuning-f"])
+@pytest.mark.parametrize("method", ["none", "childtuning-f", "childtuning-d"])
 def test_two_process_ddp_matches_one_process(tmp_path, method):
     reason = unavailable(method)
     if reason:

@@ -10,11 +10,11 @@ is one process to accelerate (no backend: every rank would train on the same bat
 worker gives it the gloo backend, so the data is split as on GPUs.
 With dropout off a 2-process run equals a 1-process run (float summation order only); AD-DROP
 and R-Drop with dropout draw per rank, so they are compared with a 2-process DDP run, which sees
-the same per-rank batches and RNG. Not covered: childtuning-d under FSDP2 (its Fisher pass sees
-each rank's shard of the data), mask-train under FSDP2 (its thresholds need whole score
-tensors), the methods with their own optimizer under ZeRO (it flattens the optimizer's
-parameters; DeepSpeed without ZeRO is tested); see docs/distributed.md. The DeepSpeed tests skip when deepspeed is not
-installed.
+the same per-rank batches and RNG. ChildTuning-D's Fisher pass runs over global batches in a
+fixed order, so its mask is the 1-process one. make_trainer refuses mask-train and imp under
+FSDP (their thresholds need whole score tensors) and the methods with their own optimizer under
+DeepSpeed ZeRO >= 1 or with a DeepSpeed optimizer section (tested below; DeepSpeed without ZeRO
+is trained). The DeepSpeed tests skip when deepspeed is not installed.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples" / "distributed"
 GLOBAL_BATCH, STEPS = 8, 3
 # (method, mode, dropout): mode "fsdp2" forces FSDP on CPU, "fsdp2-unforced" does not, "ddp"
-JOBS = [("none", "fsdp2", 0.0), ("childtuning-f", "fsdp2", 0.0), ("rdrop", "fsdp2", 0.1),
+JOBS = [("none", "fsdp2", 0.0), ("childtuning-f", "fsdp2", 0.0), ("childtuning-d", "fsdp2", 0.0),
+        ("rdrop", "fsdp2", 0.1),
         ("rdrop", "ddp", 0.1), ("addrop", "fsdp2", 0.0), ("addrop", "ddp", 0.0),
         ("none", "fsdp2-unforced", 0.0)]
 DEEPSPEED_JOBS = [("none", "zero1", 0.0), ("none", "zero2", 0.0),
@@ -208,7 +209,7 @@ def _assert_close(two, one, folder, method):
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("method", ["none", "childtuning-f"])
+@pytest.mark.parametrize("method", ["none", "childtuning-f", "childtuning-d"])
 def test_fsdp2_two_processes_match_one_process(tiny, two_process_runs, one_process, method):
     two, wrapper = two_process_runs[f"{method}:fsdp2"]
     assert wrapper.startswith("FSDP")  # the model really was sharded
@@ -283,6 +284,64 @@ def test_example_accelerate_config_is_fsdp2():
     assert str(config.distributed_type).endswith("FSDP")
     assert config.fsdp_config["fsdp_version"] == 2
     assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "BertLayer"
+
+
+def _make(folder, tmp_path, method, **extra):
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+    from regdrop_fast.finetune.hf_trainer import make_trainer
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], **extra)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    data, collator = _data(folder)
+    return make_trainer(method, _config(), model=model, args=args, train_dataset=data,
+                        data_collator=collator)
+
+
+@pytest.mark.parametrize("method", ["mask-train", "imp", "rdrop,imp"])
+def test_fsdp_refuses_the_whole_tensor_methods(tiny, tmp_path, method):
+    from regdrop_fast.finetune.errors import FinetuneError
+    name = method.split(",")[-1]
+    with pytest.raises(FinetuneError, match=f"^{name} is not available with FSDP: it ranks whole "
+                       r"weight/score tensors \(top-k thresholds\), which FSDP shards across "
+                       "processes; use DDP$"):
+        _make(tiny, tmp_path, method, use_cpu=True, fsdp=True,
+              fsdp_config=str(EXAMPLES / "fsdp2_config.json"))
+
+
+def _refusal(method, deepspeed):
+    from types import SimpleNamespace
+    from regdrop_fast.finetune.errors import FinetuneError
+    from regdrop_fast.finetune.hf_trainer import check_backend
+    try:
+        check_backend(method, SimpleNamespace(fsdp=None, deepspeed=deepspeed))
+    except FinetuneError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("method", ["childtuning-f", "childtuning-d", "mask-train", "imp"])
+def test_deepspeed_refusals_of_the_own_optimizer_methods(method):
+    zero1 = json.loads((EXAMPLES / "zero1.json").read_text())  # with an optimizer section
+    client = {"zero_optimization": {"stage": 2}}
+    stage0 = {"zero_optimization": {"stage": 0}}
+    instead = "DDP or FSDP" if method.startswith("childtuning") else "DDP"
+    err = _refusal(method, zero1)
+    assert err.startswith(f"{method} is not available with this DeepSpeed config: ")
+    assert "\"optimizer\" section" in err and f"use {instead}, or a DeepSpeed config with " \
+        "stage 0 and no \"optimizer\" section" in err
+    assert "ZeRO stage 2 flattens" in _refusal(method, client)
+    assert _refusal(method, stage0) is None
+    assert _refusal("rdrop", zero1) is None and _refusal("none", client) is None
+
+
+@pytest.mark.parametrize("method", ["childtuning-f", "mask-train"])
+def test_deepspeed_refusal_through_make_trainer(tiny, tmp_path, method):
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
+    from regdrop_fast.finetune.errors import FinetuneError
+    with pytest.raises(FinetuneError, match=f"^{method} is not available with this DeepSpeed "
+                       "config: DeepSpeed ZeRO stage 1"):
+        _make(tiny, tmp_path, method, use_cpu=False,
+              deepspeed={"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu":
+                         "auto", "gradient_accumulation_steps": "auto"})
 
 
 if __name__ == "__main__":  # one torchrun rank: python -m torch.distributed.run ... this file
