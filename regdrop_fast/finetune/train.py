@@ -119,7 +119,8 @@ def _check_sharding(config: FinetuneConfig, device_type: str) -> None:
         try:
             json.loads(Path(config.deepspeed).read_text())
         except ValueError as exc:
-            raise FinetuneError(f"--deepspeed {config.deepspeed}: not a JSON file ({exc})") from None
+            raise FinetuneError(f"--deepspeed {config.deepspeed}: not a JSON file "
+                                f"({exc})") from None
     check_backend(config.method, SimpleNamespace(fsdp=config.fsdp, deepspeed=config.deepspeed))
     if (config.fsdp or config.deepspeed) and device_type == "cpu":
         flag, fallback = ("--fsdp", "DDP") if config.fsdp else ("--deepspeed", "one process")
