@@ -49,7 +49,8 @@ def test_readme_block_runs_as_pasted(index, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("page", ["README.md", "CONTRIBUTING.md", "docs/methods.md",
-                                  "docs/design.md"])
+                                  "docs/design.md", "docs/finetune.md", "docs/distributed.md",
+                                  "docs/differences.md"])
 def test_docs_point_only_inside_the_repository(page):
     path = ROOT / page
     text = path.read_text()
