@@ -155,6 +155,21 @@ std::vector<cuda::AdamwTensor> adamw_tensors(at::TensorList params, at::TensorLi
   return tensors;
 }
 
+// The group scalars of a launch. The plain form folds lr into lr_wd on the host; the
+// capturable form passes lr_wd = 0 and the lr tensor, which the kernel reads on the device.
+cuda::AdamwGroup adamw_group(double beta1, double beta2, double eps, double lr_wd,
+                             double reserve_p, int64_t seed_lo, int64_t seed_hi, const void* lr,
+                             bool lr_double, double weight_decay) {
+  return cuda::AdamwGroup{static_cast<float>(beta1),       static_cast<float>(beta2),
+                          static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                          static_cast<float>(eps),         static_cast<float>(lr_wd),
+                          static_cast<float>(1.0 - lr_wd), static_cast<float>(1.0 / reserve_p),
+                          join_seed(seed_lo, seed_hi),     keep_threshold(reserve_p),
+                          lr,                              lr_double,
+                          beta1,                           beta2,
+                          weight_decay};
+}
+
 void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList masks,
                        at::IntArrayRef mask_kinds, at::IntArrayRef steps,
@@ -176,14 +191,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     tensors[i].extra.bc2_sqrt = static_cast<float>(bc2_sqrts[i]);
     tensors[i].extra.step = static_cast<uint32_t>(steps[i]);
   }
-  const cuda::AdamwGroup group{static_cast<float>(beta1),       static_cast<float>(beta2),
-                               static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                               static_cast<float>(eps),         static_cast<float>(lr_wd),
-                               static_cast<float>(1.0 - lr_wd), static_cast<float>(1.0 / reserve_p),
-                               join_seed(seed_lo, seed_hi),     keep_threshold(reserve_p),
-                               nullptr,                         false,
-                               beta1,                           beta2,
-                               0.0};
+  const cuda::AdamwGroup group = adamw_group(beta1, beta2, eps, lr_wd, reserve_p, seed_lo,
+                                             seed_hi, nullptr, false, 0.0);
   C10_CUDA_CHECK(cuda::launch_masked_adamw(tensors.data(), n, group, param_dtype_of(params[0]),
                                            paper, static_cast<int>(action),
                                            current_stream(params[0])));
@@ -209,14 +218,9 @@ void masked_adamw_capturable_cuda(at::TensorList params, at::TensorList grads,
       adamw_tensors(params, grads, exp_avgs, exp_avg_sqs, masks, mask_kinds, index_offsets,
                     streams);
   for (size_t i = 0; i < n; ++i) tensors[i].extra.step_count = steps[i].const_data_ptr<float>();
-  const cuda::AdamwGroup group{static_cast<float>(beta1),       static_cast<float>(beta2),
-                               static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                               static_cast<float>(eps),         0.0f,
-                               1.0f,                            static_cast<float>(1.0 / reserve_p),
-                               join_seed(seed_lo, seed_hi),     keep_threshold(reserve_p),
-                               lr.const_data_ptr(),             lr.scalar_type() == at::kDouble,
-                               beta1,                           beta2,
-                               weight_decay};
+  const cuda::AdamwGroup group =
+      adamw_group(beta1, beta2, eps, 0.0, reserve_p, seed_lo, seed_hi, lr.const_data_ptr(),
+                  lr.scalar_type() == at::kDouble, weight_decay);
   C10_CUDA_CHECK(cuda::launch_masked_adamw(tensors.data(), n, group, param_dtype_of(params[0]),
                                            paper, static_cast<int>(action),
                                            current_stream(params[0])));
