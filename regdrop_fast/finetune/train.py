@@ -115,13 +115,14 @@ def _check_sharding(config: FinetuneConfig, device_type: str) -> None:
     for flag, path in (("--fsdp-config", config.fsdp_config), ("--deepspeed", config.deepspeed)):
         if path and not Path(path).is_file():
             raise FinetuneError(f"{flag} {path}: no such file")
+    deepspeed = None  # the parsed config: check_backend reads it as it is
     if config.deepspeed:
         try:
-            json.loads(Path(config.deepspeed).read_text())
+            deepspeed = json.loads(Path(config.deepspeed).read_text())
         except ValueError as exc:
             raise FinetuneError(f"--deepspeed {config.deepspeed}: not a JSON file "
                                 f"({exc})") from None
-    check_backend(config.method, SimpleNamespace(fsdp=config.fsdp, deepspeed=config.deepspeed))
+    check_backend(config.method, SimpleNamespace(fsdp=config.fsdp, deepspeed=deepspeed))
     if (config.fsdp or config.deepspeed) and device_type == "cpu":
         flag, fallback = ("--fsdp", "DDP") if config.fsdp else ("--deepspeed", "one process")
         raise FinetuneError(f"{flag} would silently run as {fallback} on CPU: accelerate enables "
