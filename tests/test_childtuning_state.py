@@ -159,3 +159,32 @@ def test_masked_adamw_state_checks(device, backend):
 def test_non_finite_hyperparameters_raise(device, name, value):
     with pytest.raises(ValueError, match=name):
         ChildTuningAdamW(_model(device).parameters(), mode=None, seed=0, **{name: value})
+
+
+def test_masked_adamw_reset_masks_equals_a_new_optimizer():
+    """reset_masks (IMP after a prune) leaves the optimizer as a new MaskedAdamW over the same
+    parameters and masks would be: moments and steps cleared, the new masks applied."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(6, 40)), torch.nn.Parameter(torch.randn(40))]
+    first = {weights[0]: torch.rand(6, 40) > 0.3, weights[1]: None}
+    second = {weights[0]: torch.rand(6, 40) > 0.6, weights[1]: torch.rand(40) > 0.5}
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(5)]
+
+    def run(opt, params, steps):
+        for g in steps:
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            opt.step()
+
+    opt = MaskedAdamW(weights, first, lr=1e-2, backend="reference")
+    run(opt, weights, grads[:3])
+    opt.reset_masks(second)
+    assert not opt.state
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    fresh = MaskedAdamW(twins, {twins[0]: second[weights[0]], twins[1]: second[weights[1]]},
+                        lr=1e-2, backend="reference")
+    run(opt, weights, grads[3:])
+    run(fresh, twins, grads[3:])
+    for a, b in zip(weights, twins):
+        assert torch.equal(a, b)
+    assert not weights[0][~second[weights[0]]].any()

@@ -735,6 +735,16 @@ class MaskedAdamW(ChildTuningAdamW):
     def _action(self, group) -> str:
         return "prune"
 
+    def reset_masks(self, masks) -> None:
+        """Start over with `masks` (the constructor's forms): the Adam moments and step counts
+        are cleared, as a new optimizer's would be (IMP after each prune, without rebuilding
+        an optimizer a Trainer or accelerate holds)."""
+        self._adopt_replaced_params()
+        self.state.clear()
+        self._mask_words = {}
+        self._plans.clear()
+        self._attach_masks(masks)
+
     @torch.no_grad()
     def apply_masks_(self) -> None:
         """Set the pruned weights to 0 now (step() does it for parameters with a gradient)."""

@@ -26,7 +26,7 @@ import math
 
 from transformers import TrainerCallback
 
-from ..masks import PackedMask, pack_mask, unpack_mask
+from ..masks import PackedMask, pack_mask
 from .debias import conf_reg_loss, poe_loss, reweight_loss
 from .imp import IterativeMagnitudePruner
 from .mask_training import MaskTrainer
@@ -97,14 +97,7 @@ class _PruneSchedule(TrainerCallback):
             return
         self.pruner.prune()
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-        saved = inner.state_dict()
-        params = [p for group in inner.param_groups for p in group["params"]]
-        masks = self.pruner.masks()
-        saved["state"] = {}  # fresh Adam moments and step counts, as a new optimizer has
-        saved["regdrop_fast"]["masks"] = {
-            i: pack_mask(unpack_mask(masks[p]).reshape(-1)).words  # the flat bit stream
-            for i, p in enumerate(params) if p in masks}
-        inner.load_state_dict(saved)
+        inner.reset_masks(self.pruner.masks())
 
 
 class IMPTrainerMixin:
