@@ -342,8 +342,8 @@ from regdrop_fast.triton_kernels import rdrop as K
 
 def sig(dt):
     s = {n: "*" + dt for n in ("z1_ptr", "z2_ptr", "g1_ptr", "g2_ptr")}
-    s.update(labels_ptr="*i64", count_ptr="*i64", rows_ptr="*fp32", partial_ptr="*fp32",
-             done_ptr="*i32", loss_ptr="*fp32", out_ptr="*fp32", z1_stride="i64", z2_stride="i64",
+    s.update(labels_ptr="*i64", count_ptr="*i64", rows_ptr="*fp32", done_ptr="*i32",
+             acc_ptr="*fp32", z1_stride="i64", z2_stride="i64",
              g1_stride="i64", g2_stride="i64", n_rows="i32", n_cols="i32", n_count="i32",
              alpha_half="fp32", ignore_index="i64")
     s.update({k: "constexpr" for k in ("HAS_LABELS", "HAS_CE", "NEED_GRAD", "MEAN_CE",

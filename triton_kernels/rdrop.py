@@ -39,6 +39,8 @@ regdrop_fast.rdrop): a row with +-inf or NaN gets a NaN loss and NaN gradients, 
 wrong value. A label outside [0, V) that is not ignore_index also gives that row a NaN loss and
 NaN gradients (the label is never used as an address).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +54,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 MAX_BLOCK_V = 8192
 MAX_ROW_TILE = 1024  # rows * columns of one program's tile when V is small
 MAX_TILE = 4096  # elements of one program's tile in the scaling kernel
+ACC_PARTIAL = tl.constexpr(8)  # offset of the per-program partial sums in the fp32 acc buffer
 
 
 @triton.jit
@@ -115,10 +118,10 @@ def rdrop_fwd_kernel(
     labels_ptr,  # int32/int64 [N] (unused without HAS_LABELS)
     count_ptr,  # int32/int64 [n_count]: the labels whose count normalizes "mean" terms
     rows_ptr,  # fp32 [N]: per-row loss CE_r + a * KL_r, 0 on ignored rows (ROW_LOSS only)
-    partial_ptr,  # fp32 [programs, 2]: each program's CE and KL sums
     done_ptr,  # int32 [1]: programs finished; 0 before the launch, re-armed to 0 after
-    loss_ptr,  # fp32 [1]: the reduced loss
-    out_ptr,  # fp32 [4]: mean (CE1 + CE2) / 2, mean (KL12 + KL21) / 2, CE sum, KL sum
+    acc_ptr,  # fp32 [ACC_PARTIAL + 2 * programs]: the reduced loss at 0, then at 1..4 mean
+    # (CE1 + CE2) / 2, mean (KL12 + KL21) / 2, CE sum, KL sum; from ACC_PARTIAL each program's
+    # CE and KL sums (one buffer: one allocation per call)
     z1_stride, z2_stride, g1_stride, g2_stride,  # row strides in elements
     n_rows, n_cols,  # N, V
     n_count,  # labels at count_ptr (rows of the whole batch)
@@ -222,6 +225,9 @@ def rdrop_fwd_kernel(
                     tl.store(g2_row[:, None] + cols[None, :], g2.to(g2_ptr.dtype.element_ty),
                              mask=smask)
 
+    loss_ptr = acc_ptr
+    out_ptr = acc_ptr + 1
+    partial_ptr = acc_ptr + ACC_PARTIAL
     pid = tl.program_id(0)
     tl.store(partial_ptr + 2 * pid, tl.sum(ce_acc, axis=0))
     tl.store(partial_ptr + 2 * pid + 1, tl.sum(kl_acc, axis=0))
@@ -321,7 +327,8 @@ def _done_counter(device):
     """The int32 counter of rdrop_fwd_kernel for the current stream of `device`: zero at rest
     (every launch re-arms it), so no memset precedes a launch; one per stream, since launches
     on two streams may overlap."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # the raw stream handle: torch.cuda.current_stream() builds a Stream object per call
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream)
     counter = _done_counters.get(key)
     if counter is None:
@@ -329,9 +336,57 @@ def _done_counter(device):
     return counter
 
 
-def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_ce=True,
-                  mean_kl=True, row_loss=False, count_labels=None, n_count=None, g1=None,
-                  g2=None, block_v=None, block_n=None, programs=None):
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(n_rows, n_cols, elem_bytes, device, block_v, block_n, programs):
+    """(grid size, the launch's constexpr/num_warps keywords) of rdrop_fwd_kernel: a function
+    of the shape, dtype size and device alone, so computed once per key."""
+    block_n, block_v, num_warps = _tile(n_rows, n_cols, block_v, block_n)
+    grid = _programs(cdiv(n_rows, block_n), n_cols, block_v, elem_bytes, device, programs)
+    return grid, dict(ONE_BLOCK=n_cols <= block_v, BLOCK_N=block_n, BLOCK_V=block_v,
+                      BLOCK_COUNT=1024, PROGRAMS_P2=next_power_of_2(grid), num_warps=num_warps)
+
+
+def launch_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_ce=True,
+                   mean_kl=True, row_loss=False, count_labels=None, n_count=None, g1=None,
+                   g2=None, block_v=None, block_n=None, programs=None):
+    """`rdrop_forward` returning the fp32 buffer it reduces into: (acc, rows, g1, g2), with
+    the loss at acc[0] and out at acc[1:5]; callers take the views they need."""
+    n_rows, n_cols = z1.shape
+    device = z1.device
+    has_labels = labels is not None
+    if count_labels is None:
+        count_labels = labels
+    if n_count is None:
+        n_count = count_labels.numel() if has_labels else n_rows
+    grid, meta = _forward_plan(n_rows, n_cols, z1.element_size(), device, block_v, block_n,
+                               programs)
+    acc = torch.empty(ACC_PARTIAL.value + 2 * grid, dtype=torch.float32, device=device)
+    rows = torch.empty(n_rows, dtype=torch.float32, device=device) if row_loss else None
+    if need_grad:
+        if g1 is None:
+            g1 = torch.empty_like(z1)
+        if g2 is None:
+            g2 = torch.empty_like(z2)
+    else:
+        g1 = g2 = None
+    done = _done_counter(device)
+    try:
+        rdrop_fwd_kernel[(grid,)](
+            z1, z2, z1 if g1 is None else g1, z2 if g2 is None else g2,
+            labels if has_labels else acc, count_labels if has_labels else acc,
+            acc if rows is None else rows, done, acc,
+            z1.stride(0), z2.stride(0),
+            0 if g1 is None else g1.stride(0), 0 if g2 is None else g2.stride(0),
+            n_rows, n_cols, n_count, float(alpha) * 0.5, int(ignore_index),
+            HAS_LABELS=has_labels, HAS_CE=bool(ce and has_labels), NEED_GRAD=bool(need_grad),
+            MEAN_CE=bool(mean_ce), MEAN_KL=bool(mean_kl), ROW_LOSS=bool(row_loss), **meta)
+    except BaseException:
+        done.zero_()  # a launch that failed part-way must not leave the counter off zero
+        raise
+    return acc, rows, g1, g2
+
+
+def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, **options):
     """Launch the fused forward on 2-D logits [N, V] (last-dim stride 1): one launch.
 
     labels: int [N] or None. mean_ce / mean_kl: divide the CE / KL term by the number of
@@ -341,51 +396,30 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_ce
     place). block_v/block_n/programs override the tile and grid (tests). Returns (loss fp32 [];
     out fp32 [4]: mean (CE1 + CE2) / 2, mean (KL12 + KL21) / 2, CE sum, KL sum; rows fp32 [N]
     or None; g1; g2); g1/g2 are None without need_grad."""
-    n_rows, n_cols = z1.shape
-    device = z1.device
-    has_labels = labels is not None
-    count_labels = labels if count_labels is None else count_labels
-    n_count = (count_labels.numel() if has_labels else n_rows) if n_count is None else n_count
-    loss = torch.empty((), dtype=torch.float32, device=device)
-    out = torch.empty(4, dtype=torch.float32, device=device)
-    rows = torch.empty(n_rows, dtype=torch.float32, device=device) if row_loss else out
-    if need_grad:
-        g1 = torch.empty_like(z1) if g1 is None else g1
-        g2 = torch.empty_like(z2) if g2 is None else g2
-    block_n, block_v, num_warps = _tile(n_rows, n_cols, block_v, block_n)
-    grid = _programs(cdiv(n_rows, block_n), n_cols, block_v, z1.element_size(), device,
-                     programs)
-    partial = torch.empty(2 * grid, dtype=torch.float32, device=device)
-    done = _done_counter(device)
-    try:
-        rdrop_fwd_kernel[(grid,)](
-            z1, z2, g1 if need_grad else z1, g2 if need_grad else z2,
-            labels if has_labels else out, count_labels if has_labels else out, rows, partial,
-            done, loss, out,
-            z1.stride(0), z2.stride(0),
-            g1.stride(0) if need_grad else 0, g2.stride(0) if need_grad else 0,
-            n_rows, n_cols, n_count, float(alpha) * 0.5, int(ignore_index),
-            HAS_LABELS=has_labels, HAS_CE=bool(ce and has_labels), NEED_GRAD=bool(need_grad),
-            MEAN_CE=bool(mean_ce), MEAN_KL=bool(mean_kl), ROW_LOSS=bool(row_loss),
-            ONE_BLOCK=n_cols <= block_v, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_COUNT=1024,
-            PROGRAMS_P2=next_power_of_2(grid), num_warps=num_warps)
-    except BaseException:
-        done.zero_()  # a launch that failed part-way must not leave the counter off zero
-        raise
-    return (loss, out, rows if row_loss else None, g1 if need_grad else None,
-            g2 if need_grad else None)
+    acc, rows, g1, g2 = launch_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad,
+                                       **options)
+    return acc[0], acc[1:5], rows, g1, g2
+
+
+@functools.lru_cache(maxsize=1024)
+def _scale_plan(n_rows, n_cols):
+    """(grid, BLOCK_N, BLOCK_V, num_warps) of rdrop_scale_grads_kernel."""
+    block_v = min(next_power_of_2(n_cols), MAX_TILE)
+    block_n = max(1, min(MAX_TILE // block_v, next_power_of_2(n_rows)))
+    num_warps = calculate_settings(block_n * block_v, MAX_TILE)[1]
+    return (cdiv(n_rows, block_n), cdiv(n_cols, block_v)), block_n, block_v, num_warps
 
 
 def rdrop_scale_grads_(g1, g2, grad_output):
     """g1, g2 *= grad_output in place (scalar or per-row [N]); tiles with grad_output == 1 are
     skipped on the device."""
     n_rows, n_cols = g1.shape
-    go = grad_output.reshape(-1)
-    go_stride = 0 if go.numel() == 1 else go.stride(0)
-    block_v = min(next_power_of_2(n_cols), MAX_TILE)
-    block_n = max(1, min(MAX_TILE // block_v, next_power_of_2(n_rows)))
-    num_warps = calculate_settings(block_n * block_v, MAX_TILE)[1]
-    grid = (cdiv(n_rows, block_n), cdiv(n_cols, block_v))
+    if grad_output.dim() == 0:
+        go, go_stride = grad_output, 0
+    else:
+        go = grad_output.reshape(-1)
+        go_stride = 0 if go.numel() == 1 else go.stride(0)
+    grid, block_n, block_v, num_warps = _scale_plan(n_rows, n_cols)
     rdrop_scale_grads_kernel[grid](g1, g2, go, g1.stride(0), g2.stride(0), go_stride,
                                    n_rows, n_cols, BLOCK_N=block_n, BLOCK_V=block_v,
                                    num_warps=num_warps)

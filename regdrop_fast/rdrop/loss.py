@@ -75,24 +75,38 @@ def mean_parts(sums: Tensor, inv: Tensor, task: str) -> Tensor:
 
 
 def _triton_call(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduction, ce,
-                 need_grad):
-    """(loss, parts [2], g1, g2) from the kernel: one launch, the reduction included."""
+                 need_grad, need_parts):
+    """(loss, parts [2] or None, g1, g2) from the kernel: one launch, the reduction included;
+    the gradients shaped like the logits. Views and copies only where the layout needs them
+    (each costs host time on every call)."""
     from ..triton_kernels import rdrop as kernels
 
-    n_cols = logits1.shape[-1]
-    z1 = logits1.reshape(-1, n_cols)
-    z2 = logits2.reshape(-1, n_cols)
-    z1 = z1 if z1.stride(-1) == 1 else z1.contiguous()
-    z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
-    flat = None if labels is None else labels.reshape(-1)
+    z1, z2, flat = logits1, logits2, labels
+    lead = logits1.dim() != 2
+    if lead:  # [B, T, V] -> [N, V]
+        n_cols = logits1.shape[-1]
+        z1 = z1.reshape(-1, n_cols)
+        z2 = z2.reshape(-1, n_cols)
+        if flat is not None:
+            flat = flat.reshape(-1)
+    if z1.stride(-1) != 1:
+        z1 = z1.contiguous()
+    if z2.stride(-1) != 1:
+        z2 = z2.contiguous()
     if flat is not None and flat.stride(0) != 1:
         flat = flat.contiguous()
     mean = reduction == "mean"
-    loss, out, rows, g1, g2 = kernels.rdrop_forward(
+    acc, rows, g1, g2 = kernels.launch_forward(
         z1, z2, flat, alpha, ignore_index, ce, need_grad, mean_ce=mean,
         mean_kl=mean and kl_reduction == "mean", row_loss=reduction == "none")
-    return (rows.view(_lead_shape(logits1.shape)) if reduction == "none" else loss), out[:2], \
-        g1, g2
+    if rows is None:
+        loss = acc[0]
+    else:
+        loss = rows.view(_lead_shape(logits1.shape)) if lead else rows
+    if lead and need_grad:
+        g1 = g1.view(logits1.shape)
+        g2 = g2.view(logits2.shape)
+    return loss, (acc[1:3] if need_parts else None), g1, g2
 
 
 def reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task, scale, need_grad):
@@ -154,8 +168,7 @@ def _forward(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduct
                        labels_in_range=check_labels, finite=finite)
     if name == "triton":
         loss, parts, g1, g2 = _triton_call(logits1, logits2, labels, alpha, ignore_index,
-                                           reduction, kl_reduction, ce, need_grad)
-        parts = parts if need_parts else None
+                                           reduction, kl_reduction, ce, need_grad, need_parts)
     else:
         regression = task == "regression"
         n_rows = logits1.numel() // logits1.shape[-1] if logits1.dim() > 1 else logits1.shape[0]
@@ -171,9 +184,7 @@ def _forward(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduct
             sums = terms.sum(1)
             loss = combine_terms(sums, scale, weight)
         parts = mean_parts(sums, inv, task) if need_parts else None
-    if not need_grad:
-        return name, loss, None, None, parts
-    return name, loss, g1.view(logits1.shape), g2.view(logits2.shape), parts
+    return name, loss, g1, g2, parts
 
 
 @torch.library.custom_op("regdrop_fast::rdrop_loss", mutates_args=())
@@ -184,11 +195,13 @@ def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], al
     """(loss, dloss/dlogits1, dloss/dlogits2, parts); the gradients are empty without
     need_grad, parts ([2], see `mean_parts`) without need_parts. backend "" = resolve
     (argument > env > auto); check_finite -1 = the backend's default."""
-    _, loss, g1, g2, parts = _forward(logits1, logits2, labels, alpha, ignore_index, reduction,
-                                      kl_reduction, ce, task, backend, check_labels,
-                                      check_finite, need_grad, need_parts)
+    name, loss, g1, g2, parts = _forward(logits1, logits2, labels, alpha, ignore_index,
+                                         reduction, kl_reduction, ce, task, backend,
+                                         check_labels, check_finite, need_grad, need_parts)
     if parts is None:
         parts = loss.new_empty(0)
+    elif name == "triton":  # a view of the loss's buffer; a custom op's outputs must not alias
+        parts = parts.clone()
     if g1 is None:
         empty = logits1.new_empty(0)
         return loss, empty, empty.clone(), parts
@@ -217,39 +230,38 @@ def _setup_context(ctx, inputs, output):
     ctx.consumed = False
 
 
-def _is_plain(*tensors) -> bool:
-    """Real eager tensors (not fake/functional tensors of a compiler trace)."""
-    return all(type(t) is torch.Tensor for t in tensors)
-
-
-_N_ARGS = 14  # inputs of rdrop_loss_op
+_NON_LOGIT_GRADS = (None,) * 12  # rdrop_loss_op's inputs after the two logits
 
 
 def _backward(ctx, grad_loss, _grad_g1, _grad_g2, _grad_parts):
-    return _input_grads(ctx, grad_loss)
+    return _input_grads(ctx, grad_loss) + _NON_LOGIT_GRADS
 
 
 def _input_grads(ctx, grad_loss):
-    """The gradients of the op's inputs: the saved (g1, g2) scaled by grad_loss."""
-    if ctx.in_place and _is_plain(grad_loss):
+    """(dL/dlogits1, dL/dlogits2): the saved (g1, g2) scaled by grad_loss."""
+    # real eager tensors only (not the fake/functional tensors of a compiler trace)
+    if ctx.in_place and type(grad_loss) is Tensor:
         if ctx.consumed:
             raise RuntimeError("rdrop_loss: backward ran twice through the same graph; its saved "
                                "gradients are scaled in place by the first backward. Recompute "
                                "the loss instead of using retain_graph=True")
         ctx.consumed = True
         g1, g2 = ctx.saved_tensors
-        if _is_plain(g1, g2):
+        if type(g1) is Tensor and type(g2) is Tensor:
             from ..triton_kernels import rdrop as kernels
 
-            n_cols = g1.shape[-1]
-            kernels.rdrop_scale_grads_(g1.view(-1, n_cols), g2.view(-1, n_cols),
-                                       grad_loss.to(torch.float32).contiguous())
-            return (g1, g2) + (None,) * (_N_ARGS - 2)
+            # grad_loss has the loss's dtype (fp32) and any layout: the kernel takes it as is
+            if g1.dim() == 2:
+                kernels.rdrop_scale_grads_(g1, g2, grad_loss)
+            else:
+                n_cols = g1.shape[-1]
+                kernels.rdrop_scale_grads_(g1.view(-1, n_cols), g2.view(-1, n_cols), grad_loss)
+            return g1, g2
     g1, g2 = ctx.saved_tensors
     if ctx.reduction == "none":
         go = grad_loss.reshape(*grad_loss.shape, *([1] * (g1.dim() - grad_loss.dim())))
-        return ((g1 * go).to(g1.dtype), (g2 * go).to(g2.dtype)) + (None,) * (_N_ARGS - 2)
-    return (g1 * grad_loss.to(g1.dtype), g2 * grad_loss.to(g2.dtype)) + (None,) * (_N_ARGS - 2)
+        return (g1 * go).to(g1.dtype), (g2 * go).to(g2.dtype)
+    return g1 * grad_loss.to(g1.dtype), g2 * grad_loss.to(g2.dtype)
 
 
 rdrop_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -260,7 +272,9 @@ class _EagerRDrop(torch.autograd.Function):
     the custom op's dispatcher round trip (tens of microseconds of host time a call)."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, logits1, logits2, args):
+        # the logits twice: as inputs autograd tracks, and in `args` (rdrop_loss_op's inputs),
+        # which autograd does not inspect (each argument of apply costs host time)
         name, loss, g1, g2, parts = _forward(*args)
         ctx.save_for_backward(g1, g2)
         ctx.reduction = args[5]
@@ -272,7 +286,7 @@ class _EagerRDrop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
-        return _input_grads(ctx, grad_loss)
+        return _input_grads(ctx, grad_loss) + (None,)
 
 
 def _plain_eager(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor]) -> bool:
@@ -342,7 +356,7 @@ def rdrop_loss(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None
     if not _plain_eager(logits1, logits2, labels):
         loss, _, _, parts = rdrop_loss_op(*args)
     elif need_grad:
-        loss, parts = _EagerRDrop.apply(*args)
+        loss, parts = _EagerRDrop.apply(logits1, logits2, args)
     else:
         _, loss, _, _, parts = _forward(*args)
     if not return_parts:
