@@ -164,8 +164,9 @@ def _forward(logits1, logits2, labels, alpha, ignore_index, reduction, kl_reduct
     gradients without need_grad and for parts without need_parts."""
     name = resolve_backend(backend or None, logits1.device, logits1.dtype, task)
     finite = check_finite == 1 or (check_finite == -1 and name == "reference")
-    check_rdrop_values(logits1, logits2, labels, ignore_index, task,
-                       labels_in_range=check_labels, finite=finite)
+    if check_labels or finite:
+        check_rdrop_values(logits1, logits2, labels, ignore_index, task,
+                           labels_in_range=check_labels, finite=finite)
     if name == "triton":
         loss, parts, g1, g2 = _triton_call(logits1, logits2, labels, alpha, ignore_index,
                                            reduction, kl_reduction, ce, need_grad, need_parts)
