@@ -172,14 +172,15 @@ def _launch(kernel, tuned, device, rows, row_block, cols, col_block, args, **fla
     """Autotuned on a GPU; one fixed small config under the interpreter. The grid covers
     cdiv(rows, row_block) x cdiv(cols, col_block) output tiles (row_block/col_block name the
     constexprs that tile the output)."""
+    # .run(grid=, warmup=False) is what kernel[grid](...) calls, without its per-call lambda
     if device.type == "cuda":
         def grid(meta):
             return (cdiv(rows, meta[row_block]) * cdiv(cols, meta[col_block]),)
-        tuned[grid](*args, **flags)
+        tuned.run(*args, grid=grid, warmup=False, **flags)
     else:
         b = _INTERPRETER_BLOCKS
-        grid = (cdiv(rows, b[row_block]) * cdiv(cols, b[col_block]),)
-        kernel[grid](*args, **flags, **b)
+        kernel.run(*args, grid=(cdiv(rows, b[row_block]) * cdiv(cols, b[col_block]),),
+                   warmup=False, **flags, **b)
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -18,6 +18,8 @@ G to the optimizer instead of computing dScore (`defer_score_grad`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from typing import Optional
@@ -39,6 +41,17 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 def _use_triton_elementwise(device: torch.device) -> bool:
     return device.type == "cuda" and backends.unavailable_reason("triton", device) is None
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _autocast_off(device_type: str):
+    """A context with autocast off for `device_type`: torch.autocast(enabled=False) only when
+    autocast is on (entering one costs microseconds per call), else a no-op context."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT
 
 
 def _keep(weight, words, scores, phi) -> torch.Tensor:
@@ -83,9 +96,11 @@ class MaterializedMaskedLinear(torch.autograd.Function):
             w_eff = materialize(weight, words, scores, phi, compute_dtype)
             if layer is not None:
                 layer._store_masked_weight(w_eff)
-        xc = x.to(compute_dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(xc, w_eff, None if bias is None else bias.to(compute_dtype))
+        xc = x if x.dtype == compute_dtype else x.to(compute_dtype)
+        if bias is not None and bias.dtype != compute_dtype:
+            bias = bias.to(compute_dtype)
+        with _autocast_off(x.device.type):
+            y = F.linear(xc, w_eff, bias)
         # weight, scores, words, phi: the caller's tensors, saved without a copy
         ctx.save_for_backward(xc if (need_w or need_s) else None, w_eff if need_x else None,
                               weight, scores, words, phi)
@@ -101,14 +116,17 @@ class MaterializedMaskedLinear(torch.autograd.Function):
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         x_dtype, b_dtype, s_dtype = ctx.dtypes
         n, k = weight.shape
-        dy = dy.to(ctx.compute_dtype)
+        if dy.dtype != ctx.compute_dtype:
+            dy = dy.to(ctx.compute_dtype)
         dx = dw = db = dscore = None
         defer = need_s and ctx.layer is not None and ctx.layer.defer_score_grad
-        with torch.autocast(dy.device.type, enabled=False):
+        with _autocast_off(dy.device.type):
             if need_x:
                 dx = (dy @ w_eff).to(x_dtype)
             if need_w or need_s:
-                g = dy.reshape(-1, n).t() @ xc.reshape(-1, k)
+                # a 2-d x is already the GEMM's layout: no reshape (a host cost per call)
+                dy2d, x2d = (dy, xc) if dy.dim() == 2 else (dy.reshape(-1, n), xc.reshape(-1, k))
+                g = dy2d.t() @ x2d
                 if defer:
                     ctx.layer._add_score_grad(g)
                 dscore, dw = ste_grads(g, weight, words, scores, phi, need_s and not defer,
@@ -124,35 +142,45 @@ class MaskedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scores, words, phi):
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, x.shape[-1])
+        # a 2-d x is the kernels' layout already: no reshape or view (each a host cost per call)
+        lead = None if x.dim() == 2 else x.shape[:-1]
+        x2d = x if lead is None else x.reshape(-1, x.shape[-1])
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
-        from ..triton_kernels import masked_linear as _tk
-        y = _tk.masked_linear_forward(x2d, weight, bias, words, scores, phi)
+        y = _fused_kernels().masked_linear_forward(x2d, weight, bias, words, scores, phi)
         ctx.save_for_backward(x2d, weight, scores, words, phi)
         ctx.lead = lead
         ctx.has_bias = bias is not None
-        return y.view(*lead, weight.shape[0])
+        return y if lead is None else y.view(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        from ..triton_kernels import masked_linear as _tk
+        tk = _fused_kernels()
         x2d, weight, scores, words, phi = ctx.saved_tensors
-        dy2d = dy.reshape(-1, dy.shape[-1])
+        lead = ctx.lead
+        dy2d = dy if lead is None else dy.reshape(-1, dy.shape[-1])
         if dy2d.stride(-1) != 1:
             dy2d = dy2d.contiguous()
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         dx = dw = db = dscore = None
         if need_x:
-            dx = _tk.masked_linear_backward_input(dy2d, weight, words, scores, phi)
-            dx = dx.view(*ctx.lead, weight.shape[1])
+            dx = tk.masked_linear_backward_input(dy2d, weight, words, scores, phi)
+            if lead is not None:
+                dx = dx.view(*lead, weight.shape[1])
         if need_w or need_s:
-            dscore, dw = _tk.masked_linear_backward_weight(dy2d, x2d, weight, words, scores, phi,
-                                                           want_dscore=need_s, want_dw=need_w)
+            dscore, dw = tk.masked_linear_backward_weight(dy2d, x2d, weight, words, scores, phi,
+                                                          want_dscore=need_s, want_dw=need_w)
         if need_b and ctx.has_bias:
             db = dy2d.float().sum(0).to(dy.dtype)
         return dx, dw, db, dscore, None, None
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_kernels():
+    """triton_kernels/masked_linear.py, imported on first use (triton is optional): an import
+    statement in forward and backward costs a module lookup per call."""
+    from ..triton_kernels import masked_linear as tk
+    return tk
 
 
 def _threshold_tensor(threshold, device, check_finite: bool) -> torch.Tensor:
@@ -163,7 +191,9 @@ def _threshold_tensor(threshold, device, check_finite: bool) -> torch.Tensor:
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be a scalar, got shape {tuple(threshold.shape)}")
         if threshold.is_floating_point() and threshold.device == device:
-            phi = threshold.detach().reshape(1).float()
+            # a layer's fp32 [1] buffer is φ as it is (detach, reshape, float: a view of it)
+            phi = (threshold if threshold.dtype == torch.float32 and threshold.dim() == 1
+                   and not threshold.requires_grad else threshold.detach().reshape(1).float())
             if (check_finite or phi.device.type == "cpu") and bool(torch.isnan(phi)):
                 raise ValueError("threshold must not be NaN")
             return phi
@@ -203,8 +233,8 @@ def _masked_linear(x, weight, mask, bias, threshold, backend, check_finite, laye
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must have last dimension in_features={weight.shape[1]}, got shape "
                          f"{tuple(x.shape)}")
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if x.dtype != weight.dtype and not autocast:
+    # the autocast state is read only where it matters (a per-call cost)
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
     if bias is not None:
         check_tensor("bias", bias, dtypes=(weight.dtype,), ndim=1, device=x.device)
@@ -212,7 +242,7 @@ def _masked_linear(x, weight, mask, bias, threshold, backend, check_finite, laye
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     words = scores = phi = None
     if isinstance(mask, PackedMask):
-        if tuple(mask.shape) != tuple(weight.shape):
+        if mask.shape != weight.shape:  # torch.Size (a tuple) both
             raise ValueError(f"mask must have the weight's shape {tuple(weight.shape)}, got "
                              f"{tuple(mask.shape)}")
         if mask.device != x.device:
@@ -222,7 +252,7 @@ def _masked_linear(x, weight, mask, bias, threshold, backend, check_finite, laye
         words = mask.words
     elif isinstance(mask, torch.Tensor):
         check_tensor("mask (scores)", mask, dtypes=_FLOATS, device=x.device)
-        if tuple(mask.shape) != tuple(weight.shape):
+        if mask.shape != weight.shape:
             raise ValueError(f"mask (scores) must have the weight's shape {tuple(weight.shape)}, "
                              f"got {tuple(mask.shape)}")
         if threshold is None:
@@ -255,7 +285,9 @@ def _masked_linear(x, weight, mask, bias, threshold, backend, check_finite, laye
         scores = scores.contiguous()
     if name == "triton":
         return MaskedLinearFunction.apply(x, weight, bias, scores, words, phi)
-    compute = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    device_type = x.device.type
+    compute = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+               else x.dtype)
     return MaterializedMaskedLinear.apply(x, weight, bias, scores, words, phi, compute, layer)
 
 
