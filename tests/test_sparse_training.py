@@ -578,14 +578,17 @@ def test_mask_score_adamw_equals_torch_adamw(fused, defer, weight_decay, monkeyp
 
 
 class _Counted:
-    """A Triton kernel whose launches (kernel[grid](...)) are counted under its name."""
+    """A Triton kernel whose launches (kernel[grid](...)) are counted under its name: one pass
+    each, or `passes(*args)` for a launch over several tensors."""
 
-    def __init__(self, kernel, name, counts):
+    def __init__(self, kernel, name, counts, passes=None):
         self.kernel, self.name, self.counts = kernel, name, counts
+        self.passes, self.launches = passes, 0
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.counts[self.name] += 1
+            self.counts[self.name] += 1 if self.passes is None else self.passes(*args)
+            self.launches += 1
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -613,11 +616,16 @@ def test_fused_step_makes_fewer_passes_over_the_weights(optimizer, monkeypatch):
     1 pass per matrix after such a step, 2 after a φ reset (the forward's W' again)."""
     require_backend("triton", torch.device("cpu"))
     from regdrop_fast.triton_kernels import mask_training as mt
+    from regdrop_fast.triton_kernels import score_adamw as sa
     ml_module = sys.modules["regdrop_fast.sparse.masked_linear"]
     monkeypatch.setattr(ml_module, "_use_triton_elementwise", lambda device: True)
     counts = {}
-    for name in ("materialize_kernel", "ste_grads_kernel", "score_adamw_kernel"):
+    for name in ("materialize_kernel", "ste_grads_kernel"):
         monkeypatch.setattr(mt, name, _Counted(getattr(mt, name), name, counts))
+    # one launch for every matrix: a pass over each matrix of its table
+    adam = _Counted(sa.score_adamw_multi_kernel, "score_adamw", counts,
+                    passes=lambda table, *_: table.shape[0])
+    monkeypatch.setattr(sa, "score_adamw_multi_kernel", adam)
     model = _tiny(transformers.BertConfig).train()
     trainer = MaskTrainer(model, 0.5, init="soft", interval=2)  # φ reset after steps 2, 4
     if optimizer == "torch":
@@ -626,7 +634,7 @@ def test_fused_step_makes_fewer_passes_over_the_weights(optimizer, monkeypatch):
         opt = trainer.optimizer(1e-2, fused=True, defer_ste_grad=optimizer == "fused+defer")
     per_step = []
     for ids, labels in _batches(3, 100, "cpu", seed=4):
-        for name in ("materialize_kernel", "ste_grads_kernel", "score_adamw_kernel",
+        for name in ("materialize_kernel", "ste_grads_kernel", "score_adamw",
                      "torch fused AdamW"):
             counts[name] = 0
         with _FusedAdamWCount(counts):
@@ -636,16 +644,17 @@ def test_fused_step_makes_fewer_passes_over_the_weights(optimizer, monkeypatch):
         trainer.step()
         per_step.append(dict(counts))
     layers = len(trainer.modules)
+    assert adam.launches == (0 if optimizer == "torch" else 3)  # one per step
     passes = [sum(c.values()) for c in per_step]
     if optimizer == "torch":
         assert per_step[1] == {"materialize_kernel": layers, "ste_grads_kernel": layers,
-                               "score_adamw_kernel": 0, "torch fused AdamW": layers}
+                               "score_adamw": 0, "torch fused AdamW": layers}
         assert passes == [3 * layers] * 3
     elif optimizer == "fused":  # step 1 builds W' in its forward, step 3 after the reset
         assert passes == [3 * layers, 2 * layers, 3 * layers]
     else:
         assert per_step[1] == {"materialize_kernel": 0, "ste_grads_kernel": 0,
-                               "score_adamw_kernel": layers, "torch fused AdamW": 0}
+                               "score_adamw": layers, "torch fused AdamW": 0}
         assert passes == [2 * layers, layers, 2 * layers]
 
 

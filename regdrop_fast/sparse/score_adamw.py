@@ -7,11 +7,14 @@ scores, and, where MaskTrainer resets it, φ = kthvalue of the updated scores. �
 depends on every updated score, so the pass that updates the scores can threshold them only
 with a φ that stays. With fused=True (the default on CUDA; the Triton interpreter on request)
 a step is:
-  - one kernel per score matrix (triton_kernels/mask_training.py score_adamw): AdamW on the
-    scores, m and v in place, its gradient read as dScore, or with defer_ste_grad=True
-    computed as G ⊙ W from G and W (no dScore tensor written or read); after a step that
-    MaskTrainer.step() will not follow with a φ reset, the same kernel writes W' = W ⊙
-    (s_new > φ) for the next forward, which then materializes nothing;
+  - one kernel launch for all score matrices (triton_kernels/score_adamw.py; one per set of
+    flags and dtypes where the matrices differ): AdamW on the scores, m and v in place, each
+    matrix with its own step count, its gradient read as dScore, or with
+    defer_ste_grad=True computed as G ⊙ W from G and W (no dScore tensor written or read);
+    after a step that MaskTrainer.step() will not follow with a φ reset, the same kernel
+    writes W' = W ⊙ (s_new > φ) for the next forward (all matrices' W' in one buffer), which
+    then materializes nothing. The launch's table of addresses is built once and reused while
+    the scores, their state and the weights keep their storage;
   - where φ is reset: torch's kthvalue (MaskTrainer.step), then the forward's one W' pass.
 Elementwise passes per matrix and step (unfused: 3, W', dScore, AdamW): φ kept 2, or 1 with
 defer_ste_grad; φ reset 3, or 2 with defer_ste_grad, plus the kthvalue. The fused step reads
@@ -84,6 +87,7 @@ class MaskScoreAdamW(torch.optim.Optimizer):
         self.fused = bool(fused)
         self.defer_ste_grad = bool(defer_ste_grad)
         self._group_ids = None
+        self._tables = {}  # the fused launches' MatrixTables, by their flags and dtypes
         self._check_groups()
 
     def _state(self, p):
@@ -145,33 +149,61 @@ class MaskScoreAdamW(torch.optim.Optimizer):
         self._group_ids = ids
 
     def _fused_steps(self, work, group, keep_phi) -> None:
-        from ..triton_kernels import mask_training as _mt
+        from ..triton_kernels import score_adamw as _sa
 
-        torch._foreach_add_([s["step"] for *_, s in work], 1)
+        steps = [state["step"] for *_, state in work]
+        torch._foreach_add_(steps, 1)
         lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
         decay = 1.0 - lr * group["weight_decay"]
         scalars = {}  # by step count: the matrices normally share one
-        for p, layer, g_ste, state in work:
-            t = int(state["step"].item())  # a CPU tensor: no device sync
+        launches = {}  # by the launch's flags and dtypes: its matrices
+        # the counts are CPU tensors: no device sync
+        for (p, layer, g_ste, state), t in zip(work, torch.stack(steps).tolist()):
+            t = int(t)
             if t not in scalars:
                 scalars[t] = (lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t))
-            step_size, bc2_sqrt = scalars[t]
             ste = g_ste is not None and p.grad is None
             grad = g_ste if ste else (p.grad if g_ste is None else _ste_product(p, layer, g_ste))
             # the last training forward's W' gives the compute dtype of the next one
             dtype = layer._drop_masked_weight()
-            out = (torch.empty(p.shape, dtype=dtype, device=p.device)
-                   if keep_phi and dtype is not None else None)
-            weight = layer.weight.detach()
-            if (ste or out is not None) and not weight.is_contiguous():
-                weight = weight.contiguous()
-            _mt.score_adamw(p, state["exp_avg"], state["exp_avg_sq"], grad.contiguous(), weight,
-                            layer.mask_threshold, out, step_size=step_size, bc2_sqrt=bc2_sqrt,
-                            decay=decay, beta1=beta1, beta2=beta2, eps=eps, ste=ste)
+            out_dtype = dtype if keep_phi else None
+            weight = None
+            if ste or out_dtype is not None:
+                weight = layer.weight.detach()
+                if not weight.is_contiguous():
+                    weight = weight.contiguous()
+            key = (ste, grad.dtype, None if weight is None else weight.dtype, out_dtype)
+            launches.setdefault(key, []).append(
+                (p, layer, state, grad.contiguous(), weight, scalars[t]))
+        for key, items in launches.items():
+            self._launch(_sa, key, items, decay, beta1, beta2, eps)
+
+    def _launch(self, _sa, key, items, decay, beta1, beta2, eps) -> None:
+        """One kernel over the matrices `items` that share the flags and dtypes `key`."""
+        ste, _, _, out_dtype = key
+        params = [p for p, *_ in items]
+        states = [item[2] for item in items]
+        weights = [item[4] for item in items]
+        phis = [None if out_dtype is None else layer.mask_threshold for _, layer, *_ in items]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        # the table holds addresses only: rebuilt when a tensor is replaced or moved
+        table = self._tables.get(key)
+        if table is None or table.key != _sa.table_key(params, exp_avgs, exp_avg_sqs, weights,
+                                                        phis):
+            table = self._tables[key] = _sa.MatrixTable(params, exp_avgs, exp_avg_sqs,
+                                                         weights, phis)
+        out = (None if out_dtype is None else
+               torch.empty(table.out_numel, dtype=out_dtype, device=params[0].device))
+        _sa.score_adamw_multi(table, [item[3] for item in items],
+                              [item[5][0] for item in items], [item[5][1] for item in items],
+                              out, decay=decay, beta1=beta1, beta2=beta2, eps=eps, ste=ste)
+        for p in params:
             # as torch's in-place update would: autograd then sees the scores changed
             torch.autograd.graph.increment_version(p)
-            if out is not None:
-                layer._store_masked_weight(out, always=True)
+        if out is not None:
+            for (_, layer, *_), masked in zip(items, table.out_views(out)):
+                layer._store_masked_weight(masked, always=True)
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)

@@ -140,8 +140,31 @@ def mask_training():
                                   beta2=0.999, eps=1e-8, ste=ste)
 
 
+def score_adamw():
+    """MaskScoreAdamW's one-launch step over BERT-base's 72 score matrices (4 x 768 x 768, 3072
+    x 768, 768 x 3072 per layer; meta addresses are 0: the aligned path) and over a list with a
+    numel that is not a multiple of 16 (the unaligned path), with fp32 and bf16 weights."""
+    from regdrop_fast.triton_kernels import score_adamw as K
+
+    bert = [(HIDDEN, HIDDEN)] * 4 + [(FFN, HIDDEN), (HIDDEN, FFN)]
+    for shapes in (bert * 12, [(HIDDEN, HIDDEN), (3, 5)]):
+        scores = [t(*shape, dtype=torch.float32) for shape in shapes]
+        phis = [t(1, dtype=torch.float32) for _ in shapes]
+        for w_dtype in (torch.float32, torch.bfloat16):
+            weights = [t(*shape, dtype=w_dtype) for shape in shapes]
+            for ste in (True, False):
+                grads = [t(*shape) if ste else s for shape, s in zip(shapes, scores)]
+                for write in (True, False):
+                    table = K.MatrixTable(scores, scores, scores, weights,
+                                          phis if write else [None] * len(shapes))
+                    out = t(table.out_numel) if write else None
+                    K.score_adamw_multi(table, grads, [1e-3] * len(shapes),
+                                        [0.5] * len(shapes), out, decay=1.0, beta1=0.9,
+                                        beta2=0.999, eps=1e-8, ste=ste)
+
+
 LAUNCHERS = (philox_and_masks, rdrop, addrop_mask, masked_attention, masked_linear,
-             mask_training)
+             mask_training, score_adamw)
 
 
 def main(argv=None):

@@ -1,0 +1,225 @@
+"""MaskScoreAdamW's one-launch fused step (triton_kernels/score_adamw.py, issue 18) in the
+interpreter: bit for bit the fp32 arithmetic of torch.optim.AdamW's update as the kernel orders
+it (each operation rounded to fp32, as the interpreter computes), over mixed shapes with their
+own step counts, both gradient forms and with or without W'; the table reused across steps and
+rebuilt when a tensor is replaced; one launch per step and set of flags."""
+import copy
+
+import pytest
+import torch
+
+from regdrop_fast.sparse import MaskTrainer
+from utils import require_backend
+
+SHAPES = [(33, 17), (16, 33), (40, 16), (3, 40)]  # one numel a multiple of 16, the rest not
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+
+def _kernels():
+    require_backend("triton", torch.device("cpu"))
+    from regdrop_fast.triton_kernels import score_adamw
+    return score_adamw
+
+
+def _f32(x: float) -> torch.Tensor:
+    """A float as the kernel receives it: rounded to fp32."""
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _emulated(s, m, v, g, *, step_size, bc2_sqrt, decay):
+    """The kernel's update in torch, one fp32 rounding per operation in its order (the square
+    root through float64, which rounds it correctly as the interpreter does: torch's fp32 sqrt
+    on CPU can be one ulp off)."""
+    m1 = _f32(BETA1) * m + _f32(1.0 - BETA1) * g
+    v1 = _f32(BETA2) * v + _f32(1.0 - BETA2) * g * g
+    sqrt_v1 = torch.sqrt(v1.double()).float()
+    s1 = s * _f32(decay) - _f32(step_size) * (m1 / (sqrt_v1 / _f32(bc2_sqrt) + _f32(EPS)))
+    return s1, m1, v1
+
+
+def _scalars(lr, t):
+    return lr / (1.0 - BETA1 ** t), (1.0 - BETA2 ** t) ** 0.5
+
+
+@pytest.mark.parametrize("ste", [False, True])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
+def test_multi_launch_is_the_per_matrix_arithmetic(ste, out_dtype):
+    """One launch over four shapes, each with its own step count: s, m, v and W' as the fp32
+    emulation, bit for bit (bf16 W, so W' needs no rounding)."""
+    sa = _kernels()
+    gen = torch.Generator().manual_seed(0)
+    w_dtype = torch.float32 if out_dtype is None else out_dtype
+    s, m, v, w, phi, g = [], [], [], [], [], []
+    for n, k in SHAPES:
+        s.append(torch.randn(n, k, generator=gen))
+        m.append(0.1 * torch.randn(n, k, generator=gen))
+        v.append(0.01 * torch.rand(n, k, generator=gen))
+        w.append(torch.randn(n, k, generator=gen).to(w_dtype))
+        phi.append(torch.tensor([0.05 * len(phi)]))
+        grad = torch.randn(n, k, generator=gen)
+        g.append(grad.to(w_dtype) if ste else grad)
+    want = []
+    steps = [3, 1, 3, 7]
+    lr, decay = 1e-2, 1.0 - 1e-2 * 0.1
+    for j, t in enumerate(steps):
+        grad = g[j].float() * w[j].float() if ste else g[j]
+        step_size, bc2_sqrt = _scalars(lr, t)
+        want.append(_emulated(s[j], m[j], v[j], grad, step_size=step_size, bc2_sqrt=bc2_sqrt,
+                              decay=decay))
+    write = out_dtype is not None
+    table = sa.MatrixTable(s, m, v, w if (ste or write) else [None] * 4,
+                           phi if write else [None] * 4)
+    out = torch.full((table.out_numel,), 7.0, dtype=out_dtype) if write else None
+    sa.score_adamw_multi(table, g, *zip(*(_scalars(lr, t) for t in steps)), out,
+                         decay=decay, beta1=BETA1, beta2=BETA2, eps=EPS, ste=ste)
+    views = table.out_views(out) if write else [None] * 4
+    for j in range(len(SHAPES)):
+        for got, expected in zip((s[j], m[j], v[j]), want[j]):
+            assert torch.equal(got, expected)
+        if write:
+            assert views[j].data_ptr() % 16 == 0
+            assert torch.equal(views[j], torch.where(want[j][0] > phi[j], w[j], 0))
+    assert table.n_programs == len(SHAPES)  # every matrix here fits one 1024-element block
+
+
+def _model(dtype):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(k, n) for n, k in SHAPES]
+    return torch.nn.Sequential(*layers).to(dtype).train()
+
+
+class _Launches:
+    """Counts the launches of the multi-tensor kernel and the matrices of each."""
+
+    def __init__(self, kernel):
+        self.kernel, self.sizes = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(table, *args, **kwargs):
+            self.sizes.append(table.shape[0])
+            return self.kernel[grid](table, *args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_score_adamw_one_launch_per_step(defer, dtype, monkeypatch):
+    """MaskScoreAdamW(fused=True) on four mixed-shape layers over eight steps, φ kept after
+    odd steps and reset after even ones (interval 2), as the fp32 emulation applied matrix by
+    matrix, bit for bit: the first matrix has no gradient at step 1, so its step count lags;
+    at step 3 a second matrix also has a .grad (its gradient then dScore + G ⊙ W; with defer,
+    another launch); the W' after a step keeping φ is W where the new scores exceed φ. Step 4
+    follows a replaced state and step 5 replaced scores storage: their tables are rebuilt (a
+    stale one would update the old tensors); steps 7 and 8 change nothing and reuse them."""
+    sa = _kernels()
+    launches = _Launches(sa.score_adamw_multi_kernel)
+    monkeypatch.setattr(sa, "score_adamw_multi_kernel", launches)
+    builds = []
+
+    class CountedTable(sa.MatrixTable):
+        def __init__(self, *args):
+            builds.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(sa, "MatrixTable", CountedTable)
+    model = _model(dtype)
+    trainer = MaskTrainer(model, 0.5, targets=["*"], init="soft", interval=2)
+    layers = list(trainer.modules.values())
+    lr = 1e-2
+    opt = trainer.optimizer(lr, weight_decay=0.01, fused=True, defer_ste_grad=defer)
+    ref = [dict(s=layer.mask_scores.detach().clone(), m=torch.zeros_like(layer.mask_scores),
+                v=torch.zeros_like(layer.mask_scores), t=0) for layer in layers]
+    gen = torch.Generator().manual_seed(1)
+    built = []
+    for step in range(1, 9):
+        x = torch.randn(4, SHAPES[0][1], generator=gen).to(dtype)
+        model(x).float().square().sum().backward()
+        if step == 1:  # no gradient for the first matrix
+            layers[0].mask_scores.grad = None
+            layers[0].take_score_grad()
+        if step == 3:
+            layers[1].mask_scores.grad = torch.randn(SHAPES[1], generator=gen)
+        if step == 4:  # new state tensors, same values
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        if step == 5:  # the scores get new storage
+            for layer in layers:
+                layer.mask_scores.data = layer.mask_scores.data.clone()
+        keep_phi = not trainer.resets_at(trainer.t + 1)
+        want = []
+        for layer, r in zip(layers, ref):
+            g_ste, grad = layer._score_state.g, layer.mask_scores.grad
+            if g_ste is None and grad is None:
+                want.append(None)
+                continue
+            if g_ste is not None:
+                dscore = g_ste.float() * layer.weight.detach().float()
+                grad = dscore if grad is None else grad + dscore
+            r["t"] += 1
+            step_size, bc2_sqrt = _scalars(lr, r["t"])
+            r["s"], r["m"], r["v"] = _emulated(r["s"], r["m"], r["v"], grad,
+                                               step_size=step_size, bc2_sqrt=bc2_sqrt,
+                                               decay=1.0 - lr * 0.01)
+            had_masked = layer._score_state.masked is not None
+            want.append(torch.where(r["s"] > layer.mask_threshold, layer.weight.detach(), 0)
+                        if keep_phi and had_masked else None)
+        launches.sizes.clear()
+        builds.clear()
+        opt.step()
+        mixed = defer and step == 3
+        assert sorted(launches.sizes) == ([1, 3] if mixed else [3 if step == 1 else 4])
+        built.append(len(builds))
+        for layer, r, masked in zip(layers, ref, want):
+            state = opt.state[layer.mask_scores]
+            assert torch.equal(layer.mask_scores.detach(), r["s"])
+            if r["t"] == 0:  # never stepped yet
+                assert not state
+                continue
+            assert torch.equal(state["exp_avg"], r["m"])
+            assert torch.equal(state["exp_avg_sq"], r["v"])
+            assert state["step"].item() == r["t"]
+            if masked is None:
+                assert layer._score_state.masked is None
+            else:
+                assert layer._score_state.masked.dtype == dtype
+                assert torch.equal(layer._score_state.masked, masked)
+        opt.zero_grad()
+        trainer.step()
+    assert [r["t"] for r in ref] == [7, 8, 8, 8]
+    # one table per set of flags (W' or not, alternating): step 3 has a new set of matrices
+    # for its flags, 4 a new state, 5 new scores, 6 the first use of its flags since then
+    assert built == [1, 1, 2 if defer else 1, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("ste", [False, True])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
+def test_multi_launch_equals_per_matrix_launches(ste, out_dtype):
+    """The one launch against mask_training.score_adamw launched per matrix, over the mixed
+    shapes with their own step counts and fp32 W (so bf16 W' is rounded by both): every output
+    bit for bit."""
+    sa = _kernels()
+    from regdrop_fast.triton_kernels import mask_training as mt
+    gen = torch.Generator().manual_seed(2)
+    steps, lr, decay = [2, 5, 2, 1], 1e-2, 1.0
+    write = out_dtype is not None
+    ins = []
+    for n, k in SHAPES:
+        s, m = torch.randn(n, k, generator=gen), 0.1 * torch.randn(n, k, generator=gen)
+        v, w = 0.01 * torch.rand(n, k, generator=gen), torch.randn(n, k, generator=gen)
+        g = torch.randn(n, k, generator=gen)
+        ins.append((s, m, v, g.bfloat16() if ste else g, w, torch.tensor([0.1])))
+    per = [tuple(x.clone() for x in item[:3]) for item in ins]
+    outs = []
+    for (s, m, v), (_, _, _, g, w, phi), t in zip(per, ins, steps):
+        step_size, bc2_sqrt = _scalars(lr, t)
+        outs.append(torch.empty(s.shape, dtype=out_dtype) if write else None)
+        mt.score_adamw(s, m, v, g, w, phi, outs[-1], step_size=step_size, bc2_sqrt=bc2_sqrt,
+                       decay=decay, beta1=BETA1, beta2=BETA2, eps=EPS, ste=ste)
+    s, m, v, g, w, phi = (list(column) for column in zip(*ins))
+    table = sa.MatrixTable(s, m, v, w, phi if write else [None] * 4)
+    out = torch.empty(table.out_numel, dtype=out_dtype) if write else None
+    sa.score_adamw_multi(table, g, *zip(*(_scalars(lr, t) for t in steps)), out, decay=decay,
+                         beta1=BETA1, beta2=BETA2, eps=EPS, ste=ste)
+    for j in range(len(SHAPES)):
+        assert all(torch.equal(a, b) for a, b in zip((s[j], m[j], v[j]), per[j]))
+        if write:
+            assert torch.equal(table.out_views(out)[j], outs[j])
