@@ -70,6 +70,7 @@ OPS: Dict[str, OpInfo] = {
     "unpack_mask": OpInfo(),
     "mask_popcount": OpInfo(implemented=("reference", "cpu", "cuda")),
     "addrop_keep_mask": OpInfo(implemented=("reference", "triton")),
+    "addrop_random_mask": OpInfo(implemented=("reference", "triton")),
     "masked_attention": OpInfo(implemented=("reference", "triton")),
     "masked_linear": OpInfo(implemented=("reference", "triton")),
     # MaskScoreAdamW's step: "reference" is torch's AdamW on dScore, "triton" the fused kernel

@@ -35,12 +35,19 @@ Memory traffic per (layer,b,h): dO and V read once per BLOCK_M rows (resident; �
 when streamed), key padding mask Lk bytes (twice when streamed: the row counts), mask written
 Lq·Lk/8 bytes. Attribution input instead: Lq·Lk·elt bytes read (×33 when streamed). Launch
 grid: (cdiv(Lq, BLOCK_M), B·H, layers).
+
+`addrop_random_mask_kernel` (the official RD kind, no attribution): per element two Philox
+words at the same index, candidate stream and drop stream of its layer (an int64 table [2n]),
+  keep = allowed AND (candidate_word >= floor(p·2^32) OR drop_word >= floor(q·2^32)).
+When Lk % 4 == 0 (GROUPED) the 4 keys of a Philox counter lie in one row, so each Philox call
+serves 4 keys (its 4 words) instead of 1. Traffic: the key padding mask, Lq·Lk/8 bytes written;
+no input map. Grid: (cdiv(Lq, BLOCK_M), B·H, layers).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .philox import philox_word
+from .philox import philox4x32, philox_word
 from .utils import cdiv, next_power_of_2
 
 INT32_MAX = tl.constexpr(2147483647)
@@ -126,10 +133,23 @@ def _store_keep_bits(words_ptr, key, allowed, thr, offs_m, offs_n, start_n, b, h
     else:
         not_candidate = key < thr[:, None]
     keep = allowed & (not_candidate | spared)
-    bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_N // 32, 32))
-    shifts = tl.arange(0, 32)
+    _store_words(words_ptr, _pack_bits(keep, 1, BLOCK_M, BLOCK_N), offs_m, start_n, b, h, H,
+                 Lq, W, BLOCK_N)
+
+
+@triton.jit
+def _pack_bits(bits, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int32 [BLOCK_M, BLOCK_N // 32] words from [BLOCK_M, BLOCK_N // WIDTH] fields of WIDTH
+    bits each (bools: WIDTH 1); field f lands at bit WIDTH·f mod 32 of word WIDTH·f // 32."""
+    fields = tl.reshape(bits.to(tl.int32), (BLOCK_M, BLOCK_N // 32, 32 // WIDTH))
+    shifts = tl.arange(0, 32 // WIDTH) * WIDTH
     # distinct bits never carry, so the sum is the bitwise OR (bit 31 wraps to the sign bit)
-    packed = tl.sum(bits << shifts[None, None, :], axis=2)
+    return tl.sum(fields << shifts[None, None, :], axis=2)
+
+
+@triton.jit
+def _store_words(words_ptr, packed, offs_m, start_n, b, h, H, Lq, W, BLOCK_N: tl.constexpr):
+    """Writes the [BLOCK_M, BLOCK_N // 32] words of key tile start_n of rows offs_m."""
     offs_w = start_n // 32 + tl.arange(0, BLOCK_N // 32)
     row = (b * H + h) * Lq + offs_m.to(tl.int64)
     ptrs = words_ptr + row[:, None] * W + offs_w[None, :]
@@ -296,4 +316,131 @@ def keep_mask_bits(attr, v, key_padding_mask, frac: float, drop_threshold: int, 
         FROM_ATTR=from_attr, HAS_KPM=has_kpm, STREAM_TABLE=table, DROP_LOW=drop_low,
         IS_CAUSAL=is_causal, RESIDENT=resident, BLOCK_M=block_m, BLOCK_N=tile_n,
         BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=num_warps)
+    return words
+
+
+@triton.jit
+def _random_keep_tile(kpm_ptr, b, h, H, Lq, Lk, offs_m, start_n, kpm_b, seed_lo, seed_hi, step,
+                      stream, candidate_stream, candidate_thr, drop_thr, HAS_KPM: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """int32 words [BLOCK_M, BLOCK_N // 32] of one key tile of the random keep mask."""
+    if GROUPED:
+        # key start_n + 4g + k takes word k of counter (row·Lk + start_n + 4g) / 4
+        offs_g = start_n + 4 * tl.arange(0, BLOCK_N // 4)
+        counter = mask_element_index(b, h, H, Lq, Lk, offs_m, offs_g) >> 2
+        c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+        c1 = (counter >> 32).to(tl.uint32)
+        zero = c0 * 0
+        k0 = tl.cast(seed_lo, tl.uint32)
+        k1 = tl.cast(seed_hi, tl.uint32)
+        step_c = zero + tl.cast(step, tl.uint32)
+        c0_0, c0_1, c0_2, c0_3 = philox4x32(c0, c1, step_c,
+                                            zero + tl.cast(candidate_stream, tl.uint32), k0, k1)
+        d_0, d_1, d_2, d_3 = philox4x32(c0, c1, step_c, zero + tl.cast(stream, tl.uint32), k0, k1)
+        nibble = _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 0, kpm_b, Lq, Lk, c0_0, d_0,
+                                   candidate_thr, drop_thr, HAS_KPM, IS_CAUSAL)
+        nibble |= _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 1, kpm_b, Lq, Lk, c0_1, d_1,
+                                    candidate_thr, drop_thr, HAS_KPM, IS_CAUSAL)
+        nibble |= _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 2, kpm_b, Lq, Lk, c0_2, d_2,
+                                    candidate_thr, drop_thr, HAS_KPM, IS_CAUSAL)
+        nibble |= _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 3, kpm_b, Lq, Lk, c0_3, d_3,
+                                    candidate_thr, drop_thr, HAS_KPM, IS_CAUSAL)
+        return _pack_bits(nibble, 4, BLOCK_M, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    allowed = _tile_allowed(kpm_ptr, b, offs_m, offs_n, kpm_b, Lq, Lk, HAS_KPM, IS_CAUSAL)
+    index = mask_element_index(b, h, H, Lq, Lk, offs_m, offs_n)
+    not_candidate = philox_word(seed_lo, seed_hi, index, step,
+                                candidate_stream).to(tl.int64) >= candidate_thr
+    spared = philox_word(seed_lo, seed_hi, index, step, stream).to(tl.int64) >= drop_thr
+    return _pack_bits(allowed & (not_candidate | spared), 1, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _random_keep_lane(kpm_ptr, b, offs_m, offs_g, LANE: tl.constexpr, kpm_b, Lq, Lk,
+                      candidate_word, drop_word, candidate_thr, drop_thr, HAS_KPM: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr):
+    """int32 [BLOCK_M, BLOCK_N // 4]: keep bit of key offs_g + LANE, at bit LANE."""
+    allowed = _tile_allowed(kpm_ptr, b, offs_m, offs_g + LANE, kpm_b, Lq, Lk, HAS_KPM, IS_CAUSAL)
+    keep = allowed & ((candidate_word.to(tl.int64) >= candidate_thr)
+                      | (drop_word.to(tl.int64) >= drop_thr))
+    return keep.to(tl.int32) << LANE
+
+
+@triton.jit
+def addrop_random_mask_kernel(
+    kpm_ptr,  # uint8 [(n,)B,Lk], 1 = real key (last stride 1); unused unless HAS_KPM
+    streams_ptr,  # int64 [2n]: layer l's drop stream at l, its candidate stream at n + l
+    words_ptr,  # int32 [n,B,H,Lq,W] output bits, contiguous
+    kpm_l, kpm_b,  # layer (0 when shared) and row strides of the key padding mask
+    words_l,  # layer stride of the words
+    n_layers, H, Lq, Lk, W,  # layers, heads, query/key lengths, words per row
+    seed_lo, seed_hi, step,  # Philox key halves, counter word 2
+    candidate_threshold,  # floor(p * 2^32): a key is a candidate iff its word is below it
+    drop_threshold,  # floor(q * 2^32): a candidate is dropped iff its word is below it
+    HAS_KPM: tl.constexpr,  # a key padding mask is given
+    IS_CAUSAL: tl.constexpr,  # only keys j <= i + Lk - Lq are allowed
+    GROUPED: tl.constexpr,  # Lk % 4 == 0: one Philox call per 4 keys
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key tile (multiple of 32)
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    layer = tl.program_id(2).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    kpm_ptr += layer * kpm_l
+    words_ptr += layer * words_l
+    stream = tl.load(streams_ptr + layer)
+    candidate_stream = tl.load(streams_ptr + n_layers + layer)
+    candidate_thr = tl.cast(candidate_threshold, tl.int64)
+    drop_thr = tl.cast(drop_threshold, tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # key tiles past the block's last visible key hold no allowed key: zeros, no Philox
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + (Lk - Lq)))
+    for start_n in range(0, hi, BLOCK_N):
+        packed = _random_keep_tile(kpm_ptr, b, h, H, Lq, Lk, offs_m, start_n, kpm_b, seed_lo,
+                                   seed_hi, step, stream, candidate_stream, candidate_thr,
+                                   drop_thr, HAS_KPM, IS_CAUSAL, GROUPED, BLOCK_M, BLOCK_N)
+        _store_words(words_ptr, packed, offs_m, start_n, b, h, H, Lq, W, BLOCK_N)
+    for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, Lk, BLOCK_N):
+        _store_words(words_ptr, tl.zeros((BLOCK_M, BLOCK_N // 32), dtype=tl.int32), offs_m,
+                     start_n, b, h, H, Lq, W, BLOCK_N)
+
+
+RANDOM_BLOCK_M = 16
+RANDOM_BLOCK_N = 128  # GPU key tile; the interpreter takes the padded row up to this
+
+
+def random_mask_bits(shape, n_layers: int, key_padding_mask, candidate_threshold: int,
+                     drop_threshold: int, seed: int, step: int, streams: torch.Tensor,
+                     is_causal: bool, device) -> torch.Tensor:
+    """Launcher: int32 bits [n,B,H,Lq,ceil(Lk/32)] of the random keep masks of n layers.
+
+    shape: (B, H, Lq, Lk) of one layer; key_padding_mask: bool [B,Lk] (shared) or [n,B,Lk],
+    last stride 1, or None; candidate_threshold = floor(p·2^32), drop_threshold =
+    floor(q·2^32); streams: int64 [2n] on `device`, the drop streams then the candidate
+    streams."""
+    batch, heads, lq, lk = shape
+    n_words = cdiv(lk, 32)
+    words = torch.empty(n_layers, batch, heads, lq, n_words, dtype=torch.int32, device=device)
+    if words.numel() == 0:
+        return words
+    has_kpm = key_padding_mask is not None
+    if has_kpm:
+        kpm = key_padding_mask.view(torch.uint8)
+        kpm_l, kpm_b = (kpm.stride(0), kpm.stride(1)) if kpm.dim() == 3 else (0, kpm.stride(0))
+    else:
+        kpm, kpm_l, kpm_b = words, 0, 0
+    block_n = RANDOM_BLOCK_N
+    if torch.device(device).type == "cpu":
+        block_n = min(block_n, max(32, next_power_of_2(lk)))
+    grid = (cdiv(lq, RANDOM_BLOCK_M), batch * heads, n_layers)
+    addrop_random_mask_kernel[grid](
+        kpm, streams, words, kpm_l, kpm_b, words.stride(0), n_layers, heads, lq, lk, n_words,
+        seed & 0xFFFFFFFF, seed >> 32, step, candidate_threshold, drop_threshold,
+        HAS_KPM=has_kpm, IS_CAUSAL=is_causal, GROUPED=lk % 4 == 0, BLOCK_M=RANDOM_BLOCK_M,
+        BLOCK_N=block_n, num_warps=4)
     return words

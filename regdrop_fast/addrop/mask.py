@@ -46,7 +46,7 @@ from ..masks import PackedMask
 from ..reference import addrop as _ref
 from ..reference import masks as _ref_masks
 
-__all__ = ["keep_mask", "keep_mask_layers"]
+__all__ = ["keep_mask", "keep_mask_layers", "random_keep_mask_layers"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -114,19 +114,22 @@ def _check_inputs(attr, key_padding_mask, ndim: int):
         raise ValueError(f"attr must describe a non-empty [{'n,' if ndim == 5 else ''}B,H,Lq,Lk] "
                          f"map (no empty layer, batch or length), got shape {shape}")
     if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,),
-                     ndim=(2, 3) if ndim == 5 else 2)
-        if key_padding_mask.device != device:
-            raise ValueError(f"key_padding_mask must be on {device}, got "
-                             f"{key_padding_mask.device}")
-        want = (shape[-4], shape[-1])
-        if key_padding_mask.dim() == 3:
-            want = (shape[0], *want)
-        if tuple(key_padding_mask.shape) != want:
-            form = "[B, Lk]" if len(want) == 2 else "[n, B, Lk]"
-            raise ValueError(f"key_padding_mask must have shape {form} = {want}, got "
-                             f"{tuple(key_padding_mask.shape)}")
+        _check_padding(key_padding_mask, shape[-4], shape[-1], shape[0] if ndim == 5 else None,
+                       device)
     return shape, scores, dO, v
+
+
+def _check_padding(key_padding_mask, batch: int, lk: int, n_layers: Optional[int], device):
+    """key_padding_mask bool [B,Lk] on `device`, or [n,B,Lk] when n_layers is given."""
+    check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,),
+                 ndim=2 if n_layers is None else (2, 3))
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask must be on {device}, got {key_padding_mask.device}")
+    want = (batch, lk) if key_padding_mask.dim() == 2 else (n_layers, batch, lk)
+    if tuple(key_padding_mask.shape) != want:
+        form = "[B, Lk]" if len(want) == 2 else "[n, B, Lk]"
+        raise ValueError(f"key_padding_mask must have shape {form} = {want}, got "
+                         f"{tuple(key_padding_mask.shape)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,6 +179,22 @@ def keep_mask(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor]
     return PackedMask._unchecked(words, torch.Size(shape))
 
 
+def _check_streams(name: str, streams, n_layers: Optional[int]) -> tuple:
+    """streams as a tuple of n_layers ints in [0, 2^32) (any non-zero count when None)."""
+    if isinstance(streams, torch.Tensor) or not isinstance(streams, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(streams).__name__}")
+    if n_layers is None and len(streams) == 0:
+        raise ValueError(f"{name} must name at least one layer's stream")
+    if n_layers is not None and len(streams) != n_layers:
+        raise ValueError(f"{name} must name one stream per layer ({n_layers}), got "
+                         f"{len(streams)}")
+    streams = tuple(streams)
+    if not all(type(s) is int and 0 <= s <= UINT32_MAX for s in streams):
+        streams = tuple(check_int(f"{name}[{i}]", s, 0, UINT32_MAX)
+                        for i, s in enumerate(streams))
+    return streams
+
+
 @functools.lru_cache(maxsize=64)
 def _stream_table(streams: tuple, device: torch.device) -> torch.Tensor:
     """int64 [n] device copy of the layers' streams, made once per (streams, device): a training
@@ -199,18 +218,8 @@ def keep_mask_layers(attr, p: float, q: float, key_padding_mask: Optional[torch.
     p, q, seed, step = _check_settings(p, q, seed, step, drop, is_causal)
     shape, scores, dO, v = _check_inputs(attr, key_padding_mask, 5)
     n_layers, layer_shape = shape[0], shape[1:]
-    if streams is None:
-        streams = tuple(range(n_layers))
-    else:
-        if isinstance(streams, torch.Tensor) or not isinstance(streams, Sequence):
-            raise TypeError(f"streams must be a sequence of ints, got {type(streams).__name__}")
-        if len(streams) != n_layers:
-            raise ValueError(f"streams must name one stream per layer ({n_layers}), got "
-                             f"{len(streams)}")
-        streams = tuple(streams)
-        if not all(type(s) is int and 0 <= s <= UINT32_MAX for s in streams):
-            streams = tuple(check_int(f"streams[{i}]", s, 0, UINT32_MAX)
-                            for i, s in enumerate(streams))
+    streams = (tuple(range(n_layers)) if streams is None
+               else _check_streams("streams", streams, n_layers))
     device = (scores if dO is None else dO).device
     if backends.resolve("addrop_keep_mask", backend, device) == "reference":
         shared = key_padding_mask is None or key_padding_mask.dim() == 2
@@ -222,5 +231,64 @@ def keep_mask_layers(attr, p: float, q: float, key_padding_mask: Optional[torch.
         words = _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step,
                               _stream_table(streams, device), drop, is_causal)
     layer_shape = torch.Size(layer_shape)
+    return tuple(PackedMask._unchecked(layer_words, layer_shape)
+                 for layer_words in words.unbind(0))
+
+
+def _check_shape(shape) -> tuple:
+    """shape (B, H, Lq, Lk) as a tuple of 4 positive ints."""
+    if isinstance(shape, torch.Tensor) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be a sequence (B, H, Lq, Lk), got {type(shape).__name__}")
+    if len(shape) != 4:
+        raise ValueError(f"shape must be (B, H, Lq, Lk), got {len(shape)} sizes")
+    return tuple(check_int(f"shape[{i}]", size, 1, UINT64_MAX) for i, size in enumerate(shape))
+
+
+def random_keep_mask_layers(shape, p: float, q: float, streams: Sequence[int],
+                            candidate_streams: Sequence[int],
+                            key_padding_mask: Optional[torch.Tensor] = None, seed: int = 0,
+                            step: int = 0, device=None, backend: Optional[str] = None,
+                            is_causal: bool = False) -> tuple:
+    """The official RD ("random") keep masks of n layers from one kernel launch: a tuple of n
+    PackedMask of shape (B, H, Lq, Lk), views of one [n,B,H,Lq,W] word tensor.
+
+    Layer l: an allowed key (real; with is_causal in the row's causal prefix, as keep_mask) is
+    a candidate iff its Philox word of stream candidate_streams[l] is below floor(p·2^32), and a
+    candidate is dropped iff its word of stream streams[l] is below floor(q·2^32), both at the
+    element's keep_mask index (reference: regdrop_fast.reference.addrop.random_keep_mask).
+    p in (0, 1), q in [0, 1]; streams, candidate_streams: one stream per layer, each in
+    [0, 2^32); key_padding_mask: bool [B,Lk] shared, [n,B,Lk] per layer, or None; device: the
+    masks' device when there is no key_padding_mask (default CPU)."""
+    p, q, seed, step = _check_settings(p, q, seed, step, "high", is_causal)
+    shape = _check_shape(shape)
+    streams = _check_streams("streams", streams, None)
+    n_layers = len(streams)
+    candidate_streams = _check_streams("candidate_streams", candidate_streams, n_layers)
+    if device is None:
+        device = (key_padding_mask.device if isinstance(key_padding_mask, torch.Tensor)
+                  else torch.device("cpu"))
+    elif not isinstance(device, torch.device):
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a torch.device or str, got "
+                            f"{type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device must name a torch device, got {device!r}") from exc
+    if key_padding_mask is not None:
+        _check_padding(key_padding_mask, shape[0], shape[3], n_layers, device)
+    if backends.resolve("addrop_random_mask", backend, device) == "reference":
+        shared = key_padding_mask is None or key_padding_mask.dim() == 2
+        words = torch.stack([_ref_masks.pack_bits(_ref.random_keep_mask(
+            shape, p, q, key_padding_mask if shared else key_padding_mask[i], seed, step,
+            stream, candidate, is_causal, device))
+            for i, (stream, candidate) in enumerate(zip(streams, candidate_streams))])
+    else:
+        if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+            key_padding_mask = key_padding_mask.contiguous()
+        words = _kernels().random_mask_bits(
+            shape, n_layers, key_padding_mask, keep_threshold(p), keep_threshold(q), seed, step,
+            _stream_table(streams + candidate_streams, device), is_causal, device)
+    layer_shape = torch.Size(shape)
     return tuple(PackedMask._unchecked(layer_words, layer_shape)
                  for layer_words in words.unbind(0))

@@ -24,6 +24,13 @@ are never kept; rows without an allowed key keep nothing. rank is clamped to n �
 for p within float32 rounding of 0 or 1, where the official code would index past the row).
 The official code pushes pad keys to the end with +100 on their score; here they get +inf, which
 selects the same threshold for any finite attribution. Attributions must not be NaN.
+
+Random keep mask (`random_keep_mask`, the official RD kind: candidates without an attribution):
+  candidate = philox_words(seed, index, step, candidate_stream) < floor(p · 2^32)
+  keep      = allowed AND (NOT candidate OR philox_words(seed, index, step, stream)
+              >= floor(q · 2^32))
+with the same element index and allowed keys (real, causal) as the keep mask above: a real key
+is a candidate with probability p, a candidate is dropped with probability q.
 """
 from __future__ import annotations
 
@@ -95,4 +102,19 @@ def keep_mask(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor]
     candidate = allowed & (above if drop == "high" else ~above)
     words = _philox.philox_words(seed, flat_indices(scores.shape, device), step, stream)
     spared = words >= keep_threshold(q)
+    return allowed & (~candidate | spared)
+
+
+def random_keep_mask(shape, p: float, q: float, key_padding_mask: Optional[torch.Tensor] = None,
+                     seed: int = 0, step: int = 0, stream: int = 0, candidate_stream: int = 0,
+                     is_causal: bool = False, device=None) -> torch.Tensor:
+    """bool keep mask [B,H,Lq,Lk] of the official RD kind (see the module docstring); shape is
+    (B, H, Lq, Lk), device the mask's (key_padding_mask's when given)."""
+    batch, _, lq, lk = shape
+    if key_padding_mask is not None:
+        device = key_padding_mask.device
+    index = flat_indices(shape, device)
+    candidate = _philox.philox_words(seed, index, step, candidate_stream) < keep_threshold(p)
+    spared = _philox.philox_words(seed, index, step, stream) >= keep_threshold(q)
+    allowed = allowed_keys(key_padding_mask, batch, lq, lk, device, is_causal)
     return allowed & (~candidate | spared)

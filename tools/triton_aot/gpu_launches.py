@@ -80,6 +80,13 @@ def addrop_mask():
                                  0.3, 3 << 30, SEED, 2, 0, True, causal)
                 K.keep_mask_bits(t(12, B, H, L, D, dtype=dtype), t(12, B, H, lk, D, dtype=dtype),
                                  kpm, 0.7, 3 << 30, SEED, 2, streams, False, causal)
+    # attribution="random" on BERT-base (B=32, L=128, all 12 layers), padded and causal rows,
+    # Lk % 4 == 0 (one Philox call per 4 keys) and not
+    for lk in (L, L + 1):
+        for kpm in (t(32, lk, dtype=torch.bool), None):
+            for causal in (False, True):
+                K.random_mask_bits((32, H, L, lk), 12, kpm, 3 << 30, 1 << 30, SEED, 2,
+                                   t(24, dtype=torch.int64), causal, META)
 
 
 def masked_attention():
