@@ -32,6 +32,20 @@ def resolve_backend(backend: Optional[str], device, dtype, task: str, op: str = 
     return "reference" if task == "regression" else name
 
 
+_kernels = None
+
+
+def _triton_kernels():
+    """triton_kernels.rdrop, imported on first use (it imports triton); a global read after
+    that, cheaper than an import statement on every call."""
+    global _kernels
+    if _kernels is None:
+        from ..triton_kernels import rdrop
+
+        _kernels = rdrop
+    return _kernels
+
+
 def _lead_shape(shape) -> Tuple[int, ...]:
     return tuple(shape[:-1]) if len(shape) > 1 else tuple(shape)
 
@@ -79,8 +93,6 @@ def _triton_call(logits1, logits2, labels, alpha, ignore_index, reduction, kl_re
     """(loss, parts [2] or None, g1, g2) from the kernel: one launch, the reduction included;
     the gradients shaped like the logits. Views and copies only where the layout needs them
     (each costs host time on every call)."""
-    from ..triton_kernels import rdrop as kernels
-
     z1, z2, flat = logits1, logits2, labels
     lead = logits1.dim() != 2
     if lead:  # [B, T, V] -> [N, V]
@@ -96,7 +108,7 @@ def _triton_call(logits1, logits2, labels, alpha, ignore_index, reduction, kl_re
     if flat is not None and flat.stride(0) != 1:
         flat = flat.contiguous()
     mean = reduction == "mean"
-    acc, rows, g1, g2 = kernels.launch_forward(
+    acc, rows, g1, g2 = _triton_kernels().launch_forward(
         z1, z2, flat, alpha, ignore_index, ce, need_grad, mean_ce=mean,
         mean_kl=mean and kl_reduction == "mean", row_loss=reduction == "none")
     if rows is None:
@@ -249,8 +261,7 @@ def _input_grads(ctx, grad_loss):
         ctx.consumed = True
         g1, g2 = ctx.saved_tensors
         if type(g1) is Tensor and type(g2) is Tensor:
-            from ..triton_kernels import rdrop as kernels
-
+            kernels = _triton_kernels()
             # grad_loss has the loss's dtype (fp32) and any layout: the kernel takes it as is
             if g1.dim() == 2:
                 kernels.rdrop_scale_grads_(g1, g2, grad_loss)
