@@ -25,7 +25,13 @@ Attribution kinds:
   attention            A_drop itself (pass 1 without backward; materializes A [B,H,L,L]).
   random               the official RD mask: a real key is a candidate with probability p and a
                        candidate is dropped with probability q, both Philox draws (candidates:
-                       stream RANDOM_STREAM + i, drops: stream i). Materializes bool [B,H,L,L].
+                       stream RANDOM_STREAM + i, drops: stream i); the masks of all chosen
+                       layers come from one `random_keep_mask_layers` launch (per group, as
+                       above), drawn from the records' shapes, padding and causality alone.
+                       Pass 1 still runs the whole forward (no grad): the records' padding and
+                       causality are what the model's own mask handling gives each layer, and
+                       stopping the forward early would skip the post-forward hooks of wrappers
+                       such as FSDP2 and shift the dropout draws of pass 2.
 """
 from __future__ import annotations
 
@@ -37,12 +43,11 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import rng
-from .._checks import check_int, keep_threshold
-from ..masks import PackedMask, pack_mask
+from .._checks import check_int
+from ..masks import PackedMask
 from .attribution import attribution as _attribution
 from .integration import RANDOM_STREAM, enable, get_state
-from .mask import keep_mask_layers
+from .mask import keep_mask_layers, random_keep_mask_layers
 
 __all__ = ["ADDrop", "StepOutput", "TASKS"]
 
@@ -258,8 +263,7 @@ class ADDrop:
                 masks = self._keep({layer: (records[layer].probs, records[layer])
                                     for layer in self.layers}, step)
             else:
-                masks = {layer: self._random(layer, records[layer], step)
-                         for layer in self.layers}
+                masks = self._random(records, step)
         self.last_step = {"step": step, "seed": state.seed,
                           "streams": {layer: layer for layer in self.layers}}
         return masks
@@ -292,23 +296,26 @@ class ADDrop:
                 drop=state.drop, is_causal=records[0].causal)))
         return {layer: masks[layer] for layer in attrs}
 
-    def _random(self, layer, record, step) -> PackedMask:
+    def _random(self, records: dict, step: int) -> dict:
+        """{layer: keep mask} of kind "random": one random_keep_mask_layers call (one kernel
+        launch) per group of layers that share shapes, devices, causality and padding presence;
+        drops from stream = layer, candidates from stream RANDOM_STREAM + layer."""
+        groups = {}
+        for layer in self.layers:
+            record = records[layer]
+            shape = (*record.out.shape[:3], record.value.shape[-2])
+            key = (shape, record.value.device, record.causal, record.key_padding is None)
+            groups.setdefault(key, []).append(layer)
         state = self.state
-        batch, heads, lq, _ = record.out.shape
-        lk = record.value.shape[-2]
-        device = record.value.device
-        index = torch.arange(batch * heads * lq * lk, dtype=torch.int64, device=device)
-        index = index.view(batch, heads, lq, lk)
-        candidate = rng.philox_words(state.seed, index, step, RANDOM_STREAM + layer,
-                                     backend=state.backend) < keep_threshold(state.p)
-        spared = rng.philox_words(state.seed, index, step, layer,
-                                  backend=state.backend) >= keep_threshold(state.q)
-        keep = ~candidate | spared
-        if record.key_padding is not None:
-            keep = keep & record.key_padding[:, None, None, :]
-        if record.causal:
-            keep = keep & torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
-        return pack_mask(keep)
+        masks = {}
+        for (shape, device, causal, _), layers in groups.items():
+            masks.update(zip(layers, random_keep_mask_layers(
+                shape, state.p, state.q, layers, [RANDOM_STREAM + layer for layer in layers],
+                key_padding_mask=_shared_or_stacked([records[layer].key_padding
+                                                     for layer in layers]),
+                seed=state.seed, step=step, device=device, backend=state.backend,
+                is_causal=causal)))
+        return {layer: masks[layer] for layer in self.layers}
 
     # -- passes ------------------------------------------------------------------------------
     def masked(self, masks: dict, step: Optional[int] = None):
