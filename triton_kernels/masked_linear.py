@@ -19,6 +19,8 @@ Reached only by name (`masked_linear(..., backend="triton")`): one H200 run meas
 0.20-0.87x of F.linear(x, W*M), so the default is W ⊙ M written once + cuBLAS
 (mask_training.py) until a GPU comparison at full size says otherwise (issue 18).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -168,19 +170,36 @@ _bwd_weight_tuned = triton.autotune(
     masked_linear_bwd_weight_kernel)
 
 
-def _launch(kernel, tuned, device, rows, row_block, cols, col_block, args, **flags):
-    """Autotuned on a GPU; one fixed small config under the interpreter. The grid covers
-    cdiv(rows, row_block) x cdiv(cols, col_block) output tiles (row_block/col_block name the
-    constexprs that tile the output)."""
-    # .run(grid=, warmup=False) is what kernel[grid](...) calls, without its per-call lambda
-    if device.type == "cuda":
+def _plan(on_gpu, rows, row_block, cols, col_block, **flags):
+    """(grid, keyword arguments) of one launch: autotuned on a GPU, one fixed small config
+    under the interpreter. The grid covers cdiv(rows, row_block) x cdiv(cols, col_block)
+    output tiles (row_block/col_block name the constexprs that tile the output)."""
+    if on_gpu:
         def grid(meta):
             return (cdiv(rows, meta[row_block]) * cdiv(cols, meta[col_block]),)
-        tuned.run(*args, grid=grid, warmup=False, **flags)
-    else:
-        b = _INTERPRETER_BLOCKS
-        kernel.run(*args, grid=(cdiv(rows, b[row_block]) * cdiv(cols, b[col_block]),),
-                   warmup=False, **flags, **b)
+        return grid, flags
+    b = _INTERPRETER_BLOCKS
+    return (cdiv(rows, b[row_block]) * cdiv(cols, b[col_block]),), {**flags, **b}
+
+
+# Each launch's plan is a function of these arguments alone: made once per key instead of on
+# every call (bounded: one entry per token count and flag set in use).
+@functools.lru_cache(maxsize=256)
+def _fwd_plan(on_gpu, m, n, has_bias, from_scores, precision):
+    return _plan(on_gpu, m, "BLOCK_M", n, "BLOCK_N", HAS_BIAS=has_bias, FROM_SCORES=from_scores,
+                 INPUT_PRECISION=precision)
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_input_plan(on_gpu, m, k, from_scores, precision):
+    return _plan(on_gpu, m, "BLOCK_M", k, "BLOCK_K", FROM_SCORES=from_scores,
+                 INPUT_PRECISION=precision)
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_weight_plan(on_gpu, n, k, from_scores, want_dscore, want_dw, precision):
+    return _plan(on_gpu, n, "BLOCK_N", k, "BLOCK_K", FROM_SCORES=from_scores,
+                 WANT_DSCORE=want_dscore, WANT_DW=want_dw, INPUT_PRECISION=precision)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -194,15 +213,17 @@ def masked_linear_forward(x2d, weight, bias, words, scores, phi):
     """y [M, N] = x2d [M, K] · (W⊙M)ᵀ + bias; last-dim stride 1 everywhere."""
     m, k = x2d.shape
     n = weight.shape[0]
-    y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    device = x2d.device
+    y = torch.empty(m, n, dtype=x2d.dtype, device=device)
     if m == 0 or n == 0:
         return y
-    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, x2d.device)
-    args = (x2d, weight, weight if bias is None else bias, words, scores, phi, y, m, n, k,
-            x2d.stride(0), weight.stride(0), s_words, s_scores, y.stride(0))
-    _launch(masked_linear_fwd_kernel, _fwd_tuned, x2d.device, m, "BLOCK_M", n, "BLOCK_N", args,
-            HAS_BIAS=bias is not None, FROM_SCORES=from_scores,
-            INPUT_PRECISION=_precision(x2d.dtype))
+    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, device)
+    on_gpu = device.type == "cuda"
+    grid, kwargs = _fwd_plan(on_gpu, m, n, bias is not None, from_scores, _precision(x2d.dtype))
+    # .run(grid=, warmup=False) is what kernel[grid](...) calls, without its per-call lambda
+    (_fwd_tuned if on_gpu else masked_linear_fwd_kernel).run(
+        x2d, weight, weight if bias is None else bias, words, scores, phi, y, m, n, k,
+        x2d.stride(0), weight.stride(0), s_words, s_scores, n, grid=grid, warmup=False, **kwargs)
     return y
 
 
@@ -210,17 +231,18 @@ def masked_linear_backward_input(dy, weight, words, scores, phi):
     """dx [M, K] = dy [M, N] · (W⊙M)."""
     m, n = dy.shape
     k = weight.shape[1]
-    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    device = dy.device
+    dx = torch.empty(m, k, dtype=dy.dtype, device=device)
     if m == 0 or k == 0:
         return dx
     if n == 0:
         return dx.zero_()
-    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, dy.device)
-    args = (dy, weight, words, scores, phi, dx, m, n, k,
-            dy.stride(0), weight.stride(0), s_words, s_scores, dx.stride(0))
-    _launch(masked_linear_bwd_input_kernel, _bwd_input_tuned, dy.device, m, "BLOCK_M", k,
-            "BLOCK_K", args,
-            FROM_SCORES=from_scores, INPUT_PRECISION=_precision(dy.dtype))
+    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, device)
+    on_gpu = device.type == "cuda"
+    grid, kwargs = _bwd_input_plan(on_gpu, m, k, from_scores, _precision(dy.dtype))
+    (_bwd_input_tuned if on_gpu else masked_linear_bwd_input_kernel).run(
+        dy, weight, words, scores, phi, dx, m, n, k, dy.stride(0), weight.stride(0), s_words,
+        s_scores, k, grid=grid, warmup=False, **kwargs)
     return dx
 
 
@@ -235,12 +257,13 @@ def masked_linear_backward_weight(dy, x2d, weight, words, scores, phi, want_dsco
     if m == 0:
         return (None if dscore is None else dscore.zero_()), (None if dw is None else dw.zero_())
     placeholder = dscore if dscore is not None else dw
-    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, dy.device)
-    args = (dy, x2d, weight, words, scores, phi,
-            dscore if dscore is not None else placeholder, dw if dw is not None else placeholder,
-            m, n, k, dy.stride(0), x2d.stride(0), weight.stride(0), s_words, s_scores)
-    _launch(masked_linear_bwd_weight_kernel, _bwd_weight_tuned, dy.device, n, "BLOCK_N", k,
-            "BLOCK_K", args,
-            FROM_SCORES=from_scores, WANT_DSCORE=want_dscore, WANT_DW=want_dw,
-            INPUT_PRECISION=_precision(dy.dtype))
+    device = dy.device
+    words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, device)
+    on_gpu = device.type == "cuda"
+    grid, kwargs = _bwd_weight_plan(on_gpu, n, k, from_scores, want_dscore, want_dw,
+                                    _precision(dy.dtype))
+    (_bwd_weight_tuned if on_gpu else masked_linear_bwd_weight_kernel).run(
+        dy, x2d, weight, words, scores, phi, placeholder if dscore is None else dscore,
+        placeholder if dw is None else dw, m, n, k, dy.stride(0), x2d.stride(0),
+        weight.stride(0), s_words, s_scores, grid=grid, warmup=False, **kwargs)
     return dscore, dw
