@@ -70,7 +70,8 @@ OPS: Dict[str, OpInfo] = {
     "unpack_mask": OpInfo(),
     "mask_popcount": OpInfo(implemented=("reference", "cpu", "cuda")),
     "addrop_keep_mask": OpInfo(implemented=("reference", "triton")),
-    "addrop_random_mask": OpInfo(implemented=("reference", "triton")),
+    # "cpu": the extension's C++ Philox and packing, composed (mask.py)
+    "addrop_random_mask": OpInfo(implemented=("reference", "triton", "cpu")),
     "masked_attention": OpInfo(implemented=("reference", "triton")),
     "masked_linear": OpInfo(implemented=("reference", "triton")),
     # MaskScoreAdamW's step: "reference" is torch's AdamW on dScore, "triton" the fused kernel

@@ -4,7 +4,7 @@ padding and causal ANDs, pack_mask); ADDrop with attribution="random" makes one 
 import pytest
 import torch
 
-from regdrop_fast import addrop, rng
+from regdrop_fast import addrop, backends, rng
 from regdrop_fast._checks import keep_threshold
 from regdrop_fast.addrop.integration import RANDOM_STREAM
 from regdrop_fast.addrop.mask import random_keep_mask_layers
@@ -54,7 +54,7 @@ def _assert_equal_per_layer(got, shape, kpm_of, streams, candidates, causal, dev
 @pytest.mark.parametrize("padding", ["shared", "per_layer", "none"])
 def test_layers_equal_the_per_layer_procedure(device, lq, lk, causal, padding):
     """BERT-like (padding) and decoder-like (causal, bottom-right aligned when Lq < Lk) maps of
-    a non-contiguous layer set, on the triton and reference backends."""
+    a non-contiguous layer set, on the triton, reference and (C++ built) cpu backends."""
     require_backend("triton", device)
     gen = torch.Generator().manual_seed(lk + 3 * lq)
     shape, layers = (2, 3, lq, lk), (0, 2, 5)
@@ -63,7 +63,9 @@ def test_layers_equal_the_per_layer_procedure(device, lq, lk, causal, padding):
               "none": lambda i: None}[padding]
     stacked = {"shared": kpm[0], "per_layer": kpm, "none": None}[padding]
     candidates = tuple(RANDOM_STREAM + layer for layer in layers)
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "reference", "cpu"):
+        if backends.unavailable_reason(backend, device) is not None:
+            continue
         got = random_keep_mask_layers(shape, streams=layers, candidate_streams=candidates,
                                       key_padding_mask=stacked, device=device, backend=backend,
                                       is_causal=causal, **ARGS)
