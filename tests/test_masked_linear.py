@@ -242,6 +242,52 @@ def test_no_weight_sized_copy_saved(device):
     assert len(weight_sized) == 1 and weight_sized[0].data_ptr() == w.data_ptr()
 
 
+def test_launch_plans_follow_the_flags(device):
+    """The Triton launchers reuse a launch plan per (shape, flags): calls alternating bias/no
+    bias, bits/scores, wanted gradients and a 2-d/3-d x at one shape each get the reference's
+    answer (a plan reused across flags would launch the wrong specialization)."""
+    require_backend("triton", device)
+    dy = torch.randn(2, 6, 21).to(device)
+    for _ in range(2):
+        for kind in ("packed", "scores"):
+            x, w, b, mask, phi = _inputs((2, 6), 21, 45, device, kind)
+            for bias, lead in ((b, (2, 6)), (None, (12,)), (b, (12,)), (None, (2, 6))):
+                xx = x.reshape(*lead, 45).clone().requires_grad_(True)
+                y = masked_linear(xx, w, mask, bias, threshold=phi, backend="triton")
+                (dx,) = torch.autograd.grad(y, xx, dy.reshape(*lead, 21))
+                zero = torch.zeros(21, device=device)
+                want = _ref64(xx.detach(), w, b if bias is not None else zero, mask, phi,
+                              dy.reshape(*lead, 21))
+                _close(y, want[0], f"y {kind} bias={bias is not None} lead={lead}")
+                _close(dx, want[1], f"dx {kind} bias={bias is not None} lead={lead}")
+
+
+def test_packed_layer_follows_its_mask_buffer(device):
+    """A "packed" MaskedLinear keeps the PackedMask its forward passes on while the buffer,
+    its shape and dtype stay: an in-place set_mask still shows in the next forward, and a
+    buffer replaced by a wrong one still raises."""
+    from regdrop_fast.sparse import MaskedLinear
+
+    torch.manual_seed(0)
+    layer = MaskedLinear.from_linear(torch.nn.Linear(40, 8).to(device), "packed")
+    x = torch.randn(5, 40, device=device)
+    for density in (0.5, 0.2):
+        keep = torch.rand(8, 40, device=device) < density
+        layer.set_mask(keep)
+        want = ref.masked_linear(x.double(), layer.weight.double(), bias=layer.bias.double(),
+                                 words=layer.mask_words)
+        _close(layer(x), want, f"density {density}")
+    words = layer.mask_words
+    layer.mask_words = torch.zeros(8, 3, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="words must have shape"):
+        layer(x)
+    layer.mask_words = words.float()
+    with pytest.raises(TypeError, match="words must have dtype"):
+        layer(x)
+    layer.mask_words = words
+    _close(layer(x), want, "buffer restored")
+
+
 def _triton_ok(device):
     from regdrop_fast import backends
     return backends.unavailable_reason("triton", device) is None

@@ -335,6 +335,7 @@ class MaskedLinear(nn.Linear):
         self.cache_masked_weight = False
         self.defer_score_grad = False
         self._score_state = _ScoreState()
+        self._mask_cache = None  # "packed": (PackedMask, words shape, words dtype), _words_mask
         device = linear.weight.device
         if kind == "scores":
             self.mask_scores = nn.Parameter(
@@ -403,8 +404,20 @@ class MaskedLinear(nn.Linear):
                                   self.mask_threshold, self.backend, False, self)
         if self.zeroed:
             return F.linear(x, self.weight, self.bias)
-        return masked_linear(x, self.weight, PackedMask(self.mask_words, self.weight.shape),
-                             self.bias, backend=self.backend)
+        return _masked_linear(x, self.weight, self._words_mask(), self.bias, None, self.backend,
+                              True, None)
+
+    def _words_mask(self) -> PackedMask:
+        """PackedMask(mask_words, weight.shape), built again only when the buffer object, its
+        shape or dtype, or the weight's shape changed: the constructor's checks depend on
+        those alone, and cost microseconds per forward. Internal to forward: a PackedMask
+        handed out may cache its popcount, which set_mask's in-place copy would make stale."""
+        words, shape = self.mask_words, self.weight.shape
+        cached = self._mask_cache
+        if (cached is None or cached[0].words is not words or cached[0].shape != shape
+                or cached[1] != words.shape or cached[2] != words.dtype):
+            cached = self._mask_cache = (PackedMask(words, shape), words.shape, words.dtype)
+        return cached[0]
 
     def _masked_key(self, dtype) -> tuple:
         """What W' depends on: any in-place change of W, the scores or φ bumps a version."""
