@@ -24,6 +24,11 @@ picks the stream (regdrop_fast.addrop passes the layer index) and the step (the 
 kernel launch from inputs stacked on a leading layer axis; layer l's mask is bit for bit
 keep_mask(attr[l], ..., stream=streams[l]) (streams are the Philox streams, one per layer).
 
+`random_keep_mask_layers(shape, p, q, streams, candidate_streams, ...)` is the official RD kind
+(no attribution) for n layers in one launch: an allowed key is a candidate iff its word of the
+layer's candidate stream is below floor(p·2^32), dropped iff also its word of the layer's
+stream is below floor(q·2^32), at the same element index.
+
 `attr` is a [B,H,Lq,Lk] attribution tensor (any kind: gradient, integrated gradients, the
 attention map, random scores) or a (dO, v) pair, dO [B,H,Lq,D] and v [B,Hkv,Lk,D] (Hkv dividing
 H: grouped-query attention, head h uses kv head h // (H // Hkv)): then B = dO·Vᵀ is computed tile
