@@ -40,7 +40,20 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _use_triton_elementwise(device: torch.device) -> bool:
-    return device.type == "cuda" and backends.unavailable_reason("triton", device) is None
+    return device.type == "cuda" and _triton_runs_cuda()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_runs_cuda() -> bool:
+    # for CUDA tensors the answer depends only on whether triton imports: fixed per process
+    return backends.unavailable_reason("triton", torch.device("cuda")) is None
+
+
+@functools.lru_cache(maxsize=None)
+def _elementwise_kernels():
+    """triton_kernels/mask_training.py, imported on first use (triton is optional)."""
+    from ..triton_kernels import mask_training
+    return mask_training
 
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -63,16 +76,15 @@ def _keep(weight, words, scores, phi) -> torch.Tensor:
 def materialize(weight, words, scores, phi, dtype) -> torch.Tensor:
     """W ⊙ M in `dtype` (contiguous): one Triton pass on CUDA, torch ops elsewhere."""
     if _use_triton_elementwise(weight.device):
-        from ..triton_kernels import mask_training as _mt
-        return _mt.materialize(weight, words, scores, phi, dtype)
+        return _elementwise_kernels().materialize(weight, words, scores, phi, dtype)
     return torch.where(_keep(weight, words, scores, phi), weight.to(dtype), 0)
 
 
 def ste_grads(g, weight, words, scores, phi, want_dscore, want_dw, score_dtype):
     """(dScore = G ⊙ W, dW = G ⊙ M), each None unless wanted: one Triton pass on CUDA."""
     if _use_triton_elementwise(g.device):
-        from ..triton_kernels import mask_training as _mt
-        return _mt.ste_grads(g, weight, words, scores, phi, want_dscore, want_dw, score_dtype)
+        return _elementwise_kernels().ste_grads(g, weight, words, scores, phi, want_dscore,
+                                                want_dw, score_dtype)
     dscore = (g.float() * weight.float()).to(score_dtype) if want_dscore else None
     dw = (torch.where(_keep(weight, words, scores, phi), g.to(weight.dtype), 0)
           if want_dw else None)
