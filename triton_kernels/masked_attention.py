@@ -7,7 +7,8 @@
   O = (P ⊙ Z / (1 − dropout_p))·V,  Z = philox_word(seed, index, step, stream) <
       floor((1 − dropout_p)·2^32), index = b·H·Lq·Lk + h·Lq·Lk + i·Lk + j (when dropout_p > 0)
 Online softmax in base 2 (scores scaled by scale·log2 e once after the dot, exp2 only); saved
-state: O and the row logsumexp (base 2, +inf on empty rows); Z is regenerated in backward,
+state: O and the row logsumexp (base 2, +inf on empty rows; one fp32 [2,B,H,Lq] buffer whose
+second half takes backward's delta); Z is regenerated in backward,
 nothing of size L² is written. The keep bits of a tile are one [BLOCK_M, BLOCK_N/32] word load
 expanded by shifts.
 
@@ -35,7 +36,9 @@ aligned bases and strides: when the inputs lack them (TMA_OK = 0) the TMA config
 Memory traffic per (b,h): forward reads Q once, K and V once per query block, the mask bits
 Lq·Lk/8 bytes, writes O and lse; backward reads Q, K, V, O, dO, the bits, writes dQ, dK, dV.
 Launch grids: forward and dQ (cdiv(Lq, BLOCK_M), B·H); dK/dV (cdiv(Lk, BLOCK_N), B·Hkv).
-Backward launches dQ (with delta) before dK/dV.
+Backward launches dQ (with delta) before dK/dV. Host side: a LaunchPlan holds what a geometry
+fixes (shapes, grids, the non-pointer arguments in kernel order), so a call adds only pointers,
+TMA_OK and the Philox words, and the backward reuses the forward's plan.
 """
 import os
 
@@ -147,30 +150,35 @@ def tma_ok(*tensors) -> int:
     [L, D] head matrices and over those of the contiguous outputs: bases, the strides of dims
     0-2 and a row of D elements multiples of 16 bytes (the last stride is 1 in every
     launcher), rows that do not overlap (an expanded length dim has stride 0), D within one
-    TMA box (<= 256 elements). Bitwise ORs: every value is a multiple of a power of two iff
-    their OR is (this runs on every call)."""
+    TMA box (<= 256 elements)."""
+    ptrs = 0
+    for t in tensors:
+        ptrs |= t.data_ptr()
+    return int(_tma_layout_ok(tensors) and not ptrs & 15)
+
+
+def _tma_layout_ok(tensors) -> bool:
+    """tma_ok's conditions on shapes and strides (a launch plan's fact). Bitwise ORs: every
+    value is a multiple of a power of two iff their OR is."""
     d = tensors[0].shape[-1]
-    ptrs, strides = 0, d
+    strides = d
     for t in tensors:
         st = t.stride()
         if st[2] < d:
-            return 0
-        ptrs |= t.data_ptr()
+            return False
         strides |= st[0] | st[1] | st[2]
-    return int(d <= 256 and not ptrs & 15
-               and not strides & (16 // tensors[0].element_size() - 1))
+    return d <= 256 and not strides & (16 // tensors[0].element_size() - 1)
 
 
 def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_allocator(device) -> None:
+def _ensure_allocator() -> None:
     """Descriptors built on the device live in a global scratch buffer that Triton takes from
     the allocator set with triton.set_allocator; install a torch one if the caller set none
-    (without one, a TMA config could not launch)."""
-    if device.type == "cuda" and isinstance(_allocation._allocator.get(),
-                                            _allocation.NullAllocator):
+    (without one, a TMA config could not launch on a GPU)."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
 
 
@@ -204,25 +212,28 @@ _TUNE_KEY = ["LEN_BUCKET", "TMA_OK", "D", "GROUP", "HAS_KEEP", "HAS_KPM", "MASK_
                  prune_configs_by=dict(early_config_prune=_prune))
 @triton.jit
 def masked_attention_fwd_kernel(
+    # the order is the launcher's: pointers, then what a launch plan fixes, then what each
+    # call brings (TMA_OK, the Philox words), then the plan's constexprs, then the tuned ones
     q_ptr, k_ptr, v_ptr,  # q [B,H,Lq,D], k/v [B,Hkv,Lk,D], last stride 1
     o_ptr,  # [B,H,Lq,D] output, contiguous
-    lse_ptr,  # fp32 [B,H,Lq] base-2 logsumexp, contiguous
-    keep_ptr, keep_b, keep_h, keep_m,  # int32 bits [B,H,Lq,W] and strides (HAS_KEEP)
-    kpm_ptr, kpm_b,  # uint8 [B,Lk] key padding, 1 = attend (HAS_KPM)
-    am_ptr, am_b, am_h, am_m, am_n,  # 4-D mask broadcast to [B,H,Lq,Lk] by strides (MASK_KIND)
+    lse_ptr,  # fp32 [2,B,H,Lq]: writes [0], the base-2 logsumexp ([1] is backward's delta)
+    keep_ptr,  # int32 bits [B,H,Lq,W] (HAS_KEEP)
+    kpm_ptr,  # uint8 [B,Lk] key padding, 1 = attend (HAS_KPM)
+    am_ptr,  # 4-D mask broadcast to [B,H,Lq,Lk] by strides (MASK_KIND)
+    keep_b, keep_h, keep_m, kpm_b, am_b, am_h, am_m, am_n,  # strides of the masks
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n,  # strides of q, k, v
     H, Lq, Lk, D,  # query heads, query/key lengths, head dim
     GROUP,  # query heads per kv head
     LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
-    TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
     qk_scale,  # scale * log2(e)
-    seed_lo, seed_hi, step, stream,  # attention-dropout Philox key halves and counter words
     dropout_keep_thr,  # floor((1 - dropout_p) * 2^32)
     dropout_scale,  # 1 / (1 - dropout_p)
+    TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
+    seed_lo, seed_hi, step, stream,  # attention-dropout Philox key halves and counter words
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,  # tiles of q, k, v, o through tensor descriptors
 ):
     pid_m = tl.program_id(0)
@@ -322,27 +333,29 @@ def _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk, qk_sc
 @triton.jit
 def masked_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # q/dO [B,H,Lq,D], k/v [B,Hkv,Lk,D], last stride 1
-    lse_ptr, delta_ptr,  # fp32 [B,H,Lq]
+    lse_ptr,  # fp32 [2,B,H,Lq]: the logsumexp, then delta (from the dQ kernel)
     dk_ptr, dv_ptr,  # [B,Hkv,Lk,D] outputs, contiguous
-    keep_ptr, keep_b, keep_h, keep_m,
-    kpm_ptr, kpm_b,
-    am_ptr, am_b, am_h, am_m, am_n,
+    keep_ptr, kpm_ptr, am_ptr,
+    keep_b, keep_h, keep_m, kpm_b, am_b, am_h, am_m, am_n,
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n, do_b, do_h, do_m,
     H, Lq, Lk, D,
     GROUP,  # query heads per kv head: this program sums over heads hkv·GROUP .. + GROUP − 1
     LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
-    TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
     qk_scale, sm_scale,  # scale * log2(e), scale
-    seed_lo, seed_hi, step, stream, dropout_keep_thr, dropout_scale,
+    dropout_keep_thr, dropout_scale,
+    TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
+    seed_lo, seed_hi, step, stream,
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,  # tiles of q, k, v, dO and the gradients through tensor descriptors
 ):
     pid_n = tl.program_id(0)
     bhkv = tl.program_id(1).to(tl.int64)
     hkv_count = H // GROUP
+    # delta follows the B·H·Lq logsumexps in one buffer (B·Hkv programs · GROUP = B·H)
+    delta_ptr = lse_ptr + tl.num_programs(1).to(tl.int64) * GROUP * Lq
     b = bhkv // hkv_count
     hkv = bhkv % hkv_count
     start_n = pid_n * BLOCK_N
@@ -410,23 +423,22 @@ def masked_attention_bwd_dkdv_kernel(
 def masked_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # q/dO [B,H,Lq,D], k/v [B,Hkv,Lk,D], last stride 1
     o_ptr,  # [B,H,Lq,D] forward output, contiguous
-    lse_ptr,  # fp32 [B,H,Lq]
-    delta_ptr,  # fp32 [B,H,Lq] output: rowsum(dO ⊙ O), read by the dK/dV kernel
+    lse_ptr,  # fp32 [2,B,H,Lq]: the logsumexp, then delta = rowsum(dO ⊙ O), written here
     dq_ptr,  # [B,H,Lq,D] output, contiguous
-    keep_ptr, keep_b, keep_h, keep_m,
-    kpm_ptr, kpm_b,
-    am_ptr, am_b, am_h, am_m, am_n,
+    keep_ptr, kpm_ptr, am_ptr,
+    keep_b, keep_h, keep_m, kpm_b, am_b, am_h, am_m, am_n,
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n, do_b, do_h, do_m,
     H, Lq, Lk, D,
     GROUP,  # query heads per kv head
     LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
-    TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
     qk_scale, sm_scale,
-    seed_lo, seed_hi, step, stream, dropout_keep_thr, dropout_scale,
+    dropout_keep_thr, dropout_scale,
+    TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
+    seed_lo, seed_hi, step, stream,
     HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,  # tiles of q, k, v, dO and the gradients through tensor descriptors
 ):
     pid_m = tl.program_id(0)
@@ -443,6 +455,7 @@ def masked_attention_bwd_dq_kernel(
     k_base = k_ptr + b * k_b + hkv * k_h
     v_base = v_ptr + b * v_b + hkv * v_h
     row = bh * Lq + offs_m
+    delta_ptr = lse_ptr + tl.num_programs(1).to(tl.int64) * Lq  # after the B·H·Lq logsumexps
     if USE_TMA:
         q = _tile_desc(q_ptr + b * q_b + h * q_h, Lq, D, q_m, BLOCK_M, BLOCK_D).load([start_m, 0])
         do = _tile_desc(do_ptr + b * do_b + h * do_h, Lq, D, do_m, BLOCK_M, BLOCK_D).load(
@@ -486,89 +499,138 @@ def masked_attention_bwd_dq_kernel(
 
 
 class MaskArgs:
-    """Kernel arguments of the masks: keep bits, key padding, 4-D bool/additive mask.
+    """The masks as the kernels take them: keep bits, key padding, 4-D bool/additive mask.
 
     keep_words: int32 [B,H,Lq,W] or None; kpm: bool [B,Lk] or None; am: bool or float tensor
-    broadcast (by strides) to [B,H,Lq,Lk], or None."""
+    broadcast (by strides) to [B,H,Lq,Lk], or None; dummy: any tensor, the pointer passed for
+    an absent mask (never read). `tensors` are the ones to save for backward, `ptrs` the
+    launch's pointer arguments, `layout` what a launch plan needs to know of them."""
+
+    __slots__ = ("tensors", "ptrs", "layout")
 
     def __init__(self, keep_words, kpm, am, dummy):
-        self.has_keep = keep_words is not None
-        self.has_kpm = kpm is not None
+        if keep_words is not None:
+            keep_words = keep_words.contiguous()
+        if kpm is not None:
+            kpm = kpm.contiguous().view(torch.uint8)
         if am is None:
-            self.kind, am_t = MASK_NONE.value, dummy
-        elif am.dtype == torch.bool:
-            self.kind, am_t = MASK_BOOL.value, am.view(torch.uint8)
+            kind, am_strides = MASK_NONE.value, None
         else:
-            self.kind, am_t = MASK_ADDITIVE.value, am
-        keep = keep_words if self.has_keep else dummy
-        kpm_t = kpm.contiguous().view(torch.uint8) if self.has_kpm else dummy
-        keep_strides = keep_words.stride()[:3] if self.has_keep else (0, 0, 0)
-        self.args = (keep, *keep_strides, kpm_t, kpm_t.stride(0) if self.has_kpm else 0,
-                     am_t, *(am.stride() if am is not None else (0, 0, 0, 0)))
-        self.flags = dict(HAS_KEEP=self.has_keep, HAS_KPM=self.has_kpm, MASK_KIND=self.kind)
+            kind, am_strides = MASK_ADDITIVE.value, am.stride()
+            if am.dtype == torch.bool:
+                kind, am = MASK_BOOL.value, am.view(torch.uint8)
+        self.tensors = (keep_words, kpm, am)
+        self.ptrs = (dummy if keep_words is None else keep_words, dummy if kpm is None else kpm,
+                     dummy if am is None else am)
+        self.layout = (keep_words is not None, kpm is not None, kind, am_strides)
 
 
+class LaunchPlan:
+    """What one geometry fixes of the forward and the two backward launches: output shapes,
+    grids, and every argument that is not a pointer, a Philox word or TMA_OK, in kernel order.
 
-def _dropout_args(dropout_p, seed, step, stream):
-    keep_thr = int((1.0 - dropout_p) * 4294967296.0)
-    scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
-    return (seed & 0xFFFFFFFF, seed >> 32, step, stream, keep_thr, scale)
+    One per (shapes, strides, dtype, device, mask layout, scale, dropout_p, is_causal): a
+    caller may keep it for later calls with the same ones (addrop.attention does). q, k, v
+    have last stride 1 and v has k's shape; the keep words and key padding are contiguous
+    (MaskArgs), so their strides follow from the shapes (a size-1 dim's stride is unused)."""
+
+    __slots__ = ("device", "cuda", "dtype", "out_shape", "kv_shape", "stats_shape", "tma_layout",
+                 "fwd_args", "bwd_head", "bwd_tail", "bwd_args", "flags", "fwd_grid",
+                 "dkdv_grid")
+
+    def __init__(self, q, k, v, layout, scale: float, dropout_p: float, is_causal: bool):
+        batch, heads, lq, d = q.shape
+        kv_heads, lk = k.shape[1], k.shape[2]
+        has_keep, has_kpm, kind, am_strides = layout
+        words = cdiv(lk, 32)
+        mask_strides = (((heads * lq * words, lq * words, words) if has_keep else (0, 0, 0))
+                        + (lk if has_kpm else 0,) + (am_strides or (0, 0, 0, 0)))
+        strides = mask_strides + q.stride()[:3] + k.stride()[:3] + v.stride()[:3]
+        sizes = (heads, lq, lk, d, heads // kv_heads, next_power_of_2(max(lq, lk)))
+        keep_thr = int((1.0 - dropout_p) * 4294967296.0)
+        dropout_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+        self.device, self.dtype = q.device, q.dtype
+        self.cuda = q.device.type == "cuda"
+        self.out_shape = (batch, heads, lq, d)
+        self.kv_shape = (batch, kv_heads, lk, d)
+        self.stats_shape = (2, batch, heads, lq)
+        self.tma_layout = _tma_layout_ok((q, k, v))
+        self.fwd_args = strides + sizes + (scale * _LOG2E, keep_thr, dropout_scale)
+        # a contiguous dO (the usual gradient) has the strides of O; another gets its own
+        self.bwd_head = strides
+        self.bwd_tail = sizes + (scale * _LOG2E, scale, keep_thr, dropout_scale)
+        self.bwd_args = strides + (heads * lq * d, lq * d, d) + self.bwd_tail
+        self.flags = (has_keep, has_kpm, kind, dropout_p > 0.0, is_causal,
+                      max(16, next_power_of_2(d)),
+                      "ieee" if q.dtype == torch.float32 else "tf32")
+        self.fwd_grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)
+        self.dkdv_grid = lambda meta: (cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)
+
+    def forward(self, q, k, v, mask_ptrs, philox):
+        """(O [B,H,Lq,D] contiguous in q's dtype, stats fp32 [2,B,H,Lq]: [0] the base-2
+        logsumexp, [1] room for backward's delta (one allocation rather than two)); philox:
+        the dropout's (seed_lo, seed_hi, step, stream)."""
+        out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(*self.stats_shape, dtype=torch.float32, device=self.device)
+        tma = int(self.tma_layout and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15)
+        if tma and self.cuda:
+            _ensure_allocator()
+        # .run(grid=...) is what kernel[grid](...) calls, without the per-call lambda
+        masked_attention_fwd_kernel.run(q, k, v, out, lse, *mask_ptrs, *self.fwd_args, tma,
+                                        *philox, *self.flags, grid=self.fwd_grid, warmup=False)
+        return out, lse
+
+    def backward(self, do, q, k, v, out, lse, mask_ptrs, philox):
+        """(dq [B,H,Lq,D], dk, dv [B,Hkv,Lk,D]), contiguous, in q's dtype; out, lse: the
+        forward's (its lse buffer takes delta)."""
+        if do.is_contiguous():
+            args = self.bwd_args
+            tma = int(self.tma_layout and not (q.data_ptr() | k.data_ptr() | v.data_ptr()
+                                               | do.data_ptr()) & 15)
+        else:
+            if do.stride(-1) != 1:
+                do = do.contiguous()
+            args = self.bwd_head + do.stride()[:3] + self.bwd_tail
+            tma = tma_ok(q, k, v, do)
+        if tma and self.cuda:
+            _ensure_allocator()
+        # empty_like of our own contiguous tensors: cheaper than torch.empty(shape, ...)
+        dq = torch.empty_like(out)
+        dk = torch.empty(*self.kv_shape, dtype=self.dtype, device=self.device)
+        dv = torch.empty_like(dk)
+        # dQ first: it writes delta, which dK/dV reads
+        masked_attention_bwd_dq_kernel.run(q, k, v, do, out, lse, dq, *mask_ptrs, *args, tma,
+                                           *philox, *self.flags, grid=self.fwd_grid,
+                                           warmup=False)
+        masked_attention_bwd_dkdv_kernel.run(q, k, v, do, lse, dk, dv, *mask_ptrs, *args, tma,
+                                             *philox, *self.flags, grid=self.dkdv_grid,
+                                             warmup=False)
+        return dq, dk, dv
 
 
-def _common(q, k):
-    """(batch, heads, kv heads, lq, lk, d, BLOCK_D, dot precision)."""
-    batch, heads, lq, d = q.shape
-    kv_heads, lk = k.shape[1], k.shape[2]
-    block_d = max(16, next_power_of_2(d))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return batch, heads, kv_heads, lq, lk, d, block_d, precision
+def _launch(q, k, v, masks: MaskArgs, scale: float, dropout_p: float, is_causal: bool):
+    """(q, k, v with last stride 1, their LaunchPlan)."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return q, k, v, LaunchPlan(q, k, v, masks.layout, scale, dropout_p, is_causal)
+
+
+def philox_words(seed: int, step: int, stream: int) -> tuple:
+    """The attention dropout's Philox arguments: key halves of the 64-bit seed, counter words."""
+    return seed & 0xFFFFFFFF, seed >> 32, step, stream
 
 
 def masked_attention_forward(q, k, v, masks: MaskArgs, scale: float, dropout_p: float,
                              seed: int, step: int, stream: int, is_causal: bool = False):
-    """(O [B,H,Lq,D] contiguous in q's dtype, lse fp32 [B,H,Lq] base 2). k, v [B,Hkv,Lk,D]."""
-    batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
-    device = q.device
-    out = torch.empty(batch, heads, lq, d, dtype=q.dtype, device=device)
-    lse = torch.empty(batch, heads, lq, dtype=torch.float32, device=device)
-    tma = tma_ok(q, k, v)
-    if tma:
-        _ensure_allocator(device)
-    grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    masked_attention_fwd_kernel[grid](
-        q, k, v, out, lse, *masks.args,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        heads, lq, lk, d, heads // kv_heads, next_power_of_2(max(lq, lk)), tma,
-        scale * _LOG2E,
-        *_dropout_args(dropout_p, seed, step, stream),
-        **masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal, BLOCK_D=block_d,
-        DOT_PRECISION=precision)
-    return out, lse
+    """(O [B,H,Lq,D] contiguous in q's dtype, stats fp32 [2,B,H,Lq]: the base-2 logsumexp
+    and room for backward's delta). k, v [B,Hkv,Lk,D]."""
+    q, k, v, launch = _launch(q, k, v, masks, scale, dropout_p, is_causal)
+    return launch.forward(q, k, v, masks.ptrs, philox_words(seed, step, stream))
 
 
 def masked_attention_backward(do, q, k, v, out, lse, masks: MaskArgs, scale: float,
                               dropout_p: float, seed: int, step: int, stream: int,
                               is_causal: bool = False):
-    """(dq [B,H,Lq,D], dk, dv [B,Hkv,Lk,D]), contiguous, in q's dtype. `do` needs last
-    stride 1."""
-    batch, heads, kv_heads, lq, lk, d, block_d, precision = _common(q, k)
-    device, dtype = q.device, q.dtype
-    delta = torch.empty_like(lse)
-    dq = torch.empty(batch, heads, lq, d, dtype=dtype, device=device)
-    dk = torch.empty(batch, kv_heads, lk, d, dtype=dtype, device=device)
-    dv = torch.empty(batch, kv_heads, lk, d, dtype=dtype, device=device)
-    tma = tma_ok(q, k, v, do)
-    if tma:
-        _ensure_allocator(device)
-    common = (*masks.args, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-              *do.stride()[:3], heads, lq, lk, d, heads // kv_heads,
-              next_power_of_2(max(lq, lk)), tma, scale * _LOG2E, scale,
-              *_dropout_args(dropout_p, seed, step, stream))
-    flags = dict(**masks.flags, HAS_DROPOUT=dropout_p > 0.0, IS_CAUSAL=is_causal,
-                 BLOCK_D=block_d, DOT_PRECISION=precision)
-    grid_q = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    # dQ first: it writes delta, which dK/dV reads
-    masked_attention_bwd_dq_kernel[grid_q](q, k, v, do, out, lse, delta, dq, *common, **flags)
-    grid_kv = lambda meta: (cdiv(lk, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
-    masked_attention_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *common, **flags)
-    return dq, dk, dv
+    """(dq [B,H,Lq,D], dk, dv [B,Hkv,Lk,D]), contiguous, in q's dtype; q, k, v as the forward
+    had them, out and lse (stats) as it returned them."""
+    q, k, v, launch = _launch(q, k, v, masks, scale, dropout_p, is_causal)
+    return launch.backward(do, q, k, v, out, lse, masks.ptrs, philox_words(seed, step, stream))
