@@ -98,7 +98,7 @@ def masked_attention():
                              if o]
     for dtype, (b, h, n, d) in cases:
         q = t(b, h, n, d, dtype=dtype)
-        lse = t(b, h, n, dtype=torch.float32)
+        lse = t(2, b, h, n, dtype=torch.float32)  # logsumexp and delta (one buffer)
         dummy = t(1, dtype=torch.uint8)
         for masks, p in ((K.MaskArgs(t(b, h, n, n // 32, dtype=torch.int32),
                                      t(b, n, dtype=torch.bool), None, dummy), 0.1),
