@@ -50,7 +50,8 @@ def _assert_equal_per_layer(got, shape, kpm_of, streams, candidates, causal, dev
 
 # lk 40: one Philox call per 4 keys; 37: per key; 130: two key tiles in the interpreter
 @pytest.mark.parametrize("lq,lk,causal", [(9, 40, False), (9, 37, False), (40, 40, True),
-                                          (37, 37, True), (5, 12, True), (3, 130, False)])
+                                          (37, 37, True), (5, 12, True), (12, 5, True),
+                                          (3, 130, False)])
 @pytest.mark.parametrize("padding", ["shared", "per_layer", "none"])
 def test_layers_equal_the_per_layer_procedure(device, lq, lk, causal, padding):
     """BERT-like (padding) and decoder-like (causal, bottom-right aligned when Lq < Lk) maps of
@@ -70,6 +71,21 @@ def test_layers_equal_the_per_layer_procedure(device, lq, lk, causal, padding):
                                       key_padding_mask=stacked, device=device, backend=backend,
                                       is_causal=causal, **ARGS)
         _assert_equal_per_layer(got, shape, kpm_of, layers, candidates, causal, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lk", [128, 129])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_bert_base_layers(lk, causal):
+    """The GPU tiles (128 keys, 4 Philox words per call when Lk % 4 == 0) at BERT-base shapes,
+    all 12 layers in one launch."""
+    shape, layers = (32, 12, lk, lk), tuple(range(12))
+    kpm = (torch.arange(lk) < torch.randint(1, lk + 1, (32, 1))).cuda()
+    candidates = tuple(RANDOM_STREAM + layer for layer in layers)
+    got = random_keep_mask_layers(shape, streams=layers, candidate_streams=candidates,
+                                  key_padding_mask=kpm, backend="triton", is_causal=causal,
+                                  **ARGS)
+    _assert_equal_per_layer(got, shape, lambda i: kpm, layers, candidates, causal, "cuda")
 
 
 def test_extreme_streams_seeds_and_rates(device):
