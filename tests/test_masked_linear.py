@@ -127,16 +127,20 @@ def test_nan_threshold_tensor_raises(device, backend):
 
 
 def test_default_path_under_autocast_matches_reference():
-    """Mixed precision: fp32 weights and scores, x in fp32 or bf16, compute in bf16."""
+    """Mixed precision: fp32 weights, bias and scores, x in fp32 or bf16, compute in bf16; the
+    bias gradient is the fp32 sum of the bf16 dy, in the bias's dtype (not rounded to bf16)."""
     x, w, b, scores, phi = _inputs((16,), 24, 48, "cpu", "scores")
     dy = torch.randn(16, 24)
     for x_dtype in (torch.float32, torch.bfloat16):
         xx = x.detach().to(x_dtype).requires_grad_(True)
         s = scores.clone().requires_grad_(True)
+        bb = b.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = masked_linear(xx, w, s, b, threshold=phi)
+            y = masked_linear(xx, w, s, bb, threshold=phi)
         assert y.dtype == torch.bfloat16
         y.backward(dy.bfloat16())
+        assert bb.grad.dtype == torch.float32
+        assert torch.equal(bb.grad, dy.bfloat16().float().sum(0))
         want = _ref64(x, w, b, scores, phi, dy)
         torch.testing.assert_close(y.double(), want[0], rtol=2e-2, atol=5e-2)
         assert xx.grad.dtype == x_dtype
