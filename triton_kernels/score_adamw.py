@@ -21,6 +21,8 @@ and BERT's shapes give): the kernel tells the compiler so, which it cannot infer
 address and which vectorized (16-byte) loads and stores need.
 """
 import array
+from functools import reduce
+from operator import or_
 from typing import Optional, Sequence
 
 import torch
@@ -43,7 +45,7 @@ _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16
 def score_adamw_multi_kernel(
     table_ptr,  # int64 [matrices, COLS]: see COLS
     program_ptr,  # int32 [programs]: the matrix of each program
-    step_ptr,  # int64 [matrices] gradient addresses, then fp32 [matrices, 2] step size, √bc2
+    step_ptr,  # int64 [matrices] gradient addresses, then fp32 step sizes and √bc2s
     out_ptr,  # the flat W' buffer in the compute dtype (written when WRITE_MASKED)
     n_matrices,
     decay,  # 1 - lr * weight_decay
@@ -73,9 +75,9 @@ def score_adamw_multi_kernel(
         w_ptr = tl.multiple_of(w_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
         n = tl.multiple_of(n, 16)
-    scalars = (step_ptr + n_matrices).to(tl.pointer_type(tl.float32), bitcast=True) + 2 * i
+    scalars = (step_ptr + n_matrices).to(tl.pointer_type(tl.float32), bitcast=True) + i
     step_size = tl.load(scalars)
-    bc2_sqrt = tl.load(scalars + 1)
+    bc2_sqrt = tl.load(scalars + n_matrices)
     offs = start + tl.arange(0, BLOCK)
     valid = offs < n
     s = tl.load(s_ptr + offs, mask=valid, other=0.0)
@@ -103,23 +105,26 @@ def score_adamw_multi_kernel(
         tl.store(out + offs, w_new, mask=valid)
 
 
-def _addresses(tensors: Sequence[Optional[torch.Tensor]]) -> list:
-    return [0 if t is None else t.data_ptr() for t in tensors]
+def _addresses(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
+    """Their data_ptr()s; a list the kernel does not read (all None) gives zeros."""
+    if tensors[0] is None:
+        return (0,) * len(tensors)
+    return tuple(map(torch.Tensor.data_ptr, tensors))
 
 
 def table_key(scores, exp_avgs, exp_avg_sqs, weights, phis) -> tuple:
     """What a MatrixTable of these tensors depends on: their addresses and sizes (a tensor
-    replaced, or given new storage, changes it; new values do not)."""
-    return (tuple(_addresses(scores)), tuple(_addresses(exp_avgs)),
-            tuple(_addresses(exp_avg_sqs)), tuple(_addresses(weights)), tuple(_addresses(phis)),
-            tuple(s.numel() for s in scores))
+    replaced, or given new storage, changes it; new values do not). weights, phis: all
+    tensors, or all None."""
+    return (_addresses(scores), _addresses(exp_avgs), _addresses(exp_avg_sqs),
+            _addresses(weights), _addresses(phis), tuple(map(torch.Tensor.numel, scores)))
 
 
 class MatrixTable:
     """The static part of a launch over a list of score matrices (see the module docstring),
     on their device. scores, exp_avgs, exp_avg_sqs: contiguous fp32; weights: contiguous, one
-    dtype, or None each where the kernel reads no W (neither STE nor WRITE_MASKED); phis: the
-    1-element fp32 thresholds, or None each where it writes no W'. `key` is table_key of them."""
+    dtype, or all None where the kernel reads no W (neither STE nor WRITE_MASKED); phis: the
+    1-element fp32 thresholds, or all None where it writes no W'. `key` is table_key of them."""
 
     def __init__(self, scores, exp_avgs, exp_avg_sqs, weights, phis):
         self.key = table_key(scores, exp_avgs, exp_avg_sqs, weights, phis)
@@ -135,6 +140,9 @@ class MatrixTable:
             self.out_offsets.append(end)
             end += cdiv(n, OUT_ALIGN) * OUT_ALIGN
         self.out_numel = end
+        # (size, stride, offset) of each W' view: one as_strided call makes it
+        self._views = [(s, torch.empty(s, device="meta").stride(), o)
+                       for s, o in zip(self.shapes, self.out_offsets)]
         first, rows = 0, []
         for j, n in enumerate(numels):
             rows.append((*(self.key[c][j] for c in range(5)), self.out_offsets[j], n, first))
@@ -143,12 +151,12 @@ class MatrixTable:
         program_matrix = torch.repeat_interleave(torch.arange(len(numels)), counts)
         self.table = _to_device(torch.tensor(rows, dtype=torch.int64), self.device)
         self.program_matrix = _to_device(program_matrix.to(torch.int32), self.device)
-        static = [a for column in self.key[:5] for a in column]
-        self.aligned = (all(a % 16 == 0 for a in static) and all(n % 16 == 0 for n in numels))
+        # every address and numel of the key a multiple of 16
+        self.aligned = reduce(or_, (reduce(or_, column, 0) for column in self.key), 0) % 16 == 0
 
     def out_views(self, out: torch.Tensor) -> list:
         """Each matrix's W' [shape] inside the flat buffer `out` of out_numel elements."""
-        return [out[o:o + s.numel()].view(s) for o, s in zip(self.out_offsets, self.shapes)]
+        return [out.as_strided(*view) for view in self._views]
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -171,13 +179,13 @@ def score_adamw_multi(table: MatrixTable, grads, step_sizes, bc2_sqrts, out, *, 
     grad_addresses = _addresses(grads)
     # gradient addresses, then the step scalars rounded to fp32 as a float launch argument is
     # (a C cast: round to nearest, inf past the range): one small copy per step
-    scalars = array.array("f", [x for pair in zip(step_sizes, bc2_sqrts) for x in pair])
+    scalars = array.array("f", (*step_sizes, *bc2_sqrts))
     step = torch.frombuffer(bytearray(array.array("q", grad_addresses).tobytes()
                                       + scalars.tobytes()), dtype=torch.int64)
     step = _to_device(step, table.device)
     write = out is not None
-    aligned = table.aligned and all(a % 16 == 0 for a in grad_addresses) and (
-        not write or out.data_ptr() % 16 == 0)
+    aligned = table.aligned and (
+        reduce(or_, grad_addresses, out.data_ptr() if write else 0) % 16 == 0)
     weight_dtype = table.weight_dtype if (ste or write) else torch.float32
     score_adamw_multi_kernel[(table.n_programs,)](
         table.table, table.program_matrix, step, out if write else table.table, count, decay,

@@ -41,6 +41,8 @@ from .. import backends
 
 __all__ = ["MaskScoreAdamW"]
 
+_MAX_TABLES = 8  # lists of matrices a MaskScoreAdamW keeps launch tables for
+
 
 class MaskScoreAdamW(torch.optim.Optimizer):
     """AdamW over the scores of a `MaskTrainer` (see the module docstring).
@@ -87,7 +89,9 @@ class MaskScoreAdamW(torch.optim.Optimizer):
         self.fused = bool(fused)
         self.defer_ste_grad = bool(defer_ste_grad)
         self._group_ids = None
-        self._tables = {}  # the fused launches' MatrixTables, by their flags and dtypes
+        # the fused launches' MatrixTables by the addresses they hold, with the step-count
+        # tensor their matrices' counts are views of and those views' addresses
+        self._tables = {}
         self._check_groups()
 
     def _state(self, p):
@@ -151,58 +155,66 @@ class MaskScoreAdamW(torch.optim.Optimizer):
     def _fused_steps(self, work, group, keep_phi) -> None:
         from ..triton_kernels import score_adamw as _sa
 
-        steps = [state["step"] for *_, state in work]
-        torch._foreach_add_(steps, 1)
-        lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
-        decay = 1.0 - lr * group["weight_decay"]
-        scalars = {}  # by step count: the matrices normally share one
         launches = {}  # by the launch's flags and dtypes: its matrices
-        # the counts are CPU tensors: no device sync
-        for (p, layer, g_ste, state), t in zip(work, torch.stack(steps).tolist()):
-            t = int(t)
-            if t not in scalars:
-                scalars[t] = (lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t))
+        for p, layer, g_ste, state in work:
             ste = g_ste is not None and p.grad is None
             grad = g_ste if ste else (p.grad if g_ste is None else _ste_product(p, layer, g_ste))
+            if not grad.is_contiguous():
+                grad = grad.contiguous()
             # the last training forward's W' gives the compute dtype of the next one
             dtype = layer._drop_masked_weight()
             out_dtype = dtype if keep_phi else None
-            weight = None
-            if ste or out_dtype is not None:
-                weight = layer.weight.detach()
-                if not weight.is_contiguous():
-                    weight = weight.contiguous()
-            key = (ste, grad.dtype, None if weight is None else weight.dtype, out_dtype)
-            launches.setdefault(key, []).append(
-                (p, layer, state, grad.contiguous(), weight, scalars[t]))
-        for key, items in launches.items():
-            self._launch(_sa, key, items, decay, beta1, beta2, eps)
+            weight = layer.weight
+            if (ste or out_dtype is not None) and not weight.is_contiguous():
+                weight = weight.detach().contiguous()
+            key = (ste, grad.dtype, weight.dtype, out_dtype)
+            rows = launches.get(key)
+            if rows is None:
+                rows = launches[key] = []
+            rows.append((p, state["exp_avg"], state["exp_avg_sq"], weight, layer.mask_threshold,
+                         grad, state, layer))
+        for key, rows in launches.items():
+            self._launch(_sa, key, rows, group)
 
-    def _launch(self, _sa, key, items, decay, beta1, beta2, eps) -> None:
-        """One kernel over the matrices `items` that share the flags and dtypes `key`."""
+    def _launch(self, _sa, key, rows, group) -> None:
+        """One kernel over the matrices `rows` (see _fused_steps), which share the flags and
+        dtypes `key`."""
         ste, _, _, out_dtype = key
-        params = [p for p, *_ in items]
-        states = [item[2] for item in items]
-        weights = [item[4] for item in items]
-        phis = [None if out_dtype is None else layer.mask_threshold for _, layer, *_ in items]
-        exp_avgs = [state["exp_avg"] for state in states]
-        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        # the table holds addresses only: rebuilt when a tensor is replaced or moved
-        table = self._tables.get(key)
-        if table is None or table.key != _sa.table_key(params, exp_avgs, exp_avg_sqs, weights,
-                                                        phis):
-            table = self._tables[key] = _sa.MatrixTable(params, exp_avgs, exp_avg_sqs,
-                                                         weights, phis)
+        columns = tuple(zip(*rows))
+        static, (grads, states, layers) = columns[:5], columns[5:]
+        # a table holds addresses only: one per list of storages (the flags are the launch's,
+        # so steps that keep φ and steps that reset it share it); new when a tensor is
+        # replaced or moved
+        where = _sa.table_key(*static)
+        found = self._tables.get(where)
+        if found is None:
+            if len(self._tables) >= _MAX_TABLES:
+                self._tables.pop(next(iter(self._tables)))
+            found = self._tables[where] = [_sa.MatrixTable(*static), None, None]
+        table, counts, count_addresses = found
+        steps = tuple(state["step"] for state in states)
+        if count_addresses != tuple(map(torch.Tensor.data_ptr, steps)):
+            # the step counts become views of one CPU tensor: one add and one read per step
+            counts = found[1] = torch.stack(steps)
+            for state, count in zip(states, counts.unbind()):
+                state["step"] = count
+            found[2] = tuple(state["step"].data_ptr() for state in states)
+        counts.add_(1)
+        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+        ts = counts.tolist()
+        # by step count: the matrices normally share one
+        scalars = {t: (lr / (1.0 - beta1 ** int(t)), math.sqrt(1.0 - beta2 ** int(t)))
+                   for t in set(ts)}
+        step_sizes, bc2_sqrts = zip(*map(scalars.__getitem__, ts))
         out = (None if out_dtype is None else
-               torch.empty(table.out_numel, dtype=out_dtype, device=params[0].device))
-        _sa.score_adamw_multi(table, [item[3] for item in items],
-                              [item[5][0] for item in items], [item[5][1] for item in items],
-                              out, decay=decay, beta1=beta1, beta2=beta2, eps=eps, ste=ste)
-        for p in params:
-            # as torch's in-place update would: autograd then sees the scores changed
-            torch.autograd.graph.increment_version(p)
+               torch.empty(table.out_numel, dtype=out_dtype, device=table.device))
+        _sa.score_adamw_multi(table, grads, step_sizes, bc2_sqrts, out,
+                              decay=1.0 - lr * group["weight_decay"], beta1=beta1, beta2=beta2,
+                              eps=group["eps"], ste=ste)
+        # as torch's in-place update would: autograd then sees the scores changed
+        torch.autograd.graph.increment_version(static[0])
         if out is not None:
-            for (_, layer, *_), masked in zip(items, table.out_views(out)):
+            for layer, masked in zip(layers, table.out_views(out)):
                 layer._store_masked_weight(masked, always=True)
 
     def load_state_dict(self, state_dict) -> None:
@@ -221,3 +233,4 @@ def _ste_product(p, layer, g_ste) -> torch.Tensor:
     """dScore = G ⊙ W in fp32 (ste_grads' rounding), plus any .grad the scores also got."""
     dscore = g_ste.float() * layer.weight.detach().float()
     return dscore if p.grad is None else p.grad + dscore
+
