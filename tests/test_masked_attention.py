@@ -356,3 +356,66 @@ def test_forward_only_call_equals_the_autograd_path(device):
     assert plain.grad_fn is None and not plain.requires_grad
     assert torch.equal(plain, tracked.detach())
     assert torch.equal(masked_attention(q.detach(), k, v, **args), plain)
+
+
+def test_calls_of_one_geometry_reuse_its_plan_and_still_check(device):
+    """A second call with the shapes, strides and dtypes of a first one launches with the
+    first one's cached plan: other seeds, steps and data still give the reference's values,
+    bad scalars still raise, and a changed stride (a non-unit last stride, copied) or mask
+    kind is a new geometry."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = _inputs(1, 2, 9, 40, 16, device, gen)
+    kpm = _padding(1, 40, [33], device)
+    keep = keep_mask(torch.randn(1, 2, 9, 40, generator=gen).to(device), 0.3, 0.5, kpm,
+                     backend="reference")
+    for seed, step in ((1, 0), (2**40 + 3, 9)):
+        _compare(q, k, v, keep=keep, attn_mask=kpm, dropout_p=0.2, seed=seed, step=step)
+    q2, k2, v2 = _inputs(1, 2, 9, 40, 16, device, gen)
+    _compare(q2, k2, v2, keep=keep, attn_mask=kpm, dropout_p=0.2, seed=1)
+    for bad, error in ((dict(dropout_p=1.0), ValueError), (dict(step=-1), ValueError),
+                       (dict(is_causal=1), TypeError), (dict(scale=float("nan")), ValueError)):
+        with pytest.raises(error, match=next(iter(bad))):
+            masked_attention(q, k, v, keep, attn_mask=kpm, **{"dropout_p": 0.2, **bad},
+                             backend="triton")
+    with pytest.raises(ValueError, match="2-D attn_mask"):
+        masked_attention(q, k, v, keep, attn_mask=kpm[:, :39], dropout_p=0.2, backend="triton")
+    wide = torch.randn(1, 2, 9, 32, generator=gen, dtype=torch.float64).to(device, q.dtype)
+    strided = wide[..., ::2]  # last stride 2: copied before the launch
+    assert strided.stride(-1) == 2
+    _compare(strided, k, v, keep=keep, attn_mask=kpm, dropout_p=0.2, seed=1)
+    _compare(q, k, v, keep=keep, attn_mask=kpm[:, None, None, :], dropout_p=0.2, seed=1)
+
+
+def test_upstream_gradient_of_any_layout(device):
+    """A non-contiguous dO (expanded, transposed, last stride 2) gives the gradients of the
+    same values in a contiguous dO, bit for bit."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = _inputs(1, 2, 12, 20, 16, device, gen)
+    kpm = _padding(1, 20, [17], device)
+    args = dict(attn_mask=kpm, dropout_p=0.1, seed=3, backend="triton")
+    base = torch.randn(1, 12, 2, 32, generator=gen).to(device)
+    for grad in (torch.randn(1, 1, 12, 16, generator=gen).to(device).expand(1, 2, 12, 16),
+                 base[..., :16].transpose(1, 2), base[..., ::2].transpose(1, 2)):
+        assert not grad.is_contiguous()
+        want = _run(masked_attention, q, k, v, grad.contiguous(), **args)
+        got = _run(masked_attention, q, k, v, grad, **args)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_changing_a_mask_in_place_before_backward_raises(device):
+    """The masks are saved for backward like q, k, v: changing one in place in between is
+    an error, not silently different gradients."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(15)
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 8, 32, 16, device, gen))
+    kpm = _padding(1, 32, [30], device)
+    keep = keep_mask(torch.randn(1, 2, 8, 32, generator=gen).to(device), 0.3, 0.5, kpm,
+                     backend="reference")
+    for change in (lambda: kpm.__setitem__((0, 3), False), lambda: keep.words.zero_()):
+        out = masked_attention(q, k, v, keep, attn_mask=kpm, backend="triton")
+        change()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()

@@ -534,9 +534,9 @@ class LaunchPlan:
     have last stride 1 and v has k's shape; the keep words and key padding are contiguous
     (MaskArgs), so their strides follow from the shapes (a size-1 dim's stride is unused)."""
 
-    __slots__ = ("device", "cuda", "dtype", "out_shape", "kv_shape", "stats_shape", "tma_layout",
-                 "fwd_args", "bwd_head", "bwd_tail", "bwd_args", "flags", "fwd_grid",
-                 "dkdv_grid")
+    __slots__ = ("device", "cuda", "dtype", "out_shape", "kv_shape", "stats_shape", "q_dense",
+                 "k_dense", "tma_layout", "fwd_args", "bwd_head", "bwd_tail", "bwd_args",
+                 "flags", "fwd_grid", "dkdv_grid")
 
     def __init__(self, q, k, v, layout, scale: float, dropout_p: float, is_causal: bool):
         batch, heads, lq, d = q.shape
@@ -554,6 +554,8 @@ class LaunchPlan:
         self.out_shape = (batch, heads, lq, d)
         self.kv_shape = (batch, kv_heads, lk, d)
         self.stats_shape = (2, batch, heads, lq)
+        # outputs shaped like a contiguous q or k come from empty_like (cheaper on the host)
+        self.q_dense, self.k_dense = q.is_contiguous(), k.is_contiguous()
         self.tma_layout = _tma_layout_ok((q, k, v))
         self.fwd_args = strides + sizes + (scale * _LOG2E, keep_thr, dropout_scale)
         # a contiguous dO (the usual gradient) has the strides of O; another gets its own
@@ -570,7 +572,8 @@ class LaunchPlan:
         """(O [B,H,Lq,D] contiguous in q's dtype, stats fp32 [2,B,H,Lq]: [0] the base-2
         logsumexp, [1] room for backward's delta (one allocation rather than two)); philox:
         the dropout's (seed_lo, seed_hi, step, stream)."""
-        out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
+        out = (torch.empty_like(q) if self.q_dense
+               else torch.empty(*self.out_shape, dtype=self.dtype, device=self.device))
         lse = torch.empty(*self.stats_shape, dtype=torch.float32, device=self.device)
         tma = int(self.tma_layout and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15)
         if tma and self.cuda:
@@ -594,9 +597,9 @@ class LaunchPlan:
             tma = tma_ok(q, k, v, do)
         if tma and self.cuda:
             _ensure_allocator()
-        # empty_like of our own contiguous tensors: cheaper than torch.empty(shape, ...)
         dq = torch.empty_like(out)
-        dk = torch.empty(*self.kv_shape, dtype=self.dtype, device=self.device)
+        dk = (torch.empty_like(k) if self.k_dense
+              else torch.empty(*self.kv_shape, dtype=self.dtype, device=self.device))
         dv = torch.empty_like(dk)
         # dQ first: it writes delta, which dK/dV reads
         masked_attention_bwd_dq_kernel.run(q, k, v, do, out, lse, dq, *mask_ptrs, *args, tma,
