@@ -343,7 +343,7 @@ from regdrop_fast.triton_kernels import rdrop as K
 def sig(dt):
     s = {n: "*" + dt for n in ("z1_ptr", "z2_ptr", "g1_ptr", "g2_ptr")}
     s.update(labels_ptr="*i64", count_ptr="*i64", rows_ptr="*fp32", done_ptr="*i32",
-             acc_ptr="*fp32", z1_stride="i64", z2_stride="i64",
+             loss_ptr="*fp32", acc_ptr="*fp32", z1_stride="i64", z2_stride="i64",
              g1_stride="i64", g2_stride="i64", n_rows="i32", n_cols="i32", n_count="i32",
              alpha_half="fp32", ignore_index="i64")
     s.update({k: "constexpr" for k in ("HAS_LABELS", "HAS_CE", "NEED_GRAD", "MEAN_CE",
@@ -449,3 +449,52 @@ def test_cuda_graph_capture_of_forward_and_backward():
     assert_rel(static_loss, ref, 1e-2, "replayed loss")
     assert_rel(static_g1, r1, 1e-2, "replayed grad1")
     assert_rel(static_g2, r2, 1e-2, "replayed grad2")
+
+
+def test_eager_backward_drops_its_gradient_buffers(device):
+    """The triton backward hands its in-place scaled buffers to .grad and keeps no reference:
+    with the loss still alive, clearing .grad frees them (a loss kept for logging must not
+    hold two [N, V] buffers)."""
+    import weakref
+
+    require_backend("triton", device)
+    z1, z2, labels = make_inputs((4, 6), device)
+    a = z1.clone().requires_grad_(True)
+    b = z2.clone().requires_grad_(True)
+    loss = rdrop_loss(a, b, labels, backend="triton")
+    loss.backward()
+    grads = weakref.ref(a.grad), weakref.ref(b.grad)
+    a.grad = b.grad = None
+    assert grads[0]() is None and grads[1]() is None
+    assert loss.grad_fn is not None
+
+
+@pytest.mark.parametrize("return_parts", [False, True])
+def test_reference_backward_twice_with_retain_graph(device, return_parts):
+    """Only the triton backward (in place) refuses a second pass; the reference one scales
+    out of place and gives the same gradients again."""
+    z1, z2, labels = make_inputs((4, 6), device)
+    a = z1.clone().requires_grad_(True)
+    out = rdrop_loss(a, z2, labels, backend="reference", return_parts=return_parts)
+    loss = out.loss if return_parts else out
+    loss.backward(retain_graph=True)
+    first = a.grad.clone()
+    a.grad = None
+    loss.backward()
+    assert torch.equal(a.grad, first)
+
+
+@pytest.mark.parametrize("return_parts", [False, True])
+def test_custom_op_passes_opcheck(device, return_parts):
+    """The op torch.compile traces: schema, fake implementation, autograd registration and
+    no aliasing between its outputs (the parts are a view of the kernel's fp32 buffer)."""
+    require_backend("triton", device)
+    from regdrop_fast.rdrop.loss import rdrop_loss_op
+
+    z1, z2, labels = make_inputs((2, 3, 5), device, seed=2)
+    a = z1.clone().requires_grad_(True)
+    b = z2.clone().requires_grad_(True)
+    args = (a, b, labels, 0.5, -100, "mean", "mean", True, "classification", "triton", False,
+            -1, True, return_parts)
+    torch.library.opcheck(rdrop_loss_op, args, test_utils=("test_schema", "test_faketensor",
+                                                           "test_autograd_registration"))

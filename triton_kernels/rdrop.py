@@ -54,7 +54,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 MAX_BLOCK_V = 8192
 MAX_ROW_TILE = 1024  # rows * columns of one program's tile when V is small
 MAX_TILE = 4096  # elements of one program's tile in the scaling kernel
-ACC_PARTIAL = tl.constexpr(8)  # offset of the per-program partial sums in the fp32 acc buffer
+ACC_PARTIAL = tl.constexpr(4)  # offset of the per-program partial sums in the fp32 acc buffer
 
 
 @triton.jit
@@ -119,9 +119,10 @@ def rdrop_fwd_kernel(
     count_ptr,  # int32/int64 [n_count]: the labels whose count normalizes "mean" terms
     rows_ptr,  # fp32 [N]: per-row loss CE_r + a * KL_r, 0 on ignored rows (ROW_LOSS only)
     done_ptr,  # int32 [1]: programs finished; 0 before the launch, re-armed to 0 after
-    acc_ptr,  # fp32 [ACC_PARTIAL + 2 * programs]: the reduced loss at 0, then at 1..4 mean
-    # (CE1 + CE2) / 2, mean (KL12 + KL21) / 2, CE sum, KL sum; from ACC_PARTIAL each program's
-    # CE and KL sums (one buffer: one allocation per call)
+    loss_ptr,  # fp32 [1]: the reduced loss
+    acc_ptr,  # fp32 [ACC_PARTIAL + 2 * programs]: out = mean (CE1 + CE2) / 2, mean (KL12 +
+    # KL21) / 2, CE sum, KL sum, then from ACC_PARTIAL each program's CE and KL sums (one
+    # buffer: one allocation per call)
     z1_stride, z2_stride, g1_stride, g2_stride,  # row strides in elements
     n_rows, n_cols,  # N, V
     n_count,  # labels at count_ptr (rows of the whole batch)
@@ -225,8 +226,7 @@ def rdrop_fwd_kernel(
                     tl.store(g2_row[:, None] + cols[None, :], g2.to(g2_ptr.dtype.element_ty),
                              mask=smask)
 
-    loss_ptr = acc_ptr
-    out_ptr = acc_ptr + 1
+    out_ptr = acc_ptr
     partial_ptr = acc_ptr + ACC_PARTIAL
     pid = tl.program_id(0)
     tl.store(partial_ptr + 2 * pid, tl.sum(ce_acc, axis=0))
@@ -353,8 +353,8 @@ def _forward_plan(n_rows, n_cols, elem_bytes, device, block_v, block_n, programs
 def launch_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_ce=True,
                    mean_kl=True, row_loss=False, count_labels=None, n_count=None, g1=None,
                    g2=None, block_v=None, block_n=None, programs=None):
-    """`rdrop_forward` returning the fp32 buffer it reduces into: (acc, rows, g1, g2), with
-    the loss at acc[0] and out at acc[1:5]; callers take the views they need."""
+    """`rdrop_forward` returning the fp32 buffer it reduces into: (loss, acc, rows, g1, g2),
+    with out at acc[:4]; callers take the views they need."""
     n_rows, n_cols = z1.shape
     device = z1.device
     has_labels = labels is not None
@@ -365,6 +365,7 @@ def launch_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_c
     grid, launch = _forward_plan(n_rows, n_cols, z1.element_size(), device, block_v, block_n,
                                  programs, has_labels, bool(ce), bool(need_grad),
                                  bool(mean_ce), bool(mean_kl), bool(row_loss))
+    loss = torch.empty((), dtype=torch.float32, device=device)
     acc = torch.empty(ACC_PARTIAL.value + 2 * grid, dtype=torch.float32, device=device)
     rows = torch.empty(n_rows, dtype=torch.float32, device=device) if row_loss else None
     if need_grad:
@@ -380,14 +381,14 @@ def launch_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_c
         rdrop_fwd_kernel.run(
             z1, z2, z1 if g1 is None else g1, z2 if g2 is None else g2,
             labels if has_labels else acc, count_labels if has_labels else acc,
-            acc if rows is None else rows, done, acc,
+            acc if rows is None else rows, done, loss, acc,
             z1.stride(0), z2.stride(0),
             0 if g1 is None else g1.stride(0), 0 if g2 is None else g2.stride(0),
             n_rows, n_cols, n_count, float(alpha) * 0.5, int(ignore_index), **launch)
     except BaseException:
         done.zero_()  # a launch that failed part-way must not leave the counter off zero
         raise
-    return acc, rows, g1, g2
+    return loss, acc, rows, g1, g2
 
 
 def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, **options):
@@ -400,9 +401,9 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, **options)
     place). block_v/block_n/programs override the tile and grid (tests). Returns (loss fp32 [];
     out fp32 [4]: mean (CE1 + CE2) / 2, mean (KL12 + KL21) / 2, CE sum, KL sum; rows fp32 [N]
     or None; g1; g2); g1/g2 are None without need_grad."""
-    acc, rows, g1, g2 = launch_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad,
-                                       **options)
-    return acc[0], acc[1:5], rows, g1, g2
+    loss, acc, rows, g1, g2 = launch_forward(z1, z2, labels, alpha, ignore_index, ce,
+                                             need_grad, **options)
+    return loss, acc[:4], rows, g1, g2
 
 
 @functools.lru_cache(maxsize=1024)

@@ -108,17 +108,15 @@ def _triton_call(logits1, logits2, labels, alpha, ignore_index, reduction, kl_re
     if flat is not None and flat.stride(0) != 1:
         flat = flat.contiguous()
     mean = reduction == "mean"
-    acc, rows, g1, g2 = _triton_kernels().launch_forward(
+    loss, acc, rows, g1, g2 = _triton_kernels().launch_forward(
         z1, z2, flat, alpha, ignore_index, ce, need_grad, mean_ce=mean,
         mean_kl=mean and kl_reduction == "mean", row_loss=reduction == "none")
-    if rows is None:
-        loss = acc[0]
-    else:
+    if rows is not None:
         loss = rows.view(_lead_shape(logits1.shape)) if lead else rows
     if lead and need_grad:
         g1 = g1.view(logits1.shape)
         g2 = g2.view(logits2.shape)
-    return loss, (acc[1:3] if need_parts else None), g1, g2
+    return loss, (acc[:2] if need_parts else None), g1, g2
 
 
 def reference_terms(logits1, logits2, labels, alpha, ignore_index, ce, task, scale, need_grad):
@@ -208,13 +206,11 @@ def rdrop_loss_op(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor], al
     """(loss, dloss/dlogits1, dloss/dlogits2, parts); the gradients are empty without
     need_grad, parts ([2], see `mean_parts`) without need_parts. backend "" = resolve
     (argument > env > auto); check_finite -1 = the backend's default."""
-    name, loss, g1, g2, parts = _forward(logits1, logits2, labels, alpha, ignore_index,
-                                         reduction, kl_reduction, ce, task, backend,
-                                         check_labels, check_finite, need_grad, need_parts)
+    _, loss, g1, g2, parts = _forward(logits1, logits2, labels, alpha, ignore_index, reduction,
+                                      kl_reduction, ce, task, backend, check_labels,
+                                      check_finite, need_grad, need_parts)
     if parts is None:
         parts = loss.new_empty(0)
-    elif name == "triton":  # a view of the loss's buffer; a custom op's outputs must not alias
-        parts = parts.clone()
     if g1 is None:
         empty = logits1.new_empty(0)
         return loss, empty, empty.clone(), parts
@@ -250,27 +246,39 @@ def _backward(ctx, grad_loss, _grad_g1, _grad_g2, _grad_parts):
     return _input_grads(ctx, grad_loss) + _NON_LOGIT_GRADS
 
 
+_BACKWARD_TWICE = ("rdrop_loss: backward ran twice through the same graph; its saved gradients "
+                   "are scaled in place by the first backward. Recompute the loss instead of "
+                   "using retain_graph=True")
+
+
 def _input_grads(ctx, grad_loss):
     """(dL/dlogits1, dL/dlogits2): the saved (g1, g2) scaled by grad_loss."""
     # real eager tensors only (not the fake/functional tensors of a compiler trace)
     if ctx.in_place and type(grad_loss) is Tensor:
         if ctx.consumed:
-            raise RuntimeError("rdrop_loss: backward ran twice through the same graph; its saved "
-                               "gradients are scaled in place by the first backward. Recompute "
-                               "the loss instead of using retain_graph=True")
+            raise RuntimeError(_BACKWARD_TWICE)
         ctx.consumed = True
         g1, g2 = ctx.saved_tensors
         if type(g1) is Tensor and type(g2) is Tensor:
-            kernels = _triton_kernels()
-            # grad_loss has the loss's dtype (fp32) and any layout: the kernel takes it as is
-            if g1.dim() == 2:
-                kernels.rdrop_scale_grads_(g1, g2, grad_loss)
-            else:
-                n_cols = g1.shape[-1]
-                kernels.rdrop_scale_grads_(g1.view(-1, n_cols), g2.view(-1, n_cols), grad_loss)
-            return g1, g2
-    g1, g2 = ctx.saved_tensors
-    if ctx.reduction == "none":
+            return _scale_in_place(g1, g2, grad_loss)
+    return _scaled(*ctx.saved_tensors, grad_loss, ctx.reduction)
+
+
+def _scale_in_place(g1, g2, grad_loss):
+    """g1, g2 *= grad_loss by the triton kernel, which skips tiles whose grad_loss is 1."""
+    kernels = _triton_kernels()
+    # grad_loss has the loss's dtype (fp32) and any layout: the kernel takes it as is
+    if g1.dim() == 2:
+        kernels.rdrop_scale_grads_(g1, g2, grad_loss)
+    else:
+        n_cols = g1.shape[-1]
+        kernels.rdrop_scale_grads_(g1.view(-1, n_cols), g2.view(-1, n_cols), grad_loss)
+    return g1, g2
+
+
+def _scaled(g1, g2, grad_loss, reduction):
+    """g1 * grad_loss, g2 * grad_loss, out of place (per row for reduction "none")."""
+    if reduction == "none":
         go = grad_loss.reshape(*grad_loss.shape, *([1] * (g1.dim() - grad_loss.dim())))
         return (g1 * go).to(g1.dtype), (g2 * go).to(g2.dtype)
     return g1 * grad_loss.to(g1.dtype), g2 * grad_loss.to(g2.dtype)
@@ -288,17 +296,30 @@ class _EagerRDrop(torch.autograd.Function):
         # the logits twice: as inputs autograd tracks, and in `args` (rdrop_loss_op's inputs),
         # which autograd does not inspect (each argument of apply costs host time)
         name, loss, g1, g2, parts = _forward(*args)
-        ctx.save_for_backward(g1, g2)
         ctx.reduction = args[5]
-        ctx.in_place = name == "triton"
-        ctx.consumed = False
-        if parts is not None:
-            ctx.mark_non_differentiable(parts)
+        if name == "triton":
+            # scaled in place by the one backward allowed, which drops them (`ctx.grads = ()`
+            # marks it done): kept on ctx, cheaper than save_for_backward
+            ctx.grads = (g1, g2)
+        else:
+            ctx.grads = None
+            ctx.save_for_backward(g1, g2)
+        if parts is None:
+            return loss
+        ctx.mark_non_differentiable(parts)
         return loss, parts
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_parts):
-        return _input_grads(ctx, grad_loss) + (None,)
+    def backward(ctx, grad_loss, *_grad_parts):
+        grads = ctx.grads
+        if grads is None:
+            return _scaled(*ctx.saved_tensors, grad_loss, ctx.reduction) + (None,)
+        if not grads:
+            raise RuntimeError(_BACKWARD_TWICE)
+        ctx.grads = ()
+        if type(grad_loss) is not Tensor:  # e.g. a tensor subclass: out of place
+            return _scaled(*grads, grad_loss, ctx.reduction) + (None,)
+        return _scale_in_place(*grads, grad_loss) + (None,)
 
 
 def _plain_eager(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor]) -> bool:
@@ -368,7 +389,8 @@ def rdrop_loss(logits1: Tensor, logits2: Tensor, labels: Optional[Tensor] = None
     if not _plain_eager(logits1, logits2, labels):
         loss, _, _, parts = rdrop_loss_op(*args)
     elif need_grad:
-        loss, parts = _EagerRDrop.apply(logits1, logits2, args)
+        out = _EagerRDrop.apply(logits1, logits2, args)
+        loss, parts = out if return_parts else (out, None)
     else:
         _, loss, _, _, parts = _forward(*args)
     if not return_parts:
