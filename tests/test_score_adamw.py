@@ -83,6 +83,51 @@ def test_multi_launch_is_the_per_matrix_arithmetic(ste, out_dtype):
     assert table.n_programs == len(SHAPES)  # every matrix here fits one 1024-element block
 
 
+
+@pytest.mark.parametrize("ste", [False, True])
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_multi_launch_steps_match_float64_reference(ste, out_dtype, weight_decay):
+    """Three launches over the mixed shapes (and a 1 x 1 matrix) against the float64
+    reference of torch.optim.AdamW's step: s, m and v within fp32 rounding; the W' written is W
+    where the new scores exceed φ, the mask exactly."""
+    sa = _kernels()
+    from regdrop_fast.reference.masked_linear import score_adamw_step
+    gen = torch.Generator().manual_seed(3)
+    shapes = SHAPES + [(1, 1)]
+    s = [torch.randn(shape, generator=gen) for shape in shapes]
+    m = [0.1 * torch.randn(shape, generator=gen) for shape in shapes]
+    v = [0.01 * torch.rand(shape, generator=gen) for shape in shapes]
+    w = [torch.randn(shape, generator=gen) for shape in shapes]
+    phi = [torch.tensor([0.05]) for _ in shapes]
+    ref = [tuple(t.double() for t in state) for state in zip(s, m, v)]
+    table = sa.MatrixTable(s, m, v, w, phi)
+    lr = 1e-2
+    for t in range(1, 4):
+        grads = [torch.randn(shape, generator=gen) for shape in shapes]
+        if ste:  # G = dW' in bf16, the gradient G ⊙ W formed in the kernel
+            grads = [g.bfloat16() for g in grads]
+        out = None if out_dtype is None else torch.empty(table.out_numel, dtype=out_dtype)
+        step_size, bc2_sqrt = _scalars(lr, t)
+        sa.score_adamw_multi(table, grads, [step_size] * len(shapes), [bc2_sqrt] * len(shapes),
+                             out, decay=1.0 - lr * weight_decay, beta1=BETA1, beta2=BETA2,
+                             eps=EPS, ste=ste)
+        ref = [score_adamw_step(*r, g, step=t, lr=lr, beta1=BETA1, beta2=BETA2, eps=EPS,
+                                weight_decay=weight_decay, weight=wj if ste else None)
+               for r, g, wj in zip(ref, grads, w)]
+        for j in range(len(shapes)):
+            for got, want in zip((s[j], m[j], v[j]), ref[j]):
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+            if out is not None:
+                masked = table.out_views(out)[j]
+                assert torch.equal(s[j] > phi[j], ref[j][0] > phi[j].double())
+                want = torch.where(s[j] > phi[j], w[j], 0.0)
+                assert torch.equal(masked == 0, want == 0)
+                # the interpreter's fp32 -> bf16 cast may round the other way: one ulp
+                torch.testing.assert_close(masked.float(), want, atol=0,
+                                           rtol=torch.finfo(out_dtype).eps)
+
+
 def _model(dtype):
     torch.manual_seed(0)
     layers = [torch.nn.Linear(k, n) for n, k in SHAPES]
