@@ -106,11 +106,11 @@ class _FusedLinearRDrop(torch.autograd.Function):
                 check_rdrop_values(z1, z2, None, ignore_index, "classification")
             if backend == "triton":
                 # the kernel counts the whole batch's labels for its "mean" weights
-                _, out, _, g1, g2 = kernels.rdrop_forward(
+                _, acc, _, g1, g2 = kernels.launch_forward(
                     z1, z2, y, alpha, ignore_index, ce, need_grad, mean_ce=reduction == "mean",
                     mean_kl=reduction == "mean" and kl_reduction == "mean", count_labels=flat,
                     n_count=n_rows, g1=z1, g2=z2)
-                sums += out[2:]
+                sums += acc[2:4]  # the chunk's CE and KL sums
             else:
                 terms, g1, g2 = reference_terms(z1, z2, y, alpha, ignore_index, ce,
                                                 "classification", scale, need_grad)
