@@ -6,15 +6,12 @@ of each input and one write of each output per pass.
                per step and layer)
   ste_grads    from G = dyᵀ·x (the gradient of W'): dScore = G ⊙ W (straight-through, frozen
                W) and/or dW = G ⊙ M, in one pass over G (backward)
-  score_adamw  the scores' AdamW step (torch.optim.AdamW's math, fp32, m and v in place), its
-               gradient read as dScore or computed as G ⊙ W from G and W (no dScore tensor),
-               and optionally W' = W ⊙ (s_new > φ) for the next forward, when φ stays: reads
-               s, m, v (12 B) and dScore (4 B) or G and W (2 + 4 B for bf16 G, fp32 W),
-               writes s, m, v (12 B) and W' (2 B in bf16). One program per 1024 elements.
+The scores' AdamW step, which also writes the next W' where φ stays, is score_adamw.py's
+(one launch for every matrix).
 
 Shapes: W, scores, G [N, K] with any row stride and unit column stride; packed words int32
 [N, ceil(K/32)], bit j of word w = column 32w+j, 1 = keep; φ a 1-element fp32 tensor (read on
-the device: no host sync). Outputs are contiguous. score_adamw takes every tensor contiguous.
+the device: no host sync). Outputs are contiguous.
 """
 import torch
 import triton
@@ -23,7 +20,6 @@ import triton.language as tl
 from .utils import cdiv
 
 _BLOCK_N, _BLOCK_K = 32, 128
-_ADAM_BLOCK = 1024
 
 
 @triton.jit
@@ -103,46 +99,6 @@ def ste_grads_kernel(
                  mask=valid)
 
 
-@triton.jit
-def score_adamw_kernel(
-    s_ptr, m_ptr, v_ptr,  # fp32 [n] scores and Adam moments, updated in place
-    grad_ptr,  # [n] dScore (fp32), or G = dW' in the compute dtype when STE
-    w_ptr,  # [n] frozen weight (read when STE or WRITE_MASKED)
-    phi_ptr,  # fp32 [1] threshold (read when WRITE_MASKED)
-    out_ptr,  # [n] W ⊙ (s_new > φ) in the compute dtype (written when WRITE_MASKED)
-    n,
-    step_size,  # lr / bc1
-    bc2_sqrt,  # sqrt(bc2)
-    decay,  # 1 - lr * weight_decay
-    beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
-    STE: tl.constexpr,  # the gradient is G ⊙ W (straight-through), computed here
-    WRITE_MASKED: tl.constexpr,  # re-threshold the new scores with φ and write W'
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
-    s = tl.load(s_ptr + offs, mask=valid, other=0.0)
-    m = tl.load(m_ptr + offs, mask=valid, other=0.0)
-    v = tl.load(v_ptr + offs, mask=valid, other=0.0)
-    if STE or WRITE_MASKED:
-        w = tl.load(w_ptr + offs, mask=valid, other=0.0)
-    if STE:
-        # rounded as ste_grads_kernel rounds dScore: fp32 G times fp32 W
-        g = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32) * w.to(tl.float32)
-    else:
-        g = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    m1 = beta1 * m + one_minus_beta1 * g
-    v1 = beta2 * v + one_minus_beta2 * g * g
-    s1 = s * decay - step_size * (m1 / (tl.sqrt(v1) / bc2_sqrt + eps))
-    tl.store(s_ptr + offs, s1, mask=valid)
-    tl.store(m_ptr + offs, m1, mask=valid)
-    tl.store(v_ptr + offs, v1, mask=valid)
-    if WRITE_MASKED:
-        phi = tl.load(phi_ptr)
-        out = tl.where(s1 > phi, w, tl.zeros_like(w)).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, out, mask=valid)
-
-
 _placeholders = {}
 
 
@@ -182,23 +138,6 @@ def materialize(weight, words, scores, phi, dtype):
                                     s_words, s_scores, FROM_SCORES=from_scores,
                                     BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
     return out
-
-
-def score_adamw(scores, exp_avg, exp_avg_sq, grad, weight, phi, out, *, step_size, bc2_sqrt,
-                decay, beta1, beta2, eps, ste):
-    """One AdamW step of the fp32 `scores` in place, all tensors contiguous with its numel.
-    grad: dScore (fp32), or with `ste` G = dW' (any float dtype), the gradient then G ⊙ weight.
-    out: None, or a tensor in the compute dtype that receives weight ⊙ (new scores > phi)."""
-    n = scores.numel()
-    if n == 0:
-        return
-    write = out is not None
-    unused = _placeholder(scores.device, torch.float32)
-    score_adamw_kernel[(cdiv(n, _ADAM_BLOCK),)](
-        scores, exp_avg, exp_avg_sq, grad, weight if (ste or write) else unused,
-        phi if write else unused, out if write else unused, n, step_size, bc2_sqrt, decay,
-        beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, STE=ste, WRITE_MASKED=write,
-        BLOCK=_ADAM_BLOCK, num_warps=4)
 
 
 def ste_grads(g, weight, words, scores, phi, want_dscore, want_dw, score_dtype):

@@ -124,9 +124,8 @@ def masked_linear():
 
 
 def mask_training():
-    """The default masked linear's elementwise passes and MaskScoreAdamW's fused step at the
-    bench weights (out, in): fp32 weights under bf16 autocast (the training-step bench) and bf16
-    weights (the op bench)."""
+    """The default masked linear's elementwise passes at the bench weights (out, in): fp32
+    weights under bf16 autocast (the training-step bench) and bf16 weights (the op bench)."""
     from regdrop_fast.triton_kernels import mask_training as K
 
     weights = {(n_out, n_in) for _, n_in, n_out in LINEAR_CASES} | {(HIDDEN, HIDDEN),
@@ -140,11 +139,6 @@ def mask_training():
             K.ste_grads(g, w, None, scores, phi, True, False, torch.float32)  # frozen W
             K.ste_grads(g, w, None, scores, phi, True, True, torch.float32)
             K.ste_grads(g, w, words, None, None, False, True, torch.float32)
-            for ste in (True, False):  # MaskScoreAdamW's fused step, with and without W'
-                for out in (t(n_out, n_in), None):
-                    K.score_adamw(scores, scores, scores, g if ste else scores, w, phi, out,
-                                  step_size=1e-3, bc2_sqrt=0.5, decay=1.0, beta1=0.9,
-                                  beta2=0.999, eps=1e-8, ste=ste)
 
 
 def score_adamw():
