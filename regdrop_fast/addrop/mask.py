@@ -299,6 +299,9 @@ def random_keep_mask_layers(shape, p: float, q: float, streams: Sequence[int],
             device = torch.device(device)
         except RuntimeError as exc:
             raise ValueError(f"device must name a torch device, got {device!r}") from exc
+    if isinstance(key_padding_mask, torch.Tensor) and device.index is None and \
+            key_padding_mask.device.type == device.type:
+        device = key_padding_mask.device  # "cuda" names the mask's cuda:i
     if key_padding_mask is not None:
         _check_padding(key_padding_mask, shape[0], shape[3], n_layers, device)
     name = backends.resolve("addrop_random_mask", backend, device)
