@@ -4,6 +4,10 @@ it (each operation rounded to fp32, as the interpreter computes), over mixed sha
 own step counts, both gradient forms and with or without W'; the table reused across steps and
 rebuilt when a tensor is replaced; one launch per step and set of flags."""
 import copy
+import importlib.util
+import json
+import os
+import sys
 
 import pytest
 import torch
@@ -270,3 +274,35 @@ def test_score_adamw_kernels_compile_for_sm90():
     """Every flag set compiles for sm_90 (no GPU needed); the ALIGNED hints are what give
     16-byte loads (the compiler cannot know a loaded address's alignment)."""
     compile_script_for_sm90(_SM90_COMPILE, timeout=600)
+
+
+def _tool(name):
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "triton_aot", f"{name}.py")
+    module_name = f"regdrop_triton_aot_{name}"  # the names tests/conftest.py and others use
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
+
+
+def test_gpu_dry_run_covers_every_score_adamw_launch(tmp_path, monkeypatch):
+    """gpu_launches.py records the one-launch step as a GPU launches it at BERT-base's 72
+    matrices, for the sm_90 check: both gradient forms, with and without W', fp32 and bf16
+    weights, aligned and not."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored after: gpu_launches.py sets it
+    gpu_launches = _tool("gpu_launches")
+    assert gpu_launches.score_adamw in gpu_launches.LAUNCHERS
+    record, out = _tool("record"), tmp_path / "gpu.jsonl"
+    record.install(str(out))
+    try:
+        gpu_launches.score_adamw()
+    finally:
+        record.uninstall(str(out))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    flags = {tuple(r["constexprs"][n] if n != "W_DTYPE" else r["constexprs"][n]["dtype"]
+                   for n in ("STE", "WRITE_MASKED", "ALIGNED", "W_DTYPE")) for r in records}
+    assert flags == {(ste, write, aligned, w) for ste in (True, False) for write in (True, False)
+                     for aligned in (True, False) for w in ("fp32", "bf16")
+                     if ste or write or w == "fp32"}  # W unread: its dtype does not matter
+    assert {r["qualname"] for r in records} == {"score_adamw_multi_kernel"}

@@ -22,7 +22,9 @@ s, m, v (12 B/weight) and dScore (4 B) or G and W (2 + 4 B: bf16 G, fp32 W), and
 v (12 B) and, where φ stays, W' (2 B in bf16).
 Unfused (CPU), the step is torch.optim.adamw.adamw on the same gradients. Both follow
 torch.optim.AdamW's math (decay first, bias corrections, fp32 state); the state_dict has its
-keys (step, exp_avg, exp_avg_sq), so checkpoints move between the two.
+keys (step, exp_avg, exp_avg_sq), so checkpoints move between the two. Fused, the step counts
+of one launch's matrices are 0-d views of one CPU tensor (one add per step, not one per
+matrix); a loaded or replaced count is taken in again at the next step.
 
 defer_ste_grad=True leaves the scores' .grad None (the gradient lives with the layer until
 the step), so only this optimizer sees it: no gradient clipping, GradScaler unscaling, DDP
