@@ -335,16 +335,17 @@ def _random_keep_tile(kpm_ptr, b, h, H, Lq, Lk, offs_m, start_n, kpm_b, seed_lo,
         k0 = tl.cast(seed_lo, tl.uint32)
         k1 = tl.cast(seed_hi, tl.uint32)
         step_c = zero + tl.cast(step, tl.uint32)
-        c0_0, c0_1, c0_2, c0_3 = philox4x32(c0, c1, step_c,
+        cw_0, cw_1, cw_2, cw_3 = philox4x32(c0, c1, step_c,
                                             zero + tl.cast(candidate_stream, tl.uint32), k0, k1)
-        d_0, d_1, d_2, d_3 = philox4x32(c0, c1, step_c, zero + tl.cast(stream, tl.uint32), k0, k1)
-        nibble = _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 0, kpm_b, Lq, Lk, c0_0, d_0,
+        dw_0, dw_1, dw_2, dw_3 = philox4x32(c0, c1, step_c, zero + tl.cast(stream, tl.uint32),
+                                            k0, k1)
+        nibble = _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 0, kpm_b, Lq, Lk, cw_0, dw_0,
                                    candidate_thr, drop_thr, HAS_KPM, IS_CAUSAL)
-        nibble |= _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 1, kpm_b, Lq, Lk, c0_1, d_1,
+        nibble |= _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 1, kpm_b, Lq, Lk, cw_1, dw_1,
                                     candidate_thr, drop_thr, HAS_KPM, IS_CAUSAL)
-        nibble |= _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 2, kpm_b, Lq, Lk, c0_2, d_2,
+        nibble |= _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 2, kpm_b, Lq, Lk, cw_2, dw_2,
                                     candidate_thr, drop_thr, HAS_KPM, IS_CAUSAL)
-        nibble |= _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 3, kpm_b, Lq, Lk, c0_3, d_3,
+        nibble |= _random_keep_lane(kpm_ptr, b, offs_m, offs_g, 3, kpm_b, Lq, Lk, cw_3, dw_3,
                                     candidate_thr, drop_thr, HAS_KPM, IS_CAUSAL)
         return _pack_bits(nibble, 4, BLOCK_M, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
