@@ -243,6 +243,45 @@ def test_mask_score_adamw_one_launch_per_step(defer, dtype, monkeypatch):
     assert built == [1, 1, 2 if defer else 0, 1, 1, 0, 0, 0]
 
 
+
+def test_fused_checkpoint_resumes_bit_for_bit(tmp_path):
+    """The fused optimizer's state (its step counts views of one CPU tensor) saved with
+    torch.save after two steps and loaded into a new model, trainer and optimizer: two more
+    steps give the scores and Adam state of four uninterrupted steps, bit for bit."""
+    _kernels()
+
+    def setup():
+        model = _model(torch.float32)
+        trainer = MaskTrainer(model, 0.5, targets=["*"], init="soft", interval=2)
+        return model, trainer, trainer.optimizer(1e-2, fused=True, defer_ste_grad=True)
+
+    def steps(model, trainer, opt, first, last):
+        for step in range(first, last):
+            x = torch.randn(4, SHAPES[0][1], generator=torch.Generator().manual_seed(step))
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            trainer.step()
+
+    model, trainer, opt = setup()
+    steps(model, trainer, opt, 0, 4)
+    want = [(p.detach().clone(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"],
+             opt.state[p]["step"]) for p in trainer.parameters()]
+    model, trainer, opt = setup()
+    steps(model, trainer, opt, 0, 2)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    model, trainer, opt = setup()
+    saved = torch.load(tmp_path / "ckpt.pt")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    trainer.t = 2
+    steps(model, trainer, opt, 2, 4)
+    for p, (s, m, v, t) in zip(trainer.parameters(), want):
+        state = opt.state[p]
+        assert torch.equal(p, s) and torch.equal(state["exp_avg"], m)
+        assert torch.equal(state["exp_avg_sq"], v) and state["step"].item() == t.item() == 4
+
+
 _SM90_COMPILE = r"""
 import re
 import triton
