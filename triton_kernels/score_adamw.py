@@ -2,7 +2,7 @@
 
 Per element, as torch.optim.AdamW on fp32 scores s with fp32 moments m, v (in place): the
 gradient is dScore (fp32), or with STE G ⊙ W from G = dW' (the compute dtype) and the frozen W,
-rounded as ste_grads rounds dScore; then m, v, s = s * decay - step_size * m / (√v / √bc2 + ε);
+rounded as ste_grads rounds dScore; then m and v, and s ← s·decay − step_size·m/(√v/√bc2 + ε);
 with WRITE_MASKED also W' = W ⊙ (s_new > φ) in the compute dtype for the next forward. Reads
 s, m, v (12 B) and dScore (4 B) or G and W (2 + 4 B for bf16 G, fp32 W); writes s, m, v (12 B)
 and W' (2 B in bf16).
