@@ -365,7 +365,8 @@ def launch_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, *, mean_c
     grid, launch = _forward_plan(n_rows, n_cols, z1.element_size(), device, block_v, block_n,
                                  programs, has_labels, bool(ce), bool(need_grad),
                                  bool(mean_ce), bool(mean_kl), bool(row_loss))
-    loss = torch.empty((), dtype=torch.float32, device=device)
+    # size=(): a positional () takes a slower path through torch's argument parser
+    loss = torch.empty(size=(), dtype=torch.float32, device=device)
     acc = torch.empty(ACC_PARTIAL.value + 2 * grid, dtype=torch.float32, device=device)
     rows = torch.empty(n_rows, dtype=torch.float32, device=device) if row_loss else None
     if need_grad:
