@@ -419,3 +419,17 @@ def test_changing_a_mask_in_place_before_backward_raises(device):
         change()
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-40])
+def test_scale_at_or_below_the_fp32_floor_with_masks(device, scale):
+    """The kernels fold the scale into exp2 by an FMA on the masked (−inf) scores, with
+    scale·log2 e floored at 2^-126 so that −inf stays −inf: a zero or subnormal scale still
+    gives the reference's uniform weights over the allowed keys, no NaN, in values and grads."""
+    require_backend("triton", device)
+    gen = torch.Generator().manual_seed(16)
+    q, k, v = _inputs(1, 2, 10, 40, 16, device, gen)
+    kpm = _padding(1, 40, [35], device)
+    keep = keep_mask(torch.randn(1, 2, 10, 40, generator=gen).to(device), 0.3, 0.6, kpm,
+                     backend="reference")
+    _compare(q, k, v, keep=keep, attn_mask=kpm, scale=scale, dropout_p=0.1, seed=8)

@@ -6,7 +6,9 @@
   P = softmax_j(S) (a row with nothing allowed gives P = 0, O = 0, zero gradients)
   O = (P ⊙ Z / (1 − dropout_p))·V,  Z = philox_word(seed, index, step, stream) <
       floor((1 − dropout_p)·2^32), index = b·H·Lq·Lk + h·Lq·Lk + i·Lk + j (when dropout_p > 0)
-Online softmax in base 2 (scores scaled by scale·log2 e once after the dot, exp2 only); saved
+Online softmax in base 2, exp2 only: the scale·log2 e of the scores is folded into the
+exponent, exp2(s·qk_scale − m) with m in base-2 units, one FMA per score (scaled after the
+max for m; an additive mask's tile is scaled once with the mask added); saved
 state: O and the row logsumexp (base 2, +inf on empty rows; one fp32 [2,B,H,Lq] buffer whose
 second half takes backward's delta); Z is regenerated in backward,
 nothing of size L² is written. The keep bits of a tile are one [BLOCK_M, BLOCK_N/32] word load
@@ -53,6 +55,11 @@ from .utils import cdiv, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 _LOG2E = 1.4426950408889634  # the host's copy
+# qk_scale's floor, the smallest normal fp32: the kernels multiply masked (−inf) scores by it,
+# which must stay −inf (0 would give NaN). A smaller scale·log2 e, scale = 0 included, means
+# equal weights for all allowed keys, and so does this one: every s·2^-126 rounds to the row
+# max within exp2's precision (|s| < 2^100).
+_MIN_QK_SCALE = 2.0 ** -126
 MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)
 MASK_ADDITIVE = tl.constexpr(2)
@@ -72,14 +79,15 @@ def _keep_bits(row_ptr, offs_m, Lq, start_n, Lk, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _masked_scores(s, offs_m, start_n, b, h, Lq, Lk,
+def _masked_scores(s, qk_scale, offs_m, start_n, b, h, Lq, Lk,
                    keep_ptr, keep_b, keep_h, keep_m,
                    kpm_ptr, kpm_b,
                    am_ptr, am_b, am_h, am_m, am_n,
                    HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scores (base-2 units) of keys start_n .. start_n + BLOCK_N − 1 with the additive mask
-    added and −inf where not allowed."""
+    """The dot products s = Q·Kᵀ of keys start_n .. start_n + BLOCK_N − 1, −inf where not
+    allowed, still unscaled (the caller folds qk_scale into the exponent: _exp2_minus); with
+    an additive mask, scaled here to base-2 units with the mask added (one FMA)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     if IS_CAUSAL:
@@ -96,8 +104,28 @@ def _masked_scores(s, offs_m, start_n, b, h, Lq, Lk,
         if MASK_KIND == MASK_BOOL:
             allowed = allowed & (tl.load(am_ptrs, mask=allowed, other=0) != 0)
         if MASK_KIND == MASK_ADDITIVE:
-            s = s + tl.load(am_ptrs, mask=allowed, other=0.0).to(tl.float32) * LOG2E
+            s = tl.fma(s, qk_scale, tl.load(am_ptrs, mask=allowed, other=0.0).to(tl.float32)
+                       * LOG2E)
     return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _row_max(s, qk_scale, MASK_KIND: tl.constexpr):
+    """Row maxima of _masked_scores' s in base-2 units: scaled after the max (qk_scale > 0, so
+    the max commutes with it and −inf stays −inf)."""
+    m = tl.max(s, axis=1)
+    if MASK_KIND != MASK_ADDITIVE:
+        m = m * qk_scale
+    return m
+
+
+@triton.jit
+def _exp2_minus(s, m, qk_scale, MASK_KIND: tl.constexpr):
+    """exp2(scores in base-2 units − m[:, None]) of _masked_scores' s: the scale folded into
+    the subtraction, one FMA and one exp2 per element (as FlashAttention does)."""
+    if MASK_KIND == MASK_ADDITIVE:
+        return tl.math.exp2(s - m[:, None])
+    return tl.math.exp2(tl.fma(s, qk_scale, -m[:, None]))
 
 
 @triton.jit
@@ -225,7 +253,7 @@ def masked_attention_fwd_kernel(
     H, Lq, Lk, D,  # query heads, query/key lengths, head dim
     GROUP,  # query heads per kv head
     LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
-    qk_scale,  # scale * log2(e)
+    qk_scale,  # max(scale * log2(e), 2^-126)
     dropout_keep_thr,  # floor((1 - dropout_p) * 2^32)
     dropout_scale,  # 1 / (1 - dropout_p)
     TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
@@ -266,15 +294,15 @@ def masked_attention_fwd_kernel(
         else:
             kt = tl.load(k_base + offs_n[None, :] * k_n + offs_d[:, None],
                          mask=in_n[None, :] & in_d[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = _masked_scores(s, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h, keep_m,
-                           kpm_ptr, kpm_b, am_ptr, am_b, am_h, am_m, am_n,
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s = _masked_scores(s, qk_scale, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b,
+                           keep_h, keep_m, kpm_ptr, kpm_b, am_ptr, am_b, am_h, am_m, am_n,
                            HAS_KEEP, HAS_KPM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, _row_max(s, qk_scale, MASK_KIND))
         # rows with nothing allowed yet: subtract 0 so exp2 gives 0, not NaN from −inf − −inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
+        p = _exp2_minus(s, m_safe, qk_scale, MASK_KIND)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
             z = _dropout_keep(b, h, H, Lq, Lk, offs_m, offs_n, seed_lo, seed_hi, step, stream,
@@ -311,11 +339,11 @@ def _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk, qk_sc
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(P ⊙ Z/(1−dropout_p), dS) of one [BLOCK_M, BLOCK_N] tile, recomputed from Q, K, lse."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-    s = _masked_scores(s, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h, keep_m,
-                       kpm_ptr, kpm_b, am_ptr, am_b, am_h, am_m, am_n,
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    s = _masked_scores(s, qk_scale, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h,
+                       keep_m, kpm_ptr, kpm_b, am_ptr, am_b, am_h, am_m, am_n,
                        HAS_KEEP, HAS_KPM, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    p = tl.math.exp2(s - lse[:, None])
+    p = _exp2_minus(s, lse, qk_scale, MASK_KIND)
     dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         z = _dropout_keep(b, h, H, Lq, Lk, offs_m, offs_n, seed_lo, seed_hi, step, stream,
@@ -341,7 +369,7 @@ def masked_attention_bwd_dkdv_kernel(
     H, Lq, Lk, D,
     GROUP,  # query heads per kv head: this program sums over heads hkv·GROUP .. + GROUP − 1
     LEN_BUCKET,  # next power of two of max(Lq, Lk): the autotuning key only
-    qk_scale, sm_scale,  # scale * log2(e), scale
+    qk_scale, sm_scale,  # max(scale * log2(e), 2^-126), scale
     dropout_keep_thr, dropout_scale,
     TMA_OK,  # 1 when q, k, v (and dO) suit tensor descriptors (tma_ok): tuning key, pruning
     seed_lo, seed_hi, step, stream,
@@ -557,10 +585,11 @@ class LaunchPlan:
         # outputs shaped like a contiguous q or k come from empty_like (cheaper on the host)
         self.q_dense, self.k_dense = q.is_contiguous(), k.is_contiguous()
         self.tma_layout = _tma_layout_ok((q, k, v))
-        self.fwd_args = strides + sizes + (scale * _LOG2E, keep_thr, dropout_scale)
+        qk_scale = max(scale * _LOG2E, _MIN_QK_SCALE)
+        self.fwd_args = strides + sizes + (qk_scale, keep_thr, dropout_scale)
         # a contiguous dO (the usual gradient) has the strides of O; another gets its own
         self.bwd_head = strides
-        self.bwd_tail = sizes + (scale * _LOG2E, scale, keep_thr, dropout_scale)
+        self.bwd_tail = sizes + (qk_scale, scale, keep_thr, dropout_scale)
         self.bwd_args = strides + (heads * lq * d, lq * d, d) + self.bwd_tail
         self.flags = (has_keep, has_kpm, kind, dropout_p > 0.0, is_causal,
                       max(16, next_power_of_2(d)),
