@@ -409,11 +409,12 @@ def rdrop_forward(z1, z2, labels, alpha, ignore_index, ce, need_grad, **options)
 
 @functools.lru_cache(maxsize=1024)
 def _scale_plan(n_rows, n_cols):
-    """(grid, BLOCK_N, BLOCK_V, num_warps) of rdrop_scale_grads_kernel."""
+    """The keywords of rdrop_scale_grads_kernel.run (grid, constexprs, num_warps)."""
     block_v = min(next_power_of_2(n_cols), MAX_TILE)
     block_n = max(1, min(MAX_TILE // block_v, next_power_of_2(n_rows)))
     num_warps = calculate_settings(block_n * block_v, MAX_TILE)[1]
-    return (cdiv(n_rows, block_n), cdiv(n_cols, block_v)), block_n, block_v, num_warps
+    return dict(grid=(cdiv(n_rows, block_n), cdiv(n_cols, block_v)), warmup=False,
+                BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
 
 
 def rdrop_scale_grads_(g1, g2, grad_output):
@@ -425,8 +426,6 @@ def rdrop_scale_grads_(g1, g2, grad_output):
     else:
         go = grad_output.reshape(-1)
         go_stride = 0 if go.numel() == 1 else go.stride(0)
-    grid, block_n, block_v, num_warps = _scale_plan(n_rows, n_cols)
     rdrop_scale_grads_kernel.run(g1, g2, go, g1.stride(0), g2.stride(0), go_stride, n_rows,
-                                 n_cols, grid=grid, warmup=False, BLOCK_N=block_n,
-                                 BLOCK_V=block_v, num_warps=num_warps)
+                                 n_cols, **_scale_plan(n_rows, n_cols))
     return g1, g2
