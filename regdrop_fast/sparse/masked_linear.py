@@ -202,10 +202,11 @@ def _threshold_tensor(threshold, device, check_finite: bool) -> torch.Tensor:
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be a scalar, got shape {tuple(threshold.shape)}")
         if threshold.is_floating_point() and threshold.device == device:
-            # a layer's fp32 [1] buffer is φ as it is (detach, reshape, float: a view of it)
+            # an fp32 [1] tensor without grad (a layer's buffer) is φ itself: detach, reshape
+            # and float would each return a view of it, at a host cost per call
             phi = (threshold if threshold.dtype == torch.float32 and threshold.dim() == 1
                    and not threshold.requires_grad else threshold.detach().reshape(1).float())
-            if (check_finite or phi.device.type == "cpu") and bool(torch.isnan(phi)):
+            if (check_finite or phi.is_cpu) and bool(torch.isnan(phi)):
                 raise ValueError("threshold must not be NaN")
             return phi
         threshold = threshold.item()
@@ -346,7 +347,7 @@ class MaskedLinear(nn.Linear):
         self.cache_masked_weight = False
         self.defer_score_grad = False
         self._score_state = _ScoreState()
-        self._mask_cache = None  # "packed": (PackedMask, words shape, words dtype), _words_mask
+        self._mask_cache = None  # "packed": see _words_mask
         device = linear.weight.device
         if kind == "scores":
             self.mask_scores = nn.Parameter(
