@@ -246,7 +246,7 @@ def masked_attention_fwd_kernel(
     o_ptr,  # [B,H,Lq,D] output, contiguous
     lse_ptr,  # fp32 [2,B,H,Lq]: writes [0], the base-2 logsumexp ([1] is backward's delta)
     keep_ptr,  # int32 bits [B,H,Lq,W] (HAS_KEEP)
-    kpm_ptr,  # uint8 [B,Lk] key padding, 1 = attend (HAS_KPM)
+    kpm_ptr,  # bool [B,Lk] key padding, True = attend (HAS_KPM)
     am_ptr,  # 4-D mask broadcast to [B,H,Lq,Lk] by strides (MASK_KIND)
     keep_b, keep_h, keep_m, kpm_b, am_b, am_h, am_m, am_n,  # strides of the masks
     q_b, q_h, q_m, k_b, k_h, k_n, v_b, v_h, v_n,  # strides of q, k, v
@@ -540,7 +540,7 @@ class MaskArgs:
         if keep_words is not None:
             keep_words = keep_words.contiguous()
         if kpm is not None:
-            kpm = kpm.contiguous().view(torch.uint8)
+            kpm = kpm.contiguous()  # read as bool (*i1, byte loads): no uint8 view
         if am is None:
             kind, am_strides = MASK_NONE.value, None
         else:
