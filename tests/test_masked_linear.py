@@ -148,6 +148,25 @@ def test_default_path_under_autocast_matches_reference():
         torch.testing.assert_close(s.grad.double(), want[4], rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("kind", ["packed", "scores"])
+def test_default_backward_ignores_the_autocast_state_it_runs_under(kind):
+    """A backward run inside an autocast region (the forward outside it) computes in the
+    forward's dtype: its gradients equal those of a backward outside autocast, bit for bit."""
+    x, w, b, mask, phi = _inputs((2, 6), 24, 48, "cpu", kind)
+    dy = torch.randn(2, 6, 24)
+    grads = []
+    for under_autocast in (False, True):
+        leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        if kind == "scores":
+            leaves.append(mask.clone().requires_grad_(True))
+        y = masked_linear(leaves[0], leaves[1], leaves[2] if kind == "scores" else mask, b,
+                          threshold=phi)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under_autocast):
+            grads.append(torch.autograd.grad(y, leaves, dy))
+    for got, want in zip(*grads):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def _saved_new_bytes(fn, inputs):
     """Bytes of the tensors autograd saves during fn() that share no storage with `inputs`."""
     owned = {t.untyped_storage().data_ptr() for t in inputs}
