@@ -63,6 +63,8 @@ _MIN_QK_SCALE = 2.0 ** -126
 MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)
 MASK_ADDITIVE = tl.constexpr(2)
+# the host's copies (plain ints)
+_NO_MASK, _BOOL_MASK, _ADDITIVE_MASK = MASK_NONE.value, MASK_BOOL.value, MASK_ADDITIVE.value
 
 
 @triton.jit
@@ -534,23 +536,27 @@ class MaskArgs:
     an absent mask (never read). `tensors` are the ones to save for backward, `ptrs` the
     launch's pointer arguments, `layout` what a launch plan needs to know of them."""
 
-    __slots__ = ("tensors", "ptrs", "layout")
+    __slots__ = ("tensors", "ptrs", "kind", "am_strides")
 
     def __init__(self, keep_words, kpm, am, dummy):
         if keep_words is not None:
             keep_words = keep_words.contiguous()
         if kpm is not None:
-            kpm = kpm.contiguous()  # read as bool (*i1, byte loads): no uint8 view
-        if am is None:
-            kind, am_strides = MASK_NONE.value, None
-        else:
-            kind, am_strides = MASK_ADDITIVE.value, am.stride()
+            kpm = kpm.contiguous()  # read as bool (Triton *u1, byte loads): no uint8 view
+        self.kind, self.am_strides = _NO_MASK, None
+        if am is not None:
+            self.kind, self.am_strides = _ADDITIVE_MASK, am.stride()
             if am.dtype == torch.bool:
-                kind, am = MASK_BOOL.value, am.view(torch.uint8)
+                self.kind, am = _BOOL_MASK, am.view(torch.uint8)
         self.tensors = (keep_words, kpm, am)
         self.ptrs = (dummy if keep_words is None else keep_words, dummy if kpm is None else kpm,
                      dummy if am is None else am)
-        self.layout = (keep_words is not None, kpm is not None, kind, am_strides)
+
+    @property
+    def layout(self) -> tuple:
+        """(has keep bits, has key padding, MASK_KIND, the 4-D mask's strides or None)."""
+        return (self.tensors[0] is not None, self.tensors[1] is not None, self.kind,
+                self.am_strides)
 
 
 class LaunchPlan:
