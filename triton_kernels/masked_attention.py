@@ -309,7 +309,7 @@ def masked_attention_fwd_kernel(
         if HAS_DROPOUT:
             z = _dropout_keep(b, h, H, Lq, Lk, offs_m, offs_n, seed_lo, seed_hi, step, stream,
                               keep_thr)
-            p = tl.where(z, p * dropout_scale, 0.0)
+            p = tl.where(z, p, 0.0)  # 1/(1 − dropout_p) once per output row, at the end
         if USE_TMA:
             v = v_desc.load([start_n, 0])
         else:
@@ -318,7 +318,7 @@ def masked_attention_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     has_any = l_i > 0.0
-    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    out = acc * (dropout_scale / tl.where(has_any, l_i, 1.0))[:, None]
     lse = tl.where(has_any, m_i + tl.math.log2(tl.where(has_any, l_i, 1.0)), float("inf"))
     row = bh * Lq + offs_m
     in_m = offs_m < Lq
@@ -339,7 +339,8 @@ def _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk, qk_sc
               HAS_KEEP: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(P ⊙ Z/(1−dropout_p), dS) of one [BLOCK_M, BLOCK_N] tile, recomputed from Q, K, lse."""
+    """(P ⊙ Z, dS) of one [BLOCK_M, BLOCK_N] tile, recomputed from Q, K, lse (dV's factor
+    1/(1−dropout_p) is left to the caller: once per output element, not per score)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)
     s = _masked_scores(s, qk_scale, offs_m, start_n, b, h, Lq, Lk, keep_ptr, keep_b, keep_h,
@@ -350,7 +351,7 @@ def _bwd_tile(q, do, kt, vt, lse, delta, offs_m, start_n, b, h, H, Lq, Lk, qk_sc
     if HAS_DROPOUT:
         z = _dropout_keep(b, h, H, Lq, Lk, offs_m, offs_n, seed_lo, seed_hi, step, stream,
                           keep_thr)
-        p_drop = tl.where(z, p * dropout_scale, 0.0)
+        p_drop = tl.where(z, p, 0.0)
         dp = tl.where(z, dp * dropout_scale, 0.0)
     else:
         p_drop = p
@@ -436,7 +437,7 @@ def masked_attention_bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     dk = (dk * sm_scale).to(dk_ptr.dtype.element_ty)
-    dv = dv.to(dv_ptr.dtype.element_ty)
+    dv = (dv * dropout_scale).to(dv_ptr.dtype.element_ty)
     if USE_TMA:
         _tile_desc(dk_ptr + bhkv * Lk * D, Lk, D, D, BLOCK_N, BLOCK_D).store([start_n, 0], dk)
         _tile_desc(dv_ptr + bhkv * Lk * D, Lk, D, D, BLOCK_N, BLOCK_D).store([start_n, 0], dv)
