@@ -437,7 +437,9 @@ def masked_attention_bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     dk = (dk * sm_scale).to(dk_ptr.dtype.element_ty)
-    dv = (dv * dropout_scale).to(dv_ptr.dtype.element_ty)
+    if HAS_DROPOUT:
+        dv = dv * dropout_scale
+    dv = dv.to(dv_ptr.dtype.element_ty)
     if USE_TMA:
         _tile_desc(dk_ptr + bhkv * Lk * D, Lk, D, D, BLOCK_N, BLOCK_D).store([start_n, 0], dk)
         _tile_desc(dv_ptr + bhkv * Lk * D, Lk, D, D, BLOCK_N, BLOCK_D).store([start_n, 0], dv)
