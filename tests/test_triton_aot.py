@@ -276,3 +276,118 @@ def test_gpu_dry_run_covers_the_mask_training_passes(tmp_path, monkeypatch):
     assert {(r["constexprs"]["WANT_DSCORE"], r["constexprs"]["WANT_DW"]) for r in ste} == {
         (True, False), (True, True), (False, True)}
     assert {r["signature"]["g_ptr"] for r in ste} == {"*bf16"}
+
+
+def _gpu_dry_run(tmp_path, monkeypatch, *groups):
+    """The records of gpu_launches.py's launcher groups (named), as a GPU would launch them."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored after: gpu_launches.py sets it
+    gpu_launches = _load("regdrop_triton_aot_gpu_launches", os.path.join(TOOLS,
+                                                                         "gpu_launches.py"))
+    out = tmp_path / "gpu.jsonl"
+    record = _record_module()
+    record.install(str(out))
+    try:
+        for group in groups:
+            assert getattr(gpu_launches, group) in gpu_launches.LAUNCHERS
+            getattr(gpu_launches, group)()
+    finally:
+        record.uninstall(str(out))
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def _tile(record):
+    c, o = record["constexprs"], record["options"]
+    return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], o["num_warps"],
+            o["num_stages"])
+
+
+def test_gpu_dry_run_records_every_masked_linear_autotune_config(tmp_path, monkeypatch):
+    """On meta tensors the masked linear launchers take their GPU branch: each of the three
+    GEMM kernels is recorded with every _GPU_CONFIGS tile (never the interpreter's 32-wide
+    one), at every flag set of the bench (bias; bits or scores; dScore only, dW only, both)."""
+    from regdrop_fast.triton_kernels import masked_linear as K
+
+    records = _gpu_dry_run(tmp_path, monkeypatch, "masked_linear")
+    gpu_tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                  c.kwargs["GROUP_M"], c.num_warps, c.num_stages) for c in K._GPU_CONFIGS}
+    flags = {"masked_linear_fwd_kernel": ("HAS_BIAS", "FROM_SCORES"),
+             "masked_linear_bwd_input_kernel": ("FROM_SCORES",),
+             "masked_linear_bwd_weight_kernel": ("FROM_SCORES", "WANT_DSCORE", "WANT_DW")}
+    expected_sets = {"masked_linear_fwd_kernel": 4, "masked_linear_bwd_input_kernel": 2,
+                     "masked_linear_bwd_weight_kernel": 3}
+    for name, names in flags.items():
+        found = _by_kernel(records, name)
+        by_flags = {}
+        for r in found:
+            by_flags.setdefault(tuple(r["constexprs"][f] for f in names), set()).add(_tile(r))
+        assert len(by_flags) == expected_sets[name], (name, sorted(by_flags))
+        assert all(tiles == gpu_tiles for tiles in by_flags.values()), (name, by_flags)
+        assert {r["signature"]["w_ptr"] for r in found} == {"*bf16"}
+
+
+def test_gpu_dry_run_sizes_the_rdrop_grid_for_an_sm90_part(tmp_path, monkeypatch):
+    """The R-Drop forward's persistent grid (V over one tile) sets the PROGRAMS_P2 constexpr
+    from the device's SM count and L2: the meta dry run uses an H100's, at least one program
+    per SM, not the interpreter's 4-SM stand-in."""
+    records = _gpu_dry_run(tmp_path, monkeypatch, "rdrop")
+    persistent = [r for r in _by_kernel(records, "rdrop_fwd_kernel")
+                  if not r["constexprs"]["ONE_BLOCK"]]
+    assert persistent and all(r["constexprs"]["PROGRAMS_P2"] >= 132 for r in persistent)
+
+
+_GPU_CONFIG_SCRIPT = textwrap.dedent('''
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location("aot_compile", sys.argv[1])
+    compile_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compile_py)
+    compile_py._use_real_compiler()
+    from triton.runtime.autotuner import Autotuner
+    entries = [dict(e, gpu=True) for e in compile_py.load_entries([sys.argv[2]])]
+    tuned = {}
+    for e in entries:
+        module, kernel = compile_py.import_module(e), compile_py.resolve_kernel(e)
+        for obj in vars(module).values():
+            if isinstance(obj, Autotuner) and compile_py.unwrap_jit(obj) is kernel:
+                tuned[e["qualname"]] = [[c.kwargs, c.num_warps, c.num_stages]
+                                        for c in obj.configs]
+    judged = [[e["qualname"], e["constexprs"], e["options"].get("num_warps"),
+               e["options"].get("num_stages")]
+              for e in compile_py.gpu_launch_variants(entries) if e["gpu"]]
+    print(json.dumps({"tuned": tuned, "judged": judged}))
+''')
+
+
+def test_compile_check_judges_each_autotuned_gpu_launch_at_every_gpu_config(tmp_path):
+    """compile.py holds every GPU launch of an autotuned kernel (masked linear, masked
+    attention) to the policy at each config of its autotuner as a GPU imports it, whatever
+    tile the interpreter-side dry run recorded (masked attention's config list is the
+    interpreter's one small tile there), and judges no other tile of it as a GPU launch."""
+    out = tmp_path / "gpu.jsonl"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, os.path.join(TOOLS, "gpu_launches.py"), str(out)],
+                   env=env, check=True, capture_output=True, timeout=600)
+    env.pop("TRITON_INTERPRET")
+    script = tmp_path / "configs.py"
+    script.write_text(_GPU_CONFIG_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), os.path.join(TOOLS, "compile.py"),
+                           str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    tuned = found["tuned"]
+    assert {"masked_linear_fwd_kernel", "masked_linear_bwd_input_kernel",
+            "masked_linear_bwd_weight_kernel", "masked_attention_fwd_kernel",
+            "masked_attention_bwd_dq_kernel", "masked_attention_bwd_dkdv_kernel"} <= set(tuned)
+    assert len(tuned["masked_attention_fwd_kernel"]) > 1  # the GPU list, not the interpreter's
+    for name, configs in tuned.items():
+        keys = set(configs[0][0])
+        want = {(json.dumps(kwargs, sort_keys=True), warps, stages)
+                for kwargs, warps, stages in configs}
+        groups = {}  # the launch's other constexprs -> the tiles judged with them
+        for qualname, constexprs, warps, stages in found["judged"]:
+            if qualname == name:
+                rest = json.dumps({k: v for k, v in constexprs.items() if k not in keys},
+                                  sort_keys=True)
+                tile = json.dumps({k: constexprs[k] for k in keys}, sort_keys=True)
+                groups.setdefault(rest, set()).add((tile, warps, stages))
+        assert groups, name
+        assert all(tiles == want for tiles in groups.values()), name

@@ -218,7 +218,7 @@ def masked_linear_forward(x2d, weight, bias, words, scores, phi):
     if m == 0 or n == 0:
         return y
     words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, device)
-    on_gpu = y.is_cuda  # a tensor flag: cheaper than device.type
+    on_gpu = not y.is_cpu  # any non-CPU device (meta too: the sm_90 dry run); a flag read
     grid, kwargs = _fwd_plan(on_gpu, m, n, bias is not None, from_scores, _precision(x2d.dtype))
     # .run(grid=, warmup=False) is what kernel[grid](...) calls, without its per-call lambda
     (_fwd_tuned if on_gpu else masked_linear_fwd_kernel).run(
@@ -238,7 +238,7 @@ def masked_linear_backward_input(dy, weight, words, scores, phi):
     if n == 0:
         return dx.zero_()
     words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, device)
-    on_gpu = dx.is_cuda
+    on_gpu = not dx.is_cpu
     grid, kwargs = _bwd_input_plan(on_gpu, m, k, from_scores, _precision(dy.dtype))
     (_bwd_input_tuned if on_gpu else masked_linear_bwd_input_kernel).run(
         dy, weight, words, scores, phi, dx, m, n, k, dy.stride(0), weight.stride(0), s_words,
@@ -259,7 +259,7 @@ def masked_linear_backward_weight(dy, x2d, weight, words, scores, phi, want_dsco
     placeholder = dscore if dscore is not None else dw
     device = dy.device
     words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, device)
-    on_gpu = dy.is_cuda
+    on_gpu = not dy.is_cpu
     grid, kwargs = _bwd_weight_plan(on_gpu, n, k, from_scores, want_dscore, want_dw,
                                     _precision(dy.dtype))
     (_bwd_weight_tuned if on_gpu else masked_linear_bwd_weight_kernel).run(

@@ -298,8 +298,11 @@ def _tile(n_rows: int, n_cols: int, block_v=None, block_n=None):
 
 
 def _device_caps(device):
-    """(SM count, L2 bytes) of a CUDA device; (4, 4 MiB) elsewhere (the interpreter: a small
-    persistent grid, so its tests run several tiles per program)."""
+    """(SM count, L2 bytes) of a CUDA device; an H100's on meta (the sm_90 check's dry run
+    records the grid, and so PROGRAMS_P2, a GPU launch has); (4, 4 MiB) on the CPU (the
+    interpreter: a small persistent grid, so its tests run several tiles per program)."""
+    if device.type == "meta":
+        return 132, 50 << 20
     if device.type != "cuda":
         return 4, 4 << 20
     props = torch.cuda.get_device_properties(device)

@@ -10,7 +10,8 @@ JITFunction) and builds each distinct specialization with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32), options=...)`: the front
 end, the Hopper TTGIR/LLVM passes and the wheel's bundled ptxas. A kernel wrapped by an
 autotuner in its module is also compiled with each of the autotuner's configs (the GPU path's
-block sizes, warps and stages, which interpreter runs never launch).
+block sizes, warps and stages, which interpreter runs never launch): every GPU launch of it
+(--gpu-records) at each config, a test's launch per --autotune.
 
 Prints one line per kernel and specialization, then its registers, stack frame, spill stores
 (from `ptxas -v`; every kernel is recompiled, not taken from Triton's cache, so the log exists),
@@ -190,19 +191,6 @@ def main_specializations(entries):
     return [dict(entry, gpu=True) if key in gpu else entry for key, (_, entry) in best.items()]
 
 
-def is_autotuned(entry) -> bool:
-    """An autotuner in the kernel's module wraps it: a GPU launches it only with the
-    autotuner's configs (a meta-device dry run may record the launcher's CPU tiles)."""
-    from triton.runtime.autotuner import Autotuner
-
-    try:
-        kernel, module = resolve_kernel(entry), import_module(entry)
-    except Exception:
-        return False
-    return any(isinstance(obj, Autotuner) and unwrap_jit(obj) is kernel
-               for obj in vars(module).values())
-
-
 def autotune_variants(entry):
     """`entry` with each config of every autotuner in its module that wraps the same kernel."""
     from triton.runtime.autotuner import Autotuner
@@ -231,6 +219,37 @@ def autotune_variants(entry):
             v["gpu"] = True  # an autotuner's configs are what a GPU launch picks from
             variants.append(v)
     return variants
+
+
+def _launch_key(entry):
+    """What makes two records the same compile: everything but how they were found."""
+    return json.dumps({k: x for k, x in entry.items() if k not in ("origin", "gpu", "tested")},
+                      sort_keys=True)
+
+
+def gpu_launch_variants(entries):
+    """`entries` with each GPU launch (gpu: True) of an autotuned kernel replaced by one launch
+    per config of its autotuner, imported as a GPU imports it: those configs are all a GPU
+    launches, and a dry run under the interpreter may record other tiles (a config list made
+    for the interpreter, or a launcher's CPU branch). Duplicates merge; a merged record is a
+    GPU launch if any of its sources is. A launch a test made too stays, as a CPU launch."""
+    merged = {}
+    for entry in entries:
+        variants = (autotune_variants(entry) if entry.get("gpu") and "unsupported" not in entry
+                    else [])
+        if variants and not entry.get("tested"):
+            found = variants
+        elif variants:
+            found = [dict(entry, gpu=False), *variants]
+        else:
+            found = [entry]
+        for e in found:
+            key = _launch_key(e)
+            if key in merged:
+                merged[key]["gpu"] = bool(merged[key].get("gpu") or e.get("gpu"))
+            else:
+                merged[key] = e
+    return [{k: x for k, x in e.items() if k != "tested"} for e in merged.values()]
 
 
 def unlaunched_kernels(package, entries):
@@ -443,24 +462,21 @@ def main(argv=None):
         parser.error("give the JSON-lines files that record.py wrote")
     allowlist = load_allowlist(args.allowlist)
     policy.check_allowlist(allowlist)
-    entries = load_entries(args.records)
-    seen = {json.dumps(e, sort_keys=True) for e in entries}
-    gpu_lines = {json.dumps(e, sort_keys=True) for e in load_entries(args.gpu_records)}
+    entries = [dict(e, tested=True) for e in load_entries(args.records)]
+    seen = {_launch_key(e) for e in entries}
+    gpu_lines = {_launch_key(e) for e in load_entries(args.gpu_records)}
     for entry in entries:
-        if json.dumps(entry, sort_keys=True) in gpu_lines:
+        if _launch_key(entry) in gpu_lines:
             entry["gpu"] = True
     entries += [dict(json.loads(line), gpu=True) for line in sorted(gpu_lines - seen)]
-    for entry in entries:
-        if entry.get("gpu") and is_autotuned(entry):
-            entry["gpu"] = False
+    entries = gpu_launch_variants(entries)
     if not entries:
         print(f"FAIL no kernel launches recorded in {', '.join(args.records)}")
         return 1
     if args.specializations == "main":
         entries = main_specializations(entries)
     if args.autotune != "none":
-        seen = {json.dumps({k: x for k, x in e.items() if k != "gpu"}, sort_keys=True)
-                for e in entries}
+        seen = {_launch_key(e) for e in entries}
         # "one": the most general recorded specialization of each kernel
         candidates = sorted((e for e in entries if "unsupported" not in e),
                             key=lambda e: _general_key(e)[1])
@@ -473,8 +489,7 @@ def main(argv=None):
             if variants:
                 expanded.add(kernel)
             for v in variants:
-                key = json.dumps({k: x for k, x in v.items() if k not in ("origin", "gpu")},
-                                 sort_keys=True)
+                key = _launch_key(v)
                 if key not in seen:
                     seen.add(key)
                     entries.append(v)

@@ -111,15 +111,21 @@ def masked_attention():
 
 
 def masked_linear():
+    """backend="triton" at the bench's flag sets (bias on; scores with W frozen: dScore only;
+    packed bits with W trained: dW only) and both gradients: each autotune config a GPU tries
+    (the launchers take their GPU branch on meta)."""
     from regdrop_fast.triton_kernels import masked_linear as K
 
     for tokens, n_in, n_out in ((B * L, HIDDEN, FFN), *LINEAR_CASES):
-        x, w, dy = t(tokens, n_in), t(n_out, n_in), t(tokens, n_out)
+        x, w, dy, b = t(tokens, n_in), t(n_out, n_in), t(tokens, n_out), t(n_out)
         words, phi = t(n_out, n_in // 32, dtype=torch.int32), t(1, dtype=torch.float32)
         scores = t(n_out, n_in, dtype=torch.float32)
-        K.masked_linear_forward(x, w, t(n_out), words, None, None)
-        K.masked_linear_forward(x, w, None, None, scores, phi)
-        K.masked_linear_backward_input(dy, w, words, None, None)
+        for source in ((words, None, None), (None, scores, phi)):
+            K.masked_linear_forward(x, w, b, *source)
+            K.masked_linear_forward(x, w, None, *source)
+            K.masked_linear_backward_input(dy, w, *source)
+        K.masked_linear_backward_weight(dy, x, w, None, scores, phi, True, False)
+        K.masked_linear_backward_weight(dy, x, w, words, None, None, False, True)
         K.masked_linear_backward_weight(dy, x, w, None, scores, phi, True, True)
 
 
