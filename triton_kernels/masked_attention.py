@@ -639,13 +639,12 @@ class LaunchPlan:
         dk = (torch.empty_like(k) if self.k_dense
               else torch.empty(*self.kv_shape, dtype=self.dtype, device=self.device))
         dv = torch.empty_like(dk)
+        tail = (*mask_ptrs, *args, tma, *philox, *self.flags)  # the two launches share it
         # dQ first: it writes delta, which dK/dV reads
-        masked_attention_bwd_dq_kernel.run(q, k, v, do, out, lse, dq, *mask_ptrs, *args, tma,
-                                           *philox, *self.flags, grid=self.fwd_grid,
+        masked_attention_bwd_dq_kernel.run(q, k, v, do, out, lse, dq, *tail, grid=self.fwd_grid,
                                            warmup=False)
-        masked_attention_bwd_dkdv_kernel.run(q, k, v, do, lse, dk, dv, *mask_ptrs, *args, tma,
-                                             *philox, *self.flags, grid=self.dkdv_grid,
-                                             warmup=False)
+        masked_attention_bwd_dkdv_kernel.run(q, k, v, do, lse, dk, dv, *tail,
+                                             grid=self.dkdv_grid, warmup=False)
         return dq, dk, dv
 
 
