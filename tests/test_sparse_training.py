@@ -578,19 +578,26 @@ def test_mask_score_adamw_equals_torch_adamw(fused, defer, weight_decay, monkeyp
 
 
 class _Counted:
-    """A Triton kernel whose launches (kernel[grid](...)) are counted under its name: one pass
-    each, or `passes(*args)` for a launch over several tensors."""
+    """A Triton kernel whose launches (kernel[grid](...) or kernel.run(..., grid=)) are counted
+    under its name: one pass each, or `passes(*args)` for a launch over several tensors."""
 
     def __init__(self, kernel, name, counts, passes=None):
         self.kernel, self.name, self.counts = kernel, name, counts
         self.passes, self.launches = passes, 0
 
+    def _count(self, args):
+        self.counts[self.name] += 1 if self.passes is None else self.passes(*args)
+        self.launches += 1
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.counts[self.name] += 1 if self.passes is None else self.passes(*args)
-            self.launches += 1
+            self._count(args)
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+    def run(self, *args, **kwargs):
+        self._count(args)
+        return self.kernel.run(*args, **kwargs)
 
 
 class _FusedAdamWCount(torch.utils._python_dispatch.TorchDispatchMode):

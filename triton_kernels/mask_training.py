@@ -134,9 +134,10 @@ def materialize(weight, words, scores, phi, dtype):
         return out
     words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi,
                                                                     weight.device)
-    materialize_kernel[_grid(n, k)](weight, words, scores, phi, out, n, k, weight.stride(0),
-                                    s_words, s_scores, FROM_SCORES=from_scores,
-                                    BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+    # .run(grid=, warmup=False) is what kernel[grid](...) calls, without its per-call lambda
+    materialize_kernel.run(weight, words, scores, phi, out, n, k, weight.stride(0), s_words,
+                           s_scores, FROM_SCORES=from_scores, BLOCK_N=_BLOCK_N,
+                           BLOCK_K=_BLOCK_K, grid=_grid(n, k), warmup=False)
     return out
 
 
@@ -149,9 +150,9 @@ def ste_grads(g, weight, words, scores, phi, want_dscore, want_dw, score_dtype):
         return dscore, dw
     placeholder = dscore if dscore is not None else dw
     words, scores, phi, s_words, s_scores, from_scores = mask_args(words, scores, phi, g.device)
-    ste_grads_kernel[_grid(n, k)](
+    ste_grads_kernel.run(
         g, weight, words, scores, phi, dscore if want_dscore else placeholder,
         dw if want_dw else placeholder, n, k, g.stride(0), weight.stride(0), s_words, s_scores,
         FROM_SCORES=from_scores, WANT_DSCORE=want_dscore, WANT_DW=want_dw,
-        BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+        BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, grid=_grid(n, k), warmup=False)
     return dscore, dw
