@@ -125,22 +125,39 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Opti
     """None if `name` can run tensors on `device` (any device if None), else the reason."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
-    dev_type = None if device is None else torch.device(device).type
+    if device is None:
+        dev_type = None
+    else:
+        dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if name == "reference":
         return None
     if name == "triton":
-        err = _triton_import_error()
-        if err:
-            return err
-        if dev_type == "cpu" and not interpreter_enabled():
-            return ("triton runs CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
-                    "before triton is first imported")
-        if dev_type is None and not (interpreter_enabled() or torch.cuda.is_available()):
-            return "no CUDA device and TRITON_INTERPRET is not 1"
-        if dev_type not in (None, "cpu", "cuda"):
-            return f"triton backend does not run {dev_type} tensors"
-        return None
-    module, err = _extension_and_error()
+        return _triton_reason(dev_type, interpreter_enabled(), _triton_import_error())
+    return _extension_reason(name, dev_type, _extension_and_error())
+
+
+# The verdicts depend only on their arguments (the import results are cached, so clearing
+# those caches gives a new verdict) and on whether CUDA is present: one lookup per call
+# instead of the checks (an op calls unavailable_reason once per call, on its host path).
+@functools.lru_cache(maxsize=None)
+def _triton_reason(dev_type: Optional[str], interpreter: bool,
+                   import_error: Optional[str]) -> Optional[str]:
+    if import_error:
+        return import_error
+    if dev_type == "cpu" and not interpreter:
+        return ("triton runs CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
+                "before triton is first imported")
+    if dev_type is None and not (interpreter or torch.cuda.is_available()):
+        return "no CUDA device and TRITON_INTERPRET is not 1"
+    if dev_type not in (None, "cpu", "cuda"):
+        return f"triton backend does not run {dev_type} tensors"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_reason(name: str, dev_type: Optional[str],
+                      extension_and_error: tuple) -> Optional[str]:
+    module, err = extension_and_error
     if module is None:
         return err
     if name == "cpu":
