@@ -391,3 +391,27 @@ def test_compile_check_judges_each_autotuned_gpu_launch_at_every_gpu_config(tmp_
                 groups.setdefault(rest, set()).add((tile, warps, stages))
         assert groups, name
         assert all(tiles == want for tiles in groups.values()), name
+
+
+def test_policy_judges_a_table_kernel_by_its_dtype_constexpr():
+    """A kernel that reads its tensors' addresses from an int64 table (masked_adamw,
+    score_adamw) has no bf16 pointer: its tl.dtype constexpr makes it half precision."""
+    policy = _policy()
+    bf16 = _result("adamw_kernel", ptrs=("*i64", "*fp32"), spill=8, DTYPE={"dtype": "bf16"})
+    fp32 = _result("adamw_kernel", ptrs=("*i64", "*fp32"), spill=8, DTYPE={"dtype": "fp32"})
+    judged = policy.judge([bf16, fp32], [])
+    assert [(r["constexprs"]["DTYPE"]["dtype"], p) for r, p in judged["violations"]] == [
+        ("bf16", "spill")]
+    allow = [{"kernel": "adamw_kernel", "problem": "spill", "dtype": "bf16", "reason": "known"}]
+    assert policy.judge([bf16, fp32], allow)["violations"] == []
+
+
+def test_gpu_dry_run_covers_the_childtuning_triton_step(tmp_path, monkeypatch):
+    """masked_adamw's one launch is dry-run on meta (its host tables made on meta, not in
+    pinned memory) at every dtype, action, update order and capturable flag."""
+    records = _by_kernel(_gpu_dry_run(tmp_path, monkeypatch, "masked_adamw"),
+                         "masked_adamw_multi_kernel")
+    found = {(r["constexprs"]["DTYPE"]["dtype"], r["constexprs"]["ACTION"],
+              r["constexprs"]["PAPER"], r["constexprs"]["CAPTURABLE"]) for r in records}
+    assert found == {(d, a, p, c) for d in ("fp32", "bf16", "fp16") for a in (0, 1, 2)
+                     for p in (False, True) for c in (False, True)}

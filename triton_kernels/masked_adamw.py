@@ -193,8 +193,8 @@ def _cached(key, make) -> torch.Tensor:
 
 
 def _table(rows, dtype, device) -> torch.Tensor:
-    if device.type == "cpu":
-        return torch.tensor(rows, dtype=dtype)
+    if device.type != "cuda":  # the CPU (interpreter), or meta (the sm_90 check's dry run)
+        return torch.tensor(rows, dtype=dtype, device=device)
     # built in pinned memory: the copy is queued behind the step's other work, no host wait
     return torch.tensor(rows, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 

@@ -170,8 +170,35 @@ def score_adamw():
                                         beta2=0.999, eps=1e-8, ste=ste)
 
 
+def masked_adamw():
+    """ChildTuning's Triton step (backend="triton": the GPU path where the extension has no
+    CUDA kernels) over one BERT-base layer's tensors, Philox and packed masks mixed, at every
+    dtype, action, update order and with/without capturable scalars."""
+    from regdrop_fast.triton_kernels import masked_adamw as K
+
+    shapes = [(HIDDEN, HIDDEN)] * 4 + [(FFN, HIDDEN), (HIDDEN, FFN), (HIDDEN,)]
+    count = len(shapes)
+    masks = [t(shape[0], HIDDEN // 32, dtype=torch.int32) if i % 2 else None
+             for i, shape in enumerate(shapes)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        params = [t(*shape, dtype=dtype) for shape in shapes]
+        state = [t(*shape, dtype=torch.float32) for shape in shapes]
+        for action in (0, 1, 2):
+            for paper in (False, True):
+                for capturable in (None, (t((), dtype=torch.float32), 0.9, 0.999, 0.01)):
+                    steps = ([t((), dtype=torch.float32) for _ in shapes] if capturable
+                             else [3] * count)
+                    K.masked_adamw_step(
+                        params, params, state, state, masks=masks,
+                        mask_kinds=[2 if m is not None else 1 for m in masks], steps=steps,
+                        index_offsets=[0] * count, streams=list(range(count)),
+                        step_sizes=[1e-3] * count, bc2_sqrts=[0.5] * count, beta1=0.9,
+                        beta2=0.999, eps=1e-8, lr_wd=1e-5, seed=SEED, threshold=3 << 30,
+                        inv_p=4 / 3, action=action, paper=paper, capturable=capturable)
+
+
 LAUNCHERS = (philox_and_masks, rdrop, addrop_mask, masked_attention, masked_linear,
-             mask_training, score_adamw)
+             mask_training, score_adamw, masked_adamw)
 
 
 def main(argv=None):

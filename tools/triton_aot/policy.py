@@ -1,7 +1,7 @@
 """The sm_90 performance rules of compile.py's results (issue 13, item 6).
 
-A half-precision (bf16/fp16 pointer) specialization that a GPU launches (recorded by
-gpu_launches.py's dry run, or an autotune config) must not spill registers to local memory,
+A half-precision specialization (a bf16/fp16 pointer or tl.dtype constexpr) that a GPU launches
+(recorded by gpu_launches.py's dry run, or an autotune config) must not spill to local memory,
 and if it has a `tl.dot` its PTX must use Hopper's `wgmma` (an `mma.sync`-only dot is the
 Ampere path, a fraction of sm_90's tensor-core rate). An entry of allowlist.py excuses a
 violation with a reason; an entry that excuses nothing is reported as stale.
@@ -32,9 +32,18 @@ def parse_ptxas_log(log: str) -> dict:
     return found
 
 
+def dtypes(result: dict) -> set:
+    """The element types a specialization works in: its pointers', and those of tl.dtype
+    constexprs (a kernel that takes its tensors' addresses from a table is told their type so,
+    as masked_adamw's DTYPE)."""
+    found = {p[1:] for p in result.get("ptrs", ())}
+    return found | {v["dtype"] for v in result.get("constexprs", {}).values()
+                    if isinstance(v, dict) and "dtype" in v}
+
+
 def is_checked(result: dict) -> bool:
     """The rules apply to half-precision specializations a GPU launches."""
-    return bool(result.get("gpu")) and any(p in HALF_POINTERS for p in result.get("ptrs", ()))
+    return bool(result.get("gpu")) and any(f"*{d}" in HALF_POINTERS for d in dtypes(result))
 
 
 def problems(result: dict) -> list:
@@ -52,7 +61,7 @@ def problems(result: dict) -> list:
 def _matches(entry: dict, result: dict, problem: str) -> bool:
     if entry["kernel"] != result["qualname"] or entry["problem"] != problem:
         return False
-    if "dtype" in entry and f"*{entry['dtype']}" not in result.get("ptrs", ()):
+    if "dtype" in entry and entry["dtype"] not in dtypes(result):
         return False
     constexprs = result.get("constexprs", {})
     return all(constexprs.get(k) == v for k, v in entry.get("where", {}).items())
