@@ -8,7 +8,9 @@ script calls each launcher in triton_kernels/ on meta-device tensors of BERT-bas
 and of the GPU benchmarks' main cases (regdrop_fast/benchmarking, issue 13) with record.py
 installed: the launcher takes its non-CPU branch, and the recorder appends the
 launch (or, for an autotuned kernel, each config) without running it. compile.py then
-compiles the file. A launcher that cannot be dry-run this way fails the script with the
+compiles the file, each launch of an autotuned kernel at every config of its autotuner as a
+GPU imports it (a config list chosen at import, as masked attention's, is the interpreter's
+here). A launcher that cannot be dry-run this way fails the script with the
 reason: update the call here when a launcher's signature changes. Options a launcher may not
 have yet (is_causal) are passed only when its signature names them (`optional`).
 """
