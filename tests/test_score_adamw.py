@@ -345,3 +345,43 @@ def test_gpu_dry_run_covers_every_score_adamw_launch(tmp_path, monkeypatch):
                      for aligned in (True, False) for w in ("fp32", "bf16")
                      if ste or write or w == "fp32"}  # W unread: its dtype does not matter
     assert {r["qualname"] for r in records} == {"score_adamw_multi_kernel"}
+
+
+def _trained(steps=2):
+    """A fused MaskScoreAdamW after `steps` steps (its launch table built) and a step function."""
+    model = _model(torch.float32)
+    trainer = MaskTrainer(model, 0.5, targets=["*"], init="soft", interval=2)
+    opt = trainer.optimizer(1e-2, fused=True)
+
+    def step(i, dtype=torch.float32):
+        x = torch.randn(4, SHAPES[0][1], generator=torch.Generator().manual_seed(i)).to(dtype)
+        model(x).float().square().sum().backward()
+        opt.step()
+
+    for i in range(steps):
+        step(i)
+        opt.zero_grad()
+        trainer.step()
+    return model, trainer, opt, step
+
+
+def test_weights_of_another_dtype_at_the_same_address_get_a_new_table():
+    """The weights become bf16 at their fp32 storage's address (as a caching allocator may
+    hand it back): the next step keeping φ writes W' = W ⊙ (s > φ) from the bf16 values, not
+    from a cached table that reads the weights as fp32."""
+    _kernels()
+    model, trainer, opt, step = _trained()
+    layers = list(trainer.modules.values())
+    for layer in layers:
+        for w in (layer.weight, layer.bias):
+            values = w.detach().bfloat16()
+            same = torch.empty(0, dtype=torch.bfloat16).set_(w.untyped_storage(), 0, w.shape)
+            w.data = same.copy_(values)
+    step(2, torch.bfloat16)
+    for layer in layers:
+        masked = layer._score_state.masked
+        assert masked is not None and masked.dtype == torch.bfloat16
+        want = torch.where(layer.mask_scores.detach() > layer.mask_threshold,
+                           layer.weight.detach(), 0)
+        assert torch.equal(masked, want)
+

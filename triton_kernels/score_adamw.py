@@ -113,11 +113,13 @@ def _addresses(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
 
 
 def table_key(scores, exp_avgs, exp_avg_sqs, weights, phis) -> tuple:
-    """What a MatrixTable of these tensors depends on: their addresses and sizes (a tensor
-    replaced, or given new storage, changes it; new values do not). weights, phis: all
-    tensors, or all None."""
+    """What a MatrixTable of these tensors depends on: their addresses and sizes, and the
+    weights' dtype (a tensor replaced, or given new storage, changes it; new values do not;
+    a weight of another dtype may come back at the same address). weights, phis: all
+    tensors (the weights of one dtype), or all None."""
     return (_addresses(scores), _addresses(exp_avgs), _addresses(exp_avg_sqs),
-            _addresses(weights), _addresses(phis), tuple(map(torch.Tensor.numel, scores)))
+            _addresses(weights), _addresses(phis), tuple(map(torch.Tensor.numel, scores)),
+            None if weights[0] is None else weights[0].dtype)
 
 
 class MatrixTable:
@@ -152,7 +154,8 @@ class MatrixTable:
         self.table = _to_device(torch.tensor(rows, dtype=torch.int64), self.device)
         self.program_matrix = _to_device(program_matrix.to(torch.int32), self.device)
         # every address and numel of the key a multiple of 16
-        self.aligned = reduce(or_, (reduce(or_, column, 0) for column in self.key), 0) % 16 == 0
+        self.aligned = reduce(or_, (reduce(or_, column, 0) for column in self.key[:6]),
+                              0) % 16 == 0
 
     def out_views(self, out: torch.Tensor) -> list:
         """Each matrix's W' [shape] inside the flat buffer `out` of out_numel elements."""
