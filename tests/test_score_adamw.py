@@ -385,3 +385,49 @@ def test_weights_of_another_dtype_at_the_same_address_get_a_new_table():
                            layer.weight.detach(), 0)
         assert torch.equal(masked, want)
 
+
+def _half(model, trainer, opt):
+    model.half()
+
+
+def _state_of_other_shapes(model, trainer, opt):
+    state = opt.state_dict()
+    for s in state["state"].values():
+        s["exp_avg"], s["exp_avg_sq"] = s["exp_avg"][:2].clone(), s["exp_avg_sq"][:2].clone()
+    opt.load_state_dict(state)
+
+
+def _non_contiguous_state(model, trainer, opt):
+    for p in trainer.parameters():
+        opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].t().contiguous().t()
+
+
+def _state_on_meta(model, trainer, opt):
+    for p in trainer.parameters():
+        opt.state[p]["exp_avg_sq"] = torch.zeros(p.shape, device="meta")
+
+
+def _half_threshold(model, trainer, opt):
+    for layer in trainer.modules.values():
+        layer.mask_threshold.data = layer.mask_threshold.data.half()
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (_half, TypeError, "mask_scores of 0 must be contiguous float32"),
+    (_state_of_other_shapes, ValueError, "exp_avg of 0 must be contiguous float32"),
+    (_non_contiguous_state, ValueError, "exp_avg of 0 must be contiguous float32"),
+    (_state_on_meta, ValueError, "exp_avg_sq of 0 must be on the scores' device"),
+    (_half_threshold, TypeError, "mask_threshold of 0 must be a float32 [1]"),
+])
+def test_fused_step_rejects_what_its_kernel_cannot_read(change, error, words):
+    """After steps that built the launch table, a change the table's addresses need not show
+    (scores or threshold of another dtype, state of other shapes, strides or device) raises a
+    clear error at the next step instead of a launch reading memory wrongly (or past the end)."""
+    _kernels()
+    model, trainer, opt, step = _trained()
+    scores = [p.detach().clone() for p in trainer.parameters()]
+    change(model, trainer, opt)
+    with pytest.raises(error, match=words.replace("[", r"\[")):
+        step(2, next(model.parameters()).dtype)
+    for p, s in zip(trainer.parameters(), scores):
+        assert torch.equal(p.detach(), s.to(p.dtype))  # nothing stepped

@@ -44,6 +44,7 @@ from .. import backends
 __all__ = ["MaskScoreAdamW"]
 
 _MAX_TABLES = 8  # lists of matrices a MaskScoreAdamW keeps launch tables for
+_F32 = torch.float32
 
 
 class MaskScoreAdamW(torch.optim.Optimizer):
@@ -169,14 +170,53 @@ class MaskScoreAdamW(torch.optim.Optimizer):
             weight = layer.weight
             if (ste or out_dtype is not None) and not weight.is_contiguous():
                 weight = weight.detach().contiguous()
+            # the kernel reads each tensor as a flat, contiguous array of the scores' numel
+            # at one device: checked every step (p.data = ..., model.half(), a loaded state of
+            # other shapes change these without a new table address), never cached
+            m, v, shape, device = state["exp_avg"], state["exp_avg_sq"], p.shape, p.device
+            if not (p.dtype is _F32 and m.dtype is _F32 and v.dtype is _F32
+                    and m.shape == shape and v.shape == shape and grad.shape == shape
+                    and weight.shape == shape and p.is_contiguous() and m.is_contiguous()
+                    and v.is_contiguous() and m.device == device and v.device == device
+                    and grad.device == device and weight.device == device):
+                self._reject(p, m, v, grad, weight)
+            phi = layer.mask_threshold
+            if out_dtype is not None and not (phi.dtype is _F32 and phi.numel() == 1
+                                              and phi.device == device):
+                raise TypeError(f"mask_threshold of {self._name(p)} must be a float32 [1] "
+                                f"tensor on {device}, got {phi.dtype} {tuple(phi.shape)} on "
+                                f"{phi.device}")
             key = (ste, grad.dtype, weight.dtype, out_dtype)
             rows = launches.get(key)
             if rows is None:
                 rows = launches[key] = []
-            rows.append((p, state["exp_avg"], state["exp_avg_sq"], weight, layer.mask_threshold,
-                         grad, state, layer))
+            rows.append((p, m, v, weight, phi, grad, state, layer))
         for key, rows in launches.items():
             self._launch(_sa, key, rows, group)
+
+    def _name(self, p) -> str:
+        return next((n for n, m in self.trainer.modules.items() if m.mask_scores is p),
+                    "a layer")
+
+    def _reject(self, p, m, v, grad, weight) -> None:
+        """Raise the error naming what the fused step cannot read (see _fused_steps)."""
+        name = self._name(p)
+        if p.dtype is not _F32 or not p.is_contiguous():
+            raise TypeError(f"mask_scores of {name} must be contiguous float32, got {p.dtype} "
+                            f"with strides {p.stride()}")
+        for what, t in (("exp_avg", m), ("exp_avg_sq", v)):
+            if t.dtype is not _F32 or t.shape != p.shape or not t.is_contiguous():
+                raise ValueError(f"optimizer state {what} of {name} must be contiguous float32 "
+                                 f"of the scores' shape {tuple(p.shape)}, got {t.dtype} "
+                                 f"{tuple(t.shape)} with strides {t.stride()}")
+        for what, t in (("exp_avg", m), ("exp_avg_sq", v), ("the gradient", grad),
+                        ("weight", weight)):
+            if t.shape != p.shape:
+                raise ValueError(f"{what} of {name} must have the scores' shape "
+                                 f"{tuple(p.shape)}, got {tuple(t.shape)}")
+            if t.device != p.device:
+                raise ValueError(f"{what} of {name} must be on the scores' device {p.device}, "
+                                 f"got {t.device}")
 
     def _launch(self, _sa, key, rows, group) -> None:
         """One kernel over the matrices `rows` (see _fused_steps), which share the flags and
