@@ -464,6 +464,56 @@ def test_cuda_graph_capture_of_forward_and_backward():
     assert_rel(static_g2, r2, 1e-2, "replayed grad2")
 
 
+def test_done_counter_made_during_a_capture_is_not_kept(monkeypatch):
+    """The launch's done counter made while a CUDA graph is being captured (its zeroing only
+    captured, not run) serves that launch alone: the next launch on the stream gets a counter
+    that is zero now, and keeps it."""
+    require_backend("triton", torch.device("cpu"))
+    from regdrop_fast.triton_kernels import rdrop as K
+    z1, z2, labels = make_inputs((8, 40), torch.device("cpu"), seed=3)
+    want = rdrop_loss(z1, z2, labels, backend="reference")
+    monkeypatch.setattr(K, "_done_counters", {})
+    monkeypatch.setattr(K, "_capturing", lambda device: True)
+    assert_rel(rdrop_loss(z1, z2, labels, backend="triton"), want, 1e-5, "loss in a capture")
+    assert K._done_counters == {}
+    monkeypatch.setattr(K, "_capturing", lambda device: False)
+    assert_rel(rdrop_loss(z1, z2, labels, backend="triton"), want, 1e-5, "loss")
+    (counter,) = K._done_counters.values()
+    assert counter.item() == 0
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replayed_before_an_earlier_captured_one():
+    """Two graphs captured on one stream, each with rdrop_loss, the first capture being the
+    stream's first launch: the second graph replayed before the first ever ran gives the eager
+    loss (its counter must not be the first capture's, whose zeroing had not run; the capture
+    pool's memory is first filled with 7s so that such a counter would not read 0)."""
+    device = torch.device("cuda")
+    z1, z2, labels = make_inputs((64, 1000), device, seed=5)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles the kernels) off the capture stream
+        rdrop_loss(z1, z2, labels, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    capture, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+    poison = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(poison, pool=pool, stream=capture):
+        sevens = torch.full((1 << 12,), 7, dtype=torch.int32, device=device)
+    poison.replay()
+    torch.cuda.synchronize()
+    del sevens
+    graphs, losses = [], []
+    for _ in range(2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=capture):
+            losses.append(rdrop_loss(z1, z2, labels, backend="triton"))
+        graphs.append(graph)
+    graphs[1].replay()
+    torch.cuda.synchronize()
+    assert_rel(losses[1], rdrop_loss(z1, z2, labels, backend="reference"), 1e-5,
+               "second graph's loss")
+
+
 def test_eager_backward_drops_its_gradient_buffers(device):
     """The triton backward hands its in-place scaled buffers to .grad and keeps no reference:
     with the loss still alive, clearing .grad frees them (a loss kept for logging must not

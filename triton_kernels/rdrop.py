@@ -329,14 +329,22 @@ _done_counters = {}
 def _done_counter(device):
     """The int32 counter of rdrop_fwd_kernel for the current stream of `device`: zero at rest
     (every launch re-arms it), so no memset precedes a launch; one per stream, since launches
-    on two streams may overlap."""
+    on two streams may overlap. One made during a CUDA graph capture is that launch's alone:
+    its zeroing is captured, not run, so it is zero only once that graph has replayed (another
+    graph captured on the stream, or an eager launch, would start from uninitialized memory)."""
     # the raw stream handle: torch.cuda.current_stream() builds a Stream object per call
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream)
     counter = _done_counters.get(key)
     if counter is None:
-        counter = _done_counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        if not _capturing(device):
+            _done_counters[key] = counter
     return counter
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 @functools.lru_cache(maxsize=1024)
