@@ -431,3 +431,44 @@ def test_fused_step_rejects_what_its_kernel_cannot_read(change, error, words):
         step(2, next(model.parameters()).dtype)
     for p, s in zip(trainer.parameters(), scores):
         assert torch.equal(p.detach(), s.to(p.dtype))  # nothing stepped
+
+
+def _deepcopy(opt, tmp_path):
+    return copy.deepcopy(opt)
+
+
+def _saved_and_loaded(opt, tmp_path):
+    torch.save(opt, tmp_path / "opt.pt")
+    return torch.load(tmp_path / "opt.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("duplicate", [_deepcopy, _saved_and_loaded])
+def test_copied_optimizer_steps_its_own_copies(duplicate, tmp_path):
+    """A fused MaskScoreAdamW copied after two steps (copy.deepcopy, or torch.save of the
+    object and torch.load) steps: it trains its copies of the layers as the original trains
+    its own, bit for bit, and neither's step counts move with the other's steps."""
+    _kernels()
+    model, trainer, opt, step = _trained()
+    twin = duplicate(opt, tmp_path)
+
+    def twin_step(i):
+        x = torch.randn(4, SHAPES[0][1], generator=torch.Generator().manual_seed(i))
+        for layer in twin.trainer.modules.values():
+            x = layer(x)
+        x.square().sum().backward()
+        twin.step()
+
+    for i in (2, 3):
+        step(i)
+        twin_step(i)
+        for o, t in ((opt, trainer), (twin, twin.trainer)):
+            o.zero_grad()
+            t.step()
+    for p, q in zip(trainer.parameters(), twin.trainer.parameters()):
+        assert p is not q and torch.equal(p, q)
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][name], twin.state[q][name])
+    twin_step(4)
+    for p, q in zip(trainer.parameters(), twin.trainer.parameters()):
+        assert opt.state[p]["step"].item() == 4 and twin.state[q]["step"].item() == 5
+        assert not torch.equal(p, q)  # the twin's fifth step moved its scores only

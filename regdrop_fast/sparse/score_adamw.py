@@ -259,6 +259,19 @@ class MaskScoreAdamW(torch.optim.Optimizer):
             for layer, masked in zip(layers, table.out_views(out)):
                 layer._store_masked_weight(masked, always=True)
 
+    def __getstate__(self):
+        # torch's Optimizer pickles (and deep-copies) only defaults, state and param_groups;
+        # a copy also needs the trainer, layers and flags the step reads
+        state = super().__getstate__()
+        state.update(trainer=self.trainer, _layers=self._layers, fused=self.fused,
+                     defer_ste_grad=self.defer_ste_grad)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # launch tables hold the original's addresses: a copy builds its own
+        self._tables, self._group_ids = {}, None
+
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         for state in self.state.values():
