@@ -416,7 +416,7 @@ def _half_threshold(model, trainer, opt):
     (_half, TypeError, "mask_scores of 0 must be contiguous float32"),
     (_state_of_other_shapes, ValueError, "exp_avg of 0 must be contiguous float32"),
     (_non_contiguous_state, ValueError, "exp_avg of 0 must be contiguous float32"),
-    (_state_on_meta, ValueError, "exp_avg_sq of 0 must be on the scores' device"),
+    (_state_on_meta, ValueError, "exp_avg_sq of 0 must be on cpu"),
     (_half_threshold, TypeError, "mask_threshold of 0 must be a float32 [1]"),
 ])
 def test_fused_step_rejects_what_its_kernel_cannot_read(change, error, words):
@@ -472,3 +472,28 @@ def test_copied_optimizer_steps_its_own_copies(duplicate, tmp_path):
     for p, q in zip(trainer.parameters(), twin.trainer.parameters()):
         assert opt.state[p]["step"].item() == 4 and twin.state[q]["step"].item() == 5
         assert not torch.equal(p, q)  # the twin's fifth step moved its scores only
+
+
+def test_a_bad_matrix_stops_every_launch_of_the_step():
+    """With two launches in a step (defer_ste_grad, one matrix also with a .grad), a state of
+    another shape in the second launch's matrices raises before the first launch runs: no
+    matrix is stepped."""
+    _kernels()
+    model = _model(torch.float32)
+    trainer = MaskTrainer(model, 0.5, targets=["*"], init="soft", interval=2)
+    opt = trainer.optimizer(1e-2, fused=True, defer_ste_grad=True)
+    params = list(trainer.parameters())
+    for i in range(3):
+        model(torch.randn(4, SHAPES[0][1], generator=torch.Generator().manual_seed(i))
+              ).square().sum().backward()
+        if i == 2:
+            params[0].grad = torch.ones_like(params[0])
+            opt.state[params[-1]]["exp_avg"] = torch.zeros(2, 3)
+            before = [p.detach().clone() for p in params]
+            with pytest.raises(ValueError, match="exp_avg of 3 must be contiguous float32"):
+                opt.step()
+            assert all(torch.equal(p, b) for p, b in zip(params, before))
+        else:
+            opt.step()
+            opt.zero_grad()
+            trainer.step()

@@ -34,6 +34,7 @@ default max_grad_norm clips gradients.
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from typing import Optional
 
 import torch
@@ -44,7 +45,8 @@ from .. import backends
 __all__ = ["MaskScoreAdamW"]
 
 _MAX_TABLES = 8  # lists of matrices a MaskScoreAdamW keeps launch tables for
-_F32 = torch.float32
+_F32, _F32_SET, _ONE = torch.float32, {torch.float32}, {1}
+_SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
 
 
 class MaskScoreAdamW(torch.optim.Optimizer):
@@ -170,36 +172,53 @@ class MaskScoreAdamW(torch.optim.Optimizer):
             weight = layer.weight
             if (ste or out_dtype is not None) and not weight.is_contiguous():
                 weight = weight.detach().contiguous()
-            # the kernel reads each tensor as a flat, contiguous array of the scores' numel
-            # at one device: checked every step (p.data = ..., model.half(), a loaded state of
-            # other shapes change these without a new table address), never cached
-            m, v, shape, device = state["exp_avg"], state["exp_avg_sq"], p.shape, p.device
-            if not (p.dtype is _F32 and m.dtype is _F32 and v.dtype is _F32
-                    and m.shape == shape and v.shape == shape and grad.shape == shape
-                    and weight.shape == shape and p.is_contiguous() and m.is_contiguous()
-                    and v.is_contiguous() and m.device == device and v.device == device
-                    and grad.device == device and weight.device == device):
-                self._reject(p, m, v, grad, weight)
-            phi = layer.mask_threshold
-            if out_dtype is not None and not (phi.dtype is _F32 and phi.numel() == 1
-                                              and phi.device == device):
-                raise TypeError(f"mask_threshold of {self._name(p)} must be a float32 [1] "
-                                f"tensor on {device}, got {phi.dtype} {tuple(phi.shape)} on "
-                                f"{phi.device}")
             key = (ste, grad.dtype, weight.dtype, out_dtype)
             rows = launches.get(key)
             if rows is None:
                 rows = launches[key] = []
-            rows.append((p, m, v, weight, phi, grad, state, layer))
+            rows.append((p, state["exp_avg"], state["exp_avg_sq"], weight, layer.mask_threshold,
+                         grad, state, layer))
+        # every launch's matrices checked before the first launch (no partial step)
+        checked = []
         for key, rows in launches.items():
-            self._launch(_sa, key, rows, group)
+            columns = tuple(zip(*rows))
+            static = columns[:5]
+            self._check_readable(static, columns[5], key[3] is not None)
+            # a table holds addresses only: one per list of storages (the flags are the
+            # launch's, so steps that keep φ and steps that reset it share it); new when a
+            # tensor is replaced or moved
+            where = _sa.table_key(*static)
+            if where not in self._tables:
+                # the devices are facts of the key's addresses (one virtual address space),
+                # so checked when a table is made
+                self._check_devices(static)
+            checked.append((key, columns, where))
+        for key, columns, where in checked:
+            self._launch(_sa, key, columns, where, group)
 
     def _name(self, p) -> str:
         return next((n for n, m in self.trainer.modules.items() if m.mask_scores is p),
                     "a layer")
 
-    def _reject(self, p, m, v, grad, weight) -> None:
-        """Raise the error naming what the fused step cannot read (see _fused_steps)."""
+    def _check_readable(self, static, grads, write) -> None:
+        """The kernel reads each tensor as a flat, contiguous array of its scores' numel:
+        checked every step, since p.data = ..., model.half() or a loaded state of other shapes
+        change these without a new table address (devices: see _fused_steps). Column by
+        column, by C-level maps."""
+        scores, exp_avgs, exp_avg_sqs, weights, phis = static
+        shapes = list(map(_SHAPE, scores))
+        if (shapes == list(map(_SHAPE, exp_avgs)) == list(map(_SHAPE, exp_avg_sqs))
+                == list(map(_SHAPE, grads)) == list(map(_SHAPE, weights))
+                and set(map(_DTYPE, scores + exp_avgs + exp_avg_sqs)) == _F32_SET
+                and all(map(torch.Tensor.is_contiguous, scores + exp_avgs + exp_avg_sqs))
+                and (not write or (set(map(_DTYPE, phis)) == _F32_SET
+                                   and set(map(torch.Tensor.numel, phis)) == _ONE))):
+            return
+        for p, m, v, weight, phi, grad in zip(*static, grads):
+            self._reject(p, m, v, grad, weight, phi if write else None)
+
+    def _reject(self, p, m, v, grad, weight, phi) -> None:
+        """Raise the error naming what the fused step cannot read, if any (_check_readable)."""
         name = self._name(p)
         if p.dtype is not _F32 or not p.is_contiguous():
             raise TypeError(f"mask_scores of {name} must be contiguous float32, got {p.dtype} "
@@ -209,25 +228,28 @@ class MaskScoreAdamW(torch.optim.Optimizer):
                 raise ValueError(f"optimizer state {what} of {name} must be contiguous float32 "
                                  f"of the scores' shape {tuple(p.shape)}, got {t.dtype} "
                                  f"{tuple(t.shape)} with strides {t.stride()}")
-        for what, t in (("exp_avg", m), ("exp_avg_sq", v), ("the gradient", grad),
-                        ("weight", weight)):
+        for what, t in (("the gradient", grad), ("weight", weight)):
             if t.shape != p.shape:
                 raise ValueError(f"{what} of {name} must have the scores' shape "
                                  f"{tuple(p.shape)}, got {tuple(t.shape)}")
-            if t.device != p.device:
-                raise ValueError(f"{what} of {name} must be on the scores' device {p.device}, "
-                                 f"got {t.device}")
+        if phi is not None and (phi.dtype is not _F32 or phi.numel() != 1):
+            raise TypeError(f"mask_threshold of {name} must be a float32 [1] tensor, got "
+                            f"{phi.dtype} {tuple(phi.shape)}")
 
-    def _launch(self, _sa, key, rows, group) -> None:
-        """One kernel over the matrices `rows` (see _fused_steps), which share the flags and
-        dtypes `key`."""
+    def _check_devices(self, static) -> None:
+        device = static[0][0].device
+        for what, tensors in zip(("mask_scores", "exp_avg", "exp_avg_sq", "weight",
+                                  "mask_threshold"), static):
+            for p, t in zip(static[0], tensors):
+                if t.device != device:
+                    raise ValueError(f"{what} of {self._name(p)} must be on {device} (the "
+                                     f"scores' device), got {t.device}")
+
+    def _launch(self, _sa, key, columns, where, group) -> None:
+        """One kernel over the matrices whose rows (see _fused_steps) `columns` holds, which
+        share the flags and dtypes `key`; `where`: their table key."""
         ste, _, _, out_dtype = key
-        columns = tuple(zip(*rows))
         static, (grads, states, layers) = columns[:5], columns[5:]
-        # a table holds addresses only: one per list of storages (the flags are the launch's,
-        # so steps that keep φ and steps that reset it share it); new when a tensor is
-        # replaced or moved
-        where = _sa.table_key(*static)
         found = self._tables.get(where)
         if found is None:
             if len(self._tables) >= _MAX_TABLES:
