@@ -88,6 +88,27 @@ def test_cuda_bert_base_layers(lk, causal):
     _assert_equal_per_layer(got, shape, lambda i: kpm, layers, candidates, causal, "cuda")
 
 
+@pytest.mark.cuda
+def test_cuda_device_without_index_names_the_current_one(monkeypatch):
+    """device="cuda" without a padding mask: the masks and the cached stream table are on the
+    current cuda:i, and the table's cache key names it (a table cached under "cuda" would stay
+    on the device that was current when it was made)."""
+    from regdrop_fast.addrop import mask as mask_module
+    seen = []
+    cached = mask_module._stream_table
+
+    def recording(streams, device):
+        seen.append(device)
+        return cached(streams, device)
+
+    monkeypatch.setattr(mask_module, "_stream_table", recording)
+    shape, current = (2, 3, 9, 40), torch.device("cuda", torch.cuda.current_device())
+    got = random_keep_mask_layers(shape, streams=(0, 1), candidate_streams=(7, 8),
+                                  device="cuda", backend="triton", **ARGS)
+    assert seen == [current] and all(mask.device == current for mask in got)
+    _assert_equal_per_layer(got, shape, lambda i: None, (0, 1), (7, 8), False, current)
+
+
 def test_extreme_streams_seeds_and_rates(device):
     """Streams at 2^32 − 1, a seed above 2^63, q = 0 and q = 1, one layer."""
     require_backend("triton", device)

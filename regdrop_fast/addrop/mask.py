@@ -302,6 +302,10 @@ def random_keep_mask_layers(shape, p: float, q: float, streams: Sequence[int],
     if isinstance(key_padding_mask, torch.Tensor) and device.index is None and \
             key_padding_mask.device.type == device.type:
         device = key_padding_mask.device  # "cuda" names the mask's cuda:i
+    elif device.type == "cuda" and device.index is None:
+        # the current cuda:i, named: the stream table is cached per device, and "cuda" would
+        # find one made on whichever device was current then
+        device = torch.device("cuda", torch.cuda.current_device())
     if key_padding_mask is not None:
         _check_padding(key_padding_mask, shape[0], shape[3], n_layers, device)
     name = backends.resolve("addrop_random_mask", backend, device)
