@@ -390,6 +390,11 @@ def _half(model, trainer, opt):
     model.half()
 
 
+def _non_contiguous_scores(model, trainer, opt):
+    for p in trainer.parameters():
+        p.data = p.data.t().contiguous().t()  # same shape and values, column-major
+
+
 def _state_of_other_shapes(model, trainer, opt):
     state = opt.state_dict()
     for s in state["state"].values():
@@ -414,6 +419,7 @@ def _half_threshold(model, trainer, opt):
 
 @pytest.mark.parametrize("change, error, words", [
     (_half, TypeError, "mask_scores of 0 must be contiguous float32"),
+    (_non_contiguous_scores, TypeError, "mask_scores of 0 must be contiguous float32"),
     (_state_of_other_shapes, ValueError, "exp_avg of 0 must be contiguous float32"),
     (_non_contiguous_state, ValueError, "exp_avg of 0 must be contiguous float32"),
     (_state_on_meta, ValueError, "exp_avg_sq of 0 must be on cpu"),
