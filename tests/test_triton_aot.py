@@ -415,3 +415,16 @@ def test_gpu_dry_run_covers_the_childtuning_triton_step(tmp_path, monkeypatch):
               r["constexprs"]["PAPER"], r["constexprs"]["CAPTURABLE"]) for r in records}
     assert found == {(d, a, p, c) for d in ("fp32", "bf16", "fp16") for a in (0, 1, 2)
                      for p in (False, True) for c in (False, True)}
+
+
+def test_gpu_records_option_leaves_the_test_records_positional():
+    # run.sh passes `--gpu-records GPU.jsonl ... TESTS.jsonl`: the test launches must stay
+    # records of tests, not become GPU launches judged by the performance rules
+    compiler = _load("regdrop_triton_aot_compile", os.path.join(TOOLS, "compile.py"))
+    args = compiler.build_parser().parse_args(
+        ["--gpu-records", "gpu.jsonl", "--jobs", "2", "tests.jsonl", "more.jsonl"])
+    assert args.gpu_records == ["gpu.jsonl"]
+    assert args.records == ["tests.jsonl", "more.jsonl"]
+    args = compiler.build_parser().parse_args(
+        ["--gpu-records", "a.jsonl", "--gpu-records", "b.jsonl", "tests.jsonl"])
+    assert args.gpu_records == ["a.jsonl", "b.jsonl"] and args.records == ["tests.jsonl"]

@@ -2,7 +2,7 @@
 
     python tools/triton_aot/compile.py launches.jsonl [more.jsonl ...] [--jobs 2]
         [--specializations all|main] [--autotune none|one|all] [--expect-kernels PACKAGE]
-        [--gpu-records gpu.jsonl] [--allowlist tools/triton_aot/allowlist.py]
+        [--gpu-records gpu.jsonl ...] [--allowlist tools/triton_aot/allowlist.py]
 
 Reads the JSON lines that tools/triton_aot/record.py wrote during an interpreter test run,
 imports each kernel with TRITON_INTERPRET unset (so the module attribute is a real
@@ -425,7 +425,7 @@ def _short_error(exc, max_lines=25):
     return "\n      ".join(lines)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("records", nargs="*", help="JSON-lines files written by record.py")
     parser.add_argument("--check-backend", action="store_true",
@@ -440,16 +440,22 @@ def main(argv=None):
     parser.add_argument("--expect-kernels", metavar="PACKAGE",
                         help="also list (as WARN) each @triton.jit *_kernel of PACKAGE's modules "
                              "that no recorded launch covers")
-    parser.add_argument("--gpu-records", nargs="+", default=[], metavar="JSONL",
+    # one file per flag: a list-taking option would swallow the positional records after it,
+    # which would then all count as GPU launches
+    parser.add_argument("--gpu-records", action="append", default=[], metavar="JSONL",
                         help="launches a GPU makes (gpu_launches.py): their bf16/fp16 "
-                             "specializations are held to the performance rules")
+                             "specializations are held to the performance rules (repeatable)")
     parser.add_argument("--allowlist", default=os.path.join(HERE, "allowlist.py"),
                         help="Python file defining ALLOWLIST (default: %(default)s)")
     parser.add_argument("--autotune", choices=("none", "one", "all"), default="one",
                         help="also compile the configs of an autotuner wrapping a kernel: on "
                              "one recorded specialization per kernel (default), on every one, "
                              "or none")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     _use_real_compiler()
 
     reason = backend_unavailable_reason()
@@ -477,8 +483,14 @@ def main(argv=None):
         entries = main_specializations(entries)
     if args.autotune != "none":
         seen = {_launch_key(e) for e in entries}
-        # "one": the most general recorded specialization of each kernel
-        candidates = sorted((e for e in entries if "unsupported" not in e),
+        # "one": the most general recorded specialization of each kernel, except a kernel
+        # with GPU records: gpu_launch_variants already compiles those at every config of its
+        # autotuner, at the shapes a GPU launches; a test's launch expanded too would be
+        # judged as a GPU launch at the test's odd shapes
+        on_gpu = ({(e["module"], e["qualname"]) for e in entries if e.get("gpu")}
+                  if args.autotune == "one" else set())
+        candidates = sorted((e for e in entries if "unsupported" not in e
+                             and (e["module"], e["qualname"]) not in on_gpu),
                             key=lambda e: _general_key(e)[1])
         expanded = set()
         for entry in candidates:
