@@ -498,3 +498,40 @@ def test_multi_tensor_launch_over_chunks_kinds_and_empty_tensors(device, kernel_
             for x, y in zip(ours, expected):
                 assert x.shape == y.shape
                 assert x.numel() == 0 or float((x - y).abs().max()) < 1e-6, backend
+
+
+@pytest.mark.parametrize("mode", ["F", "D", "sparse"])
+def test_optimizer_object_survives_deepcopy_and_torch_save(mode):
+    # torch's Optimizer pickles only defaults, state and param_groups: the copy must also carry
+    # the streams, names and masks its step reads, and then train exactly like the original
+    import io
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    params = list(model.parameters())
+    if mode == "sparse":
+        opt = MaskedAdamW(params, masks=[torch.rand(p.shape) < 0.5 for p in params], lr=1e-2)
+    elif mode == "D":
+        opt = ChildTuningAdamW(params, lr=1e-2, mode="D",
+                               masks={p: torch.rand(p.shape) < 0.5 for p in params})
+    else:
+        opt = ChildTuningAdamW(params, lr=1e-2, mode="F", seed=3)
+    x = torch.randn(4, 8)
+
+    def train(m, o, steps):
+        for _ in range(steps):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+
+    train(model, opt, 2)
+    copied = copy.deepcopy({"model": model, "opt": opt})
+    buffer = io.BytesIO()
+    torch.save({"model": model, "opt": opt}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    train(model, opt, 3)
+    for other in (copied, loaded):
+        train(other["model"], other["opt"], 3)
+        for a, b in zip(model.parameters(), other["model"].parameters()):
+            assert torch.equal(a, b)

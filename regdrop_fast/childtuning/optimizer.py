@@ -227,6 +227,22 @@ class ChildTuningAdamW(torch.optim.Optimizer):
         self._attach_masks(masks)
         self._constructed = True
 
+    def __getstate__(self):
+        # torch's Optimizer pickles (and deep-copies) only defaults, state and param_groups; a
+        # copy also needs the backend, seed and the per-parameter streams, names and masks
+        # (keyed on the parameters, which one copy or pickle maps consistently)
+        state = super().__getstate__()
+        state.update(backend=self.backend, seed=self.seed, _streams=self._streams,
+                     _names=self._names, _mask_words=self._mask_words, _known=self._known,
+                     _constructed=self._constructed)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # the step plans and capturable lr tensors hold the original's tensors: a copy makes
+        # its own
+        self._plans, self._lr_tensors = {}, {}
+
     # ---- configuration -------------------------------------------------------------------
     def _check_mode(self, mode, reserve_p, drop, semantics):
         if mode not in self._mode_choices:
