@@ -67,6 +67,16 @@ def mask_element_index(b, h, H, Lq, Lk, offs_m, offs_n):
 
 
 @triton.jit
+def visible_key_end(start_m, Lq, Lk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Exclusive end of the keys visible from query rows start_m .. start_m + BLOCK_M − 1
+    (causal: key j <= i + Lk − Lq); key tiles past it hold no allowed key."""
+    end = Lk
+    if IS_CAUSAL:
+        end = tl.minimum(Lk, tl.maximum(0, start_m + BLOCK_M + (Lk - Lq)))
+    return end
+
+
+@triton.jit
 def _sort_key(score):
     """int32 keys ordered like the fp32 scores; −0 and +0 share a key."""
     score = tl.where(score == 0.0, 0.0, score)
@@ -203,10 +213,8 @@ def addrop_mask_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         do_ptrs = src_ptr + b * s_b + h * s_h + offs_m[:, None] * s_m + offs_d[None, :]
         do = tl.load(do_ptrs, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
-    # key tiles past the block's last visible key hold no allowed key: the counts skip them
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + (Lk - Lq)))
+    # the counts skip the key tiles past the block's last visible key
+    hi = visible_key_end(pid_m * BLOCK_M, Lq, Lk, IS_CAUSAL, BLOCK_M)
     if RESIDENT:
         key, allowed, offs_n = _tile_keys(src_ptr, v_ptr, kpm_ptr, do, b, h, hkv, offs_m, 0,
                                           s_b, s_h, s_m, s_n, v_b, v_h, v_n, kpm_b, Lq, Lk, D,
@@ -397,10 +405,8 @@ def addrop_random_mask_kernel(
     candidate_thr = tl.cast(candidate_threshold, tl.int64)
     drop_thr = tl.cast(drop_threshold, tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # key tiles past the block's last visible key hold no allowed key: zeros, no Philox
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + (Lk - Lq)))
+    # the key tiles past the block's last visible key are zeros, without Philox
+    hi = visible_key_end(pid_m * BLOCK_M, Lq, Lk, IS_CAUSAL, BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         packed = _random_keep_tile(kpm_ptr, b, h, H, Lq, Lk, offs_m, start_n, kpm_b, seed_lo,
                                    seed_hi, step, stream, candidate_stream, candidate_thr,

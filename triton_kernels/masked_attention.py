@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
-from .addrop_mask import mask_element_index
+from .addrop_mask import mask_element_index, visible_key_end
 from .philox import philox_word
 from .utils import cdiv, next_power_of_2
 
@@ -128,15 +128,6 @@ def _exp2_minus(s, m, qk_scale, MASK_KIND: tl.constexpr):
     if MASK_KIND == MASK_ADDITIVE:
         return tl.math.exp2(s - m[:, None])
     return tl.math.exp2(tl.fma(s, qk_scale, -m[:, None]))
-
-
-@triton.jit
-def _key_end(start_m, Lq, Lk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Exclusive end of the keys visible from query rows start_m .. start_m + BLOCK_M − 1."""
-    end = Lk
-    if IS_CAUSAL:
-        end = tl.minimum(Lk, tl.maximum(0, start_m + BLOCK_M + (Lk - Lq)))
-    return end
 
 
 @triton.jit
@@ -288,7 +279,7 @@ def masked_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, _key_end(start_m, Lq, Lk, IS_CAUSAL, BLOCK_M), BLOCK_N):
+    for start_n in range(0, visible_key_end(start_m, Lq, Lk, IS_CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < Lk
         if USE_TMA:
@@ -507,7 +498,7 @@ def masked_attention_bwd_dq_kernel(
     lse = tl.load(lse_ptr + row, mask=in_m, other=float("inf"))
     keep_thr = tl.cast(dropout_keep_thr, tl.int64)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, _key_end(start_m, Lq, Lk, IS_CAUSAL, BLOCK_M), BLOCK_N):
+    for start_n in range(0, visible_key_end(start_m, Lq, Lk, IS_CAUSAL, BLOCK_M), BLOCK_N):
         if USE_TMA:
             kt = k_desc.load([start_n, 0]).T
             vt = v_desc.load([start_n, 0]).T
