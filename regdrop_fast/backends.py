@@ -38,6 +38,7 @@ __all__ = [
     "resolve",
     "unavailable_reason",
     "extension",
+    "triton_kernels",
 ]
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
@@ -119,6 +120,13 @@ def extension():
     if module is None:
         raise BackendUnavailableError(error)
     return module
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels(name: str):
+    """The kernel module regdrop_fast.triton_kernels.<name>, imported on first use (it imports
+    triton, which is optional); cached, so an op's hot path pays a lookup, not an import."""
+    return importlib.import_module(f"{__package__}.triton_kernels.{name}")
 
 
 def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:

@@ -40,16 +40,6 @@ __all__ = ["masked_attention"]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_KERNELS = []  # triton_kernels.masked_attention, imported on first use (it imports triton)
-
-
-def _kernels():
-    if not _KERNELS:
-        from ..triton_kernels import masked_attention as module
-        _KERNELS.append(module)
-    return _KERNELS[0]
-
-
 class _MaskedAttention(torch.autograd.Function):
     # q, k, v and one tuple (launch plan, MaskArgs, Philox words): Function.apply's cost grows
     # with its argument count, and the backward reuses the forward's plan and mask arguments
@@ -199,7 +189,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dense = None if keep is None else unpack_mask(keep, backend="reference")
         return _ref.masked_attention(q, k, v, dense, attn_mask, scale, dropout_p, seed, step,
                                      stream, is_causal=is_causal)
-    tk = _kernels()
+    tk = backends.triton_kernels("masked_attention")
     kpm = am = None
     if attn_mask is not None:
         if attn_mask.dim() == 2:

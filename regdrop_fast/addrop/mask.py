@@ -138,13 +138,6 @@ def _check_padding(key_padding_mask, batch: int, lk: int, n_layers: Optional[int
                          f"{tuple(key_padding_mask.shape)}")
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """The Triton kernel module, imported on the first triton call (not with this module)."""
-    from ..triton_kernels import addrop_mask
-    return addrop_mask
-
-
 def _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step, stream, drop, is_causal):
     """The kernel's int32 words for validated inputs (stream: an int or a device table)."""
     src = scores if dO is None else dO
@@ -156,9 +149,9 @@ def _triton_words(scores, dO, v, key_padding_mask, p, q, seed, step, stream, dro
         v = v if v.stride(-1) == 1 else v.contiguous()
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
         key_padding_mask = key_padding_mask.contiguous()
-    return _kernels().keep_mask_bits(src, v, key_padding_mask, _fraction(p, drop),
-                                     keep_threshold(q), seed, step, stream, drop == "low",
-                                     is_causal)
+    kernels = backends.triton_kernels("addrop_mask")
+    return kernels.keep_mask_bits(src, v, key_padding_mask, _fraction(p, drop), keep_threshold(q),
+                                  seed, step, stream, drop == "low", is_causal)
 
 
 def keep_mask(attr, p: float, q: float, key_padding_mask: Optional[torch.Tensor] = None,
@@ -321,7 +314,7 @@ def random_keep_mask_layers(shape, p: float, q: float, streams: Sequence[int],
     else:
         if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
             key_padding_mask = key_padding_mask.contiguous()
-        words = _kernels().random_mask_bits(
+        words = backends.triton_kernels("addrop_mask").random_mask_bits(
             shape, n_layers, key_padding_mask, keep_threshold(p), keep_threshold(q), seed, step,
             _stream_table(streams + candidate_streams, device), is_causal, device)
     layer_shape = torch.Size(shape)

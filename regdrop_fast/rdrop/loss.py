@@ -32,20 +32,6 @@ def resolve_backend(backend: Optional[str], device, dtype, task: str, op: str = 
     return "reference" if task == "regression" else name
 
 
-_kernels = None
-
-
-def _triton_kernels():
-    """triton_kernels.rdrop, imported on first use (it imports triton); a global read after
-    that, cheaper than an import statement on every call."""
-    global _kernels
-    if _kernels is None:
-        from ..triton_kernels import rdrop
-
-        _kernels = rdrop
-    return _kernels
-
-
 def _lead_shape(shape) -> Tuple[int, ...]:
     return tuple(shape[:-1]) if len(shape) > 1 else tuple(shape)
 
@@ -108,7 +94,7 @@ def _triton_call(logits1, logits2, labels, alpha, ignore_index, reduction, kl_re
     if flat is not None and flat.stride(0) != 1:
         flat = flat.contiguous()
     mean = reduction == "mean"
-    loss, acc, rows, g1, g2 = _triton_kernels().launch_forward(
+    loss, acc, rows, g1, g2 = backends.triton_kernels("rdrop").launch_forward(
         z1, z2, flat, alpha, ignore_index, ce, need_grad, mean_ce=mean,
         mean_kl=mean and kl_reduction == "mean", row_loss=reduction == "none")
     if rows is not None:
@@ -266,7 +252,7 @@ def _input_grads(ctx, grad_loss):
 
 def _scale_in_place(g1, g2, grad_loss):
     """g1, g2 *= grad_loss by the triton kernel, which skips tiles whose grad_loss is 1."""
-    kernels = _triton_kernels()
+    kernels = backends.triton_kernels("rdrop")
     # grad_loss has the loss's dtype (fp32) and any layout: the kernel takes it as is
     if g1.dim() == 2:
         kernels.rdrop_scale_grads_(g1, g2, grad_loss)

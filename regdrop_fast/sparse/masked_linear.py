@@ -49,13 +49,6 @@ def _triton_runs_cuda() -> bool:
     return backends.unavailable_reason("triton", torch.device("cuda")) is None
 
 
-@functools.lru_cache(maxsize=None)
-def _elementwise_kernels():
-    """triton_kernels/mask_training.py, imported on first use (triton is optional)."""
-    from ..triton_kernels import mask_training
-    return mask_training
-
-
 _NO_CONTEXT = contextlib.nullcontext()
 
 
@@ -76,15 +69,17 @@ def _keep(weight, words, scores, phi) -> torch.Tensor:
 def materialize(weight, words, scores, phi, dtype) -> torch.Tensor:
     """W ⊙ M in `dtype` (contiguous): one Triton pass on CUDA, torch ops elsewhere."""
     if _use_triton_elementwise(weight.device):
-        return _elementwise_kernels().materialize(weight, words, scores, phi, dtype)
+        kernels = backends.triton_kernels("mask_training")
+        return kernels.materialize(weight, words, scores, phi, dtype)
     return torch.where(_keep(weight, words, scores, phi), weight.to(dtype), 0)
 
 
 def ste_grads(g, weight, words, scores, phi, want_dscore, want_dw, score_dtype):
     """(dScore = G ⊙ W, dW = G ⊙ M), each None unless wanted: one Triton pass on CUDA."""
     if _use_triton_elementwise(g.device):
-        return _elementwise_kernels().ste_grads(g, weight, words, scores, phi, want_dscore,
-                                                want_dw, score_dtype)
+        kernels = backends.triton_kernels("mask_training")
+        return kernels.ste_grads(g, weight, words, scores, phi, want_dscore, want_dw,
+                                 score_dtype)
     dscore = (g.float() * weight.float()).to(score_dtype) if want_dscore else None
     dw = (torch.where(_keep(weight, words, scores, phi), g.to(weight.dtype), 0)
           if want_dw else None)
@@ -159,7 +154,8 @@ class MaskedLinearFunction(torch.autograd.Function):
         x2d = x if lead is None else x.reshape(-1, x.shape[-1])
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
-        y = _fused_kernels().masked_linear_forward(x2d, weight, bias, words, scores, phi)
+        tk = backends.triton_kernels("masked_linear")
+        y = tk.masked_linear_forward(x2d, weight, bias, words, scores, phi)
         ctx.save_for_backward(x2d, weight, scores, words, phi)
         ctx.lead = lead
         ctx.has_bias = bias is not None
@@ -167,7 +163,7 @@ class MaskedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        tk = _fused_kernels()
+        tk = backends.triton_kernels("masked_linear")
         x2d, weight, scores, words, phi = ctx.saved_tensors
         lead = ctx.lead
         dy2d = dy if lead is None else dy.reshape(-1, dy.shape[-1])
@@ -185,14 +181,6 @@ class MaskedLinearFunction(torch.autograd.Function):
         if need_b and ctx.has_bias:
             db = dy2d.float().sum(0).to(dy.dtype)
         return dx, dw, db, dscore, None, None
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_kernels():
-    """triton_kernels/masked_linear.py, imported on first use (triton is optional): an import
-    statement in forward and backward costs a module lookup per call."""
-    from ..triton_kernels import masked_linear as tk
-    return tk
 
 
 def _threshold_tensor(threshold, device, check_finite: bool) -> torch.Tensor:

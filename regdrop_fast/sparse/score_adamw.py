@@ -158,8 +158,7 @@ class MaskScoreAdamW(torch.optim.Optimizer):
         self._group_ids = ids
 
     def _fused_steps(self, work, group, keep_phi) -> None:
-        from ..triton_kernels import score_adamw as _sa
-
+        _sa = backends.triton_kernels("score_adamw")
         launches = {}  # by the launch's flags and dtypes: its matrices
         for p, layer, g_ste, state in work:
             ste = g_ste is not None and p.grad is None
