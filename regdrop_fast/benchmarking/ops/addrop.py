@@ -9,6 +9,12 @@
 (a') addrop_keep_mask_layers (CUDA, triton): one training step's masks for all 12 layers of
     BERT-base at the train-step shapes (L=128 B=32, L=512 B=8), keep_mask_layers over the
     stacked dO and V (one launch) against 12 keep_mask calls (one launch per layer).
+(a'') addrop_random_mask: one training step's masks of attribution="random" (the official RD
+    variant) for 12 layers at the train-step shapes. Baseline "official(rand)": per layer a
+    float Bernoulli(p) candidate map and a Bernoulli(1−q) map from torch's RNG combined into a
+    long [B,H,L,L] mask, as the official code builds it. Ours: random_keep_mask_layers per
+    backend (one launch for all layers on triton; the C++ Philox on cpu).
+    bytes_moved: the key padding read plus the bit masks written.
 (b) addrop_masked_attention: forward + backward (bf16 on CUDA), keep mask with p=0.3, q=0.2
     and 10% key padding; on CUDA 16k tokens at d=64, H=12, L=512..4096 and d=128, H=32,
     L=2048 (plus the small L=128 row), causal rows when the op has is_causal. Baselines: each
@@ -32,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from regdrop_fast import addrop, backends
+from regdrop_fast.addrop.integration import RANDOM_STREAM
 
 from ._models import random_bert
 
@@ -116,6 +123,45 @@ def bench_keep_mask_layers(ctx, layers=12):
         ctx.record(impl="keep_mask_layers[triton]", **common, **ctx.measure(
             lambda: addrop.keep_mask_layers((dO, v), P, Q, key_padding_mask=pad, seed=SEED,
                                             backend="triton")))
+
+
+def official_random_mask(shape, key_padding, p, q):
+    """The RD keep mask in torch ops (long mask, torch RNG): candidates with probability p,
+    dropped with probability q, pad keys masked."""
+    extend = key_padding[:, None, None, :].long().expand(shape)
+    candidates = torch.bernoulli(p * torch.ones(shape, device=key_padding.device))
+    sampler = torch.bernoulli((1 - q) * torch.ones(shape, device=key_padding.device))
+    return ((1 - candidates + sampler) >= 1).long() * extend
+
+
+def bench_random_mask(ctx, layers=12):
+    device = ctx.device
+    cases = [(2, 32)] if ctx.quick else ([(32, 128), (8, 512)] if device.type == "cuda"
+                                         else [(4, 128)])
+    names = ["cpu", "reference"] if device.type == "cpu" else ["reference", "triton"]
+    for batch, length in cases:
+        shape = (batch, HEADS, length, length)
+        pad = _padding(batch, length, device)
+        common = dict(op="addrop_random_mask", baseline="official(rand)",
+                      case=f"L={length} B={batch}, {layers} layers", dtype="bool",
+                      shape=[layers, *shape], bytes_moved=pad.numel()
+                      + layers * batch * HEADS * length * math.ceil(length / 32) * 4)
+
+        def official():
+            for _ in range(layers):
+                official_random_mask(shape, pad, P, Q)
+
+        ctx.record(impl="official(rand)", **common, **ctx.measure(official))
+        for name in names:
+            if backends.unavailable_reason(name, device) is not None:
+                continue
+
+            def ours(name=name):
+                return addrop.random_keep_mask_layers(
+                    shape, P, Q, streams=range(layers), candidate_streams=range(
+                        RANDOM_STREAM, RANDOM_STREAM + layers), key_padding_mask=pad,
+                    seed=SEED, backend=name)
+            ctx.record(impl=f"random_keep_mask_layers[{name}]", **common, **ctx.measure(ours))
 
 
 def _attention_cases(ctx):
@@ -366,5 +412,6 @@ def _train_step_case(ctx, base, batch_size, length):
 def run(ctx):
     bench_keep_mask(ctx)
     bench_keep_mask_layers(ctx)
+    bench_random_mask(ctx)
     bench_masked_attention(ctx)
     bench_train_step(ctx)

@@ -31,8 +31,8 @@ on a fresh copy of the same model (built, measured, freed in turn, so each peak 
   dense step (AdamW)   fine-tuning every parameter with torch.optim.AdamW (fused on CUDA)
   mask training (fwd+bwd+AdamW on scores)   MaskTrainer(model, 0.7) defaults (frozen weights,
                        scores trained through masked_linear's default path) and its optimizer
-                       (MaskScoreAdamW, weight decay 0: on CUDA one fused kernel per matrix for
-                       the AdamW step and the next W'); φ kept (the issue's step definition)
+                       (MaskScoreAdamW, weight decay 0: on CUDA one fused launch over every matrix
+                       for the AdamW step and the next W'); φ kept (the issue's step definition)
   mask training, deferred STE   the same with defer_ste_grad=True (the step forms dScore = G ⊙ W
                        itself: no dScore tensor; scores' .grad stays None)
   mask training, unfused   the same model and schedule with torch.optim.AdamW (fused on CUDA) on
